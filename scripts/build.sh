@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Configures and builds one flavour of CortexStream.
+#   scripts/build.sh            -> build/        (Release, -O3 -march=native)
+#   scripts/build.sh asan       -> build-asan/   (ASan + UBSan)
+#   scripts/build.sh tsan       -> build-tsan/   (TSan)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+flavour="${1:-release}"
+jobs="$(nproc)"
+case "$flavour" in
+  release) dir=build; args=(-DCMAKE_BUILD_TYPE=Release) ;;
+  asan) dir=build-asan; args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCS_SANITIZE=address,undefined") ;;
+  tsan) dir=build-tsan; args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DCS_SANITIZE=thread) ;;
+  *) echo "unknown flavour: $flavour (release, asan, tsan)" >&2; exit 2 ;;
+esac
+cmake -S "$root" -B "$root/$dir" "${args[@]}" >/dev/null
+cmake --build "$root/$dir" -j "$jobs"

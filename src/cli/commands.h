@@ -1,0 +1,12 @@
+// Subcommands of the `cortexstream` executable. Each registers itself on the app and runs from
+// its callback; a failure is reported by throwing (main prints it and exits 1).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace cortex::cli {
+
+// `bench kv` and `bench kv-sim`: KV cache micro-benchmarks and the serving simulation.
+void registerBenchKvCommands(CLI::App& bench);
+
+}  // namespace cortex::cli
