@@ -1,0 +1,218 @@
+#include "kernels/attention.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/simd.h"
+
+namespace cortex::kernels {
+namespace {
+
+using namespace detail;
+using kv::KVDType;
+using kv::PagedKVView;
+
+constexpr int64_t kParallelMinMacs = 1 << 14;
+
+size_t scoreStride(int32_t maxKeyTokens) {
+  return (static_cast<size_t>(std::max(maxKeyTokens, 1)) + 15) / 16 * 16;
+}
+
+template <KVDType DT>
+constexpr size_t kBytes = DT == KVDType::F32 ? 4 : 2;
+
+// 8 consecutive elements of a K/V row as floats.
+template <KVDType DT>
+void load8Scalar(const std::byte* p, float* out) {
+  if constexpr (DT == KVDType::F32) {
+    std::memcpy(out, p, 32);
+  } else if constexpr (DT == KVDType::F16) {
+    for (int l = 0; l < 8; ++l) out[l] = halfToFloat(loadU16(p + 2 * l));
+  } else {
+    for (int l = 0; l < 8; ++l) out[l] = bf16ToFloat(loadU16(p + 2 * l));
+  }
+}
+
+#if CS_KERNELS_AVX2
+template <KVDType DT>
+__m256 load8(const std::byte* p) {
+  if constexpr (DT == KVDType::F32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  } else if constexpr (DT == KVDType::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+}
+#endif
+
+// Calls f(j, row) for key positions j in [0, n) of head `head`, walking the block table.
+template <class F>
+void forKeys(const PagedKVView& v, int32_t head, int32_t n, F&& f) {
+  const auto eb = static_cast<int64_t>(kv::dtypeBytes(v.dtype));
+  const int64_t tokenBytes = v.tokenStride * eb;
+  for (int32_t j0 = 0, bi = 0; j0 < n; j0 += v.blockSizeTokens, ++bi) {
+    const std::byte* row =
+        v.base + (static_cast<int64_t>(v.blockTable[bi]) * v.blockStride + head * v.headStride) * eb;
+    const int32_t end = std::min(n, j0 + v.blockSizeTokens);
+    for (int32_t j = j0; j < end; ++j, row += tokenBytes) f(j, row);
+  }
+}
+
+template <KVDType KT, KVDType VT, bool kSimd>
+void attendOne(const float* q, int32_t n, int32_t kvh, const PagedKVView& K, const PagedKVView& V,
+               float scale, float* out, float* s) {
+  const int32_t D = K.headDim;
+  // Scores.
+  forKeys(K, kvh, n, [&](int32_t j, const std::byte* row) {
+    float dot;
+#if CS_KERNELS_AVX2
+    if constexpr (kSimd) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int32_t d = 0; d < D; d += 8) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<KT>(row + d * kBytes<KT>), acc);
+      }
+      dot = hsum8(acc);
+    } else
+#endif
+    {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      float k8[8];
+      for (int32_t d = 0; d < D; d += 8) {
+        load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, k8);
+        for (int l = 0; l < 8; ++l) acc[l] = std::fma(q[d + l], k8[l], acc[l]);
+      }
+      dot = hsum8(acc);
+    }
+    s[j] = dot * scale;
+  });
+  // Softmax weights, in key order.
+  float mx = s[0];
+  for (int32_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
+  double sum = 0;
+  for (int32_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  const auto inv = static_cast<float>(1.0 / sum);
+  // Weighted sum of V, in key order per dim; 64 dims at a time so the accumulators stay in
+  // registers.
+  for (int32_t d0 = 0; d0 < D; d0 += 64) {
+    const int32_t dn = std::min(64, D - d0);
+#if CS_KERNELS_AVX2
+    if constexpr (kSimd) {
+      __m256 acc[8];
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+      const int nv = dn / 8;
+      forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
+        const __m256 p = _mm256_set1_ps(s[j]);
+        const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
+        for (int k = 0; k < nv; ++k) {
+          acc[k] = _mm256_fmadd_ps(p, load8<VT>(r + static_cast<size_t>(8 * k) * kBytes<VT>),
+                                   acc[k]);
+        }
+      });
+      const __m256 iv = _mm256_set1_ps(inv);
+      for (int k = 0; k < nv; ++k) _mm256_storeu_ps(out + d0 + 8 * k, _mm256_mul_ps(acc[k], iv));
+      continue;
+    }
+#endif
+    float acc[64] = {};
+    forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
+      const float p = s[j];
+      float v8[8];
+      for (int32_t d = 0; d < dn; d += 8) {
+        load8Scalar<VT>(row + static_cast<size_t>(d0 + d) * kBytes<VT>, v8);
+        for (int l = 0; l < 8; ++l) acc[d + l] = std::fma(p, v8[l], acc[d + l]);
+      }
+    });
+    for (int32_t d = 0; d < dn; ++d) out[d0 + d] = acc[d] * inv;
+  }
+}
+
+template <KVDType KT, KVDType VT, bool kSimd>
+void attentionT(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, const PagedKVView& K,
+                const PagedKVView& V, float scale, float* out, float* scratch) {
+  const int32_t D = K.headDim;
+  const int32_t group = nHeads / K.numKVHeads;
+  const size_t stride = scoreStride(firstPos + nQ);
+  const int64_t pairs = static_cast<int64_t>(nQ) * nHeads;
+  const int64_t macs = pairs * (firstPos + (nQ + 1) / 2) * D * 2;
+  const auto body = [&](int64_t pr, int tid) {
+    const auto i = static_cast<int32_t>(pr / nHeads);
+    const auto h = static_cast<int32_t>(pr % nHeads);
+    const int64_t off = (static_cast<int64_t>(i) * nHeads + h) * D;
+    attendOne<KT, VT, kSimd>(Q + off, firstPos + i + 1, h / group, K, V, scale, out + off,
+                             scratch + static_cast<size_t>(tid) * stride);
+  };
+  if (macs < kParallelMinMacs || omp_get_max_threads() == 1) {
+    for (int64_t pr = 0; pr < pairs; ++pr) body(pr, 0);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t pr = 0; pr < pairs; ++pr) body(pr, omp_get_thread_num());
+}
+
+template <bool kSimd>
+void dispatch(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, const PagedKVView& K,
+              const PagedKVView& V, float scale, float* out, float* scratch) {
+  const auto fail = [](const std::string& what) {
+    throw std::invalid_argument("pagedAttention: " + what);
+  };
+  if (nQ <= 0) return;
+  if (firstPos < 0) fail("negative firstQueryPos");
+  if (K.numKVHeads <= 0 || K.numKVHeads != V.numKVHeads || K.headDim != V.headDim)
+    fail("K and V views disagree on numKVHeads/headDim");
+  if (K.headDim <= 0 || K.headDim % 8 != 0) fail("headDim must be a positive multiple of 8");
+  if (nHeads <= 0 || nHeads % K.numKVHeads != 0) fail("nHeads must be a multiple of numKVHeads");
+  if (K.numTokens < firstPos + nQ || V.numTokens < firstPos + nQ)
+    fail("views hold " + std::to_string(std::min(K.numTokens, V.numTokens)) +
+         " tokens, queries need " + std::to_string(firstPos + nQ));
+  const auto go = [&]<KVDType KT>() {
+    switch (V.dtype) {
+      case KVDType::F32:
+        return attentionT<KT, KVDType::F32, kSimd>(Q, nQ, firstPos, nHeads, K, V, scale, out, scratch);
+      case KVDType::F16:
+        return attentionT<KT, KVDType::F16, kSimd>(Q, nQ, firstPos, nHeads, K, V, scale, out, scratch);
+      case KVDType::BF16:
+        return attentionT<KT, KVDType::BF16, kSimd>(Q, nQ, firstPos, nHeads, K, V, scale, out,
+                                                     scratch);
+    }
+  };
+  switch (K.dtype) {
+    case KVDType::F32: return go.template operator()<KVDType::F32>();
+    case KVDType::F16: return go.template operator()<KVDType::F16>();
+    case KVDType::BF16: return go.template operator()<KVDType::BF16>();
+  }
+}
+
+}  // namespace
+
+size_t pagedAttentionScratchFloats(int32_t maxKeyTokens) {
+  return static_cast<size_t>(omp_get_max_threads()) * scoreStride(maxKeyTokens);
+}
+
+void pagedAttention(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos, int32_t nHeads,
+                    const kv::PagedKVView& K, const kv::PagedKVView& V, float scale, float* out,
+                    float* scratch) {
+#if CS_KERNELS_AVX2
+  dispatch<true>(Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
+#else
+  dispatch<false>(Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
+#endif
+}
+
+namespace detail {
+void pagedAttentionScalar(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
+                          int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
+                          float scale, float* out, float* scratch) {
+  dispatch<false>(Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
+}
+}  // namespace detail
+
+}  // namespace cortex::kernels

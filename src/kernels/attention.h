@@ -1,0 +1,42 @@
+// Causal, grouped-query attention over a paged KV cache, read in place through block tables.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kv/kv_cache.h"
+
+namespace cortex::kernels {
+
+// Floats of scratch pagedAttention needs when the views hold up to maxKeyTokens positions:
+// one score row per OpenMP thread (omp_get_max_threads() at the time of the call; call it again
+// after omp_set_num_threads). The caller owns the buffer and reuses it across calls and layers.
+size_t pagedAttentionScratchFloats(int32_t maxKeyTokens);
+
+// out[i][h][:] = sum_{j <= p_i} softmax_j(scale * Q[i][h] . K[j][kvh]) * V[j][kvh], where
+// p_i = firstQueryPos + i is the absolute position of query token i and kvh = h / (nHeads /
+// K.numKVHeads) (grouped-query attention).
+//   Q:   nQueryTokens x (nHeads * headDim) floats, head-major within a token.
+//   K,V: views of one layer of one sequence with numTokens >= firstQueryPos + nQueryTokens, same
+//        numKVHeads and headDim (a multiple of 8); dtype F32, F16 or BF16; any strides.
+//   out: nQueryTokens x (nHeads * headDim) floats (must not alias Q).
+//   scratch: at least pagedAttentionScratchFloats(firstQueryPos + nQueryTokens) floats.
+// Throws std::invalid_argument on inconsistent shapes (nothing written).
+//
+// Numerics (batch-invariant): each (token, head) is computed by one thread, independently of the
+// others: scores are 8-lane fma dot products (simd.h) times scale, the softmax subtracts the max
+// and sums exp() in key order in double, and each output dim accumulates p_j * V[j] with fma in
+// key order, then multiplies by 1/sum. So a token's output depends only on its query, its
+// position and the cached K/V, not on nQueryTokens, the thread count or the SIMD path.
+void pagedAttention(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos, int32_t nHeads,
+                    const kv::PagedKVView& K, const kv::PagedKVView& V, float scale, float* out,
+                    float* scratch);
+
+namespace detail {
+// Portable path with the same contract and bits (used by tests and builds without AVX2).
+void pagedAttentionScalar(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
+                          int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
+                          float scale, float* out, float* scratch);
+}  // namespace detail
+
+}  // namespace cortex::kernels

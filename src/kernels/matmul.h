@@ -1,0 +1,28 @@
+// Matrix-vector and matrix-matrix products against weights in their stored (quantized) type.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/weights.h"
+
+namespace cortex::kernels {
+
+// Y[t][r] = sum_c W[r][c] * X[t][c] for t in [0, nTokens), r in [0, W.rows).
+// X: nTokens x W.cols floats, row-major; Y: nTokens x W.rows floats, row-major (must not alias X).
+// nTokens >= 1. Throws std::invalid_argument when W fails validate().
+//
+// Weights are dequantized in registers block by block (to the canonical floats of weights.h) and
+// read once per call for the whole batch. Numerics (batch-invariant): each Y[t][r] is the 8-lane
+// dot product of simd.h (lane l accumulates columns c = l mod 8 in increasing c with fma, then a
+// fixed lane sum), so it does not depend on nTokens, on the other rows of X, on the thread count
+// or on the SIMD path (AVX2 and scalar agree to the bit). Uses all OpenMP threads when the
+// product is large enough to pay for them.
+void matmul(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y);
+
+namespace detail {
+// The portable path, same contract and same bits as matmul; exposed for tests and for builds
+// without AVX2 (where matmul calls it).
+void matmulScalar(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y);
+}  // namespace detail
+
+}  // namespace cortex::kernels

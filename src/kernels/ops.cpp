@@ -1,0 +1,101 @@
+#include "kernels/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace cortex::kernels {
+
+void rmsNorm(const float* x, const float* weight, int64_t nTokens, int64_t n, float eps,
+             float* out) {
+  for (int64_t t = 0; t < nTokens; ++t) {
+    const float* xr = x + t * n;
+    float* yr = out + t * n;
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const auto scale =
+        static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + static_cast<double>(eps)));
+    for (int64_t i = 0; i < n; ++i) yr[i] = xr[i] * scale * weight[i];
+  }
+}
+
+RopeTable::RopeTable(int32_t maxPositions, int32_t rotDim, double theta)
+    : maxPositions_(maxPositions), rotDim_(rotDim) {
+  if (maxPositions <= 0 || rotDim < 2 || rotDim % 2 != 0 || !(theta > 0)) {
+    throw std::invalid_argument("RopeTable: need maxPositions > 0, even rotDim >= 2, theta > 0");
+  }
+  const int32_t half = rotDim / 2;
+  table_.resize(static_cast<size_t>(maxPositions) * static_cast<size_t>(rotDim));
+  for (int32_t p = 0; p < maxPositions; ++p) {
+    float* row = table_.data() + static_cast<size_t>(p) * rotDim;
+    for (int32_t i = 0; i < half; ++i) {
+      const double freq = std::pow(theta, -2.0 * i / rotDim);
+      const double a = p * freq;
+      row[i] = static_cast<float>(std::cos(a));
+      row[half + i] = static_cast<float>(std::sin(a));
+    }
+  }
+}
+
+void ropeInPlace(float* x, int64_t nTokens, int32_t nHeads, int32_t headDim,
+                 const int32_t* positions, const RopeTable& table) {
+  const int32_t half = table.rotDim() / 2;
+  if (table.rotDim() > headDim) {
+    throw std::invalid_argument("ropeInPlace: rotDim " + std::to_string(table.rotDim()) +
+                                " > headDim " + std::to_string(headDim));
+  }
+  for (int64_t t = 0; t < nTokens; ++t) {
+    const int32_t pos = positions[t];
+    if (pos < 0 || pos >= table.maxPositions()) {
+      throw std::out_of_range("ropeInPlace: position " + std::to_string(pos) +
+                              " outside the RoPE table [0, " +
+                              std::to_string(table.maxPositions()) + ")");
+    }
+    const float* cs = table.at(pos);
+    const float* sn = cs + half;
+    float* row = x + t * static_cast<int64_t>(nHeads) * headDim;
+    for (int32_t h = 0; h < nHeads; ++h) {
+      float* v = row + static_cast<int64_t>(h) * headDim;
+      for (int32_t i = 0; i < half; ++i) {
+        const float a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * cs[i] - b * sn[i];
+        v[2 * i + 1] = a * sn[i] + b * cs[i];
+      }
+    }
+  }
+}
+
+void swiglu(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void addInPlace(float* y, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void softmaxInPlace(float* x, int64_t n) {
+  float mx = x[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - mx);
+    sum += x[i];
+  }
+  const auto inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+int64_t argmax(const float* x, int64_t n) {
+  int64_t best = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) continue;
+    if (best < 0 || x[i] > x[best]) best = i;
+  }
+  return best;
+}
+
+}  // namespace cortex::kernels

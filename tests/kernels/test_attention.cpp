@@ -1,0 +1,218 @@
+// pagedAttention against a dense double reference, over scattered block tables.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/attention.h"
+#include "reference.h"
+
+namespace cortex::kernels {
+namespace {
+
+using kv::KVDType;
+using kv::PagedKVView;
+
+// K or V of one layer of one sequence: an arena with twice the blocks needed, of which a shuffled
+// subset forms the block table, so logical neighbours are never physical neighbours.
+struct PagedTensor {
+  std::vector<std::byte> arena;
+  std::vector<kv::BlockId> table;
+  PagedKVView view;
+
+  PagedTensor(bool headMajor, KVDType dtype, int32_t tokens, int32_t heads, int32_t dim,
+              int32_t blockSize, uint32_t seed) {
+    const int32_t nBlocks = (tokens + blockSize - 1) / blockSize;
+    const int32_t physical = 2 * nBlocks + 1;
+    std::vector<kv::BlockId> ids(physical);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::mt19937 rng(seed);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    table.assign(ids.begin(), ids.begin() + nBlocks);
+    const size_t eb = dtype == KVDType::F32 ? 4 : 2;
+    arena.resize(static_cast<size_t>(physical) * heads * blockSize * dim * eb);
+    view.base = arena.data();
+    view.blockTable = table.data();
+    view.numBlocks = nBlocks;
+    view.numTokens = tokens;
+    view.blockSizeTokens = blockSize;
+    view.numKVHeads = heads;
+    view.headDim = dim;
+    view.tokenStride = dim;
+    if (headMajor) {  // [head][block][token][dim]
+      view.blockStride = static_cast<int64_t>(blockSize) * dim;
+      view.headStride = static_cast<int64_t>(physical) * blockSize * dim;
+    } else {  // [block][head][token][dim]
+      view.headStride = static_cast<int64_t>(blockSize) * dim;
+      view.blockStride = static_cast<int64_t>(heads) * blockSize * dim;
+    }
+    view.dtype = dtype;
+    std::uniform_real_distribution<float> val(-1, 1);
+    for (int32_t t = 0; t < tokens; ++t) {
+      for (int32_t h = 0; h < heads; ++h) {
+        for (int32_t d = 0; d < dim; ++d) {
+          const float f = val(rng);
+          std::byte* p = arena.data() + offset(t, h, d) * eb;
+          if (dtype == KVDType::F32) {
+            std::memcpy(p, &f, 4);
+          } else {
+            const uint16_t b = dtype == KVDType::F16 ? floatToHalf(f) : floatToBf16(f);
+            std::memcpy(p, &b, 2);
+          }
+        }
+      }
+    }
+  }
+
+  // Element offset from the documented formula, computed independently of view.row().
+  int64_t offset(int32_t t, int32_t h, int32_t d) const {
+    return table[t / view.blockSizeTokens] * view.blockStride + h * view.headStride +
+           (t % view.blockSizeTokens) * view.tokenStride + d;
+  }
+
+  double at(int32_t t, int32_t h, int32_t d) const {
+    const auto* p = reinterpret_cast<const uint8_t*>(arena.data());
+    const int64_t o = offset(t, h, d);
+    switch (view.dtype) {
+      case KVDType::F32: {
+        float f;
+        std::memcpy(&f, p + 4 * o, 4);
+        return f;
+      }
+      case KVDType::F16: return testref::f16(testref::u16(p + 2 * o));
+      case KVDType::BF16: return testref::bf16(testref::u16(p + 2 * o));
+    }
+    return 0;
+  }
+};
+
+struct Shape {
+  int32_t nHeads, nKVHeads, headDim, tokens, blockSize;
+};
+
+// Dense causal GQA attention in double.
+std::vector<double> reference(const std::vector<float>& q, int32_t nQ, int32_t firstPos,
+                              const Shape& s, const PagedTensor& K, const PagedTensor& V,
+                              double scale) {
+  const int32_t D = s.headDim, group = s.nHeads / s.nKVHeads;
+  std::vector<double> out(static_cast<size_t>(nQ) * s.nHeads * D, 0);
+  for (int32_t i = 0; i < nQ; ++i) {
+    const int32_t n = firstPos + i + 1;
+    for (int32_t h = 0; h < s.nHeads; ++h) {
+      const int32_t kvh = h / group;
+      const float* qv = q.data() + (static_cast<size_t>(i) * s.nHeads + h) * D;
+      std::vector<double> sc(n);
+      double mx = -1e300;
+      for (int32_t j = 0; j < n; ++j) {
+        double dot = 0;
+        for (int32_t d = 0; d < D; ++d) dot += qv[d] * K.at(j, kvh, d);
+        sc[j] = dot * scale;
+        mx = std::max(mx, sc[j]);
+      }
+      double sum = 0;
+      for (auto& v : sc) sum += (v = std::exp(v - mx));
+      double* o = out.data() + (static_cast<size_t>(i) * s.nHeads + h) * D;
+      for (int32_t j = 0; j < n; ++j)
+        for (int32_t d = 0; d < D; ++d) o[d] += sc[j] / sum * V.at(j, kvh, d);
+    }
+  }
+  return out;
+}
+
+const Shape kShapes[] = {
+    {6, 2, 64, 45, 16},   // GQA group 3, partial last block
+    {4, 4, 128, 33, 8},   // no GQA, headDim over one 64-dim pass
+    {3, 1, 16, 20, 4},    // multi-query, tiny blocks
+    {9, 3, 64, 70, 16},   // the default model's head layout
+};
+
+// Tolerance: outputs are convex combinations of V values (|V| <= 1). Scores carry float32 dot
+// errors <= (D/8 + 4) * 2^-24 * sum|q k| * scale (< 1e-6 here), which perturb the softmax
+// weights relatively by about as much; exp() adds an ulp or two; the weighted sum in key order
+// adds n * 2^-24 relative. All together stay well under 1e-5 absolute for n <= 70.
+TEST(Attention, MatchesDenseReference) {
+  for (const Shape& s : kShapes) {
+    for (KVDType dt : {KVDType::F32, KVDType::F16, KVDType::BF16}) {
+      for (bool headMajor : {false, true}) {
+        SCOPED_TRACE(testing::Message() << "heads " << s.nHeads << "/" << s.nKVHeads << " D "
+                                        << s.headDim << " dtype " << kv::toString(dt)
+                                        << (headMajor ? " head-major" : " layer-major"));
+        const PagedTensor K(headMajor, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 11);
+        const PagedTensor V(headMajor, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 12);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(s.headDim));
+        std::vector<float> scratch(pagedAttentionScratchFloats(s.tokens));
+        // Whole prompt, a later chunk, and one decode step.
+        const int32_t cases[3][2] = {{0, s.tokens}, {s.tokens / 2, s.tokens - s.tokens / 2},
+                                     {s.tokens - 1, 1}};
+        for (const auto& c : cases) {
+          const int32_t firstPos = c[0], nQ = c[1];
+          const auto q = testref::randomFloats(static_cast<size_t>(nQ) * s.nHeads * s.headDim,
+                                               13 + static_cast<uint32_t>(firstPos), -2, 2);
+          std::vector<float> out(q.size()), outScalar(q.size());
+          pagedAttention(q.data(), nQ, firstPos, s.nHeads, K.view, V.view, scale, out.data(),
+                         scratch.data());
+          detail::pagedAttentionScalar(q.data(), nQ, firstPos, s.nHeads, K.view, V.view, scale,
+                                       outScalar.data(), scratch.data());
+          const auto ref = reference(q, nQ, firstPos, s, K, V, scale);
+          for (size_t e = 0; e < out.size(); ++e) {
+            ASSERT_NEAR(out[e], ref[e], 1e-5) << "first " << firstPos << " element " << e;
+          }
+          ASSERT_EQ(std::memcmp(out.data(), outScalar.data(), 4 * out.size()), 0)
+              << "SIMD and portable paths differ";
+        }
+      }
+    }
+  }
+}
+
+// A token's output must be bit-identical whether it is computed in a prefill of the whole prompt,
+// in chunks of 3 or 17 tokens, or alone, with 1 or 2 threads.
+TEST(Attention, BatchAndThreadInvariant) {
+  const Shape s{9, 3, 64, 70, 16};
+  const int saved = omp_get_max_threads();
+  for (KVDType dt : {KVDType::F32, KVDType::F16, KVDType::BF16}) {
+    SCOPED_TRACE(kv::toString(dt));
+    const PagedTensor K(false, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 21);
+    const PagedTensor V(false, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 22);
+    const int64_t rowFloats = static_cast<int64_t>(s.nHeads) * s.headDim;
+    const auto q = testref::randomFloats(static_cast<size_t>(s.tokens * rowFloats), 23, -2, 2);
+    omp_set_num_threads(2);
+    std::vector<float> scratch(pagedAttentionScratchFloats(s.tokens));
+    std::vector<float> full(q.size());
+    pagedAttention(q.data(), s.tokens, 0, s.nHeads, K.view, V.view, 0.125f, full.data(),
+                   scratch.data());
+    for (int threads : {1, 2}) {
+      omp_set_num_threads(threads);
+      for (int32_t batch : {1, 3, 17}) {
+        std::vector<float> out(static_cast<size_t>(batch * rowFloats));
+        for (int32_t t0 = 0; t0 < s.tokens; t0 += batch) {
+          const int32_t n = std::min(batch, s.tokens - t0);
+          pagedAttention(q.data() + t0 * rowFloats, n, t0, s.nHeads, K.view, V.view, 0.125f,
+                         out.data(), scratch.data());
+          ASSERT_EQ(std::memcmp(out.data(), full.data() + t0 * rowFloats, 4 * n * rowFloats), 0)
+              << "threads " << threads << " batch " << batch << " at " << t0;
+        }
+      }
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
+TEST(Attention, RejectsInconsistentShapes) {
+  const PagedTensor K(false, KVDType::F32, 10, 2, 16, 4, 1);
+  std::vector<float> q(3 * 16), out(q.size()), scratch(pagedAttentionScratchFloats(16));
+  // 3 query heads are not a multiple of 2 KV heads.
+  EXPECT_THROW(pagedAttention(q.data(), 1, 0, 3, K.view, K.view, 1, out.data(), scratch.data()),
+               std::invalid_argument);
+  // Positions beyond the view.
+  EXPECT_THROW(pagedAttention(q.data(), 1, 10, 2, K.view, K.view, 1, out.data(), scratch.data()),
+               std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace cortex::kernels
