@@ -68,37 +68,64 @@ template <KVDType KT, KVDType VT, bool kSimd>
 void attendOne(const float* q, int32_t n, int32_t kvh, const PagedKVView& K, const PagedKVView& V,
                float scale, float* out, float* s) {
   const int32_t D = K.headDim;
-  // Scores.
-  forKeys(K, kvh, n, [&](int32_t j, const std::byte* row) {
-    float dot;
+  // Scores. Every key's dot product is its own 8-lane chain (simd.h); the SIMD path runs four
+  // keys of a block side by side only for instruction-level parallelism.
 #if CS_KERNELS_AVX2
-    if constexpr (kSimd) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int32_t d = 0; d < D; d += 8) {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<KT>(row + d * kBytes<KT>), acc);
+  if constexpr (kSimd) {
+    const auto eb = static_cast<int64_t>(kBytes<KT>);
+    const int64_t tokenBytes = K.tokenStride * eb;
+    for (int32_t j0 = 0, bi = 0; j0 < n; j0 += K.blockSizeTokens, ++bi) {
+      const std::byte* row =
+          K.base + (static_cast<int64_t>(K.blockTable[bi]) * K.blockStride + kvh * K.headStride) * eb;
+      const int32_t end = std::min(n, j0 + K.blockSizeTokens);
+      int32_t j = j0;
+      for (; j + 4 <= end; j += 4, row += 4 * tokenBytes) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                         _mm256_setzero_ps()};
+        for (int32_t d = 0; d < D; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(q + d);
+          for (int k = 0; k < 4; ++k) {
+            acc[k] = _mm256_fmadd_ps(qv, load8<KT>(row + k * tokenBytes + d * eb), acc[k]);
+          }
+        }
+        for (int k = 0; k < 4; ++k) s[j + k] = hsum8(acc[k]) * scale;
       }
-      dot = hsum8(acc);
-    } else
+      for (; j < end; ++j, row += tokenBytes) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int32_t d = 0; d < D; d += 8) {
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<KT>(row + d * eb), acc);
+        }
+        s[j] = hsum8(acc) * scale;
+      }
+    }
+  } else
 #endif
-    {
+  {
+    forKeys(K, kvh, n, [&](int32_t j, const std::byte* row) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       float k8[8];
       for (int32_t d = 0; d < D; d += 8) {
         load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, k8);
         for (int l = 0; l < 8; ++l) acc[l] = std::fma(q[d + l], k8[l], acc[l]);
       }
-      dot = hsum8(acc);
-    }
-    s[j] = dot * scale;
-  });
-  // Softmax weights, in key order.
+      s[j] = hsum8(acc) * scale;
+    });
+  }
+  // Softmax weights: exp in key order (expNonPositive, same bits in both paths), sum in double.
   float mx = s[0];
   for (int32_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
-  double sum = 0;
-  for (int32_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    sum += s[j];
+  int32_t e = 0;
+#if CS_KERNELS_AVX2
+  if constexpr (kSimd) {
+    const __m256 mv = _mm256_set1_ps(mx);
+    for (; e + 8 <= n; e += 8) {
+      _mm256_storeu_ps(s + e, expNonPositive(_mm256_sub_ps(_mm256_loadu_ps(s + e), mv)));
+    }
   }
+#endif
+  for (; e < n; ++e) s[e] = expNonPositive(s[e] - mx);
+  double sum = 0;
+  for (e = 0; e < n; ++e) sum += s[e];
   const auto inv = static_cast<float>(1.0 / sum);
   // Weighted sum of V, in key order per dim; 64 dims at a time so the accumulators stay in
   // registers.

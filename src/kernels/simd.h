@@ -138,10 +138,12 @@ struct DecQ4_1 {
   }
 #if CS_KERNELS_AVX2
   static void avx2(const std::byte* b, __m256* w) {
-    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(
-        static_cast<uint32_t>(loadU16(b)) | (static_cast<uint32_t>(loadU16(b + 2)) << 16))));
-    const __m256 d = _mm256_broadcastss_ps(dm);
-    const __m256 m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+    // note: one broadcast load of (d, m) and one conversion give d,m,d,m,...; dup splits them.
+    int32_t dmBits;
+    std::memcpy(&dmBits, b, 4);
+    const __m256 dm = _mm256_cvtph_ps(_mm_set1_epi32(dmBits));
+    const __m256 d = _mm256_moveldup_ps(dm);
+    const __m256 m = _mm256_movehdup_ps(dm);
     const __m256i mask = _mm256_set1_epi32(0x0F);
     const __m256i e0 =
         _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 4)));
@@ -155,7 +157,43 @@ struct DecQ4_1 {
 #endif
 };
 
+// exp(x) for softmax arguments x <= 0, in a form the AVX2 code repeats operation for operation
+// (so both paths give the same bits): Cody-Waite reduction x = n ln2 + r, Cephes' degree-5
+// polynomial, scaling by 2^n through the exponent bits. Within 2 ulp of exp for x in
+// [-87, 0]; 0 below -87 (exp there is < 2^-125, irrelevant next to the max term's 1).
+inline constexpr float kExpLn2Hi = 0.693359375f, kExpLn2Lo = -2.12194440e-4f;
+inline constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                   4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+inline float expNonPositive(float x) {
+  if (!(x >= -87.0f)) return 0.0f;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = std::fma(n, -kExpLn2Hi, x);
+  r = std::fma(n, -kExpLn2Lo, r);
+  float p = kExpP[0];
+  for (int i = 1; i < 6; ++i) p = std::fma(p, r, kExpP[i]);
+  const float y = std::fma(p, r * r, r) + 1.0f;
+  const auto bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scaleBits;
+  std::memcpy(&scaleBits, &bits, 4);
+  return y * scaleBits;
+}
+
 #if CS_KERNELS_AVX2
+inline __m256 expNonPositive(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kExpLn2Hi), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kExpLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP[i]));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+}
+
 // hsum8 on a register, same order as the scalar version.
 inline float hsum8(__m256 v) {
   const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // a0..a3

@@ -1,0 +1,168 @@
+// Kernel throughput: matmul per weight type and shape (GB/s of weights read, GFLOP/s), a decode
+// sweep over a whole SmolLM2-135M-shaped model (weights far larger than the caches, so the GB/s
+// there is the memory-bound figure), and paged attention for one decode step.
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/attention.h"
+#include "kernels/matmul.h"
+
+namespace {
+
+using cortex::kernels::WeightMatrix;
+using cortex::kernels::WeightType;
+
+// Random weights in the type's layout with sane scales (no NaN/inf/subnormal halves).
+std::vector<uint8_t> randomWeights(WeightType type, int64_t rows, int64_t cols, uint32_t seed) {
+  std::vector<uint8_t> bytes(rows * cortex::kernels::rowBytes(type, cols));
+  std::mt19937 rng(seed);
+  for (auto& b : bytes) b = static_cast<uint8_t>(rng());
+  std::uniform_real_distribution<float> dist(-1, 1);
+  const auto setHalf = [&](size_t at, float v) {
+    const uint16_t h = cortex::floatToHalf(v);
+    std::memcpy(&bytes[at], &h, 2);
+  };
+  const size_t bb = cortex::kernels::blockBytes(type);
+  for (size_t at = 0; at < bytes.size(); at += bb) {
+    switch (type) {
+      case WeightType::F32: {
+        const float f = dist(rng);
+        std::memcpy(&bytes[at], &f, 4);
+        break;
+      }
+      case WeightType::F16: setHalf(at, dist(rng)); break;
+      case WeightType::BF16: {
+        const uint16_t h = cortex::floatToBf16(dist(rng));
+        std::memcpy(&bytes[at], &h, 2);
+        break;
+      }
+      case WeightType::Q4_1: setHalf(at + 2, -0.1f * std::abs(dist(rng))); [[fallthrough]];
+      default: setHalf(at, 0.01f * dist(rng));
+    }
+  }
+  return bytes;
+}
+
+void setCounters(benchmark::State& state, double weightBytes, double flops) {
+  using benchmark::Counter;
+  state.counters["GB/s"] = Counter(weightBytes / 1e9, Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] = Counter(flops / 1e9, Counter::kIsIterationInvariantRate);
+}
+
+// Args: rows, cols, nTokens, type.
+void BM_Matmul(benchmark::State& state) {
+  const int64_t rows = state.range(0), cols = state.range(1), n = state.range(2);
+  const auto type = static_cast<WeightType>(state.range(3));
+  const auto bytes = randomWeights(type, rows, cols, 1);
+  const WeightMatrix w{bytes.data(), type, rows, cols};
+  std::vector<float> x(static_cast<size_t>(n * cols)), y(static_cast<size_t>(n * rows));
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> dist(-1, 1);
+  for (auto& v : x) v = dist(rng);
+  for (auto _ : state) {
+    cortex::kernels::matmul(w, x.data(), n, y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.SetLabel(cortex::kernels::toString(type));
+  setCounters(state, static_cast<double>(bytes.size()), 2.0 * static_cast<double>(rows * cols * n));
+}
+
+void matmulArgs(benchmark::internal::Benchmark* b) {
+  const int64_t shapes[4][2] = {{576, 576}, {1536, 576}, {576, 1536}, {49152, 576}};
+  for (int type : {static_cast<int>(WeightType::Q4_1), static_cast<int>(WeightType::Q8_0),
+                   static_cast<int>(WeightType::Q4_0), static_cast<int>(WeightType::F16),
+                   static_cast<int>(WeightType::BF16), static_cast<int>(WeightType::F32)}) {
+    for (const auto& s : shapes) {
+      for (int64_t n : {1, 16, 128}) {
+        const bool isDefault = (type == static_cast<int>(WeightType::Q4_1) && s[0] != 49152) ||
+                               (type == static_cast<int>(WeightType::Q8_0) && s[0] == 49152);
+        // Other types on the square shape only, to keep the run short.
+        if (!isDefault && !(s[0] == 576 && s[1] == 576)) continue;
+        b->Args({s[0], s[1], n, type});
+      }
+    }
+  }
+  b->ArgNames({"rows", "cols", "tok", "type"})->UseRealTime();
+}
+BENCHMARK(BM_Matmul)->Apply(matmulArgs);
+
+// One decode step's matmuls over a SmolLM2-135M-shaped model: 30 layers of Q4_1 q,k,v,o,gate,up,
+// down plus the Q8_0 output table, ~97 MB, so every byte comes from DRAM. Arg: nTokens.
+void BM_ModelSweep(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  struct M {
+    std::vector<uint8_t> bytes;
+    WeightMatrix w;
+  };
+  std::vector<M> mats;
+  const int64_t layerShapes[7][2] = {{576, 576},  {192, 576},  {192, 576}, {576, 576},
+                                     {1536, 576}, {1536, 576}, {576, 1536}};
+  for (int layer = 0; layer < 30; ++layer) {
+    for (const auto& s : layerShapes) {
+      mats.push_back({randomWeights(WeightType::Q4_1, s[0], s[1], static_cast<uint32_t>(layer)), {}});
+      mats.back().w = {mats.back().bytes.data(), WeightType::Q4_1, s[0], s[1]};
+    }
+  }
+  mats.push_back({randomWeights(WeightType::Q8_0, 49152, 576, 99), {}});
+  mats.back().w = {mats.back().bytes.data(), WeightType::Q8_0, 49152, 576};
+  double bytes = 0, flops = 0;
+  for (const auto& m : mats) {
+    bytes += static_cast<double>(m.bytes.size());
+    flops += 2.0 * static_cast<double>(m.w.rows * m.w.cols * n);
+  }
+  std::vector<float> x(static_cast<size_t>(n * 1536), 0.5f), y(static_cast<size_t>(n * 49152));
+  for (auto _ : state) {
+    for (const auto& m : mats) cortex::kernels::matmul(m.w, x.data(), n, y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  setCounters(state, bytes, flops);
+  state.counters["tok/s"] =
+      benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_ModelSweep)->Arg(1)->Arg(16)->Arg(128)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+// One decode step of attention (9 query heads, 3 KV heads, head dim 64, f16 K/V) over a context
+// of state.range(0) tokens in 16-token blocks. GB/s counts the K/V bytes read.
+void BM_AttentionDecode(benchmark::State& state) {
+  const auto ctx = static_cast<int32_t>(state.range(0));
+  const int32_t heads = 9, kvHeads = 3, dim = 64, bs = 16;
+  const int32_t nBlocks = (ctx + bs - 1) / bs;
+  std::vector<uint16_t> arena(static_cast<size_t>(nBlocks) * kvHeads * bs * dim * 2);
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> dist(-1, 1);
+  for (auto& h : arena) h = cortex::floatToHalf(dist(rng));
+  std::vector<int32_t> table(nBlocks);
+  for (int32_t i = 0; i < nBlocks; ++i) table[i] = (i * 7) % nBlocks;  // scattered if coprime
+  cortex::kv::PagedKVView k;
+  k.base = reinterpret_cast<const std::byte*>(arena.data());
+  k.blockTable = table.data();
+  k.numBlocks = nBlocks;
+  k.numTokens = ctx;
+  k.blockSizeTokens = bs;
+  k.numKVHeads = kvHeads;
+  k.headDim = dim;
+  k.blockStride = 2LL * kvHeads * bs * dim;  // K and V blocks interleaved
+  k.headStride = static_cast<int64_t>(bs) * dim;
+  k.tokenStride = dim;
+  k.dtype = cortex::kv::KVDType::F16;
+  auto v = k;
+  v.base = k.base + static_cast<size_t>(kvHeads) * bs * dim * 2;
+  std::vector<float> q(heads * dim, 0.1f), out(q.size());
+  std::vector<float> scratch(cortex::kernels::pagedAttentionScratchFloats(ctx));
+  for (auto _ : state) {
+    cortex::kernels::pagedAttention(q.data(), 1, ctx - 1, heads, k, v, 0.125f, out.data(),
+                                    scratch.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  setCounters(state, 4.0 * ctx * kvHeads * dim, 4.0 * ctx * heads * dim);
+}
+BENCHMARK(BM_AttentionDecode)->Arg(128)->Arg(1024)->Arg(4096)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
