@@ -3,9 +3,11 @@
 #   scripts/build.sh            -> build/        (Release, -O3 -march=native)
 #   scripts/build.sh asan       -> build-asan/   (ASan + UBSan)
 #   scripts/build.sh tsan       -> build-tsan/   (TSan)
+# Further arguments name targets to build (default: all).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 flavour="${1:-release}"
+shift || true
 jobs="$(nproc)"
 case "$flavour" in
   release) dir=build; args=(-DCMAKE_BUILD_TYPE=Release) ;;
@@ -14,4 +16,6 @@ case "$flavour" in
   *) echo "unknown flavour: $flavour (release, asan, tsan)" >&2; exit 2 ;;
 esac
 cmake -S "$root" -B "$root/$dir" "${args[@]}" >/dev/null
-cmake --build "$root/$dir" -j "$jobs"
+targets=()
+for t in "$@"; do targets+=(--target "$t"); done
+cmake --build "$root/$dir" -j "$jobs" "${targets[@]}"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what is needed, builds, and runs every test:
+#   1. the Release build's unit tests (ctest) and the Python tests against independent references
+#   2. the unit tests again under ASan + UBSan
+#   3. the concurrency tests under TSan
+#   4. the GGUF fuzzer for a bounded time
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+jobs="$(nproc)"
+
+scripts/install_deps.sh
+scripts/fetch_model.sh
+
+echo "== release build and tests"
+scripts/build.sh release
+ctest --test-dir build --output-on-failure -j "$jobs"
+echo "== python tests (independent references)"
+CORTEXSTREAM_BIN="$root/build/src/cli/cortexstream" python3 -m pytest -q tests/python
+
+echo "== ASan + UBSan"
+scripts/build.sh asan
+ctest --test-dir build-asan --output-on-failure -j "$jobs" -L unit
+
+echo "== TSan (concurrency tests)"
+scripts/build.sh tsan test_kv_concurrency
+ctest --test-dir build-tsan --output-on-failure -L concurrency
+
+if [[ -x scripts/fuzz.sh ]]; then
+  echo "== fuzzing"
+  scripts/fuzz.sh "${CS_FUZZ_SECONDS:-60}"
+fi
+echo "all tests passed"

@@ -1,0 +1,146 @@
+// `cortexstream bench kv` (KV cache micro-benchmarks) and `bench kv-sim` (serving simulation).
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <iostream>
+#include <limits>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "kv/kv_cache.h"
+#include "kvsim/serving_sim.h"
+
+namespace cortex::cli {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Best of `reps` runs of fn(), in nanoseconds per `units`: the minimum filters out the noise of
+// a shared machine better than the mean.
+template <typename Fn>
+double bestNsPerUnit(int reps, double units, Fn&& fn) {
+  double best = std::numeric_limits<double>::infinity();
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    fn();
+    const auto t1 = Clock::now();
+    best = std::min(best, std::chrono::duration<double, std::nano>(t1 - t0).count() / units);
+  }
+  return best;
+}
+
+// Keeps the optimiser from discarding a computed value.
+template <typename T>
+void keep(const T& value) {
+  asm volatile("" : : "g"(&value) : "memory");
+}
+
+nlohmann::json runKvMicroBench(int32_t blockSize) {
+  // The default model's shape (30 layers, 3 KV heads, head dim 64), f16, 4096 blocks.
+  kv::KVCacheConfig cfg;
+  cfg.numLayers = 30;
+  cfg.numKVHeads = 3;
+  cfg.headDim = 64;
+  cfg.blockSizeTokens = blockSize;
+  cfg.numBlocks = 4096;
+  kv::KVCache cache(cfg);
+  cache.warmup();
+
+  constexpr int kReps = 7;
+  // Allocate + free through the pool, 64 blocks a call.
+  kv::BlockPool pool(4096);
+  std::vector<kv::BlockId> ids(64);
+  constexpr int kPoolIters = 20000;
+  const double allocFree = bestNsPerUnit(kReps, double(kPoolIters) * 64, [&] {
+    for (int i = 0; i < kPoolIters; ++i) {
+      pool.allocate(ids);
+      pool.free(ids);
+    }
+  });
+  const double allocFreeOne = bestNsPerUnit(kReps, kPoolIters, [&] {
+    for (int i = 0; i < kPoolIters; ++i) pool.free(pool.allocateOne());
+  });
+
+  // appendToken through KVCache (lock, lookup, new block every blockSize tokens), amortised.
+  constexpr int32_t kSeqTokens = 4096;
+  const double append = bestNsPerUnit(kReps, kSeqTokens - 1, [&] {
+    cache.allocateFor(1, 1);
+    for (int32_t t = 1; t < kSeqTokens; ++t) keep(cache.appendToken(1));
+    cache.freeFor(1);
+  });
+  const double appendBulk = bestNsPerUnit(kReps, 1000.0 * 64, [&] {
+    cache.allocateFor(1, 1);
+    for (int i = 0; i < 1000; ++i) keep(cache.appendTokens(1, 64));
+    cache.freeFor(1);
+  });
+
+  // fork of a 1024-token sequence (64 blocks at block size 16), then free of the fork.
+  cache.allocateFor(7, 1024);
+  constexpr int kForkIters = 2000;
+  const double fork = bestNsPerUnit(kReps, kForkIters, [&] {
+    for (int i = 0; i < kForkIters; ++i) {
+      cache.fork(7, 8);
+      cache.freeFor(8);
+    }
+  });
+  constexpr int kViewIters = 100000;
+  const double view = bestNsPerUnit(kReps, kViewIters, [&] {
+    for (int i = 0; i < kViewIters; ++i) keep(cache.getKView(7, i % cfg.numLayers));
+  });
+  const double slot = bestNsPerUnit(kReps, kViewIters, [&] {
+    for (int i = 0; i < kViewIters; ++i) keep(cache.slotFor(7, i % 1024));
+  });
+  cache.freeFor(7);
+
+  return {{"config",
+           {{"layers", cfg.numLayers},
+            {"kv_heads", cfg.numKVHeads},
+            {"head_dim", cfg.headDim},
+            {"block_size_tokens", cfg.blockSizeTokens},
+            {"num_blocks", cfg.numBlocks},
+            {"dtype", kv::toString(cfg.dtype)}}},
+          {"allocate_free_ns_per_block", allocFree},
+          {"allocate_free_one_ns", allocFreeOne},
+          {"append_ns_per_token", append},
+          {"append_bulk64_ns_per_token", appendBulk},
+          {"fork_ns", fork},
+          {"fork_tokens", 1024},
+          {"view_ns", view},
+          {"slot_ns", slot}};
+}
+
+}  // namespace
+
+void registerBenchKvCommands(CLI::App& bench) {
+  auto* kvCmd = bench.add_subcommand("kv", "KV cache micro-benchmarks (ns per operation)");
+  auto blockSize = std::make_shared<int32_t>(16);
+  auto json = std::make_shared<bool>(false);
+  kvCmd->add_option("--block-size", *blockSize, "tokens per block")->check(CLI::Range(1, 4096));
+  kvCmd->add_flag("--json", *json, "print one JSON object (the default output as well)");
+  kvCmd->callback([blockSize] { std::cout << runKvMicroBench(*blockSize).dump(2) << "\n"; });
+
+  auto* sim = bench.add_subcommand(
+      "kv-sim", "Seeded serving simulation: paged KV cache vs the origin's contiguous design");
+  auto cfg = std::make_shared<kvsim::SimConfig>();
+  sim->add_option("--seed", cfg->seed, "random seed");
+  sim->add_option("--blocks", cfg->numBlocks, "blocks in the pool")->check(CLI::Range(1, 1 << 24));
+  sim->add_option("--block-size", cfg->blockSizeTokens, "tokens per block")
+      ->check(CLI::Range(1, 4096));
+  sim->add_option("--requests", cfg->numRequests, "requests in the trace")
+      ->check(CLI::Range(1, 10000000));
+  sim->add_option("--arrival-rate", cfg->arrivalsPerStep, "mean arrivals per decode step")
+      ->check(CLI::Range(0.001, 1000.0));
+  sim->add_option("--max-tokens", cfg->maxOutputTokens, "max_tokens of every request")
+      ->check(CLI::Range(1, 1 << 20));
+  sim->add_option("--prompt-median", cfg->promptMedianTokens, "median prompt length (tokens)")
+      ->check(CLI::Range(1.0, 1e6));
+  sim->add_option("--output-median", cfg->outputMedianTokens, "median output length (tokens)")
+      ->check(CLI::Range(1.0, 1e6));
+  sim->add_flag("--json", *json, "print one JSON object (the default output as well)");
+  sim->callback([cfg] { std::cout << kvsim::toJson(kvsim::runServingSim(*cfg)) << "\n"; });
+}
+
+}  // namespace cortex::cli

@@ -1,0 +1,553 @@
+#include "kv/kv_cache.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <iomanip>
+#include <map>
+#include <new>
+#include <ostream>
+#include <string>
+
+#include "common/half.h"
+
+namespace cortex::kv {
+
+namespace {
+
+constexpr size_t kArenaAlignment = 64;
+constexpr size_t kPageBytes = 4096;
+
+std::string seqName(SeqId seq) { return "sequence " + std::to_string(seq); }
+
+KVCacheConfig validated(const KVCacheConfig& c) {
+  auto bad = [](const std::string& what) { throw KVError(KVErrc::InvalidArgument, what); };
+  if (c.numLayers <= 0) bad("numLayers must be > 0, got " + std::to_string(c.numLayers));
+  if (c.numKVHeads <= 0) bad("numKVHeads must be > 0, got " + std::to_string(c.numKVHeads));
+  if (c.headDim <= 0) bad("headDim must be > 0, got " + std::to_string(c.headDim));
+  if (c.blockSizeTokens <= 0) {
+    bad("blockSizeTokens must be > 0, got " + std::to_string(c.blockSizeTokens));
+  }
+  if (c.numBlocks < 0) bad("numBlocks must be >= 0, got " + std::to_string(c.numBlocks));
+  if ((c.numBlocks > 0) == (c.memoryBudgetBytes > 0)) {
+    bad("give exactly one of numBlocks and memoryBudgetBytes");
+  }
+  return c;
+}
+
+}  // namespace
+
+size_t dtypeBytes(KVDType dtype) { return dtype == KVDType::F32 ? 4 : 2; }
+
+const char* toString(KVDType dtype) {
+  switch (dtype) {
+    case KVDType::F32: return "f32";
+    case KVDType::F16: return "f16";
+    case KVDType::BF16: return "bf16";
+  }
+  return "?";
+}
+
+const char* toString(KVLayout layout) {
+  return layout == KVLayout::LayerMajor ? "layer-major" : "head-major";
+}
+
+void gather(const PagedKVView& view, float* out) {
+  for (int32_t h = 0; h < view.numKVHeads; ++h) {
+    for (int32_t t = 0; t < view.numTokens; ++t) {
+      const std::byte* row = view.row(t, h);
+      float* dst = out + (static_cast<int64_t>(h) * view.numTokens + t) * view.headDim;
+      for (int32_t d = 0; d < view.headDim; ++d) {
+        switch (view.dtype) {
+          case KVDType::F32: std::memcpy(&dst[d], row + 4 * d, 4); break;
+          case KVDType::F16: {
+            uint16_t bits;
+            std::memcpy(&bits, row + 2 * d, 2);
+            dst[d] = halfToFloat(bits);
+            break;
+          }
+          case KVDType::BF16: {
+            uint16_t bits;
+            std::memcpy(&bits, row + 2 * d, 2);
+            dst[d] = bf16ToFloat(bits);
+            break;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static int32_t blocksFromConfig(const KVCacheConfig& c) {
+  const uint64_t perBlock = 2ull * static_cast<uint64_t>(c.numLayers) *
+                            static_cast<uint64_t>(c.numKVHeads) *
+                            static_cast<uint64_t>(c.blockSizeTokens) *
+                            static_cast<uint64_t>(c.headDim) * dtypeBytes(c.dtype);
+  if (c.numBlocks > 0) return c.numBlocks;
+  const uint64_t n = c.memoryBudgetBytes / perBlock;
+  if (n == 0) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "memory budget of " + std::to_string(c.memoryBudgetBytes) +
+                      " bytes is smaller than one block (" + std::to_string(perBlock) + " bytes)");
+  }
+  if (n > static_cast<uint64_t>(INT32_MAX)) {
+    throw KVError(KVErrc::InvalidArgument, "memory budget gives more than 2^31 blocks");
+  }
+  return static_cast<int32_t>(n);
+}
+
+KVCache::KVCache(const KVCacheConfig& config)
+    : config_(validated(config)), numBlocks_(blocksFromConfig(config_)), pool_(numBlocks_) {
+  const int64_t B = config_.blockSizeTokens;
+  const int64_t H = config_.numKVHeads;
+  const int64_t D = config_.headDim;
+  const int64_t N = numBlocks_;
+  elemBytes_ = dtypeBytes(config_.dtype);
+  bytesPerBlock_ = 2ull * static_cast<uint64_t>(config_.numLayers * H * B * D) * elemBytes_;
+  layerStride_ = N * H * B * D;
+  if (config_.layout == KVLayout::LayerMajor) {
+    blockStride_ = H * B * D;
+    headStride_ = B * D;
+  } else {
+    blockStride_ = B * D;
+    headStride_ = N * B * D;
+  }
+  halfBytes_ = static_cast<uint64_t>(config_.numLayers * layerStride_) * elemBytes_;
+  const uint64_t total = (2 * halfBytes_ + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+  arena_ = static_cast<std::byte*>(std::aligned_alloc(kArenaAlignment, total));
+  if (arena_ == nullptr) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "cannot allocate a KV arena of " + std::to_string(total) + " bytes");
+  }
+  kBase_ = arena_;
+  vBase_ = arena_ + halfBytes_;
+  blockFill_.assign(static_cast<size_t>(numBlocks_), 0);
+}
+
+KVCache::~KVCache() { std::free(arena_); }
+
+int32_t KVCache::blocksForTokens(int64_t tokens) const {
+  if (tokens < 0) throw KVError(KVErrc::InvalidArgument, "negative token count");
+  return static_cast<int32_t>((tokens + config_.blockSizeTokens - 1) / config_.blockSizeTokens);
+}
+
+void KVCache::warmup() {
+  const uint64_t total = 2 * halfBytes_;
+  for (uint64_t off = 0; off < total; off += kPageBytes) arena_[off] = std::byte{0};
+  if (total > 0) arena_[total - 1] = std::byte{0};
+}
+
+KVCache::Sequence& KVCache::find(SeqId seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) throw KVError(KVErrc::UnknownSequence, seqName(seq) + " is not allocated");
+  return it->second;
+}
+
+const KVCache::Sequence& KVCache::find(SeqId seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) throw KVError(KVErrc::UnknownSequence, seqName(seq) + " is not allocated");
+  return it->second;
+}
+
+void KVCache::checkLayer(int32_t layer) const {
+  if (layer < 0 || layer >= config_.numLayers) {
+    throw KVError(KVErrc::LayerOutOfRange, "layer " + std::to_string(layer) + " is not in [0, " +
+                                               std::to_string(config_.numLayers) + ")");
+  }
+}
+
+void KVCache::allocateFor(SeqId seq, int32_t initialTokens) {
+  if (initialTokens <= 0) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "allocateFor: initialTokens must be > 0, got " + std::to_string(initialTokens));
+  }
+  const int32_t nBlocks = blocksForTokens(initialTokens);
+  std::lock_guard lock(mu_);
+  if (seqs_.count(seq) != 0) {
+    throw KVError(KVErrc::SequenceExists, seqName(seq) + " is already allocated");
+  }
+  if (nBlocks > pool_.freeBlocks()) {
+    throw KVError(KVErrc::OutOfBlocks, "allocateFor(" + std::to_string(seq) + ", " +
+                                           std::to_string(initialTokens) + " tokens) needs " +
+                                           std::to_string(nBlocks) + " blocks, " +
+                                           std::to_string(pool_.freeBlocks()) + " free");
+  }
+  // Allocations that can throw bad_alloc happen before the pool is touched.
+  Sequence s;
+  s.blocks.resize(static_cast<size_t>(nBlocks));
+  auto [it, inserted] = seqs_.emplace(seq, std::move(s));
+  (void)inserted;
+  pool_.allocate(it->second.blocks);
+  it->second.tokens = initialTokens;
+  int32_t left = initialTokens;
+  for (BlockId b : it->second.blocks) {
+    blockFill_[b] = std::min(left, config_.blockSizeTokens);
+    left -= blockFill_[b];
+  }
+  liveTokens_ += initialTokens;
+}
+
+int32_t KVCache::blocksNeededLocked(const Sequence& s, int32_t n) const {
+  const int32_t B = config_.blockSizeTokens;
+  const int64_t capacity = static_cast<int64_t>(s.blocks.size()) * B;
+  const int64_t wanted = static_cast<int64_t>(s.tokens) + n;
+  const int32_t fresh = wanted > capacity ? blocksForTokens(wanted - capacity) : 0;
+  const bool copyOnWrite = s.tokens % B != 0 && pool_.refCount(s.blocks.back()) > 1;
+  return fresh + (copyOnWrite ? 1 : 0);
+}
+
+int32_t KVCache::blocksNeededToAppend(SeqId seq, int32_t n) const {
+  if (n <= 0) throw KVError(KVErrc::InvalidArgument, "append count must be > 0");
+  std::lock_guard lock(mu_);
+  return blocksNeededLocked(find(seq), n);
+}
+
+void KVCache::copyBlock(BlockId from, BlockId to, int32_t tokens) {
+  const size_t rowBytes = static_cast<size_t>(config_.headDim) * elemBytes_;
+  for (int32_t layer = 0; layer < config_.numLayers; ++layer) {
+    for (int32_t head = 0; head < config_.numKVHeads; ++head) {
+      // Within a block, one head's rows are contiguous in both layouts.
+      const int64_t src = rowElemOffset({from, 0}, layer, head);
+      const int64_t dst = rowElemOffset({to, 0}, layer, head);
+      const size_t bytes = rowBytes * static_cast<size_t>(tokens);
+      std::memcpy(kBase_ + dst * static_cast<int64_t>(elemBytes_),
+                  kBase_ + src * static_cast<int64_t>(elemBytes_), bytes);
+      std::memcpy(vBase_ + dst * static_cast<int64_t>(elemBytes_),
+                  vBase_ + src * static_cast<int64_t>(elemBytes_), bytes);
+    }
+  }
+}
+
+int32_t KVCache::appendTokens(SeqId seq, int32_t n) {
+  if (n <= 0) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "appendTokens: n must be > 0, got " + std::to_string(n));
+  }
+  const int32_t B = config_.blockSizeTokens;
+  std::lock_guard lock(mu_);
+  Sequence& s = find(seq);
+  // Fast path (15 of 16 decode steps at block size 16): room in an unshared last block. The
+  // block's fill count says how much room is left without a division.
+  const BlockId last = s.blocks.back();
+  if (blockFill_[last] + n <= B && pool_.refCount(last) == 1) {
+    blockFill_[last] += n;
+    liveTokens_ += n;
+    const int32_t first = s.tokens;
+    s.tokens += n;
+    return first;
+  }
+  if (static_cast<int64_t>(s.tokens) + n > INT32_MAX) {
+    throw KVError(KVErrc::InvalidArgument, seqName(seq) + " would exceed 2^31 tokens");
+  }
+  const int32_t needed = blocksNeededLocked(s, n);
+  if (needed > pool_.freeBlocks()) {
+    throw KVError(KVErrc::OutOfBlocks, "appendTokens(" + std::to_string(seq) + ", " +
+                                           std::to_string(n) + ") needs " +
+                                           std::to_string(needed) + " blocks, " +
+                                           std::to_string(pool_.freeBlocks()) + " free");
+  }
+  // Grow the table geometrically before changing anything, so a bad_alloc leaves no trace and
+  // appends stay amortised O(1).
+  const size_t maxBlocks = s.blocks.size() + static_cast<size_t>(needed);
+  if (s.blocks.capacity() < maxBlocks) s.blocks.reserve(std::max(maxBlocks, 2 * s.blocks.capacity()));
+  const int32_t first = s.tokens;
+  const int32_t fillInLast = s.tokens % B;
+  if (fillInLast != 0 && pool_.refCount(s.blocks.back()) > 1) {
+    // Copy on write: the partly filled last block is shared, and we are about to write into it.
+    const BlockId shared = s.blocks.back();
+    const BlockId own = pool_.allocateOne();
+    copyBlock(shared, own, fillInLast);
+    blockFill_[own] = fillInLast;
+    liveTokens_ += fillInLast;
+    pool_.free(shared);
+    s.blocks.back() = own;
+  }
+  int32_t left = n;
+  if (fillInLast != 0) {
+    const int32_t take = std::min(left, B - fillInLast);
+    blockFill_[s.blocks.back()] += take;
+    left -= take;
+  }
+  if (left > 0) {
+    const size_t oldSize = s.blocks.size();
+    s.blocks.resize(oldSize + static_cast<size_t>(blocksForTokens(left)));
+    pool_.allocate(std::span<BlockId>(s.blocks).subspan(oldSize));
+    for (size_t i = oldSize; i < s.blocks.size(); ++i) {
+      blockFill_[s.blocks[i]] = std::min(left, B);
+      left -= blockFill_[s.blocks[i]];
+    }
+  }
+  s.tokens += n;
+  liveTokens_ += n;
+  return first;
+}
+
+void KVCache::fork(SeqId src, SeqId dst) {
+  std::lock_guard lock(mu_);
+  const Sequence& s = find(src);
+  if (seqs_.count(dst) != 0) {
+    throw KVError(KVErrc::SequenceExists, "fork: " + seqName(dst) + " is already allocated");
+  }
+  Sequence copy = s;
+  seqs_.emplace(dst, std::move(copy));
+  for (BlockId b : s.blocks) pool_.addRef(b);
+}
+
+bool KVCache::freeFor(SeqId seq) {
+  std::lock_guard lock(mu_);
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return false;
+  for (BlockId b : it->second.blocks) {
+    if (pool_.refCount(b) == 1) {
+      liveTokens_ -= blockFill_[b];
+      blockFill_[b] = 0;
+    }
+  }
+  pool_.free(it->second.blocks);
+  seqs_.erase(it);
+  return true;
+}
+
+int32_t KVCache::usedTokens(SeqId seq) const {
+  std::lock_guard lock(mu_);
+  return find(seq).tokens;
+}
+
+int32_t KVCache::getTokenOffsetInBlock(SeqId seq) const {
+  std::lock_guard lock(mu_);
+  return find(seq).tokens % config_.blockSizeTokens;
+}
+
+bool KVCache::hasSequence(SeqId seq) const {
+  std::lock_guard lock(mu_);
+  return seqs_.count(seq) != 0;
+}
+
+std::vector<BlockId> KVCache::blockTable(SeqId seq) const {
+  std::lock_guard lock(mu_);
+  return find(seq).blocks;
+}
+
+TokenSlot KVCache::slotFor(SeqId seq, int32_t pos) const {
+  TokenSlot slot;
+  slotsFor(seq, pos, std::span<TokenSlot>(&slot, 1));
+  return slot;
+}
+
+void KVCache::slotsFor(SeqId seq, int32_t firstPos, std::span<TokenSlot> out) const {
+  const int32_t B = config_.blockSizeTokens;
+  std::lock_guard lock(mu_);
+  const Sequence& s = find(seq);
+  if (firstPos < 0 || static_cast<int64_t>(firstPos) + static_cast<int64_t>(out.size()) > s.tokens) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "positions [" + std::to_string(firstPos) + ", " +
+                      std::to_string(static_cast<int64_t>(firstPos) + static_cast<int64_t>(out.size())) +
+                      ") are outside " + seqName(seq) + "'s " + std::to_string(s.tokens) +
+                      " tokens");
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    const int32_t pos = firstPos + static_cast<int32_t>(i);
+    out[i] = TokenSlot{s.blocks[static_cast<size_t>(pos / B)], pos % B};
+  }
+}
+
+std::byte* KVCache::kRow(TokenSlot slot, int32_t layer, int32_t head) {
+  checkLayer(layer);
+  return kBase_ + rowElemOffset(slot, layer, head) * static_cast<int64_t>(elemBytes_);
+}
+
+std::byte* KVCache::vRow(TokenSlot slot, int32_t layer, int32_t head) {
+  checkLayer(layer);
+  return vBase_ + rowElemOffset(slot, layer, head) * static_cast<int64_t>(elemBytes_);
+}
+
+static void storeRow(const float* src, std::byte* dst, int32_t n, KVDType dtype) {
+  switch (dtype) {
+    case KVDType::F32: std::memcpy(dst, src, static_cast<size_t>(n) * 4); break;
+    case KVDType::F16:
+      for (int32_t i = 0; i < n; ++i) {
+        const uint16_t h = floatToHalf(src[i]);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+      break;
+    case KVDType::BF16:
+      for (int32_t i = 0; i < n; ++i) {
+        const uint16_t h = floatToBf16(src[i]);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+      break;
+  }
+}
+
+void KVCache::writeKV(TokenSlot slot, int32_t layer, const float* k, const float* v) {
+  checkLayer(layer);
+  const int32_t D = config_.headDim;
+  for (int32_t head = 0; head < config_.numKVHeads; ++head) {
+    const int64_t off = rowElemOffset(slot, layer, head) * static_cast<int64_t>(elemBytes_);
+    storeRow(k + static_cast<int64_t>(head) * D, kBase_ + off, D, config_.dtype);
+    storeRow(v + static_cast<int64_t>(head) * D, vBase_ + off, D, config_.dtype);
+  }
+}
+
+PagedKVView KVCache::makeView(const Sequence& s, int32_t layer, const std::byte* half) const {
+  PagedKVView v;
+  v.base = half + layer * layerStride_ * static_cast<int64_t>(elemBytes_);
+  v.blockTable = s.blocks.data();
+  v.numBlocks = static_cast<int32_t>(s.blocks.size());
+  v.numTokens = s.tokens;
+  v.blockSizeTokens = config_.blockSizeTokens;
+  v.numKVHeads = config_.numKVHeads;
+  v.headDim = config_.headDim;
+  v.blockStride = blockStride_;
+  v.headStride = headStride_;
+  v.tokenStride = config_.headDim;
+  v.dtype = config_.dtype;
+  return v;
+}
+
+PagedKVView KVCache::getKView(SeqId seq, int32_t layer) const {
+  checkLayer(layer);
+  std::lock_guard lock(mu_);
+  return makeView(find(seq), layer, kBase_);
+}
+
+PagedKVView KVCache::getVView(SeqId seq, int32_t layer) const {
+  checkLayer(layer);
+  std::lock_guard lock(mu_);
+  return makeView(find(seq), layer, vBase_);
+}
+
+KVCacheStats KVCache::statsLocked() const {
+  KVCacheStats st;
+  st.totalBlocks = pool_.totalBlocks();
+  st.usedBlocks = pool_.usedBlocks();
+  st.freeBlocks = pool_.freeBlocks();
+  st.sharedBlocks = pool_.sharedBlocks();
+  st.numSequences = static_cast<int32_t>(seqs_.size());
+  st.liveTokens = liveTokens_;
+  st.allocatedTokenSlots = static_cast<int64_t>(st.usedBlocks) * config_.blockSizeTokens;
+  st.totalBytes = static_cast<uint64_t>(st.totalBlocks) * bytesPerBlock_;
+  st.allocatedBytes = static_cast<uint64_t>(st.usedBlocks) * bytesPerBlock_;
+  st.freeBytes = static_cast<uint64_t>(st.freeBlocks) * bytesPerBlock_;
+  if (st.allocatedTokenSlots > 0) {
+    st.utilization =
+        static_cast<double>(st.liveTokens) / static_cast<double>(st.allocatedTokenSlots);
+    st.fragmentation = 1.0 - st.utilization;
+  }
+  return st;
+}
+
+KVCacheStats KVCache::stats() const {
+  std::lock_guard lock(mu_);
+  return statsLocked();
+}
+
+uint64_t KVCache::getTotalAllocated() const { return stats().allocatedBytes; }
+uint64_t KVCache::getTotalFree() const { return stats().freeBytes; }
+int32_t KVCache::getNumAllocatedSequences() const { return stats().numSequences; }
+bool KVCache::isFull() const { return freeBlocks() == 0; }
+double KVCache::getFragmentation() const { return stats().fragmentation; }
+double KVCache::getUtilization() const { return stats().utilization; }
+
+int32_t KVCache::freeBlocks() const {
+  std::lock_guard lock(mu_);
+  return pool_.freeBlocks();
+}
+
+int32_t KVCache::usedBlocks() const {
+  std::lock_guard lock(mu_);
+  return pool_.usedBlocks();
+}
+
+void KVCache::dumpCacheStats(std::ostream& os) const {
+  std::lock_guard lock(mu_);
+  const KVCacheStats st = statsLocked();
+  constexpr double kMiB = 1024.0 * 1024.0;
+  const auto flags = os.flags();
+  os << std::fixed << std::setprecision(2);
+  os << "=== KV Cache Statistics ===\n"
+     << "Layers: " << config_.numLayers << ", KV heads: " << config_.numKVHeads
+     << ", head dim: " << config_.headDim << ", dtype: " << toString(config_.dtype)
+     << ", layout: " << toString(config_.layout) << "\n"
+     << "Block size: " << config_.blockSizeTokens << " tokens (" << bytesPerBlock_
+     << " bytes)\n"
+     << "Total blocks: " << st.totalBlocks << "\n"
+     << "Used blocks: " << st.usedBlocks << " (" << st.sharedBlocks << " shared)\n"
+     << "Free blocks: " << st.freeBlocks << "\n"
+     << "Total memory: " << static_cast<double>(st.totalBytes) / kMiB << " MiB\n"
+     << "Allocated: " << static_cast<double>(st.allocatedBytes) / kMiB << " MiB\n"
+     << "Free: " << static_cast<double>(st.freeBytes) / kMiB << " MiB\n"
+     << "Sequences: " << st.numSequences << "\n"
+     << "Live tokens: " << st.liveTokens << " of " << st.allocatedTokenSlots
+     << " allocated slots\n"
+     << "Utilization: " << st.utilization * 100.0 << "%\n"
+     << "Fragmentation: " << st.fragmentation * 100.0 << "%\n";
+  os.flags(flags);
+  // Sorted by id so dumps are stable and diffable.
+  std::map<SeqId, const Sequence*> sorted;
+  for (const auto& [id, s] : seqs_) sorted.emplace(id, &s);
+  for (const auto& [id, s] : sorted) {
+    os << "  seq " << id << ": " << s->tokens << " tokens, blocks [";
+    for (size_t i = 0; i < s->blocks.size(); ++i) {
+      os << (i ? " " : "") << s->blocks[i];
+      if (pool_.refCount(s->blocks[i]) > 1) os << "*";
+    }
+    os << "]\n";
+  }
+}
+
+void KVCache::dumpBlockMap(std::ostream& os) const {
+  std::lock_guard lock(mu_);
+  pool_.dumpBlockMap(os);
+}
+
+void KVCache::checkInvariants() const {
+  auto fail = [](const std::string& what) { throw KVError(KVErrc::InvariantViolated, what); };
+  std::lock_guard lock(mu_);
+  pool_.checkInvariants();
+  const int32_t B = config_.blockSizeTokens;
+  std::vector<int32_t> owners(static_cast<size_t>(numBlocks_), 0);
+  for (const auto& [id, s] : seqs_) {
+    if (s.tokens <= 0) fail(seqName(id) + " has " + std::to_string(s.tokens) + " tokens");
+    if (static_cast<int64_t>(s.blocks.size()) != blocksForTokens(s.tokens)) {
+      fail(seqName(id) + " holds " + std::to_string(s.blocks.size()) + " blocks for " +
+           std::to_string(s.tokens) + " tokens");
+    }
+    for (size_t i = 0; i < s.blocks.size(); ++i) {
+      const BlockId b = s.blocks[i];
+      if (b < 0 || b >= numBlocks_) fail(seqName(id) + " holds invalid block " + std::to_string(b));
+      ++owners[b];
+      const int32_t expectFill =
+          i + 1 < s.blocks.size() ? B : s.tokens - static_cast<int32_t>(i) * B;
+      if (blockFill_[b] != expectFill) {
+        fail("block " + std::to_string(b) + " records " + std::to_string(blockFill_[b]) +
+             " tokens, " + seqName(id) + " expects " + std::to_string(expectFill));
+      }
+    }
+  }
+  int64_t live = 0;
+  for (BlockId b = 0; b < numBlocks_; ++b) {
+    if (pool_.refCount(b) != owners[b]) {
+      fail("block " + std::to_string(b) + " has ref count " + std::to_string(pool_.refCount(b)) +
+           " but " + std::to_string(owners[b]) + " block tables hold it");
+    }
+    if (owners[b] == 0 && blockFill_[b] != 0) {
+      fail("free block " + std::to_string(b) + " records " + std::to_string(blockFill_[b]) +
+           " tokens");
+    }
+    live += blockFill_[b];
+  }
+  if (live != liveTokens_) {
+    fail("live tokens " + std::to_string(liveTokens_) + " but blocks hold " + std::to_string(live));
+  }
+  const KVCacheStats st = statsLocked();
+  if (st.allocatedBytes + st.freeBytes != st.totalBytes ||
+      st.totalBytes != static_cast<uint64_t>(numBlocks_) * bytesPerBlock_ ||
+      st.totalBytes > 2 * halfBytes_) {
+    fail("byte accounting: allocated + free != total");
+  }
+}
+
+}  // namespace cortex::kv

@@ -1,0 +1,237 @@
+// KVCache: the logical layer of the paged KV cache.
+//
+// Every sequence owns a block table: a list of physical block ids from the BlockPool, in logical
+// order. Token position p of a sequence lives in block table[p / blockSizeTokens] at offset
+// p % blockSizeTokens. The keys and values of all blocks live in one preallocated, 64-byte
+// aligned arena (a K half and a V half), so attention reads them in place through a PagedKVView.
+//
+// Arena layouts (elements; B = blockSizeTokens, H = numKVHeads, D = headDim, N = numBlocks):
+//   LayerMajor (default): [layer][block][head][token][dim]  -> one layer's blocks are contiguous
+//   HeadMajor:            [layer][head][block][token][dim]  -> one (layer, head)'s blocks are
+//                                                              contiguous
+// In both, the rows of one head inside one block are contiguous (B x D), which is what the
+// attention kernel streams over.
+//
+// Thread safety: bookkeeping calls (allocate/append/fork/free, slots, views, stats) may come from
+// several threads at once; they are serialised by one mutex. Row addresses and writeKV need no
+// lock: they are arithmetic on an arena that never moves, and the caller writes only to slots it
+// reserved. A view (and its block-table pointer) stays valid until the next bookkeeping call that
+// changes the same sequence (append/free); the engine calls those from one thread per sequence.
+//
+// Errors: every failure throws KVError (kv_error.h) and leaves the cache unchanged.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include "kv/block_pool.h"
+#include "kv/kv_error.h"
+#include "kv/spin_mutex.h"
+
+namespace cortex::kv {
+
+enum class KVDType : uint8_t { F32, F16, BF16 };
+enum class KVLayout : uint8_t { LayerMajor, HeadMajor };
+
+// Bytes per element of a storage dtype.
+size_t dtypeBytes(KVDType dtype);
+const char* toString(KVDType dtype);
+const char* toString(KVLayout layout);
+
+using SeqId = uint64_t;
+
+struct KVCacheConfig {
+  int32_t numLayers = 0;
+  int32_t numKVHeads = 0;
+  int32_t headDim = 0;
+  int32_t blockSizeTokens = 16;
+  // Give exactly one of the two: a number of blocks, or a byte budget for the whole arena
+  // (numBlocks = floor(budget / bytesPerBlock)).
+  int32_t numBlocks = 0;
+  uint64_t memoryBudgetBytes = 0;
+  KVDType dtype = KVDType::F16;
+  KVLayout layout = KVLayout::LayerMajor;
+};
+
+// Where one token's K/V rows live: physical block and token offset inside it.
+struct TokenSlot {
+  BlockId block = kNoBlock;
+  int32_t offset = 0;
+};
+
+// A zero-copy view of one layer's K (or V) for one sequence. Element (token t, head h, dim d) is
+// at base + (blockTable[t / blockSizeTokens] * blockStride + h * headStride +
+// (t % blockSizeTokens) * tokenStride + d) * elementBytes.
+struct PagedKVView {
+  const std::byte* base = nullptr;      // this layer's K (or V) region
+  const BlockId* blockTable = nullptr;  // numBlocks ids, logical order
+  int32_t numBlocks = 0;
+  int32_t numTokens = 0;  // valid positions: [0, numTokens)
+  int32_t blockSizeTokens = 0;
+  int32_t numKVHeads = 0;
+  int32_t headDim = 0;
+  int64_t blockStride = 0;  // elements
+  int64_t headStride = 0;   // elements
+  int64_t tokenStride = 0;  // elements
+  KVDType dtype = KVDType::F16;
+
+  // Address of the headDim-element row of (token, head). No bounds checks (hot path).
+  const std::byte* row(int32_t token, int32_t head) const {
+    const int64_t block = blockTable[token / blockSizeTokens];
+    const int64_t elem = block * blockStride + head * headStride +
+                         static_cast<int64_t>(token % blockSizeTokens) * tokenStride;
+    return base + elem * static_cast<int64_t>(dtypeBytes(dtype));
+  }
+};
+
+// Copies a view into a contiguous float tensor [numKVHeads][numTokens][headDim] (out must hold
+// that many floats). For tests and debugging only: attention reads the view in place.
+void gather(const PagedKVView& view, float* out);
+
+struct KVCacheStats {
+  int32_t totalBlocks = 0;
+  int32_t usedBlocks = 0;
+  int32_t freeBlocks = 0;
+  int32_t sharedBlocks = 0;        // blocks with more than one owner
+  int32_t numSequences = 0;
+  int64_t liveTokens = 0;          // token slots holding a token (each physical slot once)
+  int64_t allocatedTokenSlots = 0; // usedBlocks * blockSizeTokens
+  uint64_t totalBytes = 0;         // arena size, K and V
+  uint64_t allocatedBytes = 0;     // usedBlocks * bytesPerBlock
+  uint64_t freeBytes = 0;
+  double utilization = 0;          // liveTokens / allocatedTokenSlots (0 when nothing allocated)
+  double fragmentation = 0;        // 1 - utilization when something is allocated, else 0
+};
+
+class KVCache {
+ public:
+  // Validates the configuration (positive sizes, exactly one of numBlocks / memoryBudgetBytes, a
+  // budget of at least one block) and allocates the arena (untouched until warmup()).
+  explicit KVCache(const KVCacheConfig& config);
+  ~KVCache();
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+
+  const KVCacheConfig& config() const { return config_; }
+  int32_t numBlocks() const { return numBlocks_; }
+  int32_t blockSizeTokens() const { return config_.blockSizeTokens; }
+  // Bytes one block holds across all layers, K and V.
+  uint64_t bytesPerBlock() const { return bytesPerBlock_; }
+  // Blocks needed to hold `tokens` tokens (tokens >= 0).
+  int32_t blocksForTokens(int64_t tokens) const;
+
+  // Writes to every page of the arena so the first requests do not pay for page faults.
+  void warmup();
+
+  // --- sequences (tokens in, blocks out) ------------------------------------------------------
+  // Creates `seq` with room for `initialTokens` (>= 1) positions [0, initialTokens), all or
+  // nothing. Throws SequenceExists, InvalidArgument, OutOfBlocks.
+  void allocateFor(SeqId seq, int32_t initialTokens);
+  // Adds one position to `seq` and returns it (its index, = the old usedTokens). Takes a new block
+  // only when the last one is full; copies a partly filled last block first if it is shared
+  // (copy on write). Throws UnknownSequence, OutOfBlocks.
+  int32_t appendToken(SeqId seq) { return appendTokens(seq, 1); }
+  // Adds n >= 1 positions, all or nothing; returns the first new position.
+  int32_t appendTokens(SeqId seq, int32_t n);
+  // Blocks that appendTokens(seq, n) would take from the pool (new blocks + a copy-on-write
+  // block). Throws UnknownSequence, InvalidArgument.
+  int32_t blocksNeededToAppend(SeqId seq, int32_t n) const;
+  // Makes `dst` a copy of `src` that shares all of src's blocks (ref counts +1, no bytes copied,
+  // no block taken). Throws UnknownSequence (src), SequenceExists (dst).
+  void fork(SeqId src, SeqId dst);
+  // Releases `seq`'s blocks (shared blocks stay with their other owners). Unknown ids are
+  // ignored: freeing twice is harmless. Returns whether the sequence existed.
+  bool freeFor(SeqId seq);
+
+  int32_t usedTokens(SeqId seq) const;
+  // Offset inside the last block where the next appended token goes (usedTokens % blockSize).
+  int32_t getTokenOffsetInBlock(SeqId seq) const;
+  bool hasSequence(SeqId seq) const;
+  // Copy of the block table (logical order). For tests, dumps and the scheduler's diagnostics.
+  std::vector<BlockId> blockTable(SeqId seq) const;
+
+  // --- writing K/V (positions in, slots and addresses out) -------------------------------------
+  // The slot of position pos in [0, usedTokens(seq)). Throws UnknownSequence, InvalidArgument.
+  TokenSlot slotFor(SeqId seq, int32_t pos) const;
+  // Slots of positions [firstPos, firstPos + out.size()) under one lock.
+  void slotsFor(SeqId seq, int32_t firstPos, std::span<TokenSlot> out) const;
+  // Address of the headDim-element K (or V) row of (slot, layer, head); lock-free arithmetic.
+  // Throws LayerOutOfRange; slot and head are not checked (hot path; slots come from slotFor).
+  std::byte* kRow(TokenSlot slot, int32_t layer, int32_t head);
+  std::byte* vRow(TokenSlot slot, int32_t layer, int32_t head);
+  // Stores one token's K and V for a layer: k and v hold numKVHeads * headDim floats (head-major),
+  // converted to the storage dtype. Lock-free; the slot must belong to a sequence the caller owns
+  // and must not be shared (appendTokens guarantees that for new positions).
+  void writeKV(TokenSlot slot, int32_t layer, const float* k, const float* v);
+
+  // --- reading ---------------------------------------------------------------------------------
+  // Paged views of all usedTokens(seq) positions of one layer. Throws UnknownSequence,
+  // LayerOutOfRange. Valid until the next append/free of the same sequence.
+  PagedKVView getKView(SeqId seq, int32_t layer) const;
+  PagedKVView getVView(SeqId seq, int32_t layer) const;
+
+  // --- monitoring ------------------------------------------------------------------------------
+  KVCacheStats stats() const;
+  uint64_t getTotalAllocated() const;  // bytes in used blocks
+  uint64_t getTotalFree() const;       // bytes in free blocks
+  int32_t getNumAllocatedSequences() const;
+  bool isFull() const;                 // no free block left
+  double getFragmentation() const;     // unused slots in allocated blocks / allocated slots
+  double getUtilization() const;       // live tokens / allocated slots
+  int32_t freeBlocks() const;
+  int32_t usedBlocks() const;
+  // Statistics in the origin's format, then every sequence's block table.
+  void dumpCacheStats(std::ostream& os) const;
+  // The pool's block map ('.' free, 'X' used, 'S' shared).
+  void dumpBlockMap(std::ostream& os) const;
+
+  // Verifies: pool invariants; each block's ref count equals the number of block tables holding
+  // it; each table has exactly blocksForTokens(usedTokens) blocks; per-block fill counts agree with
+  // every owner and sum to the live-token count; bytes allocated + free = arena. Throws
+  // KVError{InvariantViolated}.
+  void checkInvariants() const;
+
+ private:
+  struct Sequence {
+    std::vector<BlockId> blocks;
+    int32_t tokens = 0;
+  };
+
+  Sequence& find(SeqId seq);
+  const Sequence& find(SeqId seq) const;
+  void checkLayer(int32_t layer) const;
+  int32_t blocksNeededLocked(const Sequence& s, int32_t n) const;
+  void copyBlock(BlockId from, BlockId to, int32_t tokens);
+  PagedKVView makeView(const Sequence& s, int32_t layer, const std::byte* half) const;
+  int64_t rowElemOffset(TokenSlot slot, int32_t layer, int32_t head) const {
+    return layer * layerStride_ + slot.block * blockStride_ + head * headStride_ +
+           static_cast<int64_t>(slot.offset) * config_.headDim;
+  }
+  KVCacheStats statsLocked() const;
+
+  KVCacheConfig config_;
+  int32_t numBlocks_ = 0;
+  size_t elemBytes_ = 0;
+  uint64_t bytesPerBlock_ = 0;
+  int64_t layerStride_ = 0;  // elements
+  int64_t blockStride_ = 0;  // elements
+  int64_t headStride_ = 0;   // elements
+  uint64_t halfBytes_ = 0;   // bytes of the K half (= V half)
+  std::byte* arena_ = nullptr;
+  std::byte* kBase_ = nullptr;
+  std::byte* vBase_ = nullptr;
+
+  mutable SpinMutex mu_;
+  BlockPool pool_;
+  std::vector<int32_t> blockFill_;  // tokens stored in each physical block
+  int64_t liveTokens_ = 0;
+  std::unordered_map<SeqId, Sequence> seqs_;
+};
+
+}  // namespace cortex::kv
