@@ -68,7 +68,7 @@ void matmulScalarT(const WeightMatrix& W, const float* X, int64_t nTokens, float
 constexpr int kDirectRows = 4;     // rows interleaved by the decode kernel (hides FMA latency)
 constexpr int kTileRows = 3;       // prefill micro-tile: 3 rows x 4 tokens = 12 accumulators
 constexpr int kTileTokens = 4;
-constexpr int64_t kTokenChunk = 64;  // tokens whose activations stay in L2 per dequantized rows
+constexpr int64_t kTokenChunk = 32;  // tokens whose activations stay in L2 per dequantized rows
 // Token counts below this use the direct kernel (dequantize, then FMA straight from registers);
 // above, rows are dequantized once to an L1 buffer and reused by every token tile.
 constexpr int64_t kPrefillMinTokens = 4;

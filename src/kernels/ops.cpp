@@ -5,6 +5,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/simd.h"
+
 namespace cortex::kernels {
 
 void rmsNorm(const float* x, const float* weight, int64_t nTokens, int64_t n, float eps,
@@ -66,10 +68,27 @@ void ropeInPlace(float* x, int64_t nTokens, int32_t nHeads, int32_t headDim,
   }
 }
 
+// note: silu(g) = g * t / (1 + e) with e = exp(-|g|), t = 1 for g >= 0 and e otherwise, so the
+// exponential only ever sees arguments <= 0 (detail::expNonPositive); the AVX2 loop and the scalar
+// tail do the same operations, so an element's bits do not depend on where it sits in the array.
 void swiglu(const float* gate, const float* up, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if CS_KERNELS_AVX2
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 absMask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = detail::expNonPositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_and_ps(g, absMask)));
+    const __m256 t = _mm256_blendv_ps(e, one, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ));
+    const __m256 silu = _mm256_div_ps(_mm256_mul_ps(g, t), _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+  }
+#endif
+  for (; i < n; ++i) {
     const float g = gate[i];
-    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    const float e = detail::expNonPositive(0.0f - std::fabs(g));
+    const float t = g >= 0.0f ? 1.0f : e;
+    out[i] = (g * t) / (1.0f + e) * up[i];
   }
 }
 

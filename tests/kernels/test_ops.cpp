@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#include "kernels/simd.h"
 #include "reference.h"
 
 namespace cortex::kernels {
@@ -90,6 +91,37 @@ TEST(Ops, ElementwiseOpsAreBatchInvariant) {
   // Odd offset, odd length.
   swiglu(g.data() + 3, u.data() + 3, 101, one.data());
   ASSERT_EQ(std::memcmp(one.data(), all.data() + 3, 4 * 101), 0);
+}
+
+// The exp used by softmax weights and silu: within 2 ulp of the true exp on [-87, 0], 0 below,
+// and the AVX2 version gives the scalar version's bits.
+TEST(Ops, ExpNonPositiveAccuracyAndSimdAgreement) {
+  std::vector<float> xs;
+  for (float x = -87.0f; x <= 0.0f; x += 0.00731f) xs.push_back(x);
+  xs.push_back(0.0f);
+  xs.push_back(-1e-30f);
+  xs.push_back(-87.5f);
+  xs.push_back(-1000.0f);
+  for (float x : xs) {
+    const float got = detail::expNonPositive(x);
+    if (x < -87.0f) {
+      ASSERT_EQ(got, 0.0f);
+      continue;
+    }
+    const double ref = std::exp(static_cast<double>(x));
+    const double ulp = std::ldexp(1.0, std::ilogb(ref) - 23);
+    ASSERT_LE(std::abs(got - ref), 2 * ulp) << x;
+  }
+#if CS_KERNELS_AVX2
+  for (size_t i = 0; i + 8 <= xs.size(); i += 8) {
+    float v[8];
+    _mm256_storeu_ps(v, detail::expNonPositive(_mm256_loadu_ps(xs.data() + i)));
+    for (int l = 0; l < 8; ++l) {
+      const float s = detail::expNonPositive(xs[i + l]);
+      ASSERT_EQ(std::memcmp(&v[l], &s, 4), 0) << xs[i + l];
+    }
+  }
+#endif
 }
 
 TEST(Ops, AddInPlace) {
