@@ -9,4 +9,7 @@ namespace cortex::cli {
 // `bench kv` and `bench kv-sim`: KV cache micro-benchmarks and the serving simulation.
 void registerBenchKvCommands(CLI::App& bench);
 
+// `inspect MODEL [--json] [--max-items N]`: a GGUF file's header, metadata and tensor table.
+void registerInspectCommand(CLI::App& app);
+
 }  // namespace cortex::cli
