@@ -64,125 +64,174 @@ void forKeys(const PagedKVView& v, int32_t head, int32_t n, F&& f) {
   }
 }
 
-template <KVDType KT, KVDType VT, bool kSimd>
-void attendOne(const float* q, int32_t n, int32_t kvh, const PagedKVView& K, const PagedKVView& V,
-               float scale, float* out, float* s) {
+// G query heads that share one KV head (consecutive heads: q + g * headDim, same for out), so
+// each K and V row is loaded and converted once for all of them. Every head's arithmetic is the
+// same sequence of operations whatever G is (and the same as the scalar path), so grouping is
+// invisible in the results.
+//   q, out: G rows of headDim floats (stride headDim); s: G score rows of sStride floats.
+template <KVDType KT, KVDType VT, bool kSimd, int G>
+void attendGroup(const float* q, int32_t n, int32_t kvh, const PagedKVView& K,
+                 const PagedKVView& V, float scale, float* out, float* s, size_t sStride) {
   const int32_t D = K.headDim;
-  // Scores. Every key's dot product is its own 8-lane chain (simd.h); the SIMD path runs four
-  // keys of a block side by side only for instruction-level parallelism.
+  // --- scores: s[g][j] = hsum8(8-lane fma chain of q_g . k_j) * scale ---
 #if CS_KERNELS_AVX2
   if constexpr (kSimd) {
     const auto eb = static_cast<int64_t>(kBytes<KT>);
     const int64_t tokenBytes = K.tokenStride * eb;
+    constexpr int KK = G <= 2 ? 4 : 2;  // keys side by side (G * KK accumulators)
     for (int32_t j0 = 0, bi = 0; j0 < n; j0 += K.blockSizeTokens, ++bi) {
       const std::byte* row =
           K.base + (static_cast<int64_t>(K.blockTable[bi]) * K.blockStride + kvh * K.headStride) * eb;
       const int32_t end = std::min(n, j0 + K.blockSizeTokens);
       int32_t j = j0;
-      for (; j + 4 <= end; j += 4, row += 4 * tokenBytes) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                         _mm256_setzero_ps()};
+      for (; j + KK <= end; j += KK, row += KK * tokenBytes) {
+        __m256 acc[G][KK];
+        for (int g = 0; g < G; ++g)
+          for (int k = 0; k < KK; ++k) acc[g][k] = _mm256_setzero_ps();
         for (int32_t d = 0; d < D; d += 8) {
-          const __m256 qv = _mm256_loadu_ps(q + d);
-          for (int k = 0; k < 4; ++k) {
-            acc[k] = _mm256_fmadd_ps(qv, load8<KT>(row + k * tokenBytes + d * eb), acc[k]);
+          __m256 kv[KK];
+          for (int k = 0; k < KK; ++k) kv[k] = load8<KT>(row + k * tokenBytes + d * eb);
+          for (int g = 0; g < G; ++g) {
+            const __m256 qv = _mm256_loadu_ps(q + g * D + d);
+            for (int k = 0; k < KK; ++k) acc[g][k] = _mm256_fmadd_ps(qv, kv[k], acc[g][k]);
           }
         }
-        for (int k = 0; k < 4; ++k) s[j + k] = hsum8(acc[k]) * scale;
+        for (int g = 0; g < G; ++g)
+          for (int k = 0; k < KK; ++k) s[g * sStride + j + k] = hsum8(acc[g][k]) * scale;
       }
       for (; j < end; ++j, row += tokenBytes) {
-        __m256 acc = _mm256_setzero_ps();
+        __m256 acc[G];
+        for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
         for (int32_t d = 0; d < D; d += 8) {
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<KT>(row + d * eb), acc);
+          const __m256 kv = load8<KT>(row + d * eb);
+          for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), kv, acc[g]);
         }
-        s[j] = hsum8(acc) * scale;
+        for (int g = 0; g < G; ++g) s[g * sStride + j] = hsum8(acc[g]) * scale;
       }
     }
   } else
 #endif
   {
     forKeys(K, kvh, n, [&](int32_t j, const std::byte* row) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       float k8[8];
-      for (int32_t d = 0; d < D; d += 8) {
-        load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, k8);
-        for (int l = 0; l < 8; ++l) acc[l] = std::fma(q[d + l], k8[l], acc[l]);
+      for (int g = 0; g < G; ++g) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int32_t d = 0; d < D; d += 8) {
+          load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, k8);
+          for (int l = 0; l < 8; ++l) acc[l] = std::fma(q[g * D + d + l], k8[l], acc[l]);
+        }
+        s[g * sStride + j] = hsum8(acc) * scale;
       }
-      s[j] = hsum8(acc) * scale;
     });
   }
-  // Softmax weights: exp in key order (expNonPositive, same bits in both paths), sum in double.
-  float mx = s[0];
-  for (int32_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
-  int32_t e = 0;
-#if CS_KERNELS_AVX2
-  if constexpr (kSimd) {
-    const __m256 mv = _mm256_set1_ps(mx);
-    for (; e + 8 <= n; e += 8) {
-      _mm256_storeu_ps(s + e, expNonPositive(_mm256_sub_ps(_mm256_loadu_ps(s + e), mv)));
-    }
-  }
-#endif
-  for (; e < n; ++e) s[e] = expNonPositive(s[e] - mx);
-  double sum = 0;
-  for (e = 0; e < n; ++e) sum += s[e];
-  const auto inv = static_cast<float>(1.0 / sum);
-  // Weighted sum of V, in key order per dim; 64 dims at a time so the accumulators stay in
-  // registers.
-  for (int32_t d0 = 0; d0 < D; d0 += 64) {
-    const int32_t dn = std::min(64, D - d0);
+  // --- softmax weights per head: exp in key order (same bits in both paths), sum in double ---
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * sStride;
+    float mx = sg[0];
+    for (int32_t j = 1; j < n; ++j) mx = std::max(mx, sg[j]);
+    int32_t e = 0;
 #if CS_KERNELS_AVX2
     if constexpr (kSimd) {
-      __m256 acc[8];
-      for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
-      const int nv = dn / 8;
-      forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
-        const __m256 p = _mm256_set1_ps(s[j]);
-        const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
-        for (int k = 0; k < nv; ++k) {
-          acc[k] = _mm256_fmadd_ps(p, load8<VT>(r + static_cast<size_t>(8 * k) * kBytes<VT>),
-                                   acc[k]);
-        }
-      });
-      const __m256 iv = _mm256_set1_ps(inv);
-      for (int k = 0; k < nv; ++k) _mm256_storeu_ps(out + d0 + 8 * k, _mm256_mul_ps(acc[k], iv));
-      continue;
+      const __m256 mv = _mm256_set1_ps(mx);
+      for (; e + 8 <= n; e += 8) {
+        _mm256_storeu_ps(sg + e, expNonPositive(_mm256_sub_ps(_mm256_loadu_ps(sg + e), mv)));
+      }
     }
 #endif
-    float acc[64] = {};
-    forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
-      const float p = s[j];
-      float v8[8];
-      for (int32_t d = 0; d < dn; d += 8) {
-        load8Scalar<VT>(row + static_cast<size_t>(d0 + d) * kBytes<VT>, v8);
-        for (int l = 0; l < 8; ++l) acc[d + l] = std::fma(p, v8[l], acc[d + l]);
+    for (; e < n; ++e) sg[e] = expNonPositive(sg[e] - mx);
+    double sum = 0;
+    for (e = 0; e < n; ++e) sum += sg[e];
+    inv[g] = static_cast<float>(1.0 / sum);
+  }
+  // --- out[g][d] = (sum_j p_gj * v_j[d], fma in key order) * inv[g] ---
+#if CS_KERNELS_AVX2
+  if constexpr (kSimd) {
+    constexpr int CV = G == 1 ? 8 : G <= 3 ? 4 : 2;  // vectors of dims per pass (G * CV accs)
+    for (int32_t d0 = 0; d0 < D; d0 += 8 * CV) {
+      const int nv = std::min(CV, static_cast<int>((D - d0) / 8));
+      __m256 acc[G][CV];
+      for (int g = 0; g < G; ++g)
+        for (int k = 0; k < CV; ++k) acc[g][k] = _mm256_setzero_ps();
+      forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
+        const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
+        __m256 vv[CV];
+        for (int k = 0; k < nv; ++k) vv[k] = load8<VT>(r + static_cast<size_t>(8 * k) * kBytes<VT>);
+        for (int g = 0; g < G; ++g) {
+          const __m256 p = _mm256_set1_ps(s[g * sStride + j]);
+          for (int k = 0; k < nv; ++k) acc[g][k] = _mm256_fmadd_ps(p, vv[k], acc[g][k]);
+        }
+      });
+      for (int g = 0; g < G; ++g) {
+        const __m256 iv = _mm256_set1_ps(inv[g]);
+        for (int k = 0; k < nv; ++k) {
+          _mm256_storeu_ps(out + g * D + d0 + 8 * k, _mm256_mul_ps(acc[g][k], iv));
+        }
       }
-    });
-    for (int32_t d = 0; d < dn; ++d) out[d0 + d] = acc[d] * inv;
+    }
+    return;
+  }
+#endif
+  for (int g = 0; g < G; ++g) {
+    for (int32_t d0 = 0; d0 < D; d0 += 64) {
+      const int32_t dn = std::min(64, D - d0);
+      float acc[64] = {};
+      forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
+        const float p = s[g * sStride + j];
+        float v8[8];
+        for (int32_t d = 0; d < dn; d += 8) {
+          load8Scalar<VT>(row + static_cast<size_t>(d0 + d) * kBytes<VT>, v8);
+          for (int l = 0; l < 8; ++l) acc[d + l] = std::fma(p, v8[l], acc[d + l]);
+        }
+      });
+      for (int32_t d = 0; d < dn; ++d) out[g * D + d0 + d] = acc[d] * inv[g];
+    }
   }
 }
+
+// Largest number of query heads one work item handles together.
+constexpr int kMaxGroup = 4;
 
 template <KVDType KT, KVDType VT, bool kSimd>
 void attentionT(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, const PagedKVView& K,
                 const PagedKVView& V, float scale, float* out, float* scratch) {
   const int32_t D = K.headDim;
-  const int32_t group = nHeads / K.numKVHeads;
+  const int32_t nKV = K.numKVHeads;
+  const int32_t group = nHeads / nKV;
   const size_t stride = scoreStride(firstPos + nQ);
-  const int64_t pairs = static_cast<int64_t>(nQ) * nHeads;
-  const int64_t macs = pairs * (firstPos + (nQ + 1) / 2) * D * 2;
-  const auto body = [&](int64_t pr, int tid) {
-    const auto i = static_cast<int32_t>(pr / nHeads);
-    const auto h = static_cast<int32_t>(pr % nHeads);
-    const int64_t off = (static_cast<int64_t>(i) * nHeads + h) * D;
-    attendOne<KT, VT, kSimd>(Q + off, firstPos + i + 1, h / group, K, V, scale, out + off,
-                             scratch + static_cast<size_t>(tid) * stride);
+  const int64_t macs = static_cast<int64_t>(nQ) * nHeads * (firstPos + (nQ + 1) / 2) * D * 2;
+  const bool parallel = macs >= kParallelMinMacs && omp_get_max_threads() > 1;
+  const int nThreads = parallel ? omp_get_max_threads() : 1;
+  // Work item = (query token, KV head, sub-group of up to kMaxGroup heads). Sub-groups shrink
+  // when there are too few items to keep every thread busy (a decode step has only nKV groups).
+  int sub = std::min(group, kMaxGroup);
+  while (sub > 1 && static_cast<int64_t>(nQ) * nKV * ((group + sub - 1) / sub) < nThreads) {
+    sub = (sub + 1) / 2;
+  }
+  const int32_t subsPerKV = (group + sub - 1) / sub;
+  const int64_t items = static_cast<int64_t>(nQ) * nKV * subsPerKV;
+  const auto body = [&](int64_t it, int tid) {
+    const auto i = static_cast<int32_t>(it / (nKV * subsPerKV));
+    const auto rest = static_cast<int32_t>(it % (nKV * subsPerKV));
+    const int32_t kvh = rest / subsPerKV;
+    const int32_t h0 = kvh * group + (rest % subsPerKV) * sub;
+    const int count = std::min(sub, kvh * group + group - h0);
+    const int64_t off = (static_cast<int64_t>(i) * nHeads + h0) * D;
+    float* s = scratch + static_cast<size_t>(tid) * kMaxGroup * stride;
+    const int32_t n = firstPos + i + 1;
+    switch (count) {
+      case 4: return attendGroup<KT, VT, kSimd, 4>(Q + off, n, kvh, K, V, scale, out + off, s, stride);
+      case 3: return attendGroup<KT, VT, kSimd, 3>(Q + off, n, kvh, K, V, scale, out + off, s, stride);
+      case 2: return attendGroup<KT, VT, kSimd, 2>(Q + off, n, kvh, K, V, scale, out + off, s, stride);
+      default: return attendGroup<KT, VT, kSimd, 1>(Q + off, n, kvh, K, V, scale, out + off, s, stride);
+    }
   };
-  if (macs < kParallelMinMacs || omp_get_max_threads() == 1) {
-    for (int64_t pr = 0; pr < pairs; ++pr) body(pr, 0);
+  if (!parallel) {
+    for (int64_t it = 0; it < items; ++it) body(it, 0);
     return;
   }
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t pr = 0; pr < pairs; ++pr) body(pr, omp_get_thread_num());
+  for (int64_t it = 0; it < items; ++it) body(it, omp_get_thread_num());
 }
 
 template <bool kSimd>
@@ -221,7 +270,7 @@ void dispatch(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, cons
 }  // namespace
 
 size_t pagedAttentionScratchFloats(int32_t maxKeyTokens) {
-  return static_cast<size_t>(omp_get_max_threads()) * scoreStride(maxKeyTokens);
+  return static_cast<size_t>(omp_get_max_threads()) * kMaxGroup * scoreStride(maxKeyTokens);
 }
 
 void pagedAttention(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos, int32_t nHeads,

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -129,6 +130,7 @@ const Shape kShapes[] = {
     {4, 4, 128, 33, 8},   // no GQA, headDim over one 64-dim pass
     {3, 1, 16, 20, 4},    // multi-query, tiny blocks
     {9, 3, 64, 70, 16},   // the default model's head layout
+    {8, 1, 32, 150, 16},  // group of 8: split into sub-groups of heads per work item
 };
 
 // Tolerance: outputs are convex combinations of V values (|V| <= 1). Scores carry float32 dot
@@ -173,10 +175,12 @@ TEST(Attention, MatchesDenseReference) {
 // A token's output must be bit-identical whether it is computed in a prefill of the whole prompt,
 // in chunks of 3 or 17 tokens, or alone, with 1 or 2 threads.
 TEST(Attention, BatchAndThreadInvariant) {
-  const Shape s{9, 3, 64, 70, 16};
   const int saved = omp_get_max_threads();
-  for (KVDType dt : {KVDType::F32, KVDType::F16, KVDType::BF16}) {
-    SCOPED_TRACE(kv::toString(dt));
+  const Shape shapes[] = {{9, 3, 64, 70, 16}, {8, 1, 32, 90, 16}, {4, 4, 16, 40, 4}};
+  for (int c = 0; c < 3 * 3; ++c) {
+    const Shape& s = shapes[c / 3];
+    const KVDType dt = std::array{KVDType::F32, KVDType::F16, KVDType::BF16}[c % 3];
+    SCOPED_TRACE(testing::Message() << kv::toString(dt) << " heads " << s.nHeads);
     const PagedTensor K(false, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 21);
     const PagedTensor V(false, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 22);
     const int64_t rowFloats = static_cast<int64_t>(s.nHeads) * s.headDim;
