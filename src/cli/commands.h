@@ -9,6 +9,9 @@ namespace cortex::cli {
 // `bench kv` and `bench kv-sim`: KV cache micro-benchmarks and the serving simulation.
 void registerBenchKvCommands(CLI::App& bench);
 
+// `tokenize [--model M] TEXT [--no-special]`: prints the token ids of TEXT as a JSON array.
+void registerTokenizeCommand(CLI::App& app);
+
 // `inspect MODEL [--json] [--max-items N]`: a GGUF file's header, metadata and tensor table.
 void registerInspectCommand(CLI::App& app);
 
