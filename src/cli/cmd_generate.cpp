@@ -1,0 +1,299 @@
+// `cortexstream generate`, `perplexity` and `chat`: running the model from the command line.
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "engine/generate.h"
+#include "model/chat_template.h"
+#include "model/default_model.h"
+#include "model/llama.h"
+#include "model/tokenizer.h"
+
+namespace cortex::cli {
+
+namespace {
+
+struct ModelOptions {
+  std::string modelPath = model::kDefaultModelPath;
+  int threads = 0;  // 0: all cores
+  std::string chatTemplate;  // empty: detect from the model
+};
+
+void addModelOptions(CLI::App* cmd, ModelOptions& o) {
+  cmd->add_option("--model,-m", o.modelPath, "GGUF model file")->capture_default_str();
+  cmd->add_option("--threads,-t", o.threads, "CPU threads (0 = all cores)")
+      ->check(CLI::Range(0, 1024));
+}
+
+struct Loaded {
+  std::unique_ptr<model::LlamaModel> model;
+  std::unique_ptr<model::Tokenizer> tokenizer;
+};
+
+Loaded loadModel(const ModelOptions& o) {
+  if (!std::filesystem::exists(o.modelPath)) {
+    throw std::runtime_error(o.modelPath +
+                             ": model file not found; run scripts/fetch_model.sh for the default "
+                             "model or pass --model PATH");
+  }
+  if (o.threads > 0) omp_set_num_threads(o.threads);
+  Loaded l;
+  l.model = model::LlamaModel::load(o.modelPath);
+  l.tokenizer = std::make_unique<model::Tokenizer>(model::Tokenizer::fromGGUF(l.model->file()));
+  return l;
+}
+
+model::ChatTemplate chatTemplateFor(const ModelOptions& o, const model::Tokenizer& tok) {
+  return o.chatTemplate.empty() ? model::detectChatTemplate(tok.chatTemplate())
+                                : model::parseChatTemplateName(o.chatTemplate);
+}
+
+// A KV cache with room for `tokens` positions of this model (f16, block size 16).
+std::unique_ptr<kv::KVCache> cacheFor(const model::LlamaModel& m, int64_t tokens) {
+  kv::KVCacheConfig c = m.kvCacheConfig(16, 0);
+  c.numBlocks = static_cast<int32_t>((tokens + c.blockSizeTokens - 1) / c.blockSizeTokens);
+  return std::make_unique<kv::KVCache>(c);
+}
+
+// Writes a float32 matrix as a NumPy .npy file (format 1.0).
+void writeNpy(const std::string& path, const std::vector<float>& data, int64_t rows, int64_t cols) {
+  std::ofstream out(path, std::ios::binary);
+  if (!out) throw std::runtime_error("cannot write " + path);
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" +
+                       std::to_string(rows) + ", " + std::to_string(cols) + "), }";
+  const size_t total = 10 + header.size() + 1;
+  header.append((64 - total % 64) % 64, ' ');
+  header += '\n';
+  const auto len = static_cast<uint16_t>(header.size());
+  out.write("\x93NUMPY\x01\x00", 8);
+  const char lenBytes[2] = {static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
+  out.write(lenBytes, 2);
+  out << header;
+  out.write(reinterpret_cast<const char*>(data.data()),
+            static_cast<std::streamsize>(data.size() * sizeof(float)));
+  if (!out) throw std::runtime_error("failed writing " + path);
+}
+
+struct GenerateOptions {
+  ModelOptions model;
+  std::string prompt;
+  bool chat = false;
+  int32_t maxTokens = 256;
+  engine::SamplingParams sampling;
+  std::vector<std::string> stop;
+  bool json = false;
+  bool ignoreEos = false;
+  std::string dumpLogits;
+};
+
+void runGenerate(const GenerateOptions& o) {
+  Loaded l = loadModel(o.model);
+  std::string text = o.prompt;
+  if (o.chat) {
+    const model::ChatMessage msg{"user", o.prompt};
+    text = model::applyChatTemplate(chatTemplateFor(o.model, *l.tokenizer),
+                                    std::span<const model::ChatMessage>(&msg, 1), true);
+  }
+  engine::GenerateRequest req;
+  req.promptTokens = l.tokenizer->encode(text, true, o.chat);
+  req.sampling = o.sampling;
+  req.maxTokens = o.maxTokens;
+  req.stop = o.stop;
+  req.ignoreEos = o.ignoreEos;
+  std::vector<float> promptLogits;
+  if (!o.dumpLogits.empty()) req.promptLogits = &promptLogits;
+  const int64_t need = std::min<int64_t>(static_cast<int64_t>(req.promptTokens.size()) + o.maxTokens,
+                                         l.model->hparams().nCtxTrain);
+  auto cache = cacheFor(*l.model, std::max<int64_t>(need, 1));
+  auto onText = [&](std::string_view piece) {
+    if (o.json) return;
+    std::cout << piece << std::flush;
+  };
+  const engine::GenerateResult r = engine::generate(*l.model, *l.tokenizer, *cache, 1, req, onText);
+  if (!o.dumpLogits.empty()) {
+    writeNpy(o.dumpLogits, promptLogits, r.promptTokens, l.model->hparams().nVocab);
+  }
+  if (!o.json) {
+    std::cout << "\n";
+    return;
+  }
+  const int32_t decodeSteps = std::max(0, r.completionTokens - 1);
+  const nlohmann::json j = {
+      {"text", r.text},
+      {"tokens", r.tokens},
+      {"prompt_tokens", r.promptTokens},
+      {"completion_tokens", r.completionTokens},
+      {"finish_reason", r.finishReason},
+      {"prefill_tokens_per_s", r.prefillSeconds > 0 ? r.promptTokens / r.prefillSeconds : 0.0},
+      {"decode_tokens_per_s", r.decodeSeconds > 0 ? decodeSteps / r.decodeSeconds : 0.0}};
+  std::cout << j.dump() << "\n";
+}
+
+struct PerplexityOptions {
+  ModelOptions model;
+  std::string file;
+  int32_t ctx = 512;
+};
+
+void runPerplexity(const PerplexityOptions& o) {
+  std::ifstream in(o.file, std::ios::binary);
+  if (!in) throw std::runtime_error(o.file + ": cannot open the text file");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  Loaded l = loadModel(o.model);
+  const model::LlamaHParams& hp = l.model->hparams();
+  if (o.ctx < 2 || o.ctx > hp.nCtxTrain) {
+    throw std::runtime_error("--ctx must be in [2, " + std::to_string(hp.nCtxTrain) + "]");
+  }
+  const std::vector<int32_t> tokens = l.tokenizer->encode(text, true, false);
+  if (tokens.size() < 2) throw std::runtime_error(o.file + ": fewer than 2 tokens to score");
+  auto cache = cacheFor(*l.model, o.ctx);
+  std::vector<float> logits;
+  double nll = 0;
+  int64_t scored = 0;
+  int64_t windows = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (size_t start = 0; start + 1 < tokens.size(); start += static_cast<size_t>(o.ctx)) {
+    const int32_t n = static_cast<int32_t>(std::min<size_t>(o.ctx, tokens.size() - start));
+    if (n < 2) break;
+    cache->allocateFor(1, n);
+    const model::BatchSequence b{1, std::span<const int32_t>(tokens).subspan(start, n), 0, true};
+    l.model->forward(std::span<const model::BatchSequence>(&b, 1), *cache, logits);
+    cache->freeFor(1);
+    // Every position but the window's first is predicted from the ones before it.
+    for (int32_t i = 0; i + 1 < n; ++i) {
+      const float* row = logits.data() + static_cast<size_t>(i) * hp.nVocab;
+      double maxv = row[0];
+      for (int32_t v = 1; v < hp.nVocab; ++v) maxv = std::max(maxv, static_cast<double>(row[v]));
+      double sum = 0;
+      for (int32_t v = 0; v < hp.nVocab; ++v) sum += std::exp(row[v] - maxv);
+      nll += std::log(sum) + maxv - row[tokens[start + static_cast<size_t>(i) + 1]];
+      ++scored;
+    }
+    ++windows;
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const nlohmann::json j = {{"perplexity", std::exp(nll / static_cast<double>(scored))},
+                            {"tokens", scored},
+                            {"windows", windows},
+                            {"ctx", o.ctx},
+                            {"seconds", seconds}};
+  std::cout << j.dump() << "\n";
+}
+
+struct ChatOptions {
+  ModelOptions model;
+  int32_t maxTokens = 512;
+  engine::SamplingParams sampling;
+  std::string system;
+};
+
+void runChat(const ChatOptions& o) {
+  Loaded l = loadModel(o.model);
+  const model::ChatTemplate tmpl = chatTemplateFor(o.model, *l.tokenizer);
+  auto cache = cacheFor(*l.model, l.model->hparams().nCtxTrain);
+  std::vector<model::ChatMessage> messages;
+  if (!o.system.empty()) messages.push_back({"system", o.system});
+  std::cerr << "CortexStream chat: type a message; /reset clears the history, /exit or Ctrl-D "
+               "quits.\n";
+  engine::SamplingParams sampling = o.sampling;
+  std::string line;
+  while (true) {
+    std::cerr << "> " << std::flush;
+    if (!std::getline(std::cin, line) || line == "/exit") break;
+    if (line.empty()) continue;
+    if (line == "/reset") {
+      messages.resize(o.system.empty() ? 0 : 1);
+      continue;
+    }
+    messages.push_back({"user", line});
+    // note: the whole conversation is re-prefilled each turn; prefix reuse comes with the
+    // prefix cache.
+    engine::GenerateRequest req;
+    req.promptTokens = l.tokenizer->encode(model::applyChatTemplate(tmpl, messages, true), true,
+                                           true);
+    req.sampling = sampling;
+    req.maxTokens = o.maxTokens;
+    ++sampling.seed;  // a fresh draw each turn, reproducible for a given --seed
+    try {
+      const engine::GenerateResult r = engine::generate(
+          *l.model, *l.tokenizer, *cache, 1, req,
+          [](std::string_view piece) { std::cout << piece << std::flush; });
+      std::cout << "\n";
+      messages.push_back({"assistant", r.text});
+    } catch (const std::exception& e) {
+      std::cerr << "error: " << e.what() << "\n";
+      messages.pop_back();
+    }
+  }
+}
+
+void addSamplingOptions(CLI::App* cmd, engine::SamplingParams& s) {
+  cmd->add_option("--temperature", s.temperature, "0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", s.topK, "keep the k most likely tokens (0 = off)");
+  cmd->add_option("--top-p", s.topP, "nucleus sampling mass in (0, 1]");
+  cmd->add_option("--min-p", s.minP, "drop tokens below min-p x the top probability");
+  cmd->add_option("--repeat-penalty", s.repetitionPenalty, "repetition penalty (1 = off)");
+  cmd->add_option("--presence-penalty", s.presencePenalty, "OpenAI presence penalty [-2, 2]");
+  cmd->add_option("--frequency-penalty", s.frequencyPenalty, "OpenAI frequency penalty [-2, 2]");
+  cmd->add_option("--seed", s.seed, "random seed (same seed, same output)");
+}
+
+}  // namespace
+
+void registerGenerateCommands(CLI::App& app) {
+  {
+    auto o = std::make_shared<GenerateOptions>();
+    CLI::App* cmd = app.add_subcommand("generate", "Generate text for a prompt, streamed to stdout");
+    addModelOptions(cmd, o->model);
+    cmd->add_option("--prompt,-p", o->prompt, "prompt text")->required();
+    cmd->add_flag("--chat", o->chat, "wrap the prompt as a user message in the chat template");
+    cmd->add_option("--chat-template", o->model.chatTemplate,
+                    "override the model's chat template (chatml)");
+    cmd->add_option("--max-tokens,-n", o->maxTokens, "completion tokens at most")
+        ->check(CLI::Range(1, 1 << 20));
+    addSamplingOptions(cmd, o->sampling);
+    cmd->add_option("--stop", o->stop, "stop string (repeatable)");
+    cmd->add_flag("--ignore-eos", o->ignoreEos, "keep generating past end-of-generation tokens");
+    cmd->add_flag("--json", o->json,
+                  "print one JSON object (text, tokens, counts, tokens/s) instead of streaming");
+    cmd->add_option("--dump-logits", o->dumpLogits,
+                    "write the float32 logits of every prompt position to FILE (.npy)");
+    cmd->callback([o] { runGenerate(*o); });
+  }
+  {
+    auto o = std::make_shared<PerplexityOptions>();
+    CLI::App* cmd = app.add_subcommand(
+        "perplexity", "Perplexity of a text file in non-overlapping windows of --ctx tokens");
+    addModelOptions(cmd, o->model);
+    cmd->add_option("--file,-f", o->file, "UTF-8 text file")->required();
+    cmd->add_option("--ctx", o->ctx, "window length in tokens")->capture_default_str();
+    cmd->callback([o] { runPerplexity(*o); });
+  }
+  {
+    auto o = std::make_shared<ChatOptions>();
+    o->sampling.temperature = 0.7f;
+    o->sampling.topP = 0.9f;
+    CLI::App* cmd = app.add_subcommand("chat", "Interactive chat in the terminal");
+    addModelOptions(cmd, o->model);
+    cmd->add_option("--chat-template", o->model.chatTemplate,
+                    "override the model's chat template (chatml)");
+    cmd->add_option("--system", o->system, "system prompt");
+    cmd->add_option("--max-tokens,-n", o->maxTokens, "tokens per answer at most")
+        ->check(CLI::Range(1, 1 << 20));
+    addSamplingOptions(cmd, o->sampling);
+    cmd->callback([o] { runChat(*o); });
+  }
+}
+
+}  // namespace cortex::cli

@@ -1,0 +1,285 @@
+#include "model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "kernels/attention.h"
+#include "kernels/matmul.h"
+#include "model/errors.h"
+
+namespace cortex::model {
+
+namespace {
+
+kernels::WeightType toWeightType(GGMLType type, const std::string& tensorName) {
+  requireSupported(type, tensorName);
+  switch (type) {
+    case GGMLType::F32: return kernels::WeightType::F32;
+    case GGMLType::F16: return kernels::WeightType::F16;
+    case GGMLType::BF16: return kernels::WeightType::BF16;
+    case GGMLType::Q8_0: return kernels::WeightType::Q8_0;
+    case GGMLType::Q4_0: return kernels::WeightType::Q4_0;
+    case GGMLType::Q4_1: return kernels::WeightType::Q4_1;
+    default: break;
+  }
+  throw ModelError("tensor '" + tensorName + "' has an unsupported type");
+}
+
+std::string dimsString(const std::vector<uint64_t>& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+}  // namespace
+
+LlamaModel::LlamaModel(GGUFFile file) : file_(std::move(file)) {}
+
+std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path) {
+  std::unique_ptr<LlamaModel> m(new LlamaModel(GGUFFile::open(path)));
+  const GGUFFile& f = m->file_;
+  const std::string where = "model " + path + ": ";
+  const std::string arch = f.getString("general.architecture");
+  if (arch != "llama") {
+    throw ModelError(where + "architecture '" + arch +
+                     "' is not supported yet (supported: llama)");
+  }
+  auto u32 = [&](const std::string& key) -> int32_t {
+    const uint32_t v = f.getU32(key);
+    if (v == 0 || v > (1u << 30)) {
+      throw ModelError(where + key + " = " + std::to_string(v) + " is out of range");
+    }
+    return static_cast<int32_t>(v);
+  };
+  LlamaHParams& hp = m->hp_;
+  hp.nLayers = u32("llama.block_count");
+  hp.nEmbd = u32("llama.embedding_length");
+  hp.nHead = u32("llama.attention.head_count");
+  hp.nHeadKV = f.has("llama.attention.head_count_kv") ? u32("llama.attention.head_count_kv")
+                                                      : hp.nHead;
+  hp.nFF = u32("llama.feed_forward_length");
+  hp.nCtxTrain = u32("llama.context_length");
+  hp.headDim = f.has("llama.attention.key_length") ? u32("llama.attention.key_length")
+                                                   : hp.nEmbd / hp.nHead;
+  hp.nRot = f.has("llama.rope.dimension_count") ? u32("llama.rope.dimension_count") : hp.headDim;
+  if (f.has("llama.rope.freq_base")) hp.ropeTheta = f.getF32("llama.rope.freq_base");
+  hp.rmsEps = f.getF32("llama.attention.layer_norm_rms_epsilon");
+  if (hp.nHead % hp.nHeadKV != 0) {
+    throw ModelError(where + "head_count " + std::to_string(hp.nHead) +
+                     " is not a multiple of head_count_kv " + std::to_string(hp.nHeadKV));
+  }
+  if (hp.nRot > hp.headDim || hp.nRot % 2 != 0 || hp.headDim % 8 != 0) {
+    throw ModelError(where + "unsupported head shape (head dim " + std::to_string(hp.headDim) +
+                     ", rope dims " + std::to_string(hp.nRot) + ")");
+  }
+  if (!(hp.rmsEps > 0.0f) || !(hp.ropeTheta > 0.0f)) {
+    throw ModelError(where + "rms epsilon and rope freq_base must be positive");
+  }
+
+  // A weight matrix with ggml dims {cols, rows}.
+  auto matrix = [&](const std::string& name, int64_t cols, int64_t rows) {
+    const GGUFTensorInfo& t = f.tensor(name);
+    if (t.dims.size() != 2 || t.dims[0] != static_cast<uint64_t>(cols) ||
+        t.dims[1] != static_cast<uint64_t>(rows)) {
+      throw ModelError(where + "tensor '" + name + "' has shape " + dimsString(t.dims) +
+                       ", expected [" + std::to_string(cols) + ", " + std::to_string(rows) + "]");
+    }
+    kernels::WeightMatrix w;
+    w.data = t.data;
+    w.type = toWeightType(t.type, name);
+    w.rows = rows;
+    w.cols = cols;
+    try {
+      kernels::validate(w);
+    } catch (const std::invalid_argument& e) {
+      throw ModelError(where + "tensor '" + name + "': " + e.what());
+    }
+    return w;
+  };
+  auto vector = [&](const std::string& name, int64_t n) {
+    const GGUFTensorInfo& t = f.tensor(name);
+    if (t.type != GGMLType::F32 || t.nElements != static_cast<uint64_t>(n)) {
+      throw ModelError(where + "tensor '" + name + "' must be F32 with " + std::to_string(n) +
+                       " elements, has " + std::string(ggmlTypeName(t.type)) + " " +
+                       dimsString(t.dims));
+    }
+    return reinterpret_cast<const float*>(t.data);
+  };
+
+  const GGUFTensorInfo& embd = f.tensor("token_embd.weight");
+  if (embd.dims.size() != 2) throw ModelError(where + "token_embd.weight is not a matrix");
+  hp.nVocab = static_cast<int32_t>(embd.dims[1]);
+  m->tokenEmbd_ = matrix("token_embd.weight", hp.nEmbd, hp.nVocab);
+  m->output_ = f.findTensor("output.weight") != nullptr
+                   ? matrix("output.weight", hp.nEmbd, hp.nVocab)
+                   : m->tokenEmbd_;  // tied embeddings
+  m->outputNorm_ = vector("output_norm.weight", hp.nEmbd);
+  const int64_t qDim = static_cast<int64_t>(hp.nHead) * hp.headDim;
+  const int64_t kvDim = static_cast<int64_t>(hp.nHeadKV) * hp.headDim;
+  for (int32_t l = 0; l < hp.nLayers; ++l) {
+    const std::string p = "blk." + std::to_string(l) + ".";
+    Layer layer;
+    layer.attnNorm = vector(p + "attn_norm.weight", hp.nEmbd);
+    layer.wq = matrix(p + "attn_q.weight", hp.nEmbd, qDim);
+    layer.wk = matrix(p + "attn_k.weight", hp.nEmbd, kvDim);
+    layer.wv = matrix(p + "attn_v.weight", hp.nEmbd, kvDim);
+    layer.wo = matrix(p + "attn_output.weight", qDim, hp.nEmbd);
+    layer.ffnNorm = vector(p + "ffn_norm.weight", hp.nEmbd);
+    layer.wGate = matrix(p + "ffn_gate.weight", hp.nEmbd, hp.nFF);
+    layer.wUp = matrix(p + "ffn_up.weight", hp.nEmbd, hp.nFF);
+    layer.wDown = matrix(p + "ffn_down.weight", hp.nFF, hp.nEmbd);
+    m->layers_.push_back(layer);
+  }
+  m->rope_ = std::make_unique<kernels::RopeTable>(hp.nCtxTrain, hp.nRot, hp.ropeTheta);
+  return m;
+}
+
+kv::KVCacheConfig LlamaModel::kvCacheConfig(int32_t blockSizeTokens, uint64_t memoryBudgetBytes,
+                                            kv::KVDType dtype) const {
+  kv::KVCacheConfig c;
+  c.numLayers = hp_.nLayers;
+  c.numKVHeads = hp_.nHeadKV;
+  c.headDim = hp_.headDim;
+  c.blockSizeTokens = blockSizeTokens;
+  c.memoryBudgetBytes = memoryBudgetBytes;
+  c.dtype = dtype;
+  return c;
+}
+
+void LlamaModel::resize(int64_t nTokens, int32_t maxContext) {
+  auto grow = [](std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  };
+  const int64_t qDim = static_cast<int64_t>(hp_.nHead) * hp_.headDim;
+  const int64_t kvDim = static_cast<int64_t>(hp_.nHeadKV) * hp_.headDim;
+  grow(x_, nTokens * hp_.nEmbd);
+  grow(xn_, nTokens * hp_.nEmbd);
+  grow(q_, nTokens * qDim);
+  grow(k_, nTokens * kvDim);
+  grow(v_, nTokens * kvDim);
+  grow(attn_, nTokens * qDim);
+  grow(tmp_, nTokens * hp_.nEmbd);
+  grow(gate_, nTokens * hp_.nFF);
+  grow(up_, nTokens * hp_.nFF);
+  grow(lastRows_, nTokens * hp_.nEmbd);
+  grow(scratch_, static_cast<int64_t>(kernels::pagedAttentionScratchFloats(maxContext)));
+  if (static_cast<int64_t>(positions_.size()) < nTokens) {
+    positions_.resize(static_cast<size_t>(nTokens));
+    slots_.resize(static_cast<size_t>(nTokens));
+  }
+}
+
+void LlamaModel::forward(std::span<const BatchSequence> batch, kv::KVCache& cache,
+                         std::vector<float>& logits) {
+  const LlamaHParams& hp = hp_;
+  // Validate the whole batch before touching the cache.
+  int64_t nTokens = 0;
+  int64_t nOutRows = 0;
+  int32_t maxContext = 1;
+  for (const BatchSequence& s : batch) {
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    if (n == 0) throw ModelError("forward: sequence " + std::to_string(s.seq) + " has no tokens");
+    if (s.firstPos < 0 || s.firstPos + n > hp.nCtxTrain) {
+      throw ModelError("forward: positions [" + std::to_string(s.firstPos) + ", " +
+                       std::to_string(s.firstPos + n) + ") exceed the model's context of " +
+                       std::to_string(hp.nCtxTrain) + " tokens");
+    }
+    for (int32_t id : s.tokens) {
+      if (id < 0 || id >= hp.nVocab) {
+        throw ModelError("forward: token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                         std::to_string(hp.nVocab) + ")");
+      }
+    }
+    nTokens += n;
+    nOutRows += s.allLogits ? n : 1;
+    maxContext = std::max(maxContext, static_cast<int32_t>(s.firstPos + n));
+  }
+  if (nTokens == 0) {
+    logits.clear();
+    return;
+  }
+  resize(nTokens, maxContext);
+  // Slots first: this throws (before any write) when a position is not reserved.
+  {
+    int64_t t = 0;
+    for (const BatchSequence& s : batch) {
+      cache.slotsFor(s.seq, s.firstPos,
+                     std::span<kv::TokenSlot>(slots_.data() + t, s.tokens.size()));
+      for (size_t i = 0; i < s.tokens.size(); ++i) {
+        positions_[static_cast<size_t>(t) + i] = s.firstPos + static_cast<int32_t>(i);
+      }
+      t += static_cast<int64_t>(s.tokens.size());
+    }
+  }
+
+  const int64_t E = hp.nEmbd;
+  const int64_t qDim = static_cast<int64_t>(hp.nHead) * hp.headDim;
+  const int64_t kvDim = static_cast<int64_t>(hp.nHeadKV) * hp.headDim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hp.headDim));
+  float* x = x_.data();
+  float* xn = xn_.data();
+
+  {  // Embedding lookup.
+    int64_t t = 0;
+    for (const BatchSequence& s : batch) {
+      for (int32_t id : s.tokens) kernels::dequantizeRow(tokenEmbd_, id, x + (t++) * E);
+    }
+  }
+
+  for (int32_t l = 0; l < hp.nLayers; ++l) {
+    const Layer& L = layers_[static_cast<size_t>(l)];
+    // Attention block.
+    kernels::rmsNorm(x, L.attnNorm, nTokens, E, hp.rmsEps, xn);
+    kernels::matmul(L.wq, xn, nTokens, q_.data());
+    kernels::matmul(L.wk, xn, nTokens, k_.data());
+    kernels::matmul(L.wv, xn, nTokens, v_.data());
+    kernels::ropeInPlace(q_.data(), nTokens, hp.nHead, hp.headDim, positions_.data(), *rope_);
+    kernels::ropeInPlace(k_.data(), nTokens, hp.nHeadKV, hp.headDim, positions_.data(), *rope_);
+    for (int64_t t = 0; t < nTokens; ++t) {
+      cache.writeKV(slots_[static_cast<size_t>(t)], l, k_.data() + t * kvDim,
+                    v_.data() + t * kvDim);
+    }
+    int64_t t0 = 0;
+    for (const BatchSequence& s : batch) {
+      const kv::PagedKVView kView = cache.getKView(s.seq, l);
+      const kv::PagedKVView vView = cache.getVView(s.seq, l);
+      kernels::pagedAttention(q_.data() + t0 * qDim, static_cast<int32_t>(s.tokens.size()),
+                              s.firstPos, hp.nHead, kView, vView, scale,
+                              attn_.data() + t0 * qDim, scratch_.data());
+      t0 += static_cast<int64_t>(s.tokens.size());
+    }
+    kernels::matmul(L.wo, attn_.data(), nTokens, tmp_.data());
+    kernels::addInPlace(x, tmp_.data(), nTokens * E);
+    // Feed-forward block (SwiGLU).
+    kernels::rmsNorm(x, L.ffnNorm, nTokens, E, hp.rmsEps, xn);
+    kernels::matmul(L.wGate, xn, nTokens, gate_.data());
+    kernels::matmul(L.wUp, xn, nTokens, up_.data());
+    kernels::swiglu(gate_.data(), up_.data(), nTokens * hp.nFF, gate_.data());
+    kernels::matmul(L.wDown, gate_.data(), nTokens, tmp_.data());
+    kernels::addInPlace(x, tmp_.data(), nTokens * E);
+  }
+
+  // Final norm and output head, only for the rows that want logits.
+  float* rows = lastRows_.data();
+  {
+    int64_t t = 0;
+    int64_t r = 0;
+    for (const BatchSequence& s : batch) {
+      const int64_t n = static_cast<int64_t>(s.tokens.size());
+      if (s.allLogits) {
+        std::copy(x + t * E, x + (t + n) * E, rows + r * E);
+        r += n;
+      } else {
+        std::copy(x + (t + n - 1) * E, x + (t + n) * E, rows + r * E);
+        r += 1;
+      }
+      t += n;
+    }
+  }
+  kernels::rmsNorm(rows, outputNorm_, nOutRows, E, hp.rmsEps, rows);
+  logits.resize(static_cast<size_t>(nOutRows * hp.nVocab));
+  kernels::matmul(output_, rows, nOutRows, logits.data());
+}
+
+}  // namespace cortex::model
