@@ -15,4 +15,7 @@ void registerTokenizeCommand(CLI::App& app);
 // `inspect MODEL [--json] [--max-items N]`: a GGUF file's header, metadata and tensor table.
 void registerInspectCommand(CLI::App& app);
 
+// `generate`, `perplexity` and `chat`: running the model from the command line.
+void registerGenerateCommands(CLI::App& app);
+
 }  // namespace cortex::cli

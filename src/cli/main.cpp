@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   cortex::cli::registerBenchKvCommands(*bench);
   cortex::cli::registerTokenizeCommand(app);
   cortex::cli::registerInspectCommand(app);
+  cortex::cli::registerGenerateCommands(app);
 
   try {
     app.parse(argc, argv);
