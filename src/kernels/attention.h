@@ -9,8 +9,9 @@
 namespace cortex::kernels {
 
 // Floats of scratch pagedAttention needs when the views hold up to maxKeyTokens positions:
-// one score row per OpenMP thread (omp_get_max_threads() at the time of the call; call it again
-// after omp_set_num_threads). The caller owns the buffer and reuses it across calls and layers.
+// 4 score rows per OpenMP thread (omp_get_max_threads() at the time of the call; call it again
+// after omp_set_num_threads). The caller owns the buffer and reuses it across calls and layers;
+// two calls running at the same time need two buffers.
 size_t pagedAttentionScratchFloats(int32_t maxKeyTokens);
 
 // out[i][h][:] = sum_{j <= p_i} softmax_j(scale * Q[i][h] . K[j][kvh]) * V[j][kvh], where
@@ -28,6 +29,11 @@ size_t pagedAttentionScratchFloats(int32_t maxKeyTokens);
 // and sums exp() in key order in double, and each output dim accumulates p_j * V[j] with fma in
 // key order, then multiplies by 1/sum. So a token's output depends only on its query, its
 // position and the cached K/V, not on nQueryTokens, the thread count or the SIMD path.
+//
+// Work layout: one work item is (query token, KV head, up to 4 of its query heads), so each K/V
+// row is read and converted once for the heads that share it; items are spread over the OpenMP
+// threads (dynamic schedule) when there are at least ~16k multiply-adds. exp() is the canonical
+// polynomial of simd.h (within 2 ulp), vectorized.
 void pagedAttention(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos, int32_t nHeads,
                     const kv::PagedKVView& K, const kv::PagedKVView& V, float scale, float* out,
                     float* scratch);

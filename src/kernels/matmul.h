@@ -17,6 +17,15 @@ namespace cortex::kernels {
 // fixed lane sum), so it does not depend on nTokens, on the other rows of X, on the thread count
 // or on the SIMD path (AVX2 and scalar agree to the bit). Uses all OpenMP threads when the
 // product is large enough to pay for them.
+//
+// Work layout: output rows are split across threads in contiguous ranges. Below 4 tokens (decode)
+// each thread streams its rows 4 at a time, dequantizing a block into registers and FMA-ing it
+// with each token's activations (the 4 rows stay in L1 between tokens, so weights come from memory
+// once). From 4 tokens on (prefill), each thread dequantizes 3 rows into an L1 buffer and runs a
+// 3-row x 4-token register tile over 32-token chunks of X (which stay in L1/L2); the rows are
+// dequantized once per 32-token chunk, i.e. weights are re-read ceil(nTokens/32) times, a few
+// percent of the FMA time. Small scratch: one thread_local buffer of 3 * cols floats per thread,
+// grown once. Thread-safe: concurrent calls with different Y buffers are fine.
 void matmul(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y);
 
 namespace detail {
