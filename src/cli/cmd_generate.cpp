@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -27,12 +28,18 @@ struct ModelOptions {
   std::string modelPath = model::kDefaultModelPath;
   int threads = 0;  // 0: all cores
   std::string chatTemplate;  // empty: detect from the model
+  kv::KVDType kvDtype = kv::KVDType::F16;
 };
 
 void addModelOptions(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--model,-m", o.modelPath, "GGUF model file")->capture_default_str();
   cmd->add_option("--threads,-t", o.threads, "CPU threads (0 = all cores)")
       ->check(CLI::Range(0, 1024));
+  const std::map<std::string, kv::KVDType> dtypes{
+      {"f16", kv::KVDType::F16}, {"bf16", kv::KVDType::BF16}, {"f32", kv::KVDType::F32}};
+  cmd->add_option("--kv-dtype", o.kvDtype, "KV cache storage type: f16, bf16 or f32")
+      ->transform(CLI::CheckedTransformer(dtypes, CLI::ignore_case))
+      ->default_str("f16");
 }
 
 struct Loaded {
@@ -59,8 +66,9 @@ model::ChatTemplate chatTemplateFor(const ModelOptions& o, const model::Tokenize
 }
 
 // A KV cache with room for `tokens` positions of this model (f16, block size 16).
-std::unique_ptr<kv::KVCache> cacheFor(const model::LlamaModel& m, int64_t tokens) {
-  kv::KVCacheConfig c = m.kvCacheConfig(16, 0);
+std::unique_ptr<kv::KVCache> cacheFor(const model::LlamaModel& m, const ModelOptions& o,
+                                      int64_t tokens) {
+  kv::KVCacheConfig c = m.kvCacheConfig(16, 0, o.kvDtype);
   c.numBlocks = static_cast<int32_t>((tokens + c.blockSizeTokens - 1) / c.blockSizeTokens);
   return std::make_unique<kv::KVCache>(c);
 }
@@ -105,7 +113,7 @@ void runGenerate(const GenerateOptions& o) {
                                     std::span<const model::ChatMessage>(&msg, 1), true);
   }
   engine::GenerateRequest req;
-  req.promptTokens = l.tokenizer->encode(text, true, o.chat);
+  req.promptTokens = l.tokenizer->encode(text, true, true);
   req.sampling = o.sampling;
   req.maxTokens = o.maxTokens;
   req.stop = o.stop;
@@ -114,7 +122,7 @@ void runGenerate(const GenerateOptions& o) {
   if (!o.dumpLogits.empty()) req.promptLogits = &promptLogits;
   const int64_t need = std::min<int64_t>(static_cast<int64_t>(req.promptTokens.size()) + o.maxTokens,
                                          l.model->hparams().nCtxTrain);
-  auto cache = cacheFor(*l.model, std::max<int64_t>(need, 1));
+  auto cache = cacheFor(*l.model, o.model, std::max<int64_t>(need, 1));
   auto onText = [&](std::string_view piece) {
     if (o.json) return;
     std::cout << piece << std::flush;
@@ -156,7 +164,7 @@ void runPerplexity(const PerplexityOptions& o) {
   }
   const std::vector<int32_t> tokens = l.tokenizer->encode(text, true, false);
   if (tokens.size() < 2) throw std::runtime_error(o.file + ": fewer than 2 tokens to score");
-  auto cache = cacheFor(*l.model, o.ctx);
+  auto cache = cacheFor(*l.model, o.model, o.ctx);
   std::vector<float> logits;
   double nll = 0;
   int64_t scored = 0;
@@ -201,7 +209,7 @@ struct ChatOptions {
 void runChat(const ChatOptions& o) {
   Loaded l = loadModel(o.model);
   const model::ChatTemplate tmpl = chatTemplateFor(o.model, *l.tokenizer);
-  auto cache = cacheFor(*l.model, l.model->hparams().nCtxTrain);
+  auto cache = cacheFor(*l.model, o.model, l.model->hparams().nCtxTrain);
   std::vector<model::ChatMessage> messages;
   if (!o.system.empty()) messages.push_back({"system", o.system});
   std::cerr << "CortexStream chat: type a message; /reset clears the history, /exit or Ctrl-D "
