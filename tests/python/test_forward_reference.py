@@ -9,8 +9,7 @@ the first 32 greedy tokens must be identical.
 Tolerance: max |logit_cpp - logit_ref| / max |logit_ref| < 1e-3 per prompt. The C++ side
 accumulates in float32 over dot products of 64..1536 terms (relative rounding ~ n * 2^-24 <= 1e-4
 worst case, ~1e-6 typical), stores K/V in f32 for this test, and uses a polynomial exp in
-attention (relative error ~1e-7); 30 layers compound these through residual sums. The measured
-error is ~1e-5; 1e-3 leaves room for the worst case while still catching any real bug (a wrong
+attention (relative error ~1e-7); 30 layers compound these through residual sums. 1e-3 leaves room for the worst case while still catching any real bug (a wrong
 RoPE pair, scale or GQA mapping moves logits by O(1)). Measured on the default model: ~1e-6.
 With the default f16 KV storage (10-bit mantissa, 2^-11 ~ 5e-4 relative per element) the
 measured error is ~6e-4, so f16 is checked at 1e-2.
