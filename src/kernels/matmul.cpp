@@ -83,6 +83,8 @@ void directRows(const std::byte* row0, size_t rb, int64_t nBlocks, const float* 
   const std::byte* p = row0;
   for (int64_t b = 0; b < nBlocks; ++b, p += Dec::kBytes, x += Dec::kElems) {
     for (int r = 0; r < R; ++r) {
+      // note: the next row group sits R rows further; pulling it in now hides DRAM latency.
+      _mm_prefetch(reinterpret_cast<const char*>(p + (r + R) * rb), _MM_HINT_T0);
       __m256 w[NV];
       Dec::avx2(p + r * rb, w);
       for (int k = 0; k < NV; ++k) acc[r] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), acc[r]);
