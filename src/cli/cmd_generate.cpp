@@ -6,7 +6,6 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -35,10 +34,15 @@ void addModelOptions(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--model,-m", o.modelPath, "GGUF model file")->capture_default_str();
   cmd->add_option("--threads,-t", o.threads, "CPU threads (0 = all cores)")
       ->check(CLI::Range(0, 1024));
-  const std::map<std::string, kv::KVDType> dtypes{
-      {"f16", kv::KVDType::F16}, {"bf16", kv::KVDType::BF16}, {"f32", kv::KVDType::F32}};
-  cmd->add_option("--kv-dtype", o.kvDtype, "KV cache storage type: f16, bf16 or f32")
-      ->transform(CLI::CheckedTransformer(dtypes, CLI::ignore_case))
+  cmd->add_option_function<std::string>(
+         "--kv-dtype",
+         [&o](const std::string& name) {
+           o.kvDtype = name == "f32" ? kv::KVDType::F32
+                       : name == "bf16" ? kv::KVDType::BF16
+                                        : kv::KVDType::F16;
+         },
+         "KV cache storage type")
+      ->check(CLI::IsMember({"f16", "bf16", "f32"}))
       ->default_str("f16");
 }
 
