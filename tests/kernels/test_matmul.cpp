@@ -173,6 +173,25 @@ TEST(Matmul, MatchesDoubleReferenceAllTypes) {
   }
 }
 
+// Prefill batches longer than one 32-token chunk, with a ragged last tile, against the reference
+// and against the same tokens computed one at a time.
+TEST(Matmul, LongBatchMatchesSingleTokens) {
+  for (WeightType type : kAllTypes) {
+    SCOPED_TRACE(toString(type));
+    const int64_t rows = 38, cols = 192, n = 71;
+    expectMatchesReference(type, rows, cols, n, 77);
+    const auto bytes = randomWeights(type, rows, cols, 78);
+    const WeightMatrix w{bytes.data(), type, rows, cols};
+    const auto x = testref::randomFloats(static_cast<size_t>(n * cols), 79);
+    std::vector<float> all(static_cast<size_t>(n * rows)), one(static_cast<size_t>(rows));
+    matmul(w, x.data(), n, all.data());
+    for (int64_t t = 0; t < n; ++t) {
+      matmul(w, x.data() + t * cols, 1, one.data());
+      ASSERT_EQ(std::memcmp(one.data(), all.data() + t * rows, 4 * rows), 0) << "token " << t;
+    }
+  }
+}
+
 TEST(Matmul, FloatTypesAcceptColsMultipleOf8) {
   for (WeightType type : {WeightType::F32, WeightType::F16, WeightType::BF16}) {
     SCOPED_TRACE(toString(type));
