@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <unordered_set>
@@ -22,7 +23,6 @@ namespace {
 
 constexpr uint32_t kMaxDims = 4;         // GGML_MAX_DIMS
 constexpr int kMaxArrayDepth = 8;        // nesting beyond this is treated as corrupt
-constexpr uint64_t kDefaultAlignment = 32;
 // Smallest encodings, used to reject counts that cannot fit in the bytes that remain.
 constexpr uint64_t kMinKeyValueBytes = 8 + 4 + 1;     // empty key, type, one-byte value
 constexpr uint64_t kMinTensorInfoBytes = 8 + 4 + 4 + 8;  // empty name, n_dims 0, type, offset
@@ -120,6 +120,15 @@ class Cursor {
 };
 
 bool mulOverflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
+
+// d as a float, or nullopt when it is finite but beyond float's range (converting it would be
+// undefined behaviour). NaN and infinities carry over.
+std::optional<float> toFloat(double d) {
+  if (std::isfinite(d) && std::fabs(d) > static_cast<double>(std::numeric_limits<float>::max())) {
+    return std::nullopt;
+  }
+  return static_cast<float>(d);
+}
 
 }  // namespace
 
@@ -610,7 +619,9 @@ float GGUFFile::getF32(std::string_view key) const {
   const GGUFValue& v = require(key);
   const auto d = v.toF64();
   if (!d) throwWrongType(key, v, "a number");
-  return static_cast<float>(*d);
+  const auto f = toFloat(*d);
+  if (!f) throwWrongType(key, v, "a number in float32 range");
+  return *f;
 }
 
 bool GGUFFile::getBool(std::string_view key) const {
@@ -640,7 +651,14 @@ std::vector<float> GGUFFile::getF32Array(std::string_view key) const {
   }
   std::vector<float> out;
   out.reserve(static_cast<size_t>(v.arraySize()));
-  for (uint64_t i = 0; i < v.arraySize(); ++i) out.push_back(static_cast<float>(*v.at(i).toF64()));
+  for (uint64_t i = 0; i < v.arraySize(); ++i) {
+    const auto f = toFloat(*v.at(i).toF64());
+    if (!f) {
+      throw ModelError(path_ + ": metadata key '" + printable(key) + "': element " + str(i) +
+                       " is beyond float32 range");
+    }
+    out.push_back(*f);
+  }
   return out;
 }
 

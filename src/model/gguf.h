@@ -107,7 +107,10 @@ struct GGUFTensorInfo {
   uint64_t offset = 0;         // bytes from the start of the data section (a multiple of alignment)
   uint64_t fileOffset = 0;     // bytes from the start of the file
   uint64_t nBytes = 0;         // bytes the data occupies (rowBytes(type, dims[0]) * rows)
-  const uint8_t* data = nullptr;  // into the GGUFFile's bytes; valid while the file lives
+  // Into the GGUFFile's bytes, valid while the file lives; aligned to alignment() bytes when the
+  // file was opened from disk (the mapping is page-aligned); fromMemory() copies guarantee only
+  // min(alignment(), 16).
+  const uint8_t* data = nullptr;
 
   // Elements per row (dims[0]) and number of rows (product of the other dims).
   uint64_t rowLength() const noexcept { return dims.empty() ? 1 : dims[0]; }
@@ -161,12 +164,14 @@ class GGUFFile {
   uint32_t getU32(std::string_view key) const;
   uint64_t getU64(std::string_view key) const;
   int64_t getI64(std::string_view key) const;
-  // getF32: FLOAT32, FLOAT64 (rounded to float) or any integer type.
+  // getF32: FLOAT32, FLOAT64 (rounded to float; finite values beyond float range fail) or any
+  // integer type.
   float getF32(std::string_view key) const;
   // getBool: BOOL values only.
   bool getBool(std::string_view key) const;
   // Arrays: getStringArray needs an array of STRING; getF32Array an array of any float or integer
-  // type; getI32Array an array of any integer type whose every element fits in int32.
+  // type (each converted as getF32 does); getI32Array an array of any integer type whose every
+  // element fits in int32.
   std::vector<std::string> getStringArray(std::string_view key) const;
   std::vector<float> getF32Array(std::string_view key) const;
   std::vector<int32_t> getI32Array(std::string_view key) const;

@@ -227,6 +227,16 @@ TEST(GGUF, GettersConvertIntegerWidthsAndRejectWhatDoesNotFit) {
   g.kvScalar<int32_t>("i32.pos", kI32, 100000);
   g.kvScalar<double>("f64", kF64, 2.5);
   g.kvString("s", "text");
+  g.kvScalar<double>("f64.huge", kF64, 1e300);
+  g.kvScalar<double>("f64.inf", kF64, std::numeric_limits<double>::infinity());
+  {
+    ByteWriter w;
+    w.u32(kF64);
+    w.u64(2);
+    w.put(1.0);
+    w.put(-1e39);
+    g.kvRaw("arr.f64.huge", kArr, w.bytes);
+  }
   {
     ByteWriter w;
     w.u32(kI64);
@@ -254,6 +264,9 @@ TEST(GGUF, GettersConvertIntegerWidthsAndRejectWhatDoesNotFit) {
   expectModelError([&] { (void)f.getI32Array("arr.i64.big"); }, {"element 1", "int32"});
   EXPECT_EQ(f.getF32Array("arr.i64.big")[1], 1099511627776.0f);
   expectModelError([&] { (void)f.getI32Array("s"); }, {"array of integers"});
+  expectModelError([&] { (void)f.getF32("f64.huge"); }, {"'f64.huge'", "float32 range"});
+  expectModelError([&] { (void)f.getF32Array("arr.f64.huge"); }, {"element 1", "float32 range"});
+  EXPECT_TRUE(std::isinf(f.getF32("f64.inf")));
 }
 
 // Every proper prefix of a valid file (whose last tensor ends at the last byte) is invalid.
