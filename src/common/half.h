@@ -14,7 +14,8 @@ namespace cortex {
 // Round-to-nearest-even f32 -> f16; overflow goes to inf, NaN stays NaN.
 inline uint16_t floatToHalf(float f) {
 #if defined(__F16C__)
-  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+  // note: the vector form, since clang's _cvtss_sh macro trips -Wpedantic.
+  return static_cast<uint16_t>(_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(f), _MM_FROUND_TO_NEAREST_INT), 0));
 #else
   const uint32_t x = std::bit_cast<uint32_t>(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
@@ -36,7 +37,7 @@ inline uint16_t floatToHalf(float f) {
 
 inline float halfToFloat(uint16_t h) {
 #if defined(__F16C__)
-  return _cvtsh_ss(h);
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
 #else
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;

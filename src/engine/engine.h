@@ -1,0 +1,193 @@
+// The serving engine: requests with a lifecycle, a continuous-batching scheduler over the paged KV
+// cache, and a stream of events per request. This is the C++ API for embedding CortexStream
+// (examples/embed.cpp); the HTTP server is one client of it.
+//
+// One background thread runs the step loop. Each step builds one batch under a token budget
+// (maxBatchedTokens) and a sequence cap (maxNumSeqs): running decodes first (one token each), then
+// prefills in arrival order, long prompts split into chunks so decodes are never starved. When the
+// pool has no block for a running request's next token, the most recently admitted request is
+// preempted: its blocks are freed and it goes back to the front of the queue to be recomputed
+// (prompt + tokens generated so far); the tokens it already streamed are kept and not re-sent.
+// Because every kernel is batch-invariant, the recomputed state is bit-identical, so a greedy
+// request's output does not change under preemption or load.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/sampler.h"
+#include "kv/kv_cache.h"
+#include "model/llama.h"
+#include "model/tokenizer.h"
+
+namespace cortex::engine {
+
+struct EngineConfig {
+  int32_t maxBatchedTokens = 512;  // tokens per forward step (decodes + prefill chunks)
+  int32_t maxNumSeqs = 64;         // sequences running at once
+  int32_t maxQueuedRequests = 1024;  // waiting requests beyond which submit() refuses (QueueFull)
+  uint64_t kvCacheBytes = 0;       // 0: a share of free memory (see defaultKvCacheBytes)
+  int32_t blockSizeTokens = 16;
+  kv::KVDType kvDtype = kv::KVDType::F16;
+};
+
+// KV memory when none is configured: a quarter of the memory available now, at most 4 GiB and at
+// least enough for one full-context sequence.
+uint64_t defaultKvCacheBytes(const model::LlamaModel& model, const EngineConfig& config);
+
+enum class FinishReason { Stop, Length, Cancelled, Error };
+const char* toString(FinishReason reason);  // "stop", "length", "cancelled", "error"
+
+enum class RequestState { Waiting, Prefilling, Decoding, Finished };
+
+struct RequestParams {
+  std::vector<int32_t> promptTokens;  // >= 1 token
+  SamplingParams sampling;
+  int32_t maxTokens = 256;            // >= 1 completion tokens
+  std::vector<std::string> stop;
+  bool ignoreEos = false;
+  int32_t topLogprobs = -1;           // -1: no logprobs; 0..20: logprob of each sampled token plus
+                                      // that many alternatives
+  bool promptLogprobs = false;        // log-probabilities of the prompt tokens (echo)
+};
+
+struct TokenLogprob {
+  int32_t token = 0;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;  // (token, logprob), most likely first
+};
+
+// One event of a request's stream. Text is UTF-8-complete and never contains any part of a stop
+// string. The last event of every stream has finished = true.
+struct RequestEvent {
+  std::string text;                     // new text since the previous event
+  std::vector<int32_t> tokens;          // tokens sampled since the previous event
+  std::vector<TokenLogprob> logprobs;   // one per token when topLogprobs >= 0
+  std::vector<TokenLogprob> promptLogprobs;  // first event only, when promptLogprobs
+  bool finished = false;
+  FinishReason finishReason = FinishReason::Stop;
+  std::string error;                    // for FinishReason::Error
+  int32_t promptTokens = 0;
+  int32_t completionTokens = 0;
+};
+
+// Why submit() refused a request: the caller maps these to HTTP 400 / 503.
+class EngineError : public std::runtime_error {
+ public:
+  enum class Kind { InvalidRequest, TooLong, QueueFull, ShuttingDown };
+  EngineError(Kind kind, const std::string& message) : std::runtime_error(message), kind_(kind) {}
+  Kind kind() const { return kind_; }
+
+ private:
+  Kind kind_;
+};
+
+// The receiving end of one request. Thread-safe; the engine pushes, one consumer pops.
+class RequestStream {
+ public:
+  uint64_t id() const { return id_; }
+  // Waits up to `timeout` for the next event; nullopt on timeout. After the finished event,
+  // returns nullopt at once.
+  std::optional<RequestEvent> next(std::chrono::milliseconds timeout);
+  // Asks the engine to stop the request; its blocks are freed within one step and a final event
+  // with FinishReason::Cancelled follows (unless it had already finished).
+  void cancel();
+
+ private:
+  friend class Engine;
+  explicit RequestStream(uint64_t id) : id_(id) {}
+  void push(RequestEvent event);
+
+  uint64_t id_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<RequestEvent> events_;
+  bool closed_ = false;        // finished event consumed
+  bool cancelRequested_ = false;
+};
+
+// Counters and gauges for /metrics. Histograms are cumulative bucket counts over fixed bounds.
+struct Histogram {
+  std::vector<double> bounds;    // upper bounds in seconds, ascending
+  std::vector<uint64_t> counts;  // counts[i]: observations <= bounds[i]; last = +Inf
+  double sum = 0;
+  uint64_t count = 0;
+  void observe(double value);
+};
+
+struct EngineStats {
+  kv::KVCacheStats kv;
+  int32_t blockSizeTokens = 0;
+  int32_t running = 0;
+  int32_t waiting = 0;
+  uint64_t preemptions = 0;
+  uint64_t promptTokens = 0;      // prompt tokens prefilled (recomputation included)
+  uint64_t generationTokens = 0;  // tokens sampled
+  uint64_t steps = 0;
+  uint64_t finishedStop = 0, finishedLength = 0, finishedCancelled = 0, finishedError = 0;
+  Histogram timeToFirstToken;     // seconds from submit to the first sampled token
+  Histogram timePerOutputToken;   // seconds between consecutive tokens of a request
+  Histogram requestLatency;       // seconds from submit to finish
+};
+
+class Engine {
+ public:
+  // Builds the KV cache (config.kvCacheBytes or the default share) and starts the step loop.
+  Engine(model::LlamaModel& model, const model::Tokenizer& tokenizer, const EngineConfig& config);
+  // Cancels everything still running and joins the loop.
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Queues a request. Throws EngineError: InvalidRequest (empty prompt, bad sampling values,
+  // token ids outside the vocabulary), TooLong (prompt + max tokens beyond the model's context or
+  // the whole KV pool: it could never run), QueueFull, ShuttingDown.
+  std::shared_ptr<RequestStream> submit(RequestParams params);
+
+  // Stops admitting new requests; running and waiting ones run to completion. Returns at once.
+  void drain();
+  // True when drain() was called and nothing is left.
+  bool idle() const;
+  EngineStats stats() const;
+  const EngineConfig& config() const { return config_; }
+  int32_t maxContextTokens() const;  // longest prompt + completion a request may ask for
+
+ private:
+  struct Request;
+  void loop();
+  bool step();  // false when there was nothing to do
+  void admitNewRequests();
+  void finish(Request& r, FinishReason reason, const std::string& error = {});
+  void preempt(Request& r);
+  void emitToken(Request& r, int32_t token, const std::vector<float>* logprobs);
+
+  model::LlamaModel& model_;
+  const model::Tokenizer& tokenizer_;
+  EngineConfig config_;
+  std::unique_ptr<kv::KVCache> cache_;
+
+  mutable std::mutex mu_;  // guards incoming_, stats_, flags
+  std::condition_variable wake_;
+  std::deque<std::unique_ptr<Request>> incoming_;
+  bool stopping_ = false;
+  bool draining_ = false;
+  EngineStats stats_;
+  uint64_t nextId_ = 1;
+
+  // Loop-thread state.
+  std::deque<std::unique_ptr<Request>> waiting_;
+  std::vector<std::unique_ptr<Request>> running_;  // admission order
+  std::vector<float> logits_;
+  std::thread thread_;
+};
+
+}  // namespace cortex::engine
