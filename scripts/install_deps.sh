@@ -10,6 +10,7 @@ apt_packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   clang-14 libclang-rt-14-dev
   curl python3-pip
+  libcpp-httplib-dev
 )
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -18,4 +18,7 @@ void registerInspectCommand(CLI::App& app);
 // `generate`, `perplexity` and `chat`: running the model from the command line.
 void registerGenerateCommands(CLI::App& app);
 
+// `serve`: the OpenAI-compatible HTTP server (docs/server.md).
+void registerServeCommand(CLI::App& app);
+
 }  // namespace cortex::cli

@@ -1,0 +1,183 @@
+// `cortexstream serve`: the OpenAI-compatible HTTP server (src/server) over the engine.
+#include <omp.h>
+#include <pthread.h>
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "cli/commands.h"
+#include "engine/engine.h"
+#include "model/chat_template.h"
+#include "model/default_model.h"
+#include "model/llama.h"
+#include "model/tokenizer.h"
+#include "server/byte_size.h"
+#include "server/http_server.h"
+
+namespace cortex::cli {
+
+namespace {
+
+struct ServeOptions {
+  std::string modelPath = model::kDefaultModelPath;
+  std::string host = "127.0.0.1";
+  int port = 8080;
+  int32_t maxBatchedTokens = 512;
+  int32_t maxNumSeqs = 64;
+  std::string kvCacheMemory;  // empty: the engine's default share of free memory
+  kv::KVDType kvDtype = kv::KVDType::F16;
+  int32_t maxQueue = 1024;
+  std::string servedModelName;
+  int threads = 0;
+  std::string chatTemplate;
+  int httpThreads = 0;
+  double shutdownGraceSeconds = 30;
+};
+
+// Blocks SIGINT/SIGTERM in this thread and every thread started after it (OpenMP, the engine
+// loop, httplib's pool), so only the waiter thread receives them, with sigtimedwait.
+sigset_t blockShutdownSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);  // a client that went away must not kill the server
+  return set;
+}
+
+// Waits up to `ms` for SIGINT/SIGTERM; the signal number, or 0.
+int waitSignal(const sigset_t& set, long ms) {
+  timespec ts{ms / 1000, (ms % 1000) * 1000000L};
+  const int sig = sigtimedwait(&set, nullptr, &ts);
+  return sig > 0 ? sig : 0;
+}
+
+void runServe(const ServeOptions& o) {
+  const sigset_t signals = blockShutdownSignals();
+  if (!std::filesystem::exists(o.modelPath)) {
+    throw std::runtime_error(o.modelPath +
+                             ": model file not found; run scripts/fetch_model.sh for the default "
+                             "model or pass --model PATH");
+  }
+  engine::EngineConfig ec;
+  ec.maxBatchedTokens = o.maxBatchedTokens;
+  ec.maxNumSeqs = o.maxNumSeqs;
+  ec.maxQueuedRequests = o.maxQueue;
+  ec.kvDtype = o.kvDtype;
+  if (!o.kvCacheMemory.empty()) {
+    try {
+      ec.kvCacheBytes = server::parseByteSize(o.kvCacheMemory);
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(std::string("--kv-cache-memory: ") + e.what());
+    }
+    if (ec.kvCacheBytes == 0) throw std::runtime_error("--kv-cache-memory must be > 0");
+  }
+  if (o.threads > 0) omp_set_num_threads(o.threads);
+
+  auto llama = model::LlamaModel::load(o.modelPath);
+  const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(llama->file());
+
+  server::ServerConfig sc;
+  sc.host = o.host;
+  sc.port = o.port;
+  sc.httpThreads = o.httpThreads;
+  sc.servedModelName = o.servedModelName.empty()
+                           ? std::filesystem::path(o.modelPath).filename().string()
+                           : o.servedModelName;
+  try {
+    sc.chatTemplate = o.chatTemplate.empty() ? model::detectChatTemplate(tokenizer.chatTemplate())
+                                             : model::parseChatTemplateName(o.chatTemplate);
+  } catch (const std::exception& e) {
+    if (!o.chatTemplate.empty()) throw;  // a bad --chat-template is the user's to fix now
+    // A base model without a template still serves /v1/completions.
+    sc.chatTemplateError = std::string("chat completions are unavailable: ") + e.what();
+    std::cerr << "warning: " << sc.chatTemplateError << "\n";
+  }
+
+  engine::Engine engine(*llama, tokenizer, ec);
+  server::HttpServer server(engine, tokenizer, sc);
+  server.bind();
+  const engine::EngineStats stats = engine.stats();
+  std::cerr << "model " << sc.servedModelName << ": KV cache " << stats.kv.totalBlocks
+            << " blocks x " << stats.blockSizeTokens << " tokens ("
+            << stats.kv.totalBytes / (1024 * 1024) << " MiB), max context "
+            << engine.maxContextTokens() << " tokens\n";
+  std::cerr << "listening on http://" << o.host << ":" << server.port() << std::endl;
+
+  std::atomic<bool> stopped{false};
+  std::thread waiter([&] {
+    int sig = 0;
+    while (!stopped.load() && (sig = waitSignal(signals, 200)) == 0) {
+    }
+    if (sig == 0) return;
+    std::cerr << "received " << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ": draining "
+              << server.inFlight() << " request(s) (again to cancel them)" << std::endl;
+    const auto grace = std::chrono::milliseconds(static_cast<int64_t>(o.shutdownGraceSeconds * 1000));
+    server.shutdown(grace, [&] { return waitSignal(signals, 0) != 0; });
+  });
+  server.run();
+  stopped = true;
+  waiter.join();
+  std::cerr << "server stopped" << std::endl;
+}
+
+}  // namespace
+
+void registerServeCommand(CLI::App& app) {
+  auto o = std::make_shared<ServeOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "serve", "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)");
+  cmd->add_option("--model,-m", o->modelPath, "GGUF model file")->capture_default_str();
+  cmd->add_option("--host", o->host, "address to listen on")->capture_default_str();
+  cmd->add_option("--port", o->port, "TCP port (0 = any free port)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  cmd->add_option("--max-batched-tokens", o->maxBatchedTokens,
+                  "tokens per engine step (decodes + prefill chunks)")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  cmd->add_option("--max-num-seqs", o->maxNumSeqs, "requests running at once")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  cmd->add_option("--kv-cache-memory", o->kvCacheMemory,
+                  "KV cache size, e.g. 512MiB, 1GiB, 300MB, 1000000 (bytes); default: a quarter "
+                  "of free memory, at most 4 GiB");
+  cmd->add_option_function<std::string>(
+         "--kv-dtype",
+         [o](const std::string& name) {
+           o->kvDtype = name == "f32" ? kv::KVDType::F32
+                        : name == "bf16" ? kv::KVDType::BF16
+                                         : kv::KVDType::F16;
+         },
+         "KV cache storage type")
+      ->check(CLI::IsMember({"f16", "bf16", "f32"}))
+      ->default_str("f16");
+  cmd->add_option("--max-queue", o->maxQueue, "waiting requests beyond which new ones get 503")
+      ->check(CLI::Range(1, 1 << 24))
+      ->capture_default_str();
+  cmd->add_option("--served-model-name", o->servedModelName,
+                  "model name in responses and /v1/models (default: the GGUF file name)");
+  cmd->add_option("--threads,-t", o->threads, "CPU threads for the forward pass (0 = all cores)")
+      ->check(CLI::Range(0, 1024));
+  cmd->add_option("--chat-template", o->chatTemplate,
+                  "override the model's chat template (chatml)");
+  cmd->add_option("--http-threads", o->httpThreads,
+                  "HTTP worker threads (0 = 2 x max-num-seqs + 16); each streaming request holds "
+                  "one")
+      ->check(CLI::Range(0, 65536));
+  cmd->add_option("--shutdown-grace", o->shutdownGraceSeconds,
+                  "seconds SIGINT/SIGTERM waits for running requests before cancelling them")
+      ->check(CLI::Range(0.0, 3600.0))
+      ->capture_default_str();
+  cmd->callback([o] { runServe(*o); });
+}
+
+}  // namespace cortex::cli
