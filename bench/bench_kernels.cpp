@@ -2,7 +2,7 @@
 // sweep over a whole SmolLM2-135M-shaped model (weights far larger than the caches, so the GB/s
 // there is the memory-bound figure), and paged attention for one decode step.
 #include <benchmark/benchmark.h>
-#include <omp.h>
+
 
 #include <cstring>
 #include <random>

@@ -1,5 +1,4 @@
 // `cortexstream generate`, `perplexity` and `chat`: running the model from the command line.
-#include <omp.h>
 
 #include <chrono>
 #include <cmath>
@@ -14,6 +13,7 @@
 
 #include "cli/commands.h"
 #include "engine/generate.h"
+#include "kernels/thread_pool.h"
 #include "model/chat_template.h"
 #include "model/default_model.h"
 #include "model/llama.h"
@@ -57,7 +57,7 @@ Loaded loadModel(const ModelOptions& o) {
                              ": model file not found; run scripts/fetch_model.sh for the default "
                              "model or pass --model PATH");
   }
-  if (o.threads > 0) omp_set_num_threads(o.threads);
+  if (o.threads > 0) kernels::setNumThreads(o.threads);
   Loaded l;
   l.model = model::LlamaModel::load(o.modelPath);
   l.tokenizer = std::make_unique<model::Tokenizer>(model::Tokenizer::fromGGUF(l.model->file()));

@@ -1,6 +1,5 @@
 #include "kernels/attention.h"
 
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -8,6 +7,7 @@
 #include <string>
 
 #include "kernels/simd.h"
+#include "kernels/thread_pool.h"
 
 namespace cortex::kernels {
 namespace {
@@ -200,8 +200,8 @@ void attentionT(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, co
   const int32_t group = nHeads / nKV;
   const size_t stride = scoreStride(firstPos + nQ);
   const int64_t macs = static_cast<int64_t>(nQ) * nHeads * (firstPos + (nQ + 1) / 2) * D * 2;
-  const bool parallel = macs >= kParallelMinMacs && omp_get_max_threads() > 1;
-  const int nThreads = parallel ? omp_get_max_threads() : 1;
+  const bool parallel = macs >= kParallelMinMacs && numThreads() > 1;
+  const int nThreads = parallel ? numThreads() : 1;
   // Work item = (query token, KV head, sub-group of up to kMaxGroup heads). Sub-groups shrink
   // when there are too few items to keep every thread busy (a decode step has only nKV groups).
   int sub = std::min(group, kMaxGroup);
@@ -230,8 +230,7 @@ void attentionT(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, co
     for (int64_t it = 0; it < items; ++it) body(it, 0);
     return;
   }
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t it = 0; it < items; ++it) body(it, omp_get_thread_num());
+  parallelFor(items, [&](int64_t it, int worker) { body(it, worker); });
 }
 
 template <bool kSimd>
@@ -270,7 +269,7 @@ void dispatch(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, cons
 }  // namespace
 
 size_t pagedAttentionScratchFloats(int32_t maxKeyTokens) {
-  return static_cast<size_t>(omp_get_max_threads()) * kMaxGroup * scoreStride(maxKeyTokens);
+  return static_cast<size_t>(numThreads()) * kMaxGroup * scoreStride(maxKeyTokens);
 }
 
 void pagedAttention(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos, int32_t nHeads,

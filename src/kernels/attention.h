@@ -9,8 +9,8 @@
 namespace cortex::kernels {
 
 // Floats of scratch pagedAttention needs when the views hold up to maxKeyTokens positions:
-// 4 score rows per OpenMP thread (omp_get_max_threads() at the time of the call; call it again
-// after omp_set_num_threads). The caller owns the buffer and reuses it across calls and layers;
+// 4 score rows per kernel thread (numThreads() at the time of the call; call it again after
+// setNumThreads). The caller owns the buffer and reuses it across calls and layers;
 // two calls running at the same time need two buffers.
 size_t pagedAttentionScratchFloats(int32_t maxKeyTokens);
 
@@ -31,7 +31,7 @@ size_t pagedAttentionScratchFloats(int32_t maxKeyTokens);
 // position and the cached K/V, not on nQueryTokens, the thread count or the SIMD path.
 //
 // Work layout: one work item is (query token, KV head, up to 4 of its query heads), so each K/V
-// row is read and converted once for the heads that share it; items are spread over the OpenMP
+// row is read and converted once for the heads that share it; items are spread over the kernel
 // threads (dynamic schedule) when there are at least ~16k multiply-adds. exp() is the canonical
 // polynomial of simd.h (within 2 ulp), vectorized.
 void pagedAttention(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos, int32_t nHeads,

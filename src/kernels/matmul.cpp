@@ -1,11 +1,10 @@
 #include "kernels/matmul.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "kernels/simd.h"
+#include "kernels/thread_pool.h"
 
 namespace cortex::kernels {
 namespace {
@@ -15,24 +14,36 @@ using namespace detail;
 // Below this many multiply-adds one thread does the whole product: waking the others costs more.
 constexpr int64_t kParallelMinMacs = 1 << 15;
 
-// Rows [begin, end) of thread `tid` of `nth`, in units of `unit` rows so tiles stay whole.
-void threadRows(int64_t rows, int64_t unit, int tid, int nth, int64_t& begin, int64_t& end) {
+// Chunks per thread: a thread that gets the core late (a busy machine) leaves its chunks to the
+// others instead of stalling the whole product.
+constexpr int kChunksPerThread = 4;
+
+// Rows [begin, end) of chunk `chunk` of `nChunks`, in units of `unit` rows so tiles stay whole.
+void chunkRows(int64_t rows, int64_t unit, int64_t chunk, int64_t nChunks, int64_t& begin,
+               int64_t& end) {
   const int64_t units = (rows + unit - 1) / unit;
-  const int64_t per = units / nth, extra = units % nth;
-  const int64_t u0 = tid * per + std::min<int64_t>(tid, extra);
-  const int64_t u1 = u0 + per + (tid < extra ? 1 : 0);
+  const int64_t per = units / nChunks, extra = units % nChunks;
+  const int64_t u0 = chunk * per + std::min<int64_t>(chunk, extra);
+  const int64_t u1 = u0 + per + (chunk < extra ? 1 : 0);
   begin = std::min(rows, u0 * unit);
   end = std::min(rows, u1 * unit);
 }
 
+// Runs body(r0, r1) over row ranges covering [0, rows), in parallel when the product is big.
 template <class Body>
-void forThreads(int64_t macs, Body&& body) {
-  if (macs < kParallelMinMacs || omp_get_max_threads() == 1) {
-    body(0, 1);
+void forRowChunks(int64_t rows, int64_t unit, int64_t macs, Body&& body) {
+  const int nThreads = numThreads();
+  if (macs < kParallelMinMacs || nThreads == 1) {
+    body(int64_t{0}, rows);
     return;
   }
-#pragma omp parallel
-  body(omp_get_thread_num(), omp_get_num_threads());
+  const int64_t units = (rows + unit - 1) / unit;
+  const int64_t nChunks = std::min<int64_t>(units, int64_t{nThreads} * kChunksPerThread);
+  parallelFor(nChunks, [&](int64_t chunk, int) {
+    int64_t r0, r1;
+    chunkRows(rows, unit, chunk, nChunks, r0, r1);
+    body(r0, r1);
+  });
 }
 
 template <class Dec>
@@ -56,9 +67,7 @@ void scalarRows(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y
 
 template <class Dec>
 void matmulScalarT(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
-  forThreads(W.rows * W.cols * nTokens, [&](int tid, int nth) {
-    int64_t r0, r1;
-    threadRows(W.rows, 1, tid, nth, r0, r1);
+  forRowChunks(W.rows, 1, W.rows * W.cols * nTokens, [&](int64_t r0, int64_t r1) {
     scalarRows<Dec>(W, X, nTokens, Y, r0, r1);
   });
 }
@@ -181,9 +190,7 @@ void prefillRange(const WeightMatrix& W, const float* X, int64_t nTokens, float*
 
 template <class Dec>
 void matmulAvx2T(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
-  forThreads(W.rows * W.cols * nTokens, [&](int tid, int nth) {
-    int64_t r0, r1;
-    threadRows(W.rows, 12, tid, nth, r0, r1);
+  forRowChunks(W.rows, 12, W.rows * W.cols * nTokens, [&](int64_t r0, int64_t r1) {
     if (nTokens < kPrefillMinTokens) {
       directRange<Dec>(W, X, nTokens, Y, r0, r1);
     } else {

@@ -15,7 +15,7 @@ namespace cortex::kernels {
 // read once per call for the whole batch. Numerics (batch-invariant): each Y[t][r] is the 8-lane
 // dot product of simd.h (lane l accumulates columns c = l mod 8 in increasing c with fma, then a
 // fixed lane sum), so it does not depend on nTokens, on the other rows of X, on the thread count
-// or on the SIMD path (AVX2 and scalar agree to the bit). Uses all OpenMP threads when the
+// or on the SIMD path (AVX2 and scalar agree to the bit). Uses all kernel threads (thread_pool.h) when the
 // product is large enough to pay for them.
 //
 // Work layout: output rows are split across threads in contiguous ranges. Below 4 tokens (decode)

@@ -1,6 +1,5 @@
 // pagedAttention against a dense double reference, over scattered block tables.
 #include <gtest/gtest.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <array>
@@ -11,6 +10,7 @@
 
 #include "common/half.h"
 #include "kernels/attention.h"
+#include "kernels/thread_pool.h"
 #include "reference.h"
 
 namespace cortex::kernels {
@@ -175,7 +175,7 @@ TEST(Attention, MatchesDenseReference) {
 // A token's output must be bit-identical whether it is computed in a prefill of the whole prompt,
 // in chunks of 3 or 17 tokens, or alone, with 1 or 2 threads.
 TEST(Attention, BatchAndThreadInvariant) {
-  const int saved = omp_get_max_threads();
+  const int saved = kernels::numThreads();
   const Shape shapes[] = {{9, 3, 64, 70, 16}, {8, 1, 32, 90, 16}, {4, 4, 16, 40, 4}};
   for (int c = 0; c < 3 * 3; ++c) {
     const Shape& s = shapes[c / 3];
@@ -185,13 +185,13 @@ TEST(Attention, BatchAndThreadInvariant) {
     const PagedTensor V(false, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 22);
     const int64_t rowFloats = static_cast<int64_t>(s.nHeads) * s.headDim;
     const auto q = testref::randomFloats(static_cast<size_t>(s.tokens * rowFloats), 23, -2, 2);
-    omp_set_num_threads(2);
+    kernels::setNumThreads(2);
     std::vector<float> scratch(pagedAttentionScratchFloats(s.tokens));
     std::vector<float> full(q.size());
     pagedAttention(q.data(), s.tokens, 0, s.nHeads, K.view, V.view, 0.125f, full.data(),
                    scratch.data());
     for (int threads : {1, 2}) {
-      omp_set_num_threads(threads);
+      kernels::setNumThreads(threads);
       for (int32_t batch : {1, 3, 17}) {
         std::vector<float> out(static_cast<size_t>(batch * rowFloats));
         for (int32_t t0 = 0; t0 < s.tokens; t0 += batch) {
@@ -204,7 +204,7 @@ TEST(Attention, BatchAndThreadInvariant) {
       }
     }
   }
-  omp_set_num_threads(saved);
+  kernels::setNumThreads(saved);
 }
 
 TEST(Attention, RejectsInconsistentShapes) {

@@ -1,6 +1,5 @@
 // matmul and dequantizeRow against an independent double-precision reference.
 #include <gtest/gtest.h>
-#include <omp.h>
 
 #include <cstring>
 #include <random>
@@ -8,6 +7,7 @@
 
 #include "common/half.h"
 #include "kernels/matmul.h"
+#include "kernels/thread_pool.h"
 #include "kernels/weights.h"
 #include "reference.h"
 
@@ -203,17 +203,17 @@ TEST(Matmul, FloatTypesAcceptColsMultipleOf8) {
 // threads run: alone, in batches of 3 and 17, with 1 and 2 threads.
 TEST(Matmul, BatchAndThreadInvariant) {
   const int64_t rows = 101, cols = 576, total = 17;
-  const int saved = omp_get_max_threads();
+  const int saved = kernels::numThreads();
   for (WeightType type : kAllTypes) {
     SCOPED_TRACE(toString(type));
     const auto bytes = randomWeights(type, rows, cols, 42);
     const WeightMatrix w{bytes.data(), type, rows, cols};
     const auto x = testref::randomFloats(static_cast<size_t>(total * cols), 43);
     std::vector<float> full(static_cast<size_t>(total * rows));
-    omp_set_num_threads(2);
+    kernels::setNumThreads(2);
     matmul(w, x.data(), total, full.data());
     for (int threads : {1, 2}) {
-      omp_set_num_threads(threads);
+      kernels::setNumThreads(threads);
       for (int64_t batch : {1, 3, 17}) {
         std::vector<float> y(static_cast<size_t>(batch * rows));
         for (int64_t t0 = 0; t0 < total; t0 += batch) {
@@ -225,7 +225,7 @@ TEST(Matmul, BatchAndThreadInvariant) {
       }
     }
   }
-  omp_set_num_threads(saved);
+  kernels::setNumThreads(saved);
 }
 
 }  // namespace

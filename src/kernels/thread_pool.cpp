@@ -1,0 +1,165 @@
+#include "kernels/thread_pool.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CS_PAUSE() _mm_pause()
+#else
+#define CS_PAUSE() ((void)0)
+#endif
+
+namespace cortex::kernels {
+
+namespace {
+
+// The job state in one word, so a claim is one compare-and-swap and can never mix two jobs:
+// [generation: 24 bits][chunk count: 20 bits][next chunk: 20 bits].
+constexpr uint64_t kIdxBits = 20;
+constexpr uint64_t kIdxMask = (1ull << kIdxBits) - 1;
+uint64_t idxOf(uint64_t s) { return s & kIdxMask; }
+uint64_t countOf(uint64_t s) { return (s >> kIdxBits) & kIdxMask; }
+uint64_t genOf(uint64_t s) { return s >> (2 * kIdxBits); }
+
+// Spin this many pauses waiting for work before sleeping: covers the gaps between the kernels
+// of one forward pass (microseconds) without burning a core when the engine is idle.
+constexpr int kSpinPauses = 20000;
+
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n) {
+    for (int w = 1; w < n_; ++w) workers_.emplace_back([this, w] { work(w); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard lock(sleepMu_);
+      stop_ = true;
+    }
+    sleepCv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return n_; }
+
+  void run(int64_t nChunks, const std::function<void(int64_t, int)>& fn) {
+    if (nChunks <= 0) return;
+    if (n_ == 1 || nChunks == 1) {
+      for (int64_t c = 0; c < nChunks; ++c) fn(c, 0);
+      return;
+    }
+    if (static_cast<uint64_t>(nChunks) > kIdxMask) throw std::invalid_argument("too many chunks");
+    std::lock_guard callers(callerMu_);
+    fn_ = &fn;
+    remaining_.store(nChunks, std::memory_order_relaxed);
+    const uint64_t gen = (genOf(state_.load(std::memory_order_relaxed)) + 1) & ((1ull << 24) - 1);
+    state_.store((gen << (2 * kIdxBits)) | (static_cast<uint64_t>(nChunks) << kIdxBits),
+                 std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard lock(sleepMu_);
+      sleepCv_.notify_all();
+    }
+    while (claimAndRun(0)) {
+    }
+    // Only chunks another thread has claimed are left: they are running now.
+    for (int spins = 0; remaining_.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 1000) {
+        CS_PAUSE();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    fn_ = nullptr;
+  }
+
+ private:
+  // Claims one chunk of the current job and runs it; false when nothing is left to claim.
+  bool claimAndRun(int worker) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    while (idxOf(s) < countOf(s)) {
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel,
+                                       std::memory_order_acquire)) {
+        // note: fn_ belongs to this job: the caller cannot finish (and replace it) before this
+        // claimed chunk is done.
+        (*fn_)(static_cast<int64_t>(idxOf(s)), worker);
+        remaining_.fetch_sub(1, std::memory_order_release);
+        return true;
+      }
+    }
+    return false;
+  }
+
+  bool hasWork() const {
+    const uint64_t s = state_.load(std::memory_order_seq_cst);
+    return idxOf(s) < countOf(s);
+  }
+
+  void work(int worker) {
+    for (;;) {
+      while (claimAndRun(worker)) {
+      }
+      bool found = false;
+      for (int i = 0; i < kSpinPauses; ++i) {
+        if (hasWork()) {
+          found = true;
+          break;
+        }
+        CS_PAUSE();
+      }
+      if (found) continue;
+      std::unique_lock lock(sleepMu_);
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      sleepCv_.wait(lock, [&] { return stop_ || hasWork(); });
+      sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+      if (stop_) return;
+    }
+  }
+
+  const int n_;
+  std::vector<std::thread> workers_;
+  std::mutex callerMu_;  // one job at a time
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> remaining_{0};
+  const std::function<void(int64_t, int)>* fn_ = nullptr;
+  std::mutex sleepMu_;
+  std::condition_variable sleepCv_;
+  std::atomic<int> sleepers_{0};
+  bool stop_ = false;
+};
+
+int hardwareThreads() {
+  const unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : static_cast<int>(n);
+}
+
+std::mutex poolMu;
+std::unique_ptr<Pool> pool;
+
+Pool& instance() {
+  std::lock_guard lock(poolMu);
+  if (!pool) pool = std::make_unique<Pool>(hardwareThreads());
+  return *pool;
+}
+
+}  // namespace
+
+void setNumThreads(int n) {
+  std::lock_guard lock(poolMu);
+  const int want = n <= 0 ? hardwareThreads() : n;
+  if (!pool || pool->size() != want) {
+    pool.reset();
+    pool = std::make_unique<Pool>(want);
+  }
+}
+
+int numThreads() { return instance().size(); }
+
+void parallelFor(int64_t nChunks, const std::function<void(int64_t chunk, int worker)>& fn) {
+  instance().run(nChunks, fn);
+}
+
+}  // namespace cortex::kernels
