@@ -23,7 +23,7 @@ scripts/build.sh asan
 ctest --test-dir build-asan --output-on-failure -j "$jobs" -L unit
 
 echo "== TSan (concurrency tests)"
-scripts/build.sh tsan test_kv_concurrency
+scripts/build.sh tsan test_kv_concurrency test_thread_pool test_engine_batching
 ctest --test-dir build-tsan --output-on-failure -L concurrency
 
 if [[ -x scripts/fuzz.sh ]]; then
