@@ -1,5 +1,4 @@
 // `cortexstream serve`: the OpenAI-compatible HTTP server (src/server) over the engine.
-#include <omp.h>
 #include <pthread.h>
 #include <signal.h>
 
@@ -14,6 +13,7 @@
 
 #include "cli/commands.h"
 #include "engine/engine.h"
+#include "kernels/thread_pool.h"
 #include "model/chat_template.h"
 #include "model/default_model.h"
 #include "model/llama.h"
@@ -80,7 +80,7 @@ void runServe(const ServeOptions& o) {
     }
     if (ec.kvCacheBytes == 0) throw std::runtime_error("--kv-cache-memory must be > 0");
   }
-  if (o.threads > 0) omp_set_num_threads(o.threads);
+  if (o.threads > 0) kernels::setNumThreads(o.threads);
 
   auto llama = model::LlamaModel::load(o.modelPath);
   const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(llama->file());
