@@ -116,11 +116,15 @@ nlohmann::json runKvMicroBench(int32_t blockSize) {
 
 void registerBenchKvCommands(CLI::App& bench) {
   auto* kvCmd = bench.add_subcommand("kv", "KV cache micro-benchmarks (ns per operation)");
+  // note: options write into these shared objects, which the callbacks keep alive.
   auto blockSize = std::make_shared<int32_t>(16);
   auto json = std::make_shared<bool>(false);
   kvCmd->add_option("--block-size", *blockSize, "tokens per block")->check(CLI::Range(1, 4096));
-  kvCmd->add_flag("--json", *json, "print one JSON object (the default output as well)");
-  kvCmd->callback([blockSize] { std::cout << runKvMicroBench(*blockSize).dump(2) << "\n"; });
+  kvCmd->add_flag("--json", *json, "print the JSON object on one line");
+  kvCmd->callback([blockSize, json] {
+    // --json: one line for machines; without it the same object, indented for people.
+    std::cout << runKvMicroBench(*blockSize).dump(*json ? -1 : 2) << "\n";
+  });
 
   auto* sim = bench.add_subcommand(
       "kv-sim", "Seeded serving simulation: paged KV cache vs the origin's contiguous design");
@@ -139,8 +143,11 @@ void registerBenchKvCommands(CLI::App& bench) {
       ->check(CLI::Range(1.0, 1e6));
   sim->add_option("--output-median", cfg->outputMedianTokens, "median output length (tokens)")
       ->check(CLI::Range(1.0, 1e6));
-  sim->add_flag("--json", *json, "print one JSON object (the default output as well)");
-  sim->callback([cfg] { std::cout << kvsim::toJson(kvsim::runServingSim(*cfg)) << "\n"; });
+  sim->add_flag("--json", *json, "print the JSON object on one line");
+  sim->callback([cfg, json] {
+    const std::string out = kvsim::toJson(kvsim::runServingSim(*cfg));
+    std::cout << (*json ? out : nlohmann::json::parse(out).dump(2)) << "\n";
+  });
 }
 
 }  // namespace cortex::cli
