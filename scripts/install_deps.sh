@@ -23,4 +23,6 @@ if ((${#missing[@]})); then
 fi
 
 # Python packages for the tests' independent references and the benchmarks' peers.
-python3 -m pip install --quiet --disable-pip-version-check -r "$root/tests/python/requirements.txt"
+# note: Debian's own python3 refuses system-wide pip installs (PEP 668); this machine is a
+# dedicated build/test host, so we allow them.
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check -r "$root/tests/python/requirements.txt"
