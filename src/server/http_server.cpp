@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "server/connection_probe.h"
 #include "server/openai_protocol.h"
 
 namespace cortex::server {
@@ -81,6 +82,7 @@ std::vector<engine::TokenLogprob> promptEntries(const GenerationInfo& g,
 struct HttpServer::StreamState {
   GenerationInfo info;
   std::shared_ptr<engine::RequestStream> stream;
+  std::optional<ConnectionProbe> probe;
   bool first = true;      // nothing written yet
   bool finished = false;  // the finished event (and [DONE]) was written
   int64_t textOffset = 0;
@@ -352,6 +354,8 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
     return;
   }
   track(rs);
+  std::optional<ConnectionProbe> probe =
+      ConnectionProbe::find(req.local_port, req.remote_addr, req.remote_port);
 
   if (!stream) {
     std::string text = info.echo ? info.echoText : std::string();
@@ -359,14 +363,13 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
     engine::RequestEvent last;
     bool cancelSent = false;
     while (true) {
-      std::optional<engine::RequestEvent> ev = rs->next(kPollInterval);
-      if (!ev) {
-        if (aborting_ && !cancelSent) {
-          rs->cancel();
-          cancelSent = true;
-        }
-        continue;
+      // note: nobody will read the answer of a client that went away; free its blocks now.
+      if (!cancelSent && (aborting_ || (probe && probe->peerClosed()))) {
+        rs->cancel();
+        cancelSent = true;
       }
+      std::optional<engine::RequestEvent> ev = rs->next(kPollInterval);
+      if (!ev) continue;
       text += ev->text;
       if (!ev->promptLogprobs.empty()) promptLps = std::move(ev->promptLogprobs);
       lps.insert(lps.end(), ev->logprobs.begin(), ev->logprobs.end());
@@ -419,6 +422,7 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
   auto st = std::make_shared<StreamState>();
   st->info = std::move(info);
   st->stream = rs;
+  st->probe = probe;
   res.set_header("Cache-Control", "no-cache");
   res.set_header("X-Accel-Buffering", "no");
 
@@ -448,6 +452,11 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
                              {"logprobs", nullptr},
                              {"finish_reason", nullptr}});
           st->first = false;
+        }
+        if (st->probe && st->probe->peerClosed()) {
+          // The client went away: free the request's blocks now (returning false ends the
+          // response; the releaser below cancels the request).
+          return false;
         }
         std::optional<engine::RequestEvent> ev = st->stream->next(kPollInterval);
         if (!ev) {
