@@ -315,7 +315,9 @@ def main() -> int:
                     "llama_cpp.Llama (no warm-up pass); model load not timed; prefill = last-"
                     "position logits only, 512-token batches; decode = greedy argmax + "
                     "1-token forward per step; medians of the samples",
-        "cortexstream": {**summary(cs_pp, cs_tg), "bin": str(args.bin), "git": git_state(),
+        "cortexstream": {**summary(cs_pp, cs_tg), "bin": str(args.bin),
+                         # the checkout now; the binary may have been built from another state
+                         "repo_at_run_time": git_state(),
                          "build": "CMake Release, -O3 -march=native"},
     }
     if llama:
