@@ -408,6 +408,31 @@ def test_client_disconnect_cancels_request(server):
     assert m["cortexstream:generation_tokens_total"] < base["cortexstream:generation_tokens_total"] + 1000
 
 
+def test_plain_request_disconnect_cancels_request(server):
+    # A non-streamed request writes nothing until it ends; the server notices the closed socket.
+    base = server.metrics()
+    body = json.dumps({"prompt": "Tell me a long story.", "max_tokens": 1000, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.time() + 30
+    while server.metrics()["cortexstream:generation_tokens_total"] < base["cortexstream:generation_tokens_total"] + 3:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    s.close()
+    closed_at = time.time()
+    while True:
+        m = server.metrics()
+        if (m["cortexstream:num_requests_running"] == 0
+                and m["cortexstream:kv_cache_blocks_used"] == base["cortexstream:kv_cache_blocks_used"]):
+            break
+        assert time.time() - closed_at < 1.0, m
+        time.sleep(0.02)
+    assert m['cortexstream:request_success_total{finished_reason="cancelled"}'] == \
+        base['cortexstream:request_success_total{finished_reason="cancelled"}'] + 1
+
+
 # ---- concurrency --------------------------------------------------------------------------------
 
 def run_streams(client, requests: list[dict], workers: int) -> list[str]:
