@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include "kv_test_util.h"
+
 #include <sstream>
 
 #include "kv/kv_error.h"
@@ -10,17 +12,8 @@
 namespace cortex::kv {
 namespace {
 
-using Ids = std::vector<BlockId>;
-
-KVErrc errcOf(auto&& fn) {
-  try {
-    fn();
-  } catch (const KVError& e) {
-    return e.code();
-  }
-  ADD_FAILURE() << "expected a KVError";
-  return KVErrc::InvariantViolated;
-}
+using testing::errcOf;
+using testing::Ids;
 
 TEST(BlockPool, StartsAllFreeInIdOrder) {
   BlockPool pool(4);

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include "kv_test_util.h"
+
 #include <cmath>
 #include <sstream>
 
@@ -11,17 +13,8 @@
 namespace cortex::kv {
 namespace {
 
-using Ids = std::vector<BlockId>;
-
-KVErrc errcOf(auto&& fn) {
-  try {
-    fn();
-  } catch (const KVError& e) {
-    return e.code();
-  }
-  ADD_FAILURE() << "expected a KVError";
-  return KVErrc::InvariantViolated;
-}
+using testing::errcOf;
+using testing::Ids;
 
 KVCacheConfig tiny(int32_t blocks, int32_t blockSize = 4) {
   KVCacheConfig c;
