@@ -75,9 +75,9 @@ class ContiguousPool {
 
 struct Running {
   size_t request = 0;
-  int32_t generated = 0;   // tokens generated so far (kept across preemption)
-  int32_t contextTokens = 0;
-  int32_t firstBlock = -1;  // contiguous design only
+  int32_t generated = 0;      // tokens generated so far (kept across preemption)
+  int32_t contextTokens = 0;  // tokens held in memory
+  int32_t firstBlock = -1;    // contiguous design only
   int32_t reservedBlocks = 0;
 };
 
@@ -127,133 +127,138 @@ struct Accumulator {
   }
 };
 
-SimResult simulatePaged(const SimConfig& c, const std::vector<Request>& trace) {
-  kv::KVCacheConfig kc;
-  kc.numLayers = 1;
-  kc.numKVHeads = 1;
-  kc.headDim = 1;
-  kc.blockSizeTokens = c.blockSizeTokens;
-  kc.numBlocks = c.numBlocks;
-  kc.dtype = kv::KVDType::F16;
-  kv::KVCache cache(kc);
-  const int64_t poolSlots = static_cast<int64_t>(c.numBlocks) * c.blockSizeTokens;
-  // note: like vLLM, keep ~1% of blocks back at admission so running requests can grow.
-  const int32_t watermark = std::max(1, c.numBlocks / 100);
+// The paged design, on the real KVCache: admission needs the context's blocks plus a watermark;
+// a decode that finds the pool dry asks the driver to preempt.
+class PagedMemory {
+ public:
+  explicit PagedMemory(const SimConfig& c)
+      : cache_(config(c)), watermark_(std::max(1, c.numBlocks / 100)) {}
 
+  bool admit(Running& q, const Request& r, int32_t /*maxOutputTokens*/) {
+    const int32_t context = r.promptTokens + q.generated;  // recompute after preemption
+    // note: like vLLM, keep ~1% of blocks back at admission so running requests can grow.
+    if (cache_.blocksForTokens(context) + watermark_ > cache_.freeBlocks()) return false;
+    cache_.allocateFor(q.request, context);
+    q.contextTokens = context;
+    return true;
+  }
+  bool canAppend(const Running& q) const {
+    return cache_.blocksNeededToAppend(q.request, 1) <= cache_.freeBlocks();
+  }
+  void append(Running& q) {
+    cache_.appendToken(q.request);
+    ++q.contextTokens;
+  }
+  void release(Running& q) { cache_.freeFor(q.request); }
+  std::pair<int64_t, int64_t> liveAndAllocatedSlots() const {
+    const kv::KVCacheStats st = cache_.stats();
+    return {st.liveTokens, st.allocatedTokenSlots};
+  }
+
+ private:
+  static kv::KVCacheConfig config(const SimConfig& c) {
+    kv::KVCacheConfig kc;
+    kc.numLayers = 1;
+    kc.numKVHeads = 1;
+    kc.headDim = 1;
+    kc.blockSizeTokens = c.blockSizeTokens;
+    kc.numBlocks = c.numBlocks;
+    return kc;
+  }
+  kv::KVCache cache_;
+  int32_t watermark_;
+};
+
+// The origin design: the reservation covers the maximum output, so appends never fail.
+class ContiguousMemory {
+ public:
+  explicit ContiguousMemory(const SimConfig& c) : pool_(c.numBlocks), B_(c.blockSizeTokens) {}
+
+  bool admit(Running& q, const Request& r, int32_t maxOutputTokens) {
+    const int32_t n = (r.promptTokens + maxOutputTokens + B_ - 1) / B_;
+    const int32_t first = pool_.tryAllocate(n);
+    if (first < 0) return false;
+    q.firstBlock = first;
+    q.reservedBlocks = n;
+    q.contextTokens = r.promptTokens;
+    live_ += r.promptTokens;
+    return true;
+  }
+  bool canAppend(const Running&) const { return true; }
+  void append(Running& q) {
+    ++q.contextTokens;
+    ++live_;
+  }
+  void release(Running& q) {
+    pool_.free(q.firstBlock, q.reservedBlocks);
+    live_ -= q.contextTokens;
+  }
+  std::pair<int64_t, int64_t> liveAndAllocatedSlots() const {
+    return {live_, static_cast<int64_t>(pool_.usedBlocks()) * B_};
+  }
+
+ private:
+  ContiguousPool pool_;
+  int32_t B_;
+  int64_t live_ = 0;
+};
+
+// One step loop for both designs: arrivals, FCFS admission without overtaking, one decode token
+// per running request (preempting the newest when memory says no), frees of finished requests.
+template <class Memory>
+SimResult simulate(const SimConfig& c, const std::vector<Request>& trace) {
+  Memory mem(c);
+  const int64_t poolSlots = static_cast<int64_t>(c.numBlocks) * c.blockSizeTokens;
+  const int64_t B = c.blockSizeTokens;
   Accumulator acc(trace.size());
-  std::deque<Running> queue;  // waiting, FCFS; preempted requests go back to the front
+  std::deque<Running> queue;     // waiting; preempted requests go back to the front
   std::vector<Running> running;  // admission order
   size_t nextArrival = 0;
   int64_t step = 0;
   for (; nextArrival < trace.size() || !queue.empty() || !running.empty(); ++step) {
     while (nextArrival < trace.size() && trace[nextArrival].arrivalStep <= step) {
       const Request& r = trace[nextArrival];
-      if (cache.blocksForTokens(static_cast<int64_t>(r.promptTokens) + c.maxOutputTokens) >
-          c.numBlocks) {
+      // Both designs refuse what could never fit: prompt + max tokens beyond the pool.
+      if ((r.promptTokens + c.maxOutputTokens + B - 1) / B > c.numBlocks) {
         ++acc.result.rejected;
       } else {
         queue.push_back(Running{nextArrival, 0, 0, -1, 0});
       }
       ++nextArrival;
     }
-    while (!queue.empty()) {
-      Running& head = queue.front();
-      const Request& r = trace[head.request];
-      const int32_t context = r.promptTokens + head.generated;  // recompute after preemption
-      if (cache.blocksForTokens(context) + watermark > cache.freeBlocks()) break;
-      cache.allocateFor(head.request, context);
-      head.contextTokens = context;
-      if (acc.admittedAt[head.request] < 0) acc.admittedAt[head.request] = step;
-      running.push_back(head);
+    while (!queue.empty() && mem.admit(queue.front(), trace[queue.front().request],
+                                       c.maxOutputTokens)) {
+      const size_t id = queue.front().request;
+      if (acc.admittedAt[id] < 0) acc.admittedAt[id] = step;
+      running.push_back(queue.front());
       queue.pop_front();
     }
     for (Running& q : queue) acc.delayed[q.request] = true;  // waiting for memory
     acc.result.peakSequences =
         std::max(acc.result.peakSequences, static_cast<int32_t>(running.size()));
-    // Decode one token for every running request, preempting the newest when the pool is dry.
     for (size_t i = 0; i < running.size();) {
-      Running& q = running[i];
-      if (cache.blocksNeededToAppend(q.request, 1) > cache.freeBlocks()) {
+      if (!mem.canAppend(running[i])) {
         Running victim = running.back();
         running.pop_back();
-        cache.freeFor(victim.request);
+        mem.release(victim);
         ++acc.result.preemptions;
         queue.push_front(victim);
         continue;  // retry the same index (or stop, if the victim was this request)
       }
-      cache.appendToken(q.request);
-      ++q.generated;
-      ++q.contextTokens;
+      mem.append(running[i]);
+      ++running[i].generated;
       ++acc.generatedTokens;
       ++i;
     }
-    const kv::KVCacheStats st = cache.stats();
-    acc.sample(st.liveTokens, st.allocatedTokenSlots, poolSlots);
-    auto done = [&](const Running& q) {
+    const auto [live, allocated] = mem.liveAndAllocatedSlots();
+    acc.sample(live, allocated, poolSlots);
+    auto done = [&](Running& q) {
       if (q.generated < trace[q.request].outputTokens) return false;
-      cache.freeFor(q.request);
+      mem.release(q);
       ++acc.result.completed;
       return true;
     };
-    running.erase(std::remove_if(running.begin(), running.end(), done), running.end());
-  }
-  return acc.finish(trace, step);
-}
-
-SimResult simulateContiguous(const SimConfig& c, const std::vector<Request>& trace) {
-  ContiguousPool pool(c.numBlocks);
-  const int32_t B = c.blockSizeTokens;
-  const int64_t poolSlots = static_cast<int64_t>(c.numBlocks) * B;
-  auto blocksFor = [B](int64_t tokens) { return static_cast<int32_t>((tokens + B - 1) / B); };
-
-  Accumulator acc(trace.size());
-  std::deque<Running> queue;
-  std::vector<Running> running;
-  size_t nextArrival = 0;
-  int64_t step = 0;
-  int64_t liveTokens = 0;
-  for (; nextArrival < trace.size() || !queue.empty() || !running.empty(); ++step) {
-    while (nextArrival < trace.size() && trace[nextArrival].arrivalStep <= step) {
-      const Request& r = trace[nextArrival];
-      if (blocksFor(static_cast<int64_t>(r.promptTokens) + c.maxOutputTokens) > c.numBlocks) {
-        ++acc.result.rejected;
-      } else {
-        queue.push_back(Running{nextArrival, 0, 0, -1, 0});
-      }
-      ++nextArrival;
-    }
-    while (!queue.empty()) {
-      Running& head = queue.front();
-      const Request& r = trace[head.request];
-      const int32_t n = blocksFor(static_cast<int64_t>(r.promptTokens) + c.maxOutputTokens);
-      const int32_t first = pool.tryAllocate(n);
-      if (first < 0) break;
-      head.firstBlock = first;
-      head.reservedBlocks = n;
-      head.contextTokens = r.promptTokens;
-      liveTokens += r.promptTokens;
-      acc.admittedAt[head.request] = step;
-      running.push_back(head);
-      queue.pop_front();
-    }
-    for (Running& q : queue) acc.delayed[q.request] = true;
-    acc.result.peakSequences =
-        std::max(acc.result.peakSequences, static_cast<int32_t>(running.size()));
-    for (Running& q : running) {  // the reservation covers max output: appends never fail
-      ++q.generated;
-      ++q.contextTokens;
-      ++liveTokens;
-      ++acc.generatedTokens;
-    }
-    acc.sample(liveTokens, static_cast<int64_t>(pool.usedBlocks()) * B, poolSlots);
-    auto done = [&](const Running& q) {
-      if (q.generated < trace[q.request].outputTokens) return false;
-      pool.free(q.firstBlock, q.reservedBlocks);
-      liveTokens -= q.contextTokens;
-      ++acc.result.completed;
-      return true;
-    };
-    running.erase(std::remove_if(running.begin(), running.end(), done), running.end());
+    std::erase_if(running, done);
   }
   return acc.finish(trace, step);
 }
@@ -278,8 +283,8 @@ SimReport runServingSim(const SimConfig& config) {
   const std::vector<Request> trace = makeTrace(config);
   SimReport report;
   report.config = config;
-  report.paged = simulatePaged(config, trace);
-  report.contiguous = simulateContiguous(config, trace);
+  report.paged = simulate<PagedMemory>(config, trace);
+  report.contiguous = simulate<ContiguousMemory>(config, trace);
   return report;
 }
 
