@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
 # Installs what is needed, builds CortexStream, fetches the default model and runs the main job:
-# a chat-formatted generation streamed to the terminal. Arguments are passed to
-# `cortexstream generate` (e.g. scripts/run.sh --prompt "Why is the sky blue?" --max-tokens 64).
+# the OpenAI-compatible server on http://127.0.0.1:8080 (Ctrl-C stops it cleanly). Arguments are
+# passed to `cortexstream serve` (e.g. scripts/run.sh --port 9000 --kv-cache-memory 1GiB).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/install_deps.sh
 scripts/fetch_model.sh
 scripts/build.sh release cortexstream
-if (($# == 0)); then
-  set -- --prompt "What is a paged KV cache, in two sentences?"
-fi
-exec build/src/cli/cortexstream generate --chat --temperature 0 --max-tokens 128 "$@"
+exec build/src/cli/cortexstream serve "$@"
