@@ -122,3 +122,40 @@ def test_default_model_f16_kv_cache(tmp_path, default_ref):
     err = rel_error(logits, default_ref.logits(ids))
     print(f"\nf16 KV: relative logit error {err:.2e}")
     assert err < 1e-2
+
+
+def test_perplexity_matches_reference(tmp_path, default_ref):
+    """`perplexity` against the same windows scored by the reference (natural log, every token
+    of a window but the first predicted from the ones before it)."""
+    text = ("The history of the river is long. It rises in the mountains, runs through forests "
+            "and farmland, and reaches the sea after many miles. Towns grew on its banks because "
+            "the water carried boats, turned mills and fed the fields. ") * 3
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    out = json.loads(run_cli("perplexity", "--model", str(DEFAULT_MODEL), "--file", str(path),
+                             "--ctx", "48"))
+    ids = tokenize(DEFAULT_MODEL, text)
+    nll, scored = 0.0, 0
+    for start in range(0, len(ids) - 1, 48):
+        window = ids[start:start + 48]
+        if len(window) < 2:
+            break
+        logits = default_ref.logits(window)
+        m = logits.max(axis=1, keepdims=True)
+        logz = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
+        for i in range(len(window) - 1):
+            nll += logz[i] - logits[i, window[i + 1]]
+            scored += 1
+    expected = float(np.exp(nll / scored))
+    assert out["tokens"] == scored
+    # f16 KV storage (the CLI default) moves logits by ~1e-3 relative; perplexity follows.
+    assert abs(out["perplexity"] - expected) / expected < 1e-2, (out, expected)
+
+
+def test_chat_reads_turns_from_stdin():
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([str(BIN), "chat", "--model", str(DEFAULT_MODEL), "--temperature", "0",
+                           "--max-tokens", "16"], input="What is the capital of France?\n/exit\n",
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
