@@ -381,6 +381,20 @@ def test_garbage_does_not_crash(server):
 
 # ---- cancellation -------------------------------------------------------------------------------
 
+
+def wait_until_released(server, base, within_s: float = 1.0) -> dict:
+    """Polls /metrics until no request runs and KV blocks are back to `base`; fails after
+    within_s seconds. Returns the last metrics."""
+    closed_at = time.time()
+    while True:
+        m = server.metrics()
+        if (m["cortexstream:num_requests_running"] == 0
+                and m["cortexstream:kv_cache_blocks_used"] == base["cortexstream:kv_cache_blocks_used"]):
+            return m
+        assert time.time() - closed_at < within_s, m
+        time.sleep(0.02)
+
+
 def test_client_disconnect_cancels_request(server):
     base = server.metrics()
     assert base["cortexstream:num_requests_running"] == 0
@@ -394,15 +408,7 @@ def test_client_disconnect_cancels_request(server):
         received += s.recv(4096)
     assert server.metrics()["cortexstream:num_requests_running"] == 1
     s.close()
-    closed_at = time.time()
-    while True:
-        m = server.metrics()
-        if (m["cortexstream:num_requests_running"] == 0
-                and m["cortexstream:kv_cache_blocks_used"] == base["cortexstream:kv_cache_blocks_used"]):
-            break
-        assert time.time() - closed_at < 1.0, m
-        time.sleep(0.02)
-    m = server.metrics()
+    m = wait_until_released(server, base)
     assert m['cortexstream:request_success_total{finished_reason="cancelled"}'] == \
         base['cortexstream:request_success_total{finished_reason="cancelled"}'] + 1
     assert m["cortexstream:generation_tokens_total"] < base["cortexstream:generation_tokens_total"] + 1000
@@ -421,14 +427,7 @@ def test_plain_request_disconnect_cancels_request(server):
         assert time.time() < deadline
         time.sleep(0.02)
     s.close()
-    closed_at = time.time()
-    while True:
-        m = server.metrics()
-        if (m["cortexstream:num_requests_running"] == 0
-                and m["cortexstream:kv_cache_blocks_used"] == base["cortexstream:kv_cache_blocks_used"]):
-            break
-        assert time.time() - closed_at < 1.0, m
-        time.sleep(0.02)
+    m = wait_until_released(server, base)
     assert m['cortexstream:request_success_total{finished_reason="cancelled"}'] == \
         base['cortexstream:request_success_total{finished_reason="cancelled"}'] + 1
 
