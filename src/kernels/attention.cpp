@@ -23,7 +23,7 @@ size_t scoreStride(int32_t maxKeyTokens) {
 }
 
 template <KVDType DT>
-constexpr size_t kBytes = DT == KVDType::F32 ? 4 : 2;
+constexpr size_t kBytes = kv::dtypeBytes(DT);
 
 // 8 consecutive elements of a K/V row as floats.
 template <KVDType DT>

@@ -4,7 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "kv/kv_cache.h"
+#include "kv/paged_view.h"
 
 namespace cortex::kernels {
 

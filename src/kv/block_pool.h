@@ -15,10 +15,10 @@
 #include <span>
 #include <vector>
 
+#include "kv/paged_view.h"
+
 namespace cortex::kv {
 
-using BlockId = int32_t;
-inline constexpr BlockId kNoBlock = -1;
 
 class BlockPool {
  public:

@@ -37,54 +37,23 @@ KVCacheConfig validated(const KVCacheConfig& c) {
 
 }  // namespace
 
-size_t dtypeBytes(KVDType dtype) { return dtype == KVDType::F32 ? 4 : 2; }
-
-const char* toString(KVDType dtype) {
-  switch (dtype) {
-    case KVDType::F32: return "f32";
-    case KVDType::F16: return "f16";
-    case KVDType::BF16: return "bf16";
-  }
-  return "?";
-}
-
 const char* toString(KVLayout layout) {
   return layout == KVLayout::LayerMajor ? "layer-major" : "head-major";
 }
 
-void gather(const PagedKVView& view, float* out) {
-  for (int32_t h = 0; h < view.numKVHeads; ++h) {
-    for (int32_t t = 0; t < view.numTokens; ++t) {
-      const std::byte* row = view.row(t, h);
-      float* dst = out + (static_cast<int64_t>(h) * view.numTokens + t) * view.headDim;
-      for (int32_t d = 0; d < view.headDim; ++d) {
-        switch (view.dtype) {
-          case KVDType::F32: std::memcpy(&dst[d], row + 4 * d, 4); break;
-          case KVDType::F16: {
-            uint16_t bits;
-            std::memcpy(&bits, row + 2 * d, 2);
-            dst[d] = halfToFloat(bits);
-            break;
-          }
-          case KVDType::BF16: {
-            uint16_t bits;
-            std::memcpy(&bits, row + 2 * d, 2);
-            dst[d] = bf16ToFloat(bits);
-            break;
-          }
-        }
-      }
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 
+uint64_t bytesPerToken(const KVCacheConfig& c) {
+  return 2ull * static_cast<uint64_t>(c.numLayers) * static_cast<uint64_t>(c.numKVHeads) *
+         static_cast<uint64_t>(c.headDim) * dtypeBytes(c.dtype);
+}
+
+uint64_t bytesPerBlock(const KVCacheConfig& c) {
+  return bytesPerToken(c) * static_cast<uint64_t>(c.blockSizeTokens);
+}
+
 static int32_t blocksFromConfig(const KVCacheConfig& c) {
-  const uint64_t perBlock = 2ull * static_cast<uint64_t>(c.numLayers) *
-                            static_cast<uint64_t>(c.numKVHeads) *
-                            static_cast<uint64_t>(c.blockSizeTokens) *
-                            static_cast<uint64_t>(c.headDim) * dtypeBytes(c.dtype);
+  const uint64_t perBlock = kv::bytesPerBlock(c);
   if (c.numBlocks > 0) return c.numBlocks;
   const uint64_t n = c.memoryBudgetBytes / perBlock;
   if (n == 0) {
@@ -104,29 +73,34 @@ KVCache::KVCache(const KVCacheConfig& config)
   const int64_t H = config_.numKVHeads;
   const int64_t D = config_.headDim;
   const int64_t N = numBlocks_;
-  elemBytes_ = dtypeBytes(config_.dtype);
-  bytesPerBlock_ = 2ull * static_cast<uint64_t>(config_.numLayers * H * B * D) * elemBytes_;
-  layerStride_ = N * H * B * D;
+  bytesPerBlock_ = kv::bytesPerBlock(config_);
+  KVArena& a = arena_;
+  a.numLayers = config_.numLayers;
+  a.numKVHeads = config_.numKVHeads;
+  a.headDim = config_.headDim;
+  a.blockSizeTokens = config_.blockSizeTokens;
+  a.dtype = config_.dtype;
+  a.layerStride = N * H * B * D;
   if (config_.layout == KVLayout::LayerMajor) {
-    blockStride_ = H * B * D;
-    headStride_ = B * D;
+    a.blockStride = H * B * D;
+    a.headStride = B * D;
   } else {
-    blockStride_ = B * D;
-    headStride_ = N * B * D;
+    a.blockStride = B * D;
+    a.headStride = N * B * D;
   }
-  halfBytes_ = static_cast<uint64_t>(config_.numLayers * layerStride_) * elemBytes_;
+  halfBytes_ = static_cast<uint64_t>(config_.numLayers * a.layerStride) * dtypeBytes(a.dtype);
   const uint64_t total = (2 * halfBytes_ + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
-  arena_ = static_cast<std::byte*>(std::aligned_alloc(kArenaAlignment, total));
-  if (arena_ == nullptr) {
+  memory_ = static_cast<std::byte*>(std::aligned_alloc(kArenaAlignment, total));
+  if (memory_ == nullptr) {
     throw KVError(KVErrc::InvalidArgument,
                   "cannot allocate a KV arena of " + std::to_string(total) + " bytes");
   }
-  kBase_ = arena_;
-  vBase_ = arena_ + halfBytes_;
+  a.kBase = memory_;
+  a.vBase = memory_ + halfBytes_;
   blockFill_.assign(static_cast<size_t>(numBlocks_), 0);
 }
 
-KVCache::~KVCache() { std::free(arena_); }
+KVCache::~KVCache() { std::free(memory_); }
 
 int32_t KVCache::blocksForTokens(int64_t tokens) const {
   if (tokens < 0) throw KVError(KVErrc::InvalidArgument, "negative token count");
@@ -135,8 +109,8 @@ int32_t KVCache::blocksForTokens(int64_t tokens) const {
 
 void KVCache::warmup() {
   const uint64_t total = 2 * halfBytes_;
-  for (uint64_t off = 0; off < total; off += kPageBytes) arena_[off] = std::byte{0};
-  if (total > 0) arena_[total - 1] = std::byte{0};
+  for (uint64_t off = 0; off < total; off += kPageBytes) memory_[off] = std::byte{0};
+  if (total > 0) memory_[total - 1] = std::byte{0};
 }
 
 KVCache::Sequence& KVCache::find(SeqId seq) {
@@ -159,16 +133,26 @@ void KVCache::checkLayer(int32_t layer) const {
 }
 
 void KVCache::allocateFor(SeqId seq, int32_t initialTokens) {
+  std::lock_guard lock(mu_);
+  allocateLocked(seq, initialTokens, true);
+}
+
+bool KVCache::tryAllocateFor(SeqId seq, int32_t initialTokens) {
+  std::lock_guard lock(mu_);
+  return allocateLocked(seq, initialTokens, false) >= 0;
+}
+
+int32_t KVCache::allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfShort) {
   if (initialTokens <= 0) {
     throw KVError(KVErrc::InvalidArgument,
                   "allocateFor: initialTokens must be > 0, got " + std::to_string(initialTokens));
   }
   const int32_t nBlocks = blocksForTokens(initialTokens);
-  std::lock_guard lock(mu_);
   if (seqs_.count(seq) != 0) {
     throw KVError(KVErrc::SequenceExists, seqName(seq) + " is already allocated");
   }
   if (nBlocks > pool_.freeBlocks()) {
+    if (!throwIfShort) return -1;
     throw KVError(KVErrc::OutOfBlocks, "allocateFor(" + std::to_string(seq) + ", " +
                                            std::to_string(initialTokens) + " tokens) needs " +
                                            std::to_string(nBlocks) + " blocks, " +
@@ -187,6 +171,7 @@ void KVCache::allocateFor(SeqId seq, int32_t initialTokens) {
     left -= blockFill_[b];
   }
   liveTokens_ += initialTokens;
+  return 0;
 }
 
 int32_t KVCache::blocksNeededLocked(const Sequence& s, int32_t n) const {
@@ -205,28 +190,35 @@ int32_t KVCache::blocksNeededToAppend(SeqId seq, int32_t n) const {
 }
 
 void KVCache::copyBlock(BlockId from, BlockId to, int32_t tokens) {
-  const size_t rowBytes = static_cast<size_t>(config_.headDim) * elemBytes_;
+  const size_t bytes = static_cast<size_t>(config_.headDim) * dtypeBytes(config_.dtype) *
+                       static_cast<size_t>(tokens);
   for (int32_t layer = 0; layer < config_.numLayers; ++layer) {
     for (int32_t head = 0; head < config_.numKVHeads; ++head) {
       // Within a block, one head's rows are contiguous in both layouts.
-      const int64_t src = rowElemOffset({from, 0}, layer, head);
-      const int64_t dst = rowElemOffset({to, 0}, layer, head);
-      const size_t bytes = rowBytes * static_cast<size_t>(tokens);
-      std::memcpy(kBase_ + dst * static_cast<int64_t>(elemBytes_),
-                  kBase_ + src * static_cast<int64_t>(elemBytes_), bytes);
-      std::memcpy(vBase_ + dst * static_cast<int64_t>(elemBytes_),
-                  vBase_ + src * static_cast<int64_t>(elemBytes_), bytes);
+      const int64_t src = arena_.rowByteOffset({from, 0}, layer, head);
+      const int64_t dst = arena_.rowByteOffset({to, 0}, layer, head);
+      std::memcpy(arena_.kBase + dst, arena_.kBase + src, bytes);
+      std::memcpy(arena_.vBase + dst, arena_.vBase + src, bytes);
     }
   }
 }
 
 int32_t KVCache::appendTokens(SeqId seq, int32_t n) {
+  std::lock_guard lock(mu_);
+  return appendLocked(seq, n, true);
+}
+
+bool KVCache::tryAppendTokens(SeqId seq, int32_t n) {
+  std::lock_guard lock(mu_);
+  return appendLocked(seq, n, false) >= 0;
+}
+
+int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort) {
   if (n <= 0) {
     throw KVError(KVErrc::InvalidArgument,
                   "appendTokens: n must be > 0, got " + std::to_string(n));
   }
   const int32_t B = config_.blockSizeTokens;
-  std::lock_guard lock(mu_);
   Sequence& s = find(seq);
   // Fast path (15 of 16 decode steps at block size 16): room in an unshared last block. The
   // block's fill count says how much room is left without a division.
@@ -243,6 +235,7 @@ int32_t KVCache::appendTokens(SeqId seq, int32_t n) {
   }
   const int32_t needed = blocksNeededLocked(s, n);
   if (needed > pool_.freeBlocks()) {
+    if (!throwIfShort) return -1;
     throw KVError(KVErrc::OutOfBlocks, "appendTokens(" + std::to_string(seq) + ", " +
                                            std::to_string(n) + ") needs " +
                                            std::to_string(needed) + " blocks, " +
@@ -337,9 +330,13 @@ TokenSlot KVCache::slotFor(SeqId seq, int32_t pos) const {
 }
 
 void KVCache::slotsFor(SeqId seq, int32_t firstPos, std::span<TokenSlot> out) const {
-  const int32_t B = config_.blockSizeTokens;
   std::lock_guard lock(mu_);
-  const Sequence& s = find(seq);
+  slotsLocked(seq, find(seq), firstPos, out);
+}
+
+void KVCache::slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos,
+                          std::span<TokenSlot> out) const {
+  const int32_t B = config_.blockSizeTokens;
   if (firstPos < 0 || static_cast<int64_t>(firstPos) + static_cast<int64_t>(out.size()) > s.tokens) {
     throw KVError(KVErrc::InvalidArgument,
                   "positions [" + std::to_string(firstPos) + ", " +
@@ -353,70 +350,58 @@ void KVCache::slotsFor(SeqId seq, int32_t firstPos, std::span<TokenSlot> out) co
   }
 }
 
+void KVCache::resolveStep(std::span<const StepSequence> step, std::vector<TokenSlot>& slots,
+                          std::vector<BlockId>& blockTables,
+                          std::vector<int32_t>& tableStarts) const {
+  slots.clear();
+  blockTables.clear();
+  tableStarts.clear();
+  std::lock_guard lock(mu_);
+  try {
+    for (const StepSequence& st : step) {
+      const Sequence& s = find(st.seq);
+      const size_t at = slots.size();
+      slots.resize(at + static_cast<size_t>(std::max(st.numTokens, 0)));
+      slotsLocked(st.seq, s, st.firstPos, std::span<TokenSlot>(slots).subspan(at));
+      const auto n = static_cast<size_t>(blocksForTokens(static_cast<int64_t>(st.firstPos) + st.numTokens));
+      tableStarts.push_back(static_cast<int32_t>(blockTables.size()));
+      blockTables.insert(blockTables.end(), s.blocks.begin(), s.blocks.begin() + static_cast<long>(n));
+    }
+  } catch (...) {
+    slots.clear();
+    blockTables.clear();
+    tableStarts.clear();
+    throw;
+  }
+}
+
 std::byte* KVCache::kRow(TokenSlot slot, int32_t layer, int32_t head) {
   checkLayer(layer);
-  return kBase_ + rowElemOffset(slot, layer, head) * static_cast<int64_t>(elemBytes_);
+  return arena_.kBase + arena_.rowByteOffset(slot, layer, head);
 }
 
 std::byte* KVCache::vRow(TokenSlot slot, int32_t layer, int32_t head) {
   checkLayer(layer);
-  return vBase_ + rowElemOffset(slot, layer, head) * static_cast<int64_t>(elemBytes_);
-}
-
-static void storeRow(const float* src, std::byte* dst, int32_t n, KVDType dtype) {
-  switch (dtype) {
-    case KVDType::F32: std::memcpy(dst, src, static_cast<size_t>(n) * 4); break;
-    case KVDType::F16:
-      for (int32_t i = 0; i < n; ++i) {
-        const uint16_t h = floatToHalf(src[i]);
-        std::memcpy(dst + 2 * i, &h, 2);
-      }
-      break;
-    case KVDType::BF16:
-      for (int32_t i = 0; i < n; ++i) {
-        const uint16_t h = floatToBf16(src[i]);
-        std::memcpy(dst + 2 * i, &h, 2);
-      }
-      break;
-  }
+  return arena_.vBase + arena_.rowByteOffset(slot, layer, head);
 }
 
 void KVCache::writeKV(TokenSlot slot, int32_t layer, const float* k, const float* v) {
   checkLayer(layer);
-  const int32_t D = config_.headDim;
-  for (int32_t head = 0; head < config_.numKVHeads; ++head) {
-    const int64_t off = rowElemOffset(slot, layer, head) * static_cast<int64_t>(elemBytes_);
-    storeRow(k + static_cast<int64_t>(head) * D, kBase_ + off, D, config_.dtype);
-    storeRow(v + static_cast<int64_t>(head) * D, vBase_ + off, D, config_.dtype);
-  }
-}
-
-PagedKVView KVCache::makeView(const Sequence& s, int32_t layer, const std::byte* half) const {
-  PagedKVView v;
-  v.base = half + layer * layerStride_ * static_cast<int64_t>(elemBytes_);
-  v.blockTable = s.blocks.data();
-  v.numBlocks = static_cast<int32_t>(s.blocks.size());
-  v.numTokens = s.tokens;
-  v.blockSizeTokens = config_.blockSizeTokens;
-  v.numKVHeads = config_.numKVHeads;
-  v.headDim = config_.headDim;
-  v.blockStride = blockStride_;
-  v.headStride = headStride_;
-  v.tokenStride = config_.headDim;
-  v.dtype = config_.dtype;
-  return v;
+  kv::writeKV(arena_, slot, layer, k, v);
 }
 
 PagedKVView KVCache::getKView(SeqId seq, int32_t layer) const {
   checkLayer(layer);
   std::lock_guard lock(mu_);
-  return makeView(find(seq), layer, kBase_);
+  const Sequence& s = find(seq);
+  return arena_.kView(layer, s.blocks.data(), static_cast<int32_t>(s.blocks.size()), s.tokens);
 }
 
 PagedKVView KVCache::getVView(SeqId seq, int32_t layer) const {
   checkLayer(layer);
   std::lock_guard lock(mu_);
-  return makeView(find(seq), layer, vBase_);
+  const Sequence& s = find(seq);
+  return arena_.vView(layer, s.blocks.data(), static_cast<int32_t>(s.blocks.size()), s.tokens);
 }
 
 KVCacheStats KVCache::statsLocked() const {

@@ -32,19 +32,13 @@
 
 #include "kv/block_pool.h"
 #include "kv/kv_error.h"
+#include "kv/paged_view.h"
 #include "kv/spin_mutex.h"
 
 namespace cortex::kv {
 
-enum class KVDType : uint8_t { F32, F16, BF16 };
 enum class KVLayout : uint8_t { LayerMajor, HeadMajor };
-
-// Bytes per element of a storage dtype.
-size_t dtypeBytes(KVDType dtype);
-const char* toString(KVDType dtype);
 const char* toString(KVLayout layout);
-
-using SeqId = uint64_t;
 
 struct KVCacheConfig {
   int32_t numLayers = 0;
@@ -59,40 +53,18 @@ struct KVCacheConfig {
   KVLayout layout = KVLayout::LayerMajor;
 };
 
-// Where one token's K/V rows live: physical block and token offset inside it.
-struct TokenSlot {
-  BlockId block = kNoBlock;
-  int32_t offset = 0;
+// Bytes of K and V that one token takes across all layers, and that one block takes. The one
+// place these sizes are computed (the cache, the engine's memory sizing and the docs use them).
+uint64_t bytesPerToken(const KVCacheConfig& config);
+uint64_t bytesPerBlock(const KVCacheConfig& config);
+
+// One sequence's share of a forward step: its new positions [firstPos, firstPos + numTokens),
+// already reserved (allocateFor / appendTokens).
+struct StepSequence {
+  SeqId seq = 0;
+  int32_t firstPos = 0;
+  int32_t numTokens = 0;
 };
-
-// A zero-copy view of one layer's K (or V) for one sequence. Element (token t, head h, dim d) is
-// at base + (blockTable[t / blockSizeTokens] * blockStride + h * headStride +
-// (t % blockSizeTokens) * tokenStride + d) * elementBytes.
-struct PagedKVView {
-  const std::byte* base = nullptr;      // this layer's K (or V) region
-  const BlockId* blockTable = nullptr;  // numBlocks ids, logical order
-  int32_t numBlocks = 0;
-  int32_t numTokens = 0;  // valid positions: [0, numTokens)
-  int32_t blockSizeTokens = 0;
-  int32_t numKVHeads = 0;
-  int32_t headDim = 0;
-  int64_t blockStride = 0;  // elements
-  int64_t headStride = 0;   // elements
-  int64_t tokenStride = 0;  // elements
-  KVDType dtype = KVDType::F16;
-
-  // Address of the headDim-element row of (token, head). No bounds checks (hot path).
-  const std::byte* row(int32_t token, int32_t head) const {
-    const int64_t block = blockTable[token / blockSizeTokens];
-    const int64_t elem = block * blockStride + head * headStride +
-                         static_cast<int64_t>(token % blockSizeTokens) * tokenStride;
-    return base + elem * static_cast<int64_t>(dtypeBytes(dtype));
-  }
-};
-
-// Copies a view into a contiguous float tensor [numKVHeads][numTokens][headDim] (out must hold
-// that many floats). For tests and debugging only: attention reads the view in place.
-void gather(const PagedKVView& view, float* out);
 
 struct KVCacheStats {
   int32_t totalBlocks = 0;
@@ -139,6 +111,11 @@ class KVCache {
   int32_t appendToken(SeqId seq) { return appendTokens(seq, 1); }
   // Adds n >= 1 positions, all or nothing; returns the first new position.
   int32_t appendTokens(SeqId seq, int32_t n);
+  // The same two, for callers that expect the pool to run dry (the scheduler): false, with nothing
+  // changed, when the pool has too few free blocks; misuse (unknown or existing sequence, bad
+  // counts) still throws.
+  bool tryAllocateFor(SeqId seq, int32_t initialTokens);
+  bool tryAppendTokens(SeqId seq, int32_t n);
   // Blocks that appendTokens(seq, n) would take from the pool (new blocks + a copy-on-write
   // block). Throws UnknownSequence, InvalidArgument.
   int32_t blocksNeededToAppend(SeqId seq, int32_t n) const;
@@ -156,6 +133,17 @@ class KVCache {
   // Copy of the block table (logical order). For tests, dumps and the scheduler's diagnostics.
   std::vector<BlockId> blockTable(SeqId seq) const;
 
+  // --- resolving a step (one lock for the whole batch) ----------------------------------------
+  // For each sequence in `step`, in order: appends the slots of its new positions to `slots`, its
+  // whole block table (blocksForTokens(firstPos + numTokens) ids) to `blockTables`, and the index
+  // where that table starts to `tableStarts`. The outputs are cleared first and are copies: they
+  // stay valid whatever the cache does next. Throws UnknownSequence, or InvalidArgument for
+  // positions outside a sequence, with the outputs cleared.
+  void resolveStep(std::span<const StepSequence> step, std::vector<TokenSlot>& slots,
+                   std::vector<BlockId>& blockTables, std::vector<int32_t>& tableStarts) const;
+  // The arena's addresses and geometry, for writing and reading K/V in place (paged_view.h).
+  const KVArena& arena() const { return arena_; }
+
   // --- writing K/V (positions in, slots and addresses out) -------------------------------------
   // The slot of position pos in [0, usedTokens(seq)). Throws UnknownSequence, InvalidArgument.
   TokenSlot slotFor(SeqId seq, int32_t pos) const;
@@ -165,9 +153,7 @@ class KVCache {
   // Throws LayerOutOfRange; slot and head are not checked (hot path; slots come from slotFor).
   std::byte* kRow(TokenSlot slot, int32_t layer, int32_t head);
   std::byte* vRow(TokenSlot slot, int32_t layer, int32_t head);
-  // Stores one token's K and V for a layer: k and v hold numKVHeads * headDim floats (head-major),
-  // converted to the storage dtype. Lock-free; the slot must belong to a sequence the caller owns
-  // and must not be shared (appendTokens guarantees that for new positions).
+  // kv::writeKV on this cache's arena, with the layer checked (throws LayerOutOfRange).
   void writeKV(TokenSlot slot, int32_t layer, const float* k, const float* v);
 
   // --- reading ---------------------------------------------------------------------------------
@@ -208,24 +194,17 @@ class KVCache {
   void checkLayer(int32_t layer) const;
   int32_t blocksNeededLocked(const Sequence& s, int32_t n) const;
   void copyBlock(BlockId from, BlockId to, int32_t tokens);
-  PagedKVView makeView(const Sequence& s, int32_t layer, const std::byte* half) const;
-  int64_t rowElemOffset(TokenSlot slot, int32_t layer, int32_t head) const {
-    return layer * layerStride_ + slot.block * blockStride_ + head * headStride_ +
-           static_cast<int64_t>(slot.offset) * config_.headDim;
-  }
+  int32_t allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfShort);
+  int32_t appendLocked(SeqId seq, int32_t n, bool throwIfShort);  // -1: too few free blocks
+  void slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, std::span<TokenSlot> out) const;
   KVCacheStats statsLocked() const;
 
   KVCacheConfig config_;
   int32_t numBlocks_ = 0;
-  size_t elemBytes_ = 0;
   uint64_t bytesPerBlock_ = 0;
-  int64_t layerStride_ = 0;  // elements
-  int64_t blockStride_ = 0;  // elements
-  int64_t headStride_ = 0;   // elements
-  uint64_t halfBytes_ = 0;   // bytes of the K half (= V half)
-  std::byte* arena_ = nullptr;
-  std::byte* kBase_ = nullptr;
-  std::byte* vBase_ = nullptr;
+  uint64_t halfBytes_ = 0;  // bytes of the K half (= V half)
+  std::byte* memory_ = nullptr;
+  KVArena arena_;
 
   mutable SpinMutex mu_;
   BlockPool pool_;

@@ -1,0 +1,128 @@
+// What a kernel needs to read and write keys and values in place, and nothing of the cache's
+// bookkeeping: the storage format, token slots, the arena's geometry (KVArena) and a paged view of
+// one sequence's K or V in one layer (PagedKVView). KVCache (kv_cache.h) owns the arena and the
+// block tables; the forward pass receives a KVArena plus resolved slots and block tables.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+namespace cortex::kv {
+
+using BlockId = int32_t;
+inline constexpr BlockId kNoBlock = -1;
+using SeqId = uint64_t;
+
+// How K/V elements are stored. Every size and name of a format comes from its descriptor, so a
+// new format (int8 with scales, fp8) is one new row, not a hunt for `F32 ? 4 : 2`.
+enum class KVDType : uint8_t { F32, F16, BF16 };
+
+struct KVFormat {
+  KVDType dtype;
+  uint32_t elementBytes;  // bytes of one stored element
+  const char* name;       // the CLI spelling: "f32", "f16", "bf16"
+};
+
+inline constexpr KVFormat kKVFormats[] = {
+    {KVDType::F32, 4, "f32"},
+    {KVDType::F16, 2, "f16"},
+    {KVDType::BF16, 2, "bf16"},
+};
+
+constexpr const KVFormat& kvFormat(KVDType dtype) { return kKVFormats[static_cast<size_t>(dtype)]; }
+constexpr size_t dtypeBytes(KVDType dtype) { return kvFormat(dtype).elementBytes; }
+constexpr const char* toString(KVDType dtype) { return kvFormat(dtype).name; }
+// The format named `name` ("f32", "f16", "bf16"); throws std::invalid_argument naming the choices.
+KVDType parseKVDType(std::string_view name);
+
+// Where one token's K/V rows live: physical block and token offset inside it.
+struct TokenSlot {
+  BlockId block = kNoBlock;
+  int32_t offset = 0;
+};
+
+// A zero-copy view of one layer's K (or V) for one sequence. Element (token t, head h, dim d) is
+// at base + (blockTable[t / blockSizeTokens] * blockStride + h * headStride +
+// (t % blockSizeTokens) * tokenStride + d) * elementBytes.
+struct PagedKVView {
+  const std::byte* base = nullptr;      // this layer's K (or V) region
+  const BlockId* blockTable = nullptr;  // numBlocks ids, logical order
+  int32_t numBlocks = 0;
+  int32_t numTokens = 0;  // valid positions: [0, numTokens)
+  int32_t blockSizeTokens = 0;
+  int32_t numKVHeads = 0;
+  int32_t headDim = 0;
+  int64_t blockStride = 0;  // elements
+  int64_t headStride = 0;   // elements
+  int64_t tokenStride = 0;  // elements
+  KVDType dtype = KVDType::F16;
+
+  // Address of the headDim-element row of (token, head). No bounds checks (hot path).
+  const std::byte* row(int32_t token, int32_t head) const {
+    const int64_t block = blockTable[token / blockSizeTokens];
+    const int64_t elem = block * blockStride + head * headStride +
+                         static_cast<int64_t>(token % blockSizeTokens) * tokenStride;
+    return base + elem * static_cast<int64_t>(dtypeBytes(dtype));
+  }
+};
+
+// The K/V arena's addresses and geometry: enough to address the row of any (slot, layer, head)
+// and to build paged views from a block table, without the cache's lock or bookkeeping. Valid as
+// long as the KVCache that handed it out (its arena never moves).
+struct KVArena {
+  std::byte* kBase = nullptr;
+  std::byte* vBase = nullptr;
+  int32_t numLayers = 0;
+  int32_t numKVHeads = 0;
+  int32_t headDim = 0;
+  int32_t blockSizeTokens = 0;
+  int64_t layerStride = 0;  // elements
+  int64_t blockStride = 0;  // elements
+  int64_t headStride = 0;   // elements
+  KVDType dtype = KVDType::F16;
+
+  int64_t rowByteOffset(TokenSlot slot, int32_t layer, int32_t head) const {
+    return (layer * layerStride + slot.block * blockStride + head * headStride +
+            static_cast<int64_t>(slot.offset) * headDim) *
+           static_cast<int64_t>(dtypeBytes(dtype));
+  }
+  // A view of positions [0, numTokens) of one layer through a block table of numBlocks ids.
+  PagedKVView kView(int32_t layer, const BlockId* table, int32_t numBlocks,
+                    int32_t numTokens) const {
+    return view(kBase, layer, table, numBlocks, numTokens);
+  }
+  PagedKVView vView(int32_t layer, const BlockId* table, int32_t numBlocks,
+                    int32_t numTokens) const {
+    return view(vBase, layer, table, numBlocks, numTokens);
+  }
+
+ private:
+  PagedKVView view(const std::byte* half, int32_t layer, const BlockId* table, int32_t numBlocks,
+                   int32_t numTokens) const {
+    PagedKVView v;
+    v.base = half + layer * layerStride * static_cast<int64_t>(dtypeBytes(dtype));
+    v.blockTable = table;
+    v.numBlocks = numBlocks;
+    v.numTokens = numTokens;
+    v.blockSizeTokens = blockSizeTokens;
+    v.numKVHeads = numKVHeads;
+    v.headDim = headDim;
+    v.blockStride = blockStride;
+    v.headStride = headStride;
+    v.tokenStride = headDim;
+    v.dtype = dtype;
+    return v;
+  }
+};
+
+// Stores one token's K and V for a layer: k and v hold numKVHeads * headDim floats (head-major),
+// converted to the storage format. The slot must be one its caller reserved and does not share
+// (new positions from appendTokens are never shared). No lock, no checks (hot path).
+void writeKV(const KVArena& arena, TokenSlot slot, int32_t layer, const float* k, const float* v);
+
+// Copies a view into a contiguous float tensor [numKVHeads][numTokens][headDim] (out must hold
+// that many floats). For tests and debugging only: attention reads the view in place.
+void gather(const PagedKVView& view, float* out);
+
+}  // namespace cortex::kv
