@@ -1,0 +1,201 @@
+#include "engine/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace cortex::engine {
+
+namespace {
+
+std::string seqName(kv::SeqId seq) { return "request " + std::to_string(seq); }
+
+}  // namespace
+
+Scheduler::Scheduler(const SchedulerConfig& config, BlockBudget& memory)
+    : config_(config), memory_(memory) {
+  if (config_.maxBatchedTokens < 1 || config_.maxNumSeqs < 1) {
+    throw std::invalid_argument("max batched tokens and max sequences must be >= 1");
+  }
+  if (!(config_.watermarkFraction >= 0.0 && config_.watermarkFraction < 1.0)) {
+    throw std::invalid_argument("the watermark fraction must be in [0, 1)");
+  }
+  watermarkBlocks_ = std::max(
+      1, static_cast<int32_t>(std::floor(config_.watermarkFraction * memory_.totalBlocks())));
+}
+
+int64_t Scheduler::maxContextTokens() const {
+  return int64_t{memory_.totalBlocks()} * memory_.blockSizeTokens();
+}
+
+Scheduler::Entry& Scheduler::entry(kv::SeqId seq) {
+  auto it = entries_.find(seq);
+  if (it == entries_.end()) throw std::invalid_argument(seqName(seq) + " is not scheduled");
+  return it->second;
+}
+
+const Scheduler::Entry& Scheduler::entry(kv::SeqId seq) const {
+  auto it = entries_.find(seq);
+  if (it == entries_.end()) throw std::invalid_argument(seqName(seq) + " is not scheduled");
+  return it->second;
+}
+
+void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens) {
+  if (contextTokens < 1 || maxContextTokens < contextTokens) {
+    throw std::invalid_argument(seqName(seq) + ": needs 1 <= context <= max context tokens");
+  }
+  if (maxContextTokens > this->maxContextTokens()) {
+    throw std::invalid_argument(seqName(seq) + " needs " + std::to_string(maxContextTokens) +
+                                " tokens of KV memory; the pool holds " +
+                                std::to_string(this->maxContextTokens()));
+  }
+  if (entries_.count(seq) != 0) throw std::invalid_argument(seqName(seq) + " is already scheduled");
+  auto [it, inserted] = entries_.emplace(seq, Entry{seq, contextTokens, 0, maxContextTokens, false});
+  (void)inserted;
+  try {
+    waiting_.push_back(&it->second);
+  } catch (...) {
+    entries_.erase(it);
+    throw;
+  }
+}
+
+void Scheduler::appendToken(kv::SeqId seq) {
+  Entry& e = entry(seq);
+  if (e.contextTokens >= e.maxContextTokens) {
+    throw std::invalid_argument(seqName(seq) + " is already at its maximum context");
+  }
+  ++e.contextTokens;
+}
+
+bool Scheduler::remove(kv::SeqId seq) {
+  auto it = entries_.find(seq);
+  if (it == entries_.end()) return false;
+  Entry* e = &it->second;
+  if (e->running) {
+    std::erase(running_, e);
+  } else {
+    std::erase(waiting_, e);
+  }
+  memory_.release(seq);
+  entries_.erase(it);
+  return true;
+}
+
+bool Scheduler::isRunning(kv::SeqId seq) const { return entry(seq).running; }
+
+int32_t Scheduler::computedTokens(kv::SeqId seq) const { return entry(seq).computedTokens; }
+
+void Scheduler::preemptNewest(StepPlan& plan) {
+  Entry* victim = running_.back();
+  running_.pop_back();
+  memory_.release(victim->seq);
+  victim->computedTokens = 0;
+  victim->running = false;
+  waiting_.push_front(victim);
+  plan.preempted.push_back(victim->seq);
+}
+
+void Scheduler::plan(StepPlan& plan, Entry& e, int32_t n) {
+  plan.chunks.push_back({e.seq, e.computedTokens, n, e.computedTokens + n == e.contextTokens});
+  e.computedTokens += n;
+  plan.numTokens += n;
+}
+
+StepPlan Scheduler::schedule() {
+  StepPlan out;
+  for (;;) {
+    // Retrying after a forced preemption: the chunks planned so far were all undone by it (the
+    // plan is empty whenever we get here), so only the preemptions carry over.
+    out.chunks.clear();
+    out.numTokens = 0;
+    int32_t budget = config_.maxBatchedTokens;
+
+    // 1. Decodes, oldest first; the newest running request yields its blocks when the pool is dry.
+    for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+      Entry& e = *running_[i];
+      if (e.contextTokens - e.computedTokens != 1) continue;
+      bool preemptedSelf = false;
+      while (!memory_.tryAppend(e.seq, 1)) {
+        const bool self = running_.back() == &e;
+        preemptNewest(out);
+        if (self) {
+          preemptedSelf = true;
+          break;
+        }
+      }
+      // note: the victims are always newer than e, so none of them was planned in this loop.
+      if (preemptedSelf) break;
+      plan(out, e, 1);
+      --budget;
+    }
+
+    // 2. The next chunk of running requests still prefilling, as far as blocks allow.
+    for (Entry* ep : running_) {
+      Entry& e = *ep;
+      const int32_t pending = e.contextTokens - e.computedTokens;
+      if (pending <= 1 || budget == 0) continue;
+      int32_t n = std::min(pending, budget);
+      const int32_t free = memory_.freeBlocks();
+      if (memory_.blocksNeededToAppend(e.seq, n) > free) {
+        // The largest chunk that fits (blocks needed grow with n).
+        int32_t lo = 0, hi = n - 1;
+        while (lo < hi) {
+          const int32_t mid = lo + (hi - lo + 1) / 2;
+          if (memory_.blocksNeededToAppend(e.seq, mid) <= free) {
+            lo = mid;
+          } else {
+            hi = mid - 1;
+          }
+        }
+        n = lo;
+      }
+      if (n <= 0 || !memory_.tryAppend(e.seq, n)) continue;
+      plan(out, e, n);
+      budget -= n;
+    }
+
+    // 3. Admission in arrival order, no overtaking.
+    while (!waiting_.empty() && budget > 0 &&
+           static_cast<int32_t>(running_.size()) < config_.maxNumSeqs) {
+      Entry& e = *waiting_.front();
+      const int32_t n = std::min(e.contextTokens, budget);
+      const int32_t need = memory_.blocksForTokens(n);
+      if (!running_.empty() && need + watermarkBlocks_ > memory_.freeBlocks()) break;
+      if (!memory_.tryAllocate(e.seq, n, e.maxContextTokens)) break;
+      waiting_.pop_front();
+      e.running = true;
+      running_.push_back(&e);
+      plan(out, e, n);
+      budget -= n;
+    }
+
+    if (!out.chunks.empty() || running_.empty()) break;
+    // Nothing could run although requests hold blocks (prefills waiting for blocks the others
+    // hold): free the newest and plan again.
+    preemptNewest(out);
+  }
+  return out;
+}
+
+void Scheduler::checkInvariants() const {
+  auto fail = [](const std::string& what) { throw std::logic_error("scheduler: " + what); };
+  if (running_.size() + waiting_.size() != entries_.size()) fail("queues and entries disagree");
+  if (static_cast<int32_t>(running_.size()) > config_.maxNumSeqs) fail("too many running");
+  for (const Entry* e : running_) {
+    if (!e->running) fail(seqName(e->seq) + " is in the running list but not marked running");
+    if (e->computedTokens <= 0 || e->computedTokens > e->contextTokens) {
+      fail(seqName(e->seq) + " runs with computed tokens outside (0, context]");
+    }
+  }
+  for (const Entry* e : waiting_) {
+    if (e->running) fail(seqName(e->seq) + " is waiting but marked running");
+    if (e->computedTokens != 0) fail(seqName(e->seq) + " is waiting with computed tokens");
+  }
+  for (const auto& [seq, e] : entries_) {
+    if (e.contextTokens > e.maxContextTokens) fail(seqName(seq) + " exceeds its max context");
+  }
+}
+
+}  // namespace cortex::engine

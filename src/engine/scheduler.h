@@ -1,0 +1,155 @@
+// The continuous-batching policy: which requests run in the next forward step and how many tokens
+// each, decided in blocks and tokens only. It knows nothing of models, logits or bytes, so it is
+// tested without a model file and the serving simulation (kvsim) drives the same code.
+//
+// Each schedule() call builds one step under a token budget (maxBatchedTokens) and a sequence cap
+// (maxNumSeqs):
+//   1. running requests that decode (one token each), in admission order; when the pool has no
+//      block for one of them, the most recently admitted running request is preempted (its blocks
+//      are freed and it goes back to the front of the queue, to be recomputed from scratch);
+//   2. the next chunk of running requests still prefilling, as far as budget and blocks allow;
+//   3. waiting requests, first come first served and never overtaken: the queue's head is admitted
+//      with as much of its context as the budget allows, while the pool keeps a watermark of free
+//      blocks back for running requests to grow (the head may always take the last blocks when
+//      nothing runs), and admission stops at the first request that does not fit.
+// If nothing at all could be scheduled while requests run (prefills holding blocks each other
+// need), the newest running request is preempted and the step is planned again.
+// Positions are reserved in KV memory as they are planned: after schedule() returns, every planned
+// chunk's positions exist in the cache, ready for the forward pass to write.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "kv/kv_cache.h"
+
+namespace cortex::engine {
+
+// The scheduler's view of KV memory: blocks and tokens. Implemented over the real KVCache
+// (PagedBlockBudget) and, in the serving simulation, over the contiguous-reservation design.
+class BlockBudget {
+ public:
+  virtual ~BlockBudget() = default;
+  virtual int32_t totalBlocks() const = 0;
+  virtual int32_t freeBlocks() const = 0;
+  virtual int32_t blockSizeTokens() const = 0;
+  int32_t blocksForTokens(int64_t tokens) const {
+    return static_cast<int32_t>((tokens + blockSizeTokens() - 1) / blockSizeTokens());
+  }
+  // Creates `seq` holding positions [0, tokens); maxContextTokens is the most it may ever hold
+  // (designs that reserve up front use it). False, with nothing changed, when memory is short.
+  virtual bool tryAllocate(kv::SeqId seq, int32_t tokens, int32_t maxContextTokens) = 0;
+  // Adds n positions to `seq`; false, with nothing changed, when memory is short.
+  virtual bool tryAppend(kv::SeqId seq, int32_t n) = 0;
+  // Blocks tryAppend(seq, n) would take.
+  virtual int32_t blocksNeededToAppend(kv::SeqId seq, int32_t n) const = 0;
+  // Releases everything `seq` holds (no-op for an unknown id).
+  virtual void release(kv::SeqId seq) = 0;
+};
+
+// BlockBudget over the paged KVCache.
+class PagedBlockBudget final : public BlockBudget {
+ public:
+  explicit PagedBlockBudget(kv::KVCache& cache) : cache_(cache) {}
+  int32_t totalBlocks() const override { return cache_.numBlocks(); }
+  int32_t freeBlocks() const override { return cache_.freeBlocks(); }
+  int32_t blockSizeTokens() const override { return cache_.blockSizeTokens(); }
+  bool tryAllocate(kv::SeqId seq, int32_t tokens, int32_t) override {
+    return cache_.tryAllocateFor(seq, tokens);
+  }
+  bool tryAppend(kv::SeqId seq, int32_t n) override { return cache_.tryAppendTokens(seq, n); }
+  int32_t blocksNeededToAppend(kv::SeqId seq, int32_t n) const override {
+    return cache_.blocksNeededToAppend(seq, n);
+  }
+  void release(kv::SeqId seq) override { cache_.freeFor(seq); }
+
+ private:
+  kv::KVCache& cache_;
+};
+
+struct SchedulerConfig {
+  int32_t maxBatchedTokens = 512;  // tokens per step (decodes + prefill chunks), >= 1
+  int32_t maxNumSeqs = 64;         // requests running at once, >= 1
+  // Blocks kept free at admission so running requests can grow: this fraction of the pool, at
+  // least one block (vLLM keeps 1%).
+  double watermarkFraction = 0.01;
+};
+
+// One request's share of a step: positions [firstPos, firstPos + numTokens) of its context.
+struct ScheduledChunk {
+  kv::SeqId seq = 0;
+  int32_t firstPos = 0;
+  int32_t numTokens = 0;
+  // True when the chunk computes the last position of the request's context: the step's output
+  // for it is the distribution of its next token.
+  bool completesContext = false;
+};
+
+struct StepPlan {
+  std::vector<ScheduledChunk> chunks;  // decodes first (admission order), then prefill chunks
+  std::vector<kv::SeqId> preempted;    // freed in this step and queued again at the front
+  int32_t numTokens = 0;               // sum of chunk sizes, <= maxBatchedTokens
+  bool empty() const { return chunks.empty(); }
+};
+
+class Scheduler {
+ public:
+  // Throws std::invalid_argument for a config outside the documented ranges.
+  Scheduler(const SchedulerConfig& config, BlockBudget& memory);
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  const SchedulerConfig& config() const { return config_; }
+  // The longest context (tokens) a request may ever reach: what the whole pool holds.
+  int64_t maxContextTokens() const;
+
+  // Queues a new request at the back. contextTokens >= 1 (its prompt); maxContextTokens >=
+  // contextTokens is prompt + max new tokens. Throws std::invalid_argument for an id already
+  // known, bad counts, or a request that could never fit (maxContextTokens > maxContextTokens()).
+  void add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens);
+  // A token was sampled for `seq` (after a step whose chunk completed its context): the context
+  // grows by one, to be computed in a later step. Throws std::invalid_argument for an unknown id.
+  void appendToken(kv::SeqId seq);
+  // Removes `seq` wherever it is (waiting or running) and releases its memory. False for an
+  // unknown id (removing twice is harmless).
+  bool remove(kv::SeqId seq);
+
+  // Plans the next step (see the file comment). Empty when there is nothing to run.
+  StepPlan schedule();
+
+  int32_t numWaiting() const { return static_cast<int32_t>(waiting_.size()); }
+  int32_t numRunning() const { return static_cast<int32_t>(running_.size()); }
+  bool isRunning(kv::SeqId seq) const;
+  // Tokens of `seq` computed (or planned) so far; throws std::invalid_argument for unknown ids.
+  int32_t computedTokens(kv::SeqId seq) const;
+
+  // Verifies: every request is in exactly one of the queues; running ones hold memory and have
+  // 0 < computed <= context; waiting ones have computed = 0; running count <= maxNumSeqs. Throws
+  // std::logic_error.
+  void checkInvariants() const;
+
+ private:
+  struct Entry {
+    kv::SeqId seq = 0;
+    int32_t contextTokens = 0;     // prompt + tokens generated so far
+    int32_t computedTokens = 0;    // positions computed or planned (held in memory)
+    int32_t maxContextTokens = 0;  // prompt + max new tokens
+    bool running = false;
+  };
+  Entry& entry(kv::SeqId seq);
+  const Entry& entry(kv::SeqId seq) const;
+  void preemptNewest(StepPlan& plan);
+  void plan(StepPlan& plan, Entry& e, int32_t n);
+
+  SchedulerConfig config_;
+  BlockBudget& memory_;
+  int32_t watermarkBlocks_ = 1;
+  std::unordered_map<kv::SeqId, Entry> entries_;
+  std::deque<Entry*> waiting_;   // arrival order; preempted requests go back to the front
+  std::vector<Entry*> running_;  // admission order
+};
+
+}  // namespace cortex::engine
