@@ -1,4 +1,5 @@
-// BlockPool (the origin's KVBlockAllocator): the physical layer of the KV cache.
+// BlockPool (KVBlockAllocator in the original CortexStream KV cache design; see docs/design.md):
+// the physical layer of the KV cache.
 //
 // A fixed number of equal blocks, identified by dense integer ids [0, totalBlocks). The pool
 // knows nothing about bytes or tokens: it hands out ids, counts references and keeps free ids in
@@ -49,12 +50,12 @@ class BlockPool {
   // Blocks with ref count > 1.
   int32_t sharedBlocks() const { return numShared_; }
 
-  // External fragmentation as the origin defined it: 1 - (longest run of consecutive free ids /
-  // free blocks), 0 when nothing is free. Reported for comparison only: a paged cache never needs
-  // consecutive ids, so this number never limits allocation. O(totalBlocks).
+  // External fragmentation as a contiguous allocator sees it: 1 - (longest run of consecutive
+  // free ids / free blocks), 0 when nothing is free. Reported for comparison only: a paged cache
+  // never needs consecutive ids, so this number never limits allocation. O(totalBlocks).
   double fragmentation() const;
 
-  // The origin's ASCII map, 64 blocks a line: '.' free, 'X' used by one owner, 'S' shared.
+  // An ASCII map of the pool, 64 blocks a line: '.' free, 'X' used by one owner, 'S' shared.
   void dumpBlockMap(std::ostream& os) const;
 
   // Free ids from head (next handed out) to tail. O(freeBlocks); for tests and dumps.
@@ -79,6 +80,6 @@ class BlockPool {
   std::vector<BlockId> prev_;
 };
 
-using KVBlockAllocator = BlockPool;  // the origin's name
+using KVBlockAllocator = BlockPool;  // the original design's name (docs/design.md)
 
 }  // namespace cortex::kv

@@ -54,7 +54,8 @@ struct KVCacheConfig {
 };
 
 // Bytes of K and V that one token takes across all layers, and that one block takes. The one
-// place these sizes are computed (the cache, the engine's memory sizing and the docs use them).
+// formula for these sizes: the cache sizes its arena with it, and anything else that sizes KV
+// memory should call it rather than repeat it.
 uint64_t bytesPerToken(const KVCacheConfig& config);
 uint64_t bytesPerBlock(const KVCacheConfig& config);
 
@@ -172,7 +173,8 @@ class KVCache {
   double getUtilization() const;       // live tokens / allocated slots
   int32_t freeBlocks() const;
   int32_t usedBlocks() const;
-  // Statistics in the origin's format, then every sequence's block table.
+  // Statistics (configuration, blocks, bytes, sequences, live tokens, utilization,
+  // fragmentation), then every sequence's block table, one line each.
   void dumpCacheStats(std::ostream& os) const;
   // The pool's block map ('.' free, 'X' used, 'S' shared).
   void dumpBlockMap(std::ostream& os) const;

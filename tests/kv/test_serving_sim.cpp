@@ -1,4 +1,5 @@
-// The serving simulation: deterministic for a seed, and the paged cache beats the origin design.
+// The serving simulation: deterministic for a seed, and the paged cache beats the contiguous design
+// (each request reserves prompt + max output tokens as one run of blocks, found by first fit).
 #include "kvsim/serving_sim.h"
 
 #include <gtest/gtest.h>

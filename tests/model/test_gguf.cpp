@@ -568,7 +568,9 @@ TEST(GGUFFileOnDisk, OpenErrorsNameThePath) {
   std::filesystem::remove(empty);
 }
 
-// The default model, when present (scripts/fetch_model.sh): shape facts from ARCHITECTURE.md.
+// The default model, when present (scripts/fetch_model.sh): facts of the SmolLM2-135M-Instruct
+// Q4_1 file (GGUF v3, Llama, 30 layers, hidden 576, 3 KV heads, RoPE theta 100000, vocabulary
+// 49152, Q8_0 embedding table) and every tensor type supported.
 TEST(GGUFFileOnDisk, DefaultModel) {
   const std::string path = std::string(CS_SOURCE_DIR) + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
   if (!std::filesystem::exists(path)) GTEST_SKIP() << path << " missing; run scripts/fetch_model.sh";
