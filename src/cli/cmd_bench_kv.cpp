@@ -127,7 +127,7 @@ void registerBenchKvCommands(CLI::App& bench) {
   });
 
   auto* sim = bench.add_subcommand(
-      "kv-sim", "Seeded serving simulation: paged KV cache vs the origin's contiguous design");
+      "kv-sim", "Seeded serving simulation under the engine's scheduler: paged KV cache vs the contiguous design");
   auto cfg = std::make_shared<kvsim::SimConfig>();
   sim->add_option("--seed", cfg->seed, "random seed");
   sim->add_option("--blocks", cfg->numBlocks, "blocks in the pool")->check(CLI::Range(1, 1 << 24));
@@ -135,7 +135,7 @@ void registerBenchKvCommands(CLI::App& bench) {
       ->check(CLI::Range(1, 4096));
   sim->add_option("--requests", cfg->numRequests, "requests in the trace")
       ->check(CLI::Range(1, 10000000));
-  sim->add_option("--arrival-rate", cfg->arrivalsPerStep, "mean arrivals per decode step")
+  sim->add_option("--arrival-rate", cfg->arrivalsPerStep, "mean arrivals per step")
       ->check(CLI::Range(0.001, 1000.0));
   sim->add_option("--max-tokens", cfg->maxOutputTokens, "max_tokens of every request")
       ->check(CLI::Range(1, 1 << 20));
@@ -143,6 +143,10 @@ void registerBenchKvCommands(CLI::App& bench) {
       ->check(CLI::Range(1.0, 1e6));
   sim->add_option("--output-median", cfg->outputMedianTokens, "median output length (tokens)")
       ->check(CLI::Range(1.0, 1e6));
+  sim->add_option("--max-batched-tokens", cfg->maxBatchedTokens, "the scheduler's tokens per step")
+      ->check(CLI::Range(1, 1 << 24));
+  sim->add_option("--max-num-seqs", cfg->maxNumSeqs, "the scheduler's cap on running requests")
+      ->check(CLI::Range(1, 1 << 20));
   sim->add_flag("--json", *json, "print the JSON object on one line");
   sim->callback([cfg, json] {
     const std::string out = kvsim::toJson(kvsim::runServingSim(*cfg));

@@ -2,12 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <deque>
+#include <map>
 #include <random>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "engine/scheduler.h"
 #include "kv/kv_cache.h"
 
 namespace cortex::kvsim {
@@ -42,8 +43,8 @@ std::vector<Request> makeTrace(const SimConfig& c) {
   return trace;
 }
 
-// The origin design: one contiguous run of blocks per request, reserved for prompt + max output,
-// found by a first-fit linear scan.
+// The contiguous design: one contiguous run of blocks per request, reserved at admission for its
+// prompt + max output tokens and found by a first-fit linear scan.
 class ContiguousPool {
  public:
   explicit ContiguousPool(int32_t numBlocks) : used_(static_cast<size_t>(numBlocks), false) {}
@@ -67,18 +68,57 @@ class ContiguousPool {
     usedBlocks_ -= n;
   }
   int32_t usedBlocks() const { return usedBlocks_; }
+  int32_t totalBlocks() const { return static_cast<int32_t>(used_.size()); }
 
  private:
   std::vector<bool> used_;
   int32_t usedBlocks_ = 0;
 };
 
-struct Running {
-  size_t request = 0;
-  int32_t generated = 0;      // tokens generated so far (kept across preemption)
-  int32_t contextTokens = 0;  // tokens held in memory
-  int32_t firstBlock = -1;    // contiguous design only
-  int32_t reservedBlocks = 0;
+// The scheduler's memory in the contiguous design: admission reserves the whole maximum context,
+// so appends never need a block (and nothing is ever preempted).
+class ContiguousBudget final : public engine::BlockBudget {
+ public:
+  ContiguousBudget(int32_t numBlocks, int32_t blockSizeTokens)
+      : pool_(numBlocks), blockSizeTokens_(blockSizeTokens) {}
+  int32_t totalBlocks() const override { return pool_.totalBlocks(); }
+  int32_t freeBlocks() const override { return pool_.totalBlocks() - pool_.usedBlocks(); }
+  int32_t blockSizeTokens() const override { return blockSizeTokens_; }
+  bool tryAllocate(kv::SeqId seq, int32_t tokens, int32_t maxContextTokens) override {
+    const int32_t n = blocksForTokens(maxContextTokens);
+    const int32_t first = pool_.tryAllocate(n);
+    if (first < 0) return false;
+    runs_[seq] = {first, n, tokens};
+    liveTokens_ += tokens;
+    return true;
+  }
+  bool tryAppend(kv::SeqId seq, int32_t n) override {
+    runs_.at(seq).tokens += n;
+    liveTokens_ += n;
+    return true;
+  }
+  int32_t blocksNeededToAppend(kv::SeqId, int32_t) const override { return 0; }
+  void release(kv::SeqId seq) override {
+    auto it = runs_.find(seq);
+    if (it == runs_.end()) return;
+    pool_.free(it->second.first, it->second.blocks);
+    liveTokens_ -= it->second.tokens;
+    runs_.erase(it);
+  }
+  std::pair<int64_t, int64_t> liveAndAllocatedSlots() const {
+    return {liveTokens_, static_cast<int64_t>(pool_.usedBlocks()) * blockSizeTokens_};
+  }
+
+ private:
+  struct Run {
+    int32_t first = 0;
+    int32_t blocks = 0;
+    int32_t tokens = 0;
+  };
+  ContiguousPool pool_;
+  int32_t blockSizeTokens_;
+  std::map<kv::SeqId, Run> runs_;
+  int64_t liveTokens_ = 0;
 };
 
 struct Accumulator {
@@ -86,11 +126,10 @@ struct Accumulator {
   double memorySum = 0;
   int64_t memorySteps = 0;
   std::vector<int64_t> admittedAt;
-  std::vector<bool> delayed;
   int64_t generatedTokens = 0;
   SimResult result;
 
-  explicit Accumulator(size_t n) : admittedAt(n, -1), delayed(n, false) {}
+  explicit Accumulator(size_t n) : admittedAt(n, -1) {}
 
   void sample(int64_t liveTokens, int64_t allocatedSlots, int64_t poolSlots) {
     if (allocatedSlots == 0) return;
@@ -118,7 +157,7 @@ struct Accumulator {
       if (admittedAt[i] < 0) continue;
       waitSum += static_cast<double>(admittedAt[i] - trace[i].arrivalStep);
       ++admitted;
-      r.delayed += delayed[i] ? 1 : 0;
+      r.delayed += admittedAt[i] > trace[i].arrivalStep ? 1 : 0;
     }
     r.meanQueueSteps = admitted ? waitSum / admitted : 0;
     r.throughputTokensPerStep =
@@ -127,29 +166,12 @@ struct Accumulator {
   }
 };
 
-// The paged design, on the real KVCache: admission needs the context's blocks plus a watermark;
-// a decode that finds the pool dry asks the driver to preempt.
+// The paged design on the real KVCache (one layer, one head of size 1: the bookkeeping is real,
+// the arena tiny).
 class PagedMemory {
  public:
-  explicit PagedMemory(const SimConfig& c)
-      : cache_(config(c)), watermark_(std::max(1, c.numBlocks / 100)) {}
-
-  bool admit(Running& q, const Request& r, int32_t /*maxOutputTokens*/) {
-    const int32_t context = r.promptTokens + q.generated;  // recompute after preemption
-    // note: like vLLM, keep ~1% of blocks back at admission so running requests can grow.
-    if (cache_.blocksForTokens(context) + watermark_ > cache_.freeBlocks()) return false;
-    cache_.allocateFor(q.request, context);
-    q.contextTokens = context;
-    return true;
-  }
-  bool canAppend(const Running& q) const {
-    return cache_.blocksNeededToAppend(q.request, 1) <= cache_.freeBlocks();
-  }
-  void append(Running& q) {
-    cache_.appendToken(q.request);
-    ++q.contextTokens;
-  }
-  void release(Running& q) { cache_.freeFor(q.request); }
+  explicit PagedMemory(const SimConfig& c) : cache_(config(c)), budget_(cache_) {}
+  engine::BlockBudget& budget() { return budget_; }
   std::pair<int64_t, int64_t> liveAndAllocatedSlots() const {
     const kv::KVCacheStats st = cache_.stats();
     return {st.liveTokens, st.allocatedTokenSlots};
@@ -166,99 +188,66 @@ class PagedMemory {
     return kc;
   }
   kv::KVCache cache_;
-  int32_t watermark_;
+  engine::PagedBlockBudget budget_;
 };
 
-// The origin design: the reservation covers the maximum output, so appends never fail.
 class ContiguousMemory {
  public:
-  explicit ContiguousMemory(const SimConfig& c) : pool_(c.numBlocks), B_(c.blockSizeTokens) {}
-
-  bool admit(Running& q, const Request& r, int32_t maxOutputTokens) {
-    const int32_t n = (r.promptTokens + maxOutputTokens + B_ - 1) / B_;
-    const int32_t first = pool_.tryAllocate(n);
-    if (first < 0) return false;
-    q.firstBlock = first;
-    q.reservedBlocks = n;
-    q.contextTokens = r.promptTokens;
-    live_ += r.promptTokens;
-    return true;
-  }
-  bool canAppend(const Running&) const { return true; }
-  void append(Running& q) {
-    ++q.contextTokens;
-    ++live_;
-  }
-  void release(Running& q) {
-    pool_.free(q.firstBlock, q.reservedBlocks);
-    live_ -= q.contextTokens;
-  }
+  explicit ContiguousMemory(const SimConfig& c) : budget_(c.numBlocks, c.blockSizeTokens) {}
+  engine::BlockBudget& budget() { return budget_; }
   std::pair<int64_t, int64_t> liveAndAllocatedSlots() const {
-    return {live_, static_cast<int64_t>(pool_.usedBlocks()) * B_};
+    return budget_.liveAndAllocatedSlots();
   }
 
  private:
-  ContiguousPool pool_;
-  int32_t B_;
-  int64_t live_ = 0;
+  ContiguousBudget budget_;
 };
 
-// One step loop for both designs: arrivals, FCFS admission without overtaking, one decode token
-// per running request (preempting the newest when memory says no), frees of finished requests.
+// One step loop for both designs, driving the engine's Scheduler: arrivals, one planned step
+// (decodes, prefill chunks, admissions, preemptions), then the tokens a model would sample:
+// every chunk that completes its request's context yields one token; finished requests leave.
 template <class Memory>
 SimResult simulate(const SimConfig& c, const std::vector<Request>& trace) {
   Memory mem(c);
+  engine::SchedulerConfig sc;
+  sc.maxBatchedTokens = c.maxBatchedTokens;
+  sc.maxNumSeqs = c.maxNumSeqs;
+  engine::Scheduler sched(sc, mem.budget());
   const int64_t poolSlots = static_cast<int64_t>(c.numBlocks) * c.blockSizeTokens;
-  const int64_t B = c.blockSizeTokens;
   Accumulator acc(trace.size());
-  std::deque<Running> queue;     // waiting; preempted requests go back to the front
-  std::vector<Running> running;  // admission order
+  std::vector<int32_t> generated(trace.size(), 0);
   size_t nextArrival = 0;
   int64_t step = 0;
-  for (; nextArrival < trace.size() || !queue.empty() || !running.empty(); ++step) {
+  for (; nextArrival < trace.size() || sched.numRunning() + sched.numWaiting() > 0; ++step) {
     while (nextArrival < trace.size() && trace[nextArrival].arrivalStep <= step) {
       const Request& r = trace[nextArrival];
       // Both designs refuse what could never fit: prompt + max tokens beyond the pool.
-      if ((r.promptTokens + c.maxOutputTokens + B - 1) / B > c.numBlocks) {
+      const int64_t maxContext = static_cast<int64_t>(r.promptTokens) + c.maxOutputTokens;
+      if (maxContext > sched.maxContextTokens()) {
         ++acc.result.rejected;
       } else {
-        queue.push_back(Running{nextArrival, 0, 0, -1, 0});
+        sched.add(nextArrival, r.promptTokens, static_cast<int32_t>(maxContext));
       }
       ++nextArrival;
     }
-    while (!queue.empty() && mem.admit(queue.front(), trace[queue.front().request],
-                                       c.maxOutputTokens)) {
-      const size_t id = queue.front().request;
-      if (acc.admittedAt[id] < 0) acc.admittedAt[id] = step;
-      running.push_back(queue.front());
-      queue.pop_front();
-    }
-    for (Running& q : queue) acc.delayed[q.request] = true;  // waiting for memory
-    acc.result.peakSequences =
-        std::max(acc.result.peakSequences, static_cast<int32_t>(running.size()));
-    for (size_t i = 0; i < running.size();) {
-      if (!mem.canAppend(running[i])) {
-        Running victim = running.back();
-        running.pop_back();
-        mem.release(victim);
-        ++acc.result.preemptions;
-        queue.push_front(victim);
-        continue;  // retry the same index (or stop, if the victim was this request)
-      }
-      mem.append(running[i]);
-      ++running[i].generated;
-      ++acc.generatedTokens;
-      ++i;
+    const engine::StepPlan plan = sched.schedule();
+    acc.result.preemptions += static_cast<int32_t>(plan.preempted.size());
+    acc.result.peakSequences = std::max(acc.result.peakSequences, sched.numRunning());
+    for (const engine::ScheduledChunk& ch : plan.chunks) {
+      if (acc.admittedAt[ch.seq] < 0) acc.admittedAt[ch.seq] = step;
     }
     const auto [live, allocated] = mem.liveAndAllocatedSlots();
     acc.sample(live, allocated, poolSlots);
-    auto done = [&](Running& q) {
-      if (q.generated < trace[q.request].outputTokens) return false;
-      mem.release(q);
-      ++acc.result.completed;
-      return true;
-    };
-    std::erase_if(running, done);
+    for (const engine::ScheduledChunk& ch : plan.chunks) {
+      if (!ch.completesContext) continue;
+      ++acc.generatedTokens;
+      if (++generated[ch.seq] >= trace[ch.seq].outputTokens) {
+        sched.remove(ch.seq);
+        ++acc.result.completed;
+      } else {
+        sched.appendToken(ch.seq);
+      }
+    }
   }
   return acc.finish(trace, step);
 }
@@ -301,7 +290,9 @@ std::string toJson(const SimReport& report) {
                  {"prompt_sigma", c.promptSigma},
                  {"output_median_tokens", c.outputMedianTokens},
                  {"output_sigma", c.outputSigma},
-                 {"max_prompt_tokens", c.maxPromptTokens}};
+                 {"max_prompt_tokens", c.maxPromptTokens},
+                 {"max_batched_tokens", c.maxBatchedTokens},
+                 {"max_num_seqs", c.maxNumSeqs}};
   j["paged"] = toJsonObject(report.paged);
   j["contiguous"] = toJsonObject(report.contiguous);
   return j.dump();

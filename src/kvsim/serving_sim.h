@@ -1,12 +1,13 @@
 // A seeded discrete-time simulation of serving on a fixed KV pool, comparing the paged KVCache
-// with the origin design (each request reserves prompt + max output tokens as one contiguous run
-// of blocks, found by a first-fit scan). Used by `cortexstream bench kv-sim`.
+// with the contiguous design (each request reserves prompt + max output tokens as one contiguous
+// run of blocks, found by a first-fit scan). Used by `cortexstream bench kv-sim`.
 //
-// Each step: requests arrive (Poisson), the queue head is admitted while memory allows (FCFS, no
-// overtaking), every running request decodes one token, finished requests free their memory.
-// The paged run uses the real KVCache for all bookkeeping; when an append finds the pool empty it
-// preempts the most recently admitted request (frees it, requeues it at the front for
-// recomputation), as a vLLM-style scheduler does.
+// Both designs run under the engine's own Scheduler (engine/scheduler.h), so the simulation's
+// numbers describe the policy the server runs: each step, requests arrive (Poisson), the scheduler
+// plans decodes, prefill chunks and admissions under the token budget and sequence cap (preempting
+// the newest request when the paged pool runs dry), and every request whose context is complete
+// "samples" one token; a request leaves when it has generated its output length. The paged run
+// does all its bookkeeping on the real KVCache.
 #pragma once
 
 #include <cstdint>
@@ -19,13 +20,15 @@ struct SimConfig {
   int32_t numBlocks = 4096;
   int32_t blockSizeTokens = 16;
   int32_t numRequests = 2000;
-  double arrivalsPerStep = 1.0;      // mean of the Poisson arrivals per decode step
+  double arrivalsPerStep = 1.0;      // mean of the Poisson arrivals per step
   int32_t maxOutputTokens = 1024;    // the request's max_tokens, reserved by the contiguous design
   double promptMedianTokens = 180;   // log-normal, long-tailed like chat traffic
   double promptSigma = 1.0;
   double outputMedianTokens = 120;
   double outputSigma = 1.0;
   int32_t maxPromptTokens = 4096;
+  int32_t maxBatchedTokens = 2048;   // the scheduler's token budget per step
+  int32_t maxNumSeqs = 256;          // the scheduler's cap on running requests
 };
 
 struct SimResult {
