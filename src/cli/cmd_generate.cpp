@@ -2,7 +2,6 @@
 
 #include <chrono>
 #include <cmath>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -12,10 +11,9 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/model_options.h"
 #include "engine/generate.h"
-#include "kernels/thread_pool.h"
 #include "model/chat_template.h"
-#include "model/default_model.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
 
@@ -23,53 +21,7 @@ namespace cortex::cli {
 
 namespace {
 
-struct ModelOptions {
-  std::string modelPath = model::kDefaultModelPath;
-  int threads = 0;  // 0: all cores
-  std::string chatTemplate;  // empty: detect from the model
-  kv::KVDType kvDtype = kv::KVDType::F16;
-};
-
-void addModelOptions(CLI::App* cmd, ModelOptions& o) {
-  cmd->add_option("--model,-m", o.modelPath, "GGUF model file")->capture_default_str();
-  cmd->add_option("--threads,-t", o.threads, "CPU threads (0 = all cores)")
-      ->check(CLI::Range(0, 1024));
-  cmd->add_option_function<std::string>(
-         "--kv-dtype",
-         [&o](const std::string& name) {
-           o.kvDtype = name == "f32" ? kv::KVDType::F32
-                       : name == "bf16" ? kv::KVDType::BF16
-                                        : kv::KVDType::F16;
-         },
-         "KV cache storage type")
-      ->check(CLI::IsMember({"f16", "bf16", "f32"}))
-      ->default_str("f16");
-}
-
-struct Loaded {
-  std::unique_ptr<model::LlamaModel> model;
-  std::unique_ptr<model::Tokenizer> tokenizer;
-};
-
-Loaded loadModel(const ModelOptions& o) {
-  if (!std::filesystem::exists(o.modelPath)) {
-    throw std::runtime_error(o.modelPath +
-                             ": model file not found; run scripts/fetch_model.sh for the default "
-                             "model or pass --model PATH");
-  }
-  if (o.threads > 0) kernels::setNumThreads(o.threads);
-  Loaded l;
-  l.model = model::LlamaModel::load(o.modelPath);
-  l.tokenizer = std::make_unique<model::Tokenizer>(model::Tokenizer::fromGGUF(l.model->file()));
-  return l;
-}
-
-model::ChatTemplate chatTemplateFor(const ModelOptions& o, const model::Tokenizer& tok) {
-  return o.chatTemplate.empty() ? model::detectChatTemplate(tok.chatTemplate())
-                                : model::parseChatTemplateName(o.chatTemplate);
-}
-
-// A KV cache with room for `tokens` positions of this model (f16, block size 16).
+// A KV cache with room for `tokens` positions of this model (--kv-dtype, block size 16).
 std::unique_ptr<kv::KVCache> cacheFor(const model::LlamaModel& m, const ModelOptions& o,
                                       int64_t tokens) {
   kv::KVCacheConfig c = m.kvCacheConfig(16, 0, o.kvDtype);

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "cli/commands.h"
+#include "cli/model_options.h"
 #include "engine/engine.h"
 #include "kernels/thread_pool.h"
 #include "model/chat_template.h"
@@ -150,16 +151,7 @@ void registerServeCommand(CLI::App& app) {
   cmd->add_option("--kv-cache-memory", o->kvCacheMemory,
                   "KV cache size, e.g. 512MiB, 1GiB, 300MB, 1000000 (bytes); default: a quarter "
                   "of free memory, at most 4 GiB");
-  cmd->add_option_function<std::string>(
-         "--kv-dtype",
-         [o](const std::string& name) {
-           o->kvDtype = name == "f32" ? kv::KVDType::F32
-                        : name == "bf16" ? kv::KVDType::BF16
-                                         : kv::KVDType::F16;
-         },
-         "KV cache storage type")
-      ->check(CLI::IsMember({"f16", "bf16", "f32"}))
-      ->default_str("f16");
+  addKvDtypeOption(cmd, o->kvDtype);
   cmd->add_option("--max-queue", o->maxQueue, "waiting requests beyond which new ones get 503")
       ->check(CLI::Range(1, 1 << 24))
       ->capture_default_str();

@@ -1,0 +1,48 @@
+// Options shared by the commands that run a model (`generate`, `chat`, `perplexity`, and
+// `serve`'s --kv-dtype), and loading a model from them, so each option is parsed in one place.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "kv/paged_view.h"
+#include "model/chat_template.h"
+#include "model/default_model.h"
+#include "model/llama.h"
+#include "model/tokenizer.h"
+
+namespace cortex::cli {
+
+struct ModelOptions {
+  std::string modelPath = model::kDefaultModelPath;
+  int threads = 0;           // 0: all cores
+  std::string chatTemplate;  // empty: detect from the model
+  kv::KVDType kvDtype = kv::KVDType::F16;
+};
+
+// Adds `--kv-dtype NAME` to `cmd`: the accepted names are those of kv::kKVFormats, the value is
+// parsed by kv::parseKVDType into `dtype` (which must outlive parsing), and the help shows
+// `dtype`'s current value as the default.
+void addKvDtypeOption(CLI::App* cmd, kv::KVDType& dtype);
+
+// Adds --model/-m, --threads/-t and --kv-dtype to `cmd`, writing into `o` (which must outlive
+// parsing). --chat-template is left to the commands that use a template.
+void addModelOptions(CLI::App* cmd, ModelOptions& o);
+
+struct Loaded {
+  std::unique_ptr<model::LlamaModel> model;
+  std::unique_ptr<model::Tokenizer> tokenizer;
+};
+
+// Sets the kernel thread count (when --threads > 0), then loads the model and its tokenizer.
+// Throws std::runtime_error naming the file and the remedy when it does not exist, and the
+// model's own errors when it cannot be read.
+Loaded loadModel(const ModelOptions& o);
+
+// The chat template named by --chat-template, else the one detected from the model's
+// tokenizer.chat_template; throws when neither gives a known template.
+model::ChatTemplate chatTemplateFor(const ModelOptions& o, const model::Tokenizer& tok);
+
+}  // namespace cortex::cli
