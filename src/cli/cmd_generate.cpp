@@ -1,7 +1,6 @@
-// `cortexstream generate`, `perplexity` and `chat`: running the model from the command line.
+// `cortexstream generate` and `chat`: running the model from the command line, on the engine.
 
-#include <chrono>
-#include <cmath>
+#include <algorithm>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -21,12 +20,19 @@ namespace cortex::cli {
 
 namespace {
 
-// A KV cache with room for `tokens` positions of this model (--kv-dtype, block size 16).
-std::unique_ptr<kv::KVCache> cacheFor(const model::LlamaModel& m, const ModelOptions& o,
-                                      int64_t tokens) {
-  kv::KVCacheConfig c = m.kvCacheConfig(16, 0, o.kvDtype);
-  c.numBlocks = static_cast<int32_t>((tokens + c.blockSizeTokens - 1) / c.blockSizeTokens);
-  return std::make_unique<kv::KVCache>(c);
+// An engine over this model with KV memory for `tokens` positions (--kv-dtype, block size 16).
+std::unique_ptr<engine::Engine> engineFor(const Loaded& l, const ModelOptions& o, int64_t tokens,
+                                          int32_t maxBatchedTokens = 512) {
+  engine::EngineConfig c;
+  c.kvDtype = o.kvDtype;
+  c.numThreads = o.threads;
+  c.maxBatchedTokens = maxBatchedTokens;
+  const int64_t ctx = l.model->hparams().nCtxTrain;
+  const int64_t blocks =
+      (std::clamp<int64_t>(tokens, 1, ctx) + c.blockSizeTokens - 1) / c.blockSizeTokens;
+  c.kvCacheBytes = static_cast<uint64_t>(blocks) *
+                   kv::bytesPerBlock(l.model->kvCacheConfig(c.blockSizeTokens, 1, c.kvDtype));
+  return std::make_unique<engine::Engine>(*l.model, *l.tokenizer, c);
 }
 
 // Writes a float32 matrix as a NumPy .npy file (format 1.0).
@@ -58,6 +64,7 @@ struct GenerateOptions {
   bool json = false;
   bool ignoreEos = false;
   std::string dumpLogits;
+  int32_t maxBatchedTokens = 512;
 };
 
 void runGenerate(const GenerateOptions& o) {
@@ -68,24 +75,26 @@ void runGenerate(const GenerateOptions& o) {
     text = model::applyChatTemplate(chatTemplateFor(o.model, *l.tokenizer),
                                     std::span<const model::ChatMessage>(&msg, 1), true);
   }
-  engine::GenerateRequest req;
+  engine::RequestParams req;
   req.promptTokens = l.tokenizer->encode(text, true, true);
   req.sampling = o.sampling;
   req.maxTokens = o.maxTokens;
   req.stop = o.stop;
   req.ignoreEos = o.ignoreEos;
-  std::vector<float> promptLogits;
-  if (!o.dumpLogits.empty()) req.promptLogits = &promptLogits;
-  const int64_t need = std::min<int64_t>(static_cast<int64_t>(req.promptTokens.size()) + o.maxTokens,
-                                         l.model->hparams().nCtxTrain);
-  auto cache = cacheFor(*l.model, o.model, std::max<int64_t>(need, 1));
+  req.returnLogits = !o.dumpLogits.empty();
+  auto engine = engineFor(l, o.model, static_cast<int64_t>(req.promptTokens.size()) + o.maxTokens,
+                          o.maxBatchedTokens);
   auto onText = [&](std::string_view piece) {
     if (o.json) return;
     std::cout << piece << std::flush;
   };
-  const engine::GenerateResult r = engine::generate(*l.model, *l.tokenizer, *cache, 1, req, onText);
+  const engine::GenerateResult r = engine::generate(*engine, std::move(req), onText);
   if (!o.dumpLogits.empty()) {
-    writeNpy(o.dumpLogits, promptLogits, r.promptTokens, l.model->hparams().nVocab);
+    // Prompt positions first, then the row each sampled token was drawn from.
+    std::vector<float> rows = r.promptLogits;
+    rows.insert(rows.end(), r.logits.begin(), r.logits.end());
+    const int64_t V = l.model->hparams().nVocab;
+    writeNpy(o.dumpLogits, rows, static_cast<int64_t>(rows.size()) / V, V);
   }
   if (!o.json) {
     std::cout << "\n";
@@ -97,61 +106,9 @@ void runGenerate(const GenerateOptions& o) {
       {"tokens", r.tokens},
       {"prompt_tokens", r.promptTokens},
       {"completion_tokens", r.completionTokens},
-      {"finish_reason", r.finishReason},
+      {"finish_reason", engine::toString(r.finishReason)},
       {"prefill_tokens_per_s", r.prefillSeconds > 0 ? r.promptTokens / r.prefillSeconds : 0.0},
       {"decode_tokens_per_s", r.decodeSeconds > 0 ? decodeSteps / r.decodeSeconds : 0.0}};
-  std::cout << j.dump() << "\n";
-}
-
-struct PerplexityOptions {
-  ModelOptions model;
-  std::string file;
-  int32_t ctx = 512;
-};
-
-void runPerplexity(const PerplexityOptions& o) {
-  std::ifstream in(o.file, std::ios::binary);
-  if (!in) throw std::runtime_error(o.file + ": cannot open the text file");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  Loaded l = loadModel(o.model);
-  const model::LlamaHParams& hp = l.model->hparams();
-  if (o.ctx < 2 || o.ctx > hp.nCtxTrain) {
-    throw std::runtime_error("--ctx must be in [2, " + std::to_string(hp.nCtxTrain) + "]");
-  }
-  const std::vector<int32_t> tokens = l.tokenizer->encode(text, true, false);
-  if (tokens.size() < 2) throw std::runtime_error(o.file + ": fewer than 2 tokens to score");
-  auto cache = cacheFor(*l.model, o.model, o.ctx);
-  std::vector<float> logits;
-  double nll = 0;
-  int64_t scored = 0;
-  int64_t windows = 0;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (size_t start = 0; start + 1 < tokens.size(); start += static_cast<size_t>(o.ctx)) {
-    const int32_t n = static_cast<int32_t>(std::min<size_t>(o.ctx, tokens.size() - start));
-    if (n < 2) break;
-    cache->allocateFor(1, n);
-    const model::BatchSequence b{1, std::span<const int32_t>(tokens).subspan(start, n), 0, true};
-    l.model->forward(std::span<const model::BatchSequence>(&b, 1), *cache, logits);
-    cache->freeFor(1);
-    // Every position but the window's first is predicted from the ones before it.
-    for (int32_t i = 0; i + 1 < n; ++i) {
-      const float* row = logits.data() + static_cast<size_t>(i) * hp.nVocab;
-      double maxv = row[0];
-      for (int32_t v = 1; v < hp.nVocab; ++v) maxv = std::max(maxv, static_cast<double>(row[v]));
-      double sum = 0;
-      for (int32_t v = 0; v < hp.nVocab; ++v) sum += std::exp(row[v] - maxv);
-      nll += std::log(sum) + maxv - row[tokens[start + static_cast<size_t>(i) + 1]];
-      ++scored;
-    }
-    ++windows;
-  }
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const nlohmann::json j = {{"perplexity", std::exp(nll / static_cast<double>(scored))},
-                            {"tokens", scored},
-                            {"windows", windows},
-                            {"ctx", o.ctx},
-                            {"seconds", seconds}};
   std::cout << j.dump() << "\n";
 }
 
@@ -165,7 +122,7 @@ struct ChatOptions {
 void runChat(const ChatOptions& o) {
   Loaded l = loadModel(o.model);
   const model::ChatTemplate tmpl = chatTemplateFor(o.model, *l.tokenizer);
-  auto cache = cacheFor(*l.model, o.model, l.model->hparams().nCtxTrain);
+  auto engine = engineFor(l, o.model, l.model->hparams().nCtxTrain);
   std::vector<model::ChatMessage> messages;
   if (!o.system.empty()) messages.push_back({"system", o.system});
   std::cerr << "CortexStream chat: type a message; /reset clears the history, /exit or Ctrl-D "
@@ -181,18 +138,18 @@ void runChat(const ChatOptions& o) {
       continue;
     }
     messages.push_back({"user", line});
-    // note: the whole conversation is re-prefilled each turn; prefix reuse comes with the
-    // prefix cache.
-    engine::GenerateRequest req;
+    // note: each turn prefills the whole conversation again; keeping its KV between turns needs
+    // prefix reuse in the engine.
+    engine::RequestParams req;
     req.promptTokens = l.tokenizer->encode(model::applyChatTemplate(tmpl, messages, true), true,
                                            true);
     req.sampling = sampling;
-    req.maxTokens = o.maxTokens;
+    req.maxTokens = std::min<int32_t>(
+        o.maxTokens, engine->maxContextTokens() - static_cast<int32_t>(req.promptTokens.size()));
     ++sampling.seed;  // a fresh draw each turn, reproducible for a given --seed
     try {
       const engine::GenerateResult r = engine::generate(
-          *l.model, *l.tokenizer, *cache, 1, req,
-          [](std::string_view piece) { std::cout << piece << std::flush; });
+          *engine, std::move(req), [](std::string_view piece) { std::cout << piece << std::flush; });
       std::cout << "\n";
       messages.push_back({"assistant", r.text});
     } catch (const std::exception& e) {
@@ -232,17 +189,13 @@ void registerGenerateCommands(CLI::App& app) {
     cmd->add_flag("--json", o->json,
                   "print one JSON object (text, tokens, counts, tokens/s) instead of streaming");
     cmd->add_option("--dump-logits", o->dumpLogits,
-                    "write the float32 logits of every prompt position to FILE (.npy)");
+                    "write float32 logits to FILE (.npy): one row per prompt position, then the "
+                    "row each generated token was sampled from");
+    cmd->add_option("--max-batched-tokens", o->maxBatchedTokens,
+                    "tokens per forward step: a longer prompt is prefilled in chunks")
+        ->check(CLI::Range(1, 1 << 20))
+        ->capture_default_str();
     cmd->callback([o] { runGenerate(*o); });
-  }
-  {
-    auto o = std::make_shared<PerplexityOptions>();
-    CLI::App* cmd = app.add_subcommand(
-        "perplexity", "Perplexity of a text file in non-overlapping windows of --ctx tokens");
-    addModelOptions(cmd, o->model);
-    cmd->add_option("--file,-f", o->file, "UTF-8 text file")->required();
-    cmd->add_option("--ctx", o->ctx, "window length in tokens")->capture_default_str();
-    cmd->callback([o] { runPerplexity(*o); });
   }
   {
     auto o = std::make_shared<ChatOptions>();

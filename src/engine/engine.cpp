@@ -6,6 +6,8 @@
 #include <limits>
 
 #include "engine/stop_matcher.h"
+#include "kernels/ops.h"
+#include "kernels/thread_pool.h"
 
 namespace cortex::engine {
 
@@ -29,17 +31,6 @@ uint64_t memAvailableBytes() {
     if (key == "MemAvailable:") return kb * 1024;
   }
   return 0;
-}
-
-// log-softmax of one row, in double for the normaliser.
-void logSoftmax(const float* logits, int32_t n, std::vector<float>& out) {
-  out.resize(static_cast<size_t>(n));
-  float maxv = -std::numeric_limits<float>::infinity();
-  for (int32_t i = 0; i < n; ++i) maxv = std::max(maxv, logits[i]);
-  double sum = 0;
-  for (int32_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i]) - maxv);
-  const double logZ = std::log(sum) + maxv;
-  for (int32_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = static_cast<float>(logits[i] - logZ);
 }
 
 TokenLogprob tokenLogprob(const std::vector<float>& lp, int32_t token, int32_t topN) {
@@ -82,10 +73,8 @@ void Histogram::observe(double value) {
 }
 
 uint64_t defaultKvCacheBytes(const model::LlamaModel& model, const EngineConfig& config) {
-  const kv::KVCacheConfig c = model.kvCacheConfig(config.blockSizeTokens, 1, config.kvDtype);
-  const uint64_t perToken = 2ull * static_cast<uint64_t>(c.numLayers) *
-                            static_cast<uint64_t>(c.numKVHeads) *
-                            static_cast<uint64_t>(c.headDim) * kv::dtypeBytes(c.dtype);
+  const uint64_t perToken =
+      kv::bytesPerToken(model.kvCacheConfig(config.blockSizeTokens, 1, config.kvDtype));
   const uint64_t oneContext =
       perToken * static_cast<uint64_t>((model.hparams().nCtxTrain + config.blockSizeTokens - 1) /
                                        config.blockSizeTokens * config.blockSizeTokens);
@@ -129,13 +118,22 @@ struct Engine::Request {
         decoder(tok),
         stops(params.stop) {}
 
-  int32_t contextTokens() const {
-    return static_cast<int32_t>(params.promptTokens.size() + generated.size());
+  int32_t promptSize() const { return static_cast<int32_t>(params.promptTokens.size()); }
+  int32_t contextTokens() const { return promptSize() + static_cast<int32_t>(generated.size()); }
+  // The context's tokens [first, first + n): prompt, then generated tokens.
+  void tokens(int32_t first, int32_t n, std::vector<int32_t>& out) const {
+    out.resize(static_cast<size_t>(n));
+    for (int32_t i = 0; i < n; ++i) {
+      const int32_t pos = first + i;
+      out[static_cast<size_t>(i)] = pos < promptSize()
+                                        ? params.promptTokens[static_cast<size_t>(pos)]
+                                        : generated[static_cast<size_t>(pos - promptSize())];
+    }
   }
-  int32_t token(int32_t pos) const {
-    const int32_t p = static_cast<int32_t>(params.promptTokens.size());
-    return pos < p ? params.promptTokens[static_cast<size_t>(pos)]
-                   : generated[static_cast<size_t>(pos - p)];
+  // Logits for every new prompt position (prompt logprobs, or raw rows for returnLogits) until
+  // the whole prompt has been seen once.
+  bool wantsPromptRows() const {
+    return (params.promptLogprobs || params.returnLogits) && !promptRowsDone;
   }
   bool cancelRequested() {
     // note: a stream nobody holds any more (the client went away) counts as cancelled.
@@ -151,29 +149,42 @@ struct Engine::Request {
   model::StreamDecoder decoder;
   StopMatcher stops;
   std::vector<int32_t> generated;
-  int32_t computed = 0;  // positions whose K/V are in the cache
-  bool inCache = false;
-  RequestState state = RequestState::Waiting;
+  bool running = false;  // admitted by the scheduler (not waiting)
+  bool finished = false;
   std::vector<TokenLogprob> promptLogprobs;
-  bool promptLogprobsDone = false;
+  std::vector<float> promptLogits;
+  bool promptRowsDone = false;
   Clock::time_point submitted = Clock::now();
   Clock::time_point lastToken;
-  std::vector<int32_t> batchTokens;  // this step's input
 };
 
 Engine::Engine(model::LlamaModel& model, const model::Tokenizer& tokenizer,
-               const EngineConfig& config)
-    : model_(model), tokenizer_(tokenizer), config_(config) {
+               const EngineConfig& config, EngineHooks hooks)
+    : model_(model), tokenizer_(tokenizer), config_(config), hooks_(std::move(hooks)) {
+  using Kind = EngineError::Kind;
   if (config_.maxBatchedTokens < 1 || config_.maxNumSeqs < 1 || config_.maxQueuedRequests < 1) {
-    throw EngineError(EngineError::Kind::InvalidRequest,
+    throw EngineError(Kind::InvalidRequest,
                       "max batched tokens, max sequences and max queue must be >= 1");
   }
+  if (tokenizer_.vocabSize() > model_.hparams().nVocab) {
+    throw EngineError(Kind::InvalidRequest,
+                      "the tokenizer has " + std::to_string(tokenizer_.vocabSize()) +
+                          " tokens but the model has output rows for only " +
+                          std::to_string(model_.hparams().nVocab));
+  }
+  if (config_.numThreads > 0) kernels::setNumThreads(config_.numThreads);
   const uint64_t bytes =
       config_.kvCacheBytes ? config_.kvCacheBytes : defaultKvCacheBytes(model_, config_);
   config_.kvCacheBytes = bytes;
   cache_ = std::make_unique<kv::KVCache>(
       model_.kvCacheConfig(config_.blockSizeTokens, bytes, config_.kvDtype));
   cache_->warmup();
+  budget_ = std::make_unique<PagedBlockBudget>(*cache_);
+  SchedulerConfig sc;
+  sc.maxBatchedTokens = config_.maxBatchedTokens;
+  sc.maxNumSeqs = config_.maxNumSeqs;
+  scheduler_ = std::make_unique<Scheduler>(sc, *budget_);
+  runner_ = std::make_unique<ModelRunner>(model_, *cache_);
   stats_.blockSizeTokens = config_.blockSizeTokens;
   stats_.timeToFirstToken = {latencyBounds(), std::vector<uint64_t>(latencyBounds().size() + 1)};
   stats_.timePerOutputToken = stats_.timeToFirstToken;
@@ -188,15 +199,13 @@ Engine::~Engine() {
   }
   wake_.notify_all();
   thread_.join();
-  for (auto* list : {&incoming_, &waiting_}) {
-    for (auto& r : *list) finish(*r, FinishReason::Cancelled);
-  }
-  for (auto& r : running_) finish(*r, FinishReason::Cancelled);
+  for (auto& r : incoming_) finish(*r, FinishReason::Cancelled);
+  for (auto& [id, r] : requests_) finish(*r, FinishReason::Cancelled);
 }
 
 int32_t Engine::maxContextTokens() const {
-  return std::min<int32_t>(model_.hparams().nCtxTrain,
-                           cache_->numBlocks() * cache_->blockSizeTokens());
+  return static_cast<int32_t>(
+      std::min<int64_t>(model_.hparams().nCtxTrain, scheduler_->maxContextTokens()));
 }
 
 std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
@@ -210,7 +219,12 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
                                                   std::to_string(vocab) + ")");
     }
   }
-  if (params.maxTokens < 1) throw EngineError(Kind::InvalidRequest, "max_tokens must be >= 1");
+  if (params.maxTokens < (params.promptLogprobs ? 0 : 1)) {
+    throw EngineError(Kind::InvalidRequest, params.promptLogprobs
+                                                ? "max_tokens must be >= 0"
+                                                : "max_tokens must be >= 1 (0 only to score the "
+                                                  "prompt with prompt logprobs)");
+  }
   if (params.topLogprobs < -1 || params.topLogprobs > 20) {
     throw EngineError(Kind::InvalidRequest, "top_logprobs must be in [0, 20]");
   }
@@ -228,7 +242,7 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
   }
   std::lock_guard lock(mu_);
   if (stopping_ || draining_) throw EngineError(Kind::ShuttingDown, "the server is shutting down");
-  if (static_cast<int32_t>(incoming_.size()) + stats_.waiting >= config_.maxQueuedRequests) {
+  if (queued_ >= config_.maxQueuedRequests) {
     throw EngineError(Kind::QueueFull, "too many requests are waiting (" +
                                            std::to_string(config_.maxQueuedRequests) +
                                            "); retry later");
@@ -236,6 +250,8 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
   auto r = std::make_unique<Request>(nextId_++, std::move(params), tokenizer_, vocab);
   std::shared_ptr<RequestStream> stream = r->stream;
   incoming_.push_back(std::move(r));
+  ++queued_;
+  stats_.waiting = queued_;
   wake_.notify_all();
   return stream;
 }
@@ -243,11 +259,6 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
 void Engine::drain() {
   std::lock_guard lock(mu_);
   draining_ = true;
-}
-
-bool Engine::idle() const {
-  std::lock_guard lock(mu_);
-  return draining_ && incoming_.empty() && stats_.waiting == 0 && stats_.running == 0;
 }
 
 EngineStats Engine::stats() const {
@@ -261,10 +272,21 @@ EngineStats Engine::stats() const {
 }
 
 void Engine::admitNewRequests() {
-  std::lock_guard lock(mu_);
-  while (!incoming_.empty()) {
-    waiting_.push_back(std::move(incoming_.front()));
-    incoming_.pop_front();
+  std::deque<std::unique_ptr<Request>> arrived;
+  {
+    std::lock_guard lock(mu_);
+    arrived.swap(incoming_);
+  }
+  for (auto& r : arrived) {
+    const kv::SeqId id = r->id;
+    try {
+      scheduler_->add(id, r->promptSize(), r->promptSize() + r->params.maxTokens);
+    } catch (const std::exception& e) {
+      // submit() checked the size against the same limits; this is a safety net, not a path.
+      finish(*r, FinishReason::Error, e.what());
+      continue;
+    }
+    requests_.emplace(id, std::move(r));
   }
 }
 
@@ -274,8 +296,19 @@ void Engine::loop() {
       std::unique_lock lock(mu_);
       if (stopping_) return;
     }
-    admitNewRequests();
-    if (!step()) {
+    bool worked = false;
+    try {
+      admitNewRequests();
+      worked = step();
+    } catch (const std::exception& e) {
+      // note: step() handles the failures it expects per request; anything that still escapes
+      // leaves the scheduler's state unknown, so every request in it ends with the error.
+      std::vector<kv::SeqId> all;
+      for (const auto& [id, r] : requests_) all.push_back(id);
+      for (kv::SeqId id : all) fail(id, std::string("engine step failed: ") + e.what());
+      updateCounts();
+    }
+    if (!worked) {
       std::unique_lock lock(mu_);
       wake_.wait_for(lock, std::chrono::milliseconds(20),
                      [&] { return stopping_ || !incoming_.empty(); });
@@ -284,6 +317,7 @@ void Engine::loop() {
 }
 
 void Engine::finish(Request& r, FinishReason reason, const std::string& error) {
+  if (r.finished) return;
   RequestEvent e;
   e.finished = true;
   e.finishReason = reason;
@@ -295,17 +329,19 @@ void Engine::finish(Request& r, FinishReason reason, const std::string& error) {
       e.text += r.stops.flush();
     }
   }
-  e.promptTokens = static_cast<int32_t>(r.params.promptTokens.size());
+  e.promptTokens = r.promptSize();
   e.completionTokens = static_cast<int32_t>(r.generated.size());
-  if (r.params.promptLogprobs && !r.promptLogprobs.empty()) e.promptLogprobs = std::move(r.promptLogprobs);
-  if (r.inCache) {
-    cache_->freeFor(r.id);
-    r.inCache = false;
+  // A request that finishes without sampling (scoring) carries its prompt rows here.
+  e.promptLogprobs = std::move(r.promptLogprobs);
+  e.promptLogits = std::move(r.promptLogits);
+  if (scheduler_->remove(r.id)) {
+    // Nothing more to do: its blocks are back in the pool.
   }
-  r.state = RequestState::Finished;
+  r.finished = true;
   {
     // Counted before the event goes out, so a client that sees it also sees it counted.
     std::lock_guard lock(mu_);
+    if (!r.running) --queued_;
     switch (reason) {
       case FinishReason::Stop: ++stats_.finishedStop; break;
       case FinishReason::Length: ++stats_.finishedLength; break;
@@ -317,19 +353,34 @@ void Engine::finish(Request& r, FinishReason reason, const std::string& error) {
   r.stream->push(std::move(e));
 }
 
-void Engine::preempt(Request& r) {
-  cache_->freeFor(r.id);
-  r.inCache = false;
-  r.computed = 0;
-  r.state = RequestState::Waiting;
-  if (!r.promptLogprobsDone) r.promptLogprobs.clear();  // recomputed from the start
-  std::lock_guard lock(mu_);
-  ++stats_.preemptions;
+void Engine::fail(kv::SeqId seq, const std::string& error) {
+  auto it = requests_.find(seq);
+  if (it == requests_.end()) return;
+  try {
+    finish(*it->second, FinishReason::Error, error);
+  } catch (...) {
+    // note: finish only allocates small strings; if even that fails, the request is still
+    // dropped below so the engine goes on.
+  }
+  scheduler_->remove(seq);
+  requests_.erase(it);
 }
 
-void Engine::emitToken(Request& r, int32_t token, const std::vector<float>* logprobs) {
+void Engine::updateCounts() {
+  std::lock_guard lock(mu_);
+  stats_.running = scheduler_->numRunning();
+  stats_.waiting = queued_;
+}
+
+void Engine::emitToken(Request& r, int32_t token, const float* logits) {
   RequestEvent e;
-  if (logprobs) e.logprobs.push_back(tokenLogprob(*logprobs, token, r.params.topLogprobs));
+  const int32_t V = model_.hparams().nVocab;
+  if (r.params.topLogprobs >= 0) {
+    std::vector<float> lp(static_cast<size_t>(V));
+    kernels::logSoftmax(logits, V, lp.data());
+    e.logprobs.push_back(tokenLogprob(lp, token, r.params.topLogprobs));
+  }
+  if (r.params.returnLogits) e.logits.assign(logits, logits + V);
   r.sampler.accept(token);
   r.generated.push_back(token);
   e.tokens.push_back(token);
@@ -344,11 +395,11 @@ void Engine::emitToken(Request& r, int32_t token, const std::vector<float>* logp
     }
   }
   r.lastToken = now;
-  if (r.generated.size() == 1 && r.params.promptLogprobs) {
+  if (r.generated.size() == 1) {
     e.promptLogprobs = std::move(r.promptLogprobs);
-    r.promptLogprobs.clear();
+    e.promptLogits = std::move(r.promptLogits);
   }
-  e.promptTokens = static_cast<int32_t>(r.params.promptTokens.size());
+  e.promptTokens = r.promptSize();
   e.completionTokens = static_cast<int32_t>(r.generated.size());
   std::optional<FinishReason> done;
   if (!r.params.ignoreEos && tokenizer_.isEndOfGeneration(token)) {
@@ -357,131 +408,125 @@ void Engine::emitToken(Request& r, int32_t token, const std::vector<float>* logp
     e.text = r.stops.push(r.decoder.push(token));
     if (r.stops.stopped()) {
       done = FinishReason::Stop;
-    } else if (static_cast<int32_t>(r.generated.size()) >= r.params.maxTokens ||
-               r.contextTokens() >= maxContextTokens()) {
+    } else if (static_cast<int32_t>(r.generated.size()) >= r.params.maxTokens) {
       done = FinishReason::Length;
     }
   }
   r.stream->push(std::move(e));
-  if (done) finish(r, *done);
+  if (done) {
+    finish(r, *done);
+  } else {
+    scheduler_->appendToken(r.id);
+  }
+}
+
+// Consumes one chunk's logits rows: prompt logprobs / logits for new prompt positions, then, when
+// the chunk completed the context, the next token.
+void Engine::process(Request& r, const ScheduledChunk& chunk, float* rows) {
+  const int32_t V = model_.hparams().nVocab;
+  const int32_t P = r.promptSize();
+  const int32_t first = chunk.firstPos;
+  const int32_t n = chunk.numTokens;
+  const bool allRows = r.wantsPromptRows();
+  if (allRows) {
+    if (r.params.promptLogprobs) {
+      // Row j predicts position first + j + 1.
+      std::vector<float> lp(static_cast<size_t>(V));
+      if (first == 0) r.promptLogprobs.push_back({r.params.promptTokens[0], NAN, {}});
+      for (int32_t j = 0; j < n && first + j + 1 < P; ++j) {
+        kernels::logSoftmax(rows + static_cast<size_t>(j) * static_cast<size_t>(V), V, lp.data());
+        r.promptLogprobs.push_back(
+            tokenLogprob(lp, r.params.promptTokens[static_cast<size_t>(first + j + 1)],
+                         std::max(0, r.params.topLogprobs)));
+      }
+    }
+    if (r.params.returnLogits) {
+      const int32_t keep = std::min(n, P - first);
+      r.promptLogits.insert(r.promptLogits.end(), rows,
+                            rows + static_cast<size_t>(keep) * static_cast<size_t>(V));
+    }
+    if (first + n >= P) r.promptRowsDone = true;
+  }
+  if (!chunk.completesContext) return;
+  if (r.params.maxTokens == 0) {
+    finish(r, FinishReason::Length);  // scored the prompt; nothing to generate
+    return;
+  }
+  const float* last = rows + static_cast<size_t>(allRows ? n - 1 : 0) * static_cast<size_t>(V);
+  if (hooks_.beforeSample) hooks_.beforeSample(r.id);
+  // note: the sampler applies its penalties to the row in place; logprobs and returned logits
+  // report the model's own distribution, so those requests sample from a copy.
+  float* row = rows + static_cast<size_t>(allRows ? n - 1 : 0) * static_cast<size_t>(V);
+  if (r.params.topLogprobs >= 0 || r.params.returnLogits) {
+    sampleRow_.assign(last, last + V);
+    row = sampleRow_.data();
+  }
+  const int32_t token = r.sampler.sample(row);
+  emitToken(r, token, last);
+}
+
+void Engine::dropCancelled() {
+  std::vector<kv::SeqId> cancelled;
+  for (auto& [id, r] : requests_) {
+    if (r->cancelRequested()) cancelled.push_back(id);
+  }
+  for (kv::SeqId id : cancelled) {
+    finish(*requests_.at(id), FinishReason::Cancelled);
+    requests_.erase(id);
+  }
 }
 
 bool Engine::step() {
-  // Cancelled requests leave first, freeing their blocks for this step.
-  auto dropCancelled = [&](auto& list) {
-    for (auto& r : list) {
-      if (r && r->cancelRequested()) {
-        finish(*r, FinishReason::Cancelled);
-        r.reset();
-      }
-    }
-    std::erase(list, nullptr);
-  };
-  dropCancelled(running_);
-  dropCancelled(waiting_);
-  if (running_.empty() && waiting_.empty()) {
-    std::lock_guard lock(mu_);
-    stats_.running = 0;
-    stats_.waiting = 0;
+  dropCancelled();
+  if (requests_.empty()) {
+    updateCounts();
     return false;
   }
-
-  const int32_t B = cache_->blockSizeTokens();
-  // note: like vLLM, keep ~1% of blocks back when admitting so running requests can grow.
-  const int32_t watermark = std::max(1, cache_->numBlocks() / 100);
-  std::vector<Request*> batch;
-  std::vector<int32_t> counts;
-  for (;;) {
-    batch.clear();
-    counts.clear();
-    int32_t budget = config_.maxBatchedTokens;
-    // 1. Decodes (one token each), oldest first; preempt the newest when the pool is dry.
-    for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
-      Request& r = *running_[i];
-      if (r.contextTokens() - r.computed != 1) continue;
-      bool preemptedSelf = false;
-      while (cache_->blocksNeededToAppend(r.id, 1) > cache_->freeBlocks()) {
-        Request& victim = *running_.back();
-        preempt(victim);
-        std::unique_ptr<Request> moved = std::move(running_.back());
-        running_.pop_back();
-        waiting_.push_front(std::move(moved));
-        if (&victim == &r) {
-          preemptedSelf = true;
-          break;
-        }
-      }
-      if (preemptedSelf) break;
-      cache_->appendToken(r.id);
-      batch.push_back(&r);
-      counts.push_back(1);
-      --budget;
-    }
-    // 2. Prefill chunks of admitted requests, then admit waiting ones in order (no overtaking).
-    for (auto& rp : running_) {
-      Request& r = *rp;
-      const int32_t pending = r.contextTokens() - r.computed;
-      if (pending <= 1 || budget == 0) continue;
-      // Room in blocks: the free ones plus what is left in the last block.
-      const int64_t room = static_cast<int64_t>(cache_->freeBlocks()) * B +
-                           (r.computed % B ? B - r.computed % B : 0);
-      const int32_t n = static_cast<int32_t>(std::min<int64_t>({pending, budget, room}));
-      if (n <= 0) continue;
-      cache_->appendTokens(r.id, n);
-      batch.push_back(&r);
-      counts.push_back(n);
-      budget -= n;
-    }
-    while (!waiting_.empty() && budget > 0 &&
-           static_cast<int32_t>(running_.size()) < config_.maxNumSeqs) {
-      Request& r = *waiting_.front();
-      const int32_t n = std::min(r.contextTokens(), budget);
-      if (cache_->blocksForTokens(n) + watermark > cache_->freeBlocks() && !running_.empty()) {
-        break;
-      }
-      if (cache_->blocksForTokens(n) > cache_->freeBlocks()) break;
-      cache_->allocateFor(r.id, n);
-      r.inCache = true;
-      r.computed = 0;
-      r.state = RequestState::Prefilling;
-      batch.push_back(&r);
-      counts.push_back(n);
-      budget -= n;
-      running_.push_back(std::move(waiting_.front()));
-      waiting_.pop_front();
-    }
-    if (!batch.empty() || running_.empty()) break;
-    // Nothing could run (prefills waiting for blocks held by each other): free the newest.
-    Request& victim = *running_.back();
-    preempt(victim);
-    std::unique_ptr<Request> moved = std::move(running_.back());
-    running_.pop_back();
-    waiting_.push_front(std::move(moved));
-  }
+  const StepPlan plan = scheduler_->schedule();
   {
     std::lock_guard lock(mu_);
-    stats_.running = static_cast<int32_t>(running_.size());
-    stats_.waiting = static_cast<int32_t>(waiting_.size());
+    stats_.preemptions += plan.preempted.size();
+    for (kv::SeqId id : plan.preempted) {
+      Request& r = *requests_.at(id);
+      r.running = false;
+      ++queued_;
+      if (!r.promptRowsDone) {  // recomputed from the start
+        r.promptLogprobs.clear();
+        r.promptLogits.clear();
+      }
+    }
+    for (const ScheduledChunk& c : plan.chunks) {
+      Request& r = *requests_.at(c.seq);
+      if (!r.running) {
+        r.running = true;
+        --queued_;
+      }
+    }
+    stats_.running = scheduler_->numRunning();
+    stats_.waiting = queued_;
+    stats_.peakStepSequences =
+        std::max(stats_.peakStepSequences, static_cast<int32_t>(plan.chunks.size()));
   }
-  if (batch.empty()) return false;
+  if (plan.empty()) return false;
 
-  // Build the model batch.
-  std::vector<model::BatchSequence> seqs;
-  seqs.reserve(batch.size());
+  // Run the step. A failure here concerns every request in it.
+  runner_->clear();
+  std::vector<kv::SeqId> batch;
   uint64_t promptTokensThisStep = 0;
-  for (size_t i = 0; i < batch.size(); ++i) {
-    Request& r = *batch[i];
-    r.batchTokens.resize(static_cast<size_t>(counts[i]));
-    for (int32_t j = 0; j < counts[i]; ++j) r.batchTokens[static_cast<size_t>(j)] = r.token(r.computed + j);
-    const bool wantPromptLogprobs = r.params.promptLogprobs && !r.promptLogprobsDone;
-    seqs.push_back({r.id, r.batchTokens, r.computed, wantPromptLogprobs});
-    if (counts[i] > 1 || r.generated.empty()) promptTokensThisStep += static_cast<uint64_t>(counts[i]);
+  std::vector<int32_t> tokens;
+  for (const ScheduledChunk& c : plan.chunks) {
+    const Request& r = *requests_.at(c.seq);
+    r.tokens(c.firstPos, c.numTokens, tokens);
+    runner_->add(c.seq, c.firstPos, tokens, r.wantsPromptRows());
+    batch.push_back(c.seq);
+    if (c.numTokens > 1 || r.generated.empty()) promptTokensThisStep += static_cast<uint64_t>(c.numTokens);
   }
   try {
-    model_.forward(seqs, *cache_, logits_);
+    if (hooks_.beforeForward) hooks_.beforeForward(batch);
+    runner_->run(logits_);
   } catch (const std::exception& e) {
-    for (Request* r : batch) finish(*r, FinishReason::Error, e.what());
-    std::erase_if(running_, [](const auto& r) { return r->state == RequestState::Finished; });
+    for (kv::SeqId id : batch) fail(id, std::string("forward pass failed: ") + e.what());
+    updateCounts();
     return true;
   }
   {
@@ -490,46 +535,21 @@ bool Engine::step() {
     stats_.promptTokens += promptTokensThisStep;
   }
 
-  // Consume the logits rows in batch order.
-  const int32_t V = model_.hparams().nVocab;
+  // Consume the logits rows in batch order; a failure here concerns one request.
+  const auto V = static_cast<size_t>(model_.hparams().nVocab);
   size_t row = 0;
-  std::vector<float> lp;
-  for (size_t i = 0; i < batch.size(); ++i) {
-    Request& r = *batch[i];
-    const int32_t n = counts[i];
-    const int32_t first = r.computed;
-    const size_t rows = seqs[i].allLogits ? static_cast<size_t>(n) : 1;
-    if (seqs[i].allLogits) {
-      // Row j predicts position first + j + 1.
-      const int32_t P = static_cast<int32_t>(r.params.promptTokens.size());
-      if (first == 0) r.promptLogprobs.push_back({r.params.promptTokens[0], NAN, {}});
-      for (int32_t j = 0; j < n; ++j) {
-        const int32_t target = first + j + 1;
-        if (target >= P) break;
-        logSoftmax(logits_.data() + (row + static_cast<size_t>(j)) * static_cast<size_t>(V), V, lp);
-        r.promptLogprobs.push_back(
-            tokenLogprob(lp, r.params.promptTokens[static_cast<size_t>(target)],
-                         std::max(0, r.params.topLogprobs)));
-      }
-      if (first + n >= P) r.promptLogprobsDone = true;
+  for (const ScheduledChunk& c : plan.chunks) {
+    Request& r = *requests_.at(c.seq);
+    const size_t rows = r.wantsPromptRows() ? static_cast<size_t>(c.numTokens) : 1;
+    try {
+      process(r, c, logits_.data() + row * V);
+    } catch (const std::exception& e) {
+      fail(c.seq, std::string("sampling failed: ") + e.what());
     }
-    r.computed += n;
-    float* last = logits_.data() + (row + rows - 1) * static_cast<size_t>(V);
     row += rows;
-    if (r.computed == r.contextTokens()) {
-      r.state = RequestState::Decoding;
-      // Logprobs report the model's distribution: taken before the sampler's penalties.
-      if (r.params.topLogprobs >= 0) logSoftmax(last, V, lp);
-      const int32_t token = r.sampler.sample(last);
-      emitToken(r, token, r.params.topLogprobs >= 0 ? &lp : nullptr);
-    }
   }
-  std::erase_if(running_, [](const auto& r) { return r->state == RequestState::Finished; });
-  {
-    std::lock_guard lock(mu_);
-    stats_.running = static_cast<int32_t>(running_.size());
-    stats_.waiting = static_cast<int32_t>(waiting_.size());
-  }
+  std::erase_if(requests_, [](const auto& kv) { return kv.second->finished; });
+  updateCounts();
   return true;
 }
 

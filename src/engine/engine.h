@@ -1,30 +1,38 @@
-// The serving engine: requests with a lifecycle, a continuous-batching scheduler over the paged KV
-// cache, and a stream of events per request. This is the C++ API for embedding CortexStream
-// (examples/embed.cpp); the HTTP server is one client of it.
+// The serving engine: requests with a lifecycle, continuous batching over the paged KV cache, and
+// a stream of events per request. This is the C++ API for embedding CortexStream
+// (examples/embed.cpp); the HTTP server, `generate`, `chat` and `perplexity` are its clients.
 //
-// One background thread runs the step loop. Each step builds one batch under a token budget
-// (maxBatchedTokens) and a sequence cap (maxNumSeqs): running decodes first (one token each), then
-// prefills in arrival order, long prompts split into chunks so decodes are never starved. When the
-// pool has no block for a running request's next token, the most recently admitted request is
-// preempted: its blocks are freed and it goes back to the front of the queue to be recomputed
-// (prompt + tokens generated so far); the tokens it already streamed are kept and not re-sent.
-// Because every kernel is batch-invariant, the recomputed state is bit-identical, so a greedy
-// request's output does not change under preemption or load.
+// One background thread runs the step loop: the Scheduler (scheduler.h) plans each step in blocks
+// and tokens (decodes first, chunked prefill under a token budget, FCFS admission, preemption of
+// the newest request when the pool runs dry: it is recomputed from prompt + tokens generated so
+// far, and the tokens it already streamed are not re-sent), the ModelRunner resolves the plan's
+// slots and block tables and runs the forward pass, and the engine samples, detokenizes and streams.
+// Because every kernel is batch-invariant, a greedy request's output does not change under
+// preemption or load.
+//
+// The engine owns request validation and the context-length policy (submit()), and it survives its
+// own failures: an exception while planning, running, sampling or detokenizing ends the requests it
+// concerns with FinishReason::Error and a message, and the others go on.
 #pragma once
 
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
+#include "engine/model_runner.h"
 #include "engine/sampler.h"
+#include "engine/scheduler.h"
 #include "kv/kv_cache.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
@@ -38,6 +46,15 @@ struct EngineConfig {
   uint64_t kvCacheBytes = 0;       // 0: a share of free memory (see defaultKvCacheBytes)
   int32_t blockSizeTokens = 16;
   kv::KVDType kvDtype = kv::KVDType::F16;
+  int32_t numThreads = 0;          // kernel threads, the step loop's included; 0: one per core
+};
+
+// Failure injection for tests: called on the step loop before the forward pass of each step
+// (with the sequences in it) and before each token is sampled. Whatever they throw is handled as
+// a failure at that point.
+struct EngineHooks {
+  std::function<void(std::span<const kv::SeqId> batch)> beforeForward;
+  std::function<void(kv::SeqId seq)> beforeSample;
 };
 
 // KV memory when none is configured: a quarter of the memory available now, at most 4 GiB and at
@@ -52,12 +69,14 @@ enum class RequestState { Waiting, Prefilling, Decoding, Finished };
 struct RequestParams {
   std::vector<int32_t> promptTokens;  // >= 1 token
   SamplingParams sampling;
-  int32_t maxTokens = 256;            // >= 1 completion tokens
+  int32_t maxTokens = 256;            // >= 1 completion tokens; 0 only with promptLogprobs (scoring:
+                                      // the prompt is computed, nothing is generated)
   std::vector<std::string> stop;
   bool ignoreEos = false;
   int32_t topLogprobs = -1;           // -1: no logprobs; 0..20: logprob of each sampled token plus
                                       // that many alternatives
   bool promptLogprobs = false;        // log-probabilities of the prompt tokens (echo)
+  bool returnLogits = false;          // raw float32 logits rows in the events (tests, debugging)
 };
 
 struct TokenLogprob {
@@ -73,6 +92,10 @@ struct RequestEvent {
   std::vector<int32_t> tokens;          // tokens sampled since the previous event
   std::vector<TokenLogprob> logprobs;   // one per token when topLogprobs >= 0
   std::vector<TokenLogprob> promptLogprobs;  // first event only, when promptLogprobs
+  // With returnLogits: nVocab floats per prompt position (first event only; row i is the
+  // distribution after prompt token i), and per token sampled since the previous event.
+  std::vector<float> promptLogits;
+  std::vector<float> logits;
   bool finished = false;
   FinishReason finishReason = FinishReason::Stop;
   std::string error;                    // for FinishReason::Error
@@ -127,8 +150,9 @@ struct Histogram {
 struct EngineStats {
   kv::KVCacheStats kv;
   int32_t blockSizeTokens = 0;
-  int32_t running = 0;
-  int32_t waiting = 0;
+  int32_t running = 0;            // after the last step
+  int32_t waiting = 0;            // submitted and not running (queued, or preempted)
+  int32_t peakStepSequences = 0;  // most sequences one forward step has carried
   uint64_t preemptions = 0;
   uint64_t promptTokens = 0;      // prompt tokens prefilled (recomputation included)
   uint64_t generationTokens = 0;  // tokens sampled
@@ -142,21 +166,23 @@ struct EngineStats {
 class Engine {
  public:
   // Builds the KV cache (config.kvCacheBytes or the default share) and starts the step loop.
-  Engine(model::LlamaModel& model, const model::Tokenizer& tokenizer, const EngineConfig& config);
+  // Throws EngineError{InvalidRequest} for a bad config, or when the tokenizer's vocabulary has
+  // ids the model has no output row for.
+  Engine(model::LlamaModel& model, const model::Tokenizer& tokenizer, const EngineConfig& config,
+         EngineHooks hooks = {});
   // Cancels everything still running and joins the loop.
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
   // Queues a request. Throws EngineError: InvalidRequest (empty prompt, bad sampling values,
-  // token ids outside the vocabulary), TooLong (prompt + max tokens beyond the model's context or
-  // the whole KV pool: it could never run), QueueFull, ShuttingDown.
+  // token ids outside the vocabulary, max tokens < 1 without prompt logprobs), TooLong (prompt +
+  // max tokens beyond the model's context or the whole KV pool: it could never run), QueueFull
+  // (maxQueuedRequests requests are waiting), ShuttingDown.
   std::shared_ptr<RequestStream> submit(RequestParams params);
 
   // Stops admitting new requests; running and waiting ones run to completion. Returns at once.
   void drain();
-  // True when drain() was called and nothing is left.
-  bool idle() const;
   EngineStats stats() const;
   const EngineConfig& config() const { return config_; }
   int32_t maxContextTokens() const;  // longest prompt + completion a request may ask for
@@ -166,27 +192,35 @@ class Engine {
   void loop();
   bool step();  // false when there was nothing to do
   void admitNewRequests();
+  void dropCancelled();
   void finish(Request& r, FinishReason reason, const std::string& error = {});
-  void preempt(Request& r);
-  void emitToken(Request& r, int32_t token, const std::vector<float>* logprobs);
+  void fail(kv::SeqId seq, const std::string& error);
+  void emitToken(Request& r, int32_t token, const float* logits);
+  void process(Request& r, const ScheduledChunk& chunk, float* rows);
+  void updateCounts();
 
   model::LlamaModel& model_;
   const model::Tokenizer& tokenizer_;
   EngineConfig config_;
+  EngineHooks hooks_;
   std::unique_ptr<kv::KVCache> cache_;
+  std::unique_ptr<PagedBlockBudget> budget_;
+  std::unique_ptr<Scheduler> scheduler_;  // loop thread only
+  std::unique_ptr<ModelRunner> runner_;   // loop thread only
 
-  mutable std::mutex mu_;  // guards incoming_, stats_, flags
+  mutable std::mutex mu_;  // guards incoming_, stats_, queued_, flags
   std::condition_variable wake_;
   std::deque<std::unique_ptr<Request>> incoming_;
   bool stopping_ = false;
   bool draining_ = false;
+  int32_t queued_ = 0;  // submitted and not running: incoming_ + the scheduler's waiting queue
   EngineStats stats_;
   uint64_t nextId_ = 1;
 
   // Loop-thread state.
-  std::deque<std::unique_ptr<Request>> waiting_;
-  std::vector<std::unique_ptr<Request>> running_;  // admission order
+  std::unordered_map<kv::SeqId, std::unique_ptr<Request>> requests_;  // in the scheduler
   std::vector<float> logits_;
+  std::vector<float> sampleRow_;
   std::thread thread_;
 };
 

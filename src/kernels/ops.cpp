@@ -96,16 +96,13 @@ void addInPlace(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
-void softmaxInPlace(float* x, int64_t n) {
+void logSoftmax(const float* x, int64_t n, float* out) {
   float mx = x[0];
   for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
   double sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - mx);
-    sum += x[i];
-  }
-  const auto inv = static_cast<float>(1.0 / sum);
-  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(x[i]) - mx);
+  const double logZ = std::log(sum) + mx;
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i] - logZ);
 }
 
 int64_t argmax(const float* x, int64_t n) {

@@ -50,9 +50,10 @@ void swiglu(const float* gate, const float* up, int64_t n, float* out);
 // y[i] += x[i], i in [0, n).
 void addInPlace(float* y, const float* x, int64_t n);
 
-// x[i] = exp(x[i] - max) / sum_j exp(x[j] - max), in place; the sum is taken in index order in
-// double. n >= 1.
-void softmaxInPlace(float* x, int64_t n);
+// out[i] = x[i] - log(sum_j exp(x[j])): the log-probabilities of a row of logits. The maximum is
+// subtracted first and the sum taken in index order in double, so any finite row gives finite
+// results. n >= 1; out may alias x.
+void logSoftmax(const float* x, int64_t n, float* out);
 
 // Index of the largest element, the first one on ties; NaNs are skipped. Returns -1 when n <= 0
 // or every element is NaN.

@@ -32,32 +32,12 @@
 
 #include "kv/block_pool.h"
 #include "kv/kv_error.h"
+#include "kv/kv_config.h"
 #include "kv/paged_view.h"
 #include "kv/spin_mutex.h"
 
 namespace cortex::kv {
 
-enum class KVLayout : uint8_t { LayerMajor, HeadMajor };
-const char* toString(KVLayout layout);
-
-struct KVCacheConfig {
-  int32_t numLayers = 0;
-  int32_t numKVHeads = 0;
-  int32_t headDim = 0;
-  int32_t blockSizeTokens = 16;
-  // Give exactly one of the two: a number of blocks, or a byte budget for the whole arena
-  // (numBlocks = floor(budget / bytesPerBlock)).
-  int32_t numBlocks = 0;
-  uint64_t memoryBudgetBytes = 0;
-  KVDType dtype = KVDType::F16;
-  KVLayout layout = KVLayout::LayerMajor;
-};
-
-// Bytes of K and V that one token takes across all layers, and that one block takes. The one
-// formula for these sizes: the cache sizes its arena with it, and anything else that sizes KV
-// memory should call it rather than repeat it.
-uint64_t bytesPerToken(const KVCacheConfig& config);
-uint64_t bytesPerBlock(const KVCacheConfig& config);
 
 // One sequence's share of a forward step: its new positions [firstPos, firstPos + numTokens),
 // already reserved (allocateFor / appendTokens).

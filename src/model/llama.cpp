@@ -6,6 +6,8 @@
 
 #include "kernels/attention.h"
 #include "kernels/matmul.h"
+#include "kernels/ops.h"
+#include "kernels/weights.h"
 #include "model/errors.h"
 
 namespace cortex::model {
@@ -34,7 +36,23 @@ std::string dimsString(const std::vector<uint64_t>& dims) {
 
 }  // namespace
 
-LlamaModel::LlamaModel(GGUFFile file) : file_(std::move(file)) {}
+struct LlamaModel::Weights {
+  struct Layer {
+    const float* attnNorm = nullptr;
+    kernels::WeightMatrix wq, wk, wv, wo;
+    const float* ffnNorm = nullptr;
+    kernels::WeightMatrix wGate, wUp, wDown;
+  };
+  kernels::WeightMatrix tokenEmbd;
+  kernels::WeightMatrix output;
+  const float* outputNorm = nullptr;
+  std::vector<Layer> layers;
+  std::unique_ptr<kernels::RopeTable> rope;
+};
+
+LlamaModel::LlamaModel(GGUFFile file) : file_(std::move(file)), w_(std::make_unique<Weights>()) {}
+
+LlamaModel::~LlamaModel() = default;
 
 std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path) {
   std::unique_ptr<LlamaModel> m(new LlamaModel(GGUFFile::open(path)));
@@ -110,16 +128,17 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path) {
   const GGUFTensorInfo& embd = f.tensor("token_embd.weight");
   if (embd.dims.size() != 2) throw ModelError(where + "token_embd.weight is not a matrix");
   hp.nVocab = static_cast<int32_t>(embd.dims[1]);
-  m->tokenEmbd_ = matrix("token_embd.weight", hp.nEmbd, hp.nVocab);
-  m->output_ = f.findTensor("output.weight") != nullptr
-                   ? matrix("output.weight", hp.nEmbd, hp.nVocab)
-                   : m->tokenEmbd_;  // tied embeddings
-  m->outputNorm_ = vector("output_norm.weight", hp.nEmbd);
+  Weights& w = *m->w_;
+  w.tokenEmbd = matrix("token_embd.weight", hp.nEmbd, hp.nVocab);
+  w.output = f.findTensor("output.weight") != nullptr
+                 ? matrix("output.weight", hp.nEmbd, hp.nVocab)
+                 : w.tokenEmbd;  // tied embeddings
+  w.outputNorm = vector("output_norm.weight", hp.nEmbd);
   const int64_t qDim = static_cast<int64_t>(hp.nHead) * hp.headDim;
   const int64_t kvDim = static_cast<int64_t>(hp.nHeadKV) * hp.headDim;
   for (int32_t l = 0; l < hp.nLayers; ++l) {
     const std::string p = "blk." + std::to_string(l) + ".";
-    Layer layer;
+    Weights::Layer layer;
     layer.attnNorm = vector(p + "attn_norm.weight", hp.nEmbd);
     layer.wq = matrix(p + "attn_q.weight", hp.nEmbd, qDim);
     layer.wk = matrix(p + "attn_k.weight", hp.nEmbd, kvDim);
@@ -129,9 +148,9 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path) {
     layer.wGate = matrix(p + "ffn_gate.weight", hp.nEmbd, hp.nFF);
     layer.wUp = matrix(p + "ffn_up.weight", hp.nEmbd, hp.nFF);
     layer.wDown = matrix(p + "ffn_down.weight", hp.nFF, hp.nEmbd);
-    m->layers_.push_back(layer);
+    w.layers.push_back(layer);
   }
-  m->rope_ = std::make_unique<kernels::RopeTable>(hp.nCtxTrain, hp.nRot, hp.ropeTheta);
+  w.rope = std::make_unique<kernels::RopeTable>(hp.nCtxTrain, hp.nRot, hp.ropeTheta);
   return m;
 }
 
@@ -164,90 +183,105 @@ void LlamaModel::resize(int64_t nTokens, int32_t maxContext) {
   grow(up_, nTokens * hp_.nFF);
   grow(lastRows_, nTokens * hp_.nEmbd);
   grow(scratch_, static_cast<int64_t>(kernels::pagedAttentionScratchFloats(maxContext)));
-  if (static_cast<int64_t>(positions_.size()) < nTokens) {
-    positions_.resize(static_cast<size_t>(nTokens));
-    slots_.resize(static_cast<size_t>(nTokens));
+}
+
+void LlamaModel::validate(const ForwardBatch& batch, int64_t& nOutRows,
+                          int32_t& maxContext) const {
+  const LlamaHParams& hp = hp_;
+  const kv::KVArena& a = batch.arena;
+  if (a.numLayers != hp.nLayers || a.numKVHeads != hp.nHeadKV || a.headDim != hp.headDim) {
+    throw ModelError("forward: the KV arena has " + std::to_string(a.numLayers) + " layers x " +
+                     std::to_string(a.numKVHeads) + " heads x " + std::to_string(a.headDim) +
+                     " dims; this model needs " + std::to_string(hp.nLayers) + " x " +
+                     std::to_string(hp.nHeadKV) + " x " + std::to_string(hp.headDim));
+  }
+  const size_t nTokens = batch.tokens.size();
+  if (batch.positions.size() != nTokens || batch.slots.size() != nTokens) {
+    throw ModelError("forward: tokens, positions and slots differ in count");
+  }
+  nOutRows = 0;
+  maxContext = 1;
+  int64_t t = 0;
+  for (const ForwardSequence& s : batch.seqs) {
+    const int64_t end = static_cast<int64_t>(s.firstPos) + s.numTokens;
+    if (s.numTokens < 1 || s.firstPos < 0 || end > hp.nCtxTrain) {
+      throw ModelError("forward: positions [" + std::to_string(s.firstPos) + ", " +
+                       std::to_string(end) + ") are empty or exceed the model's context of " +
+                       std::to_string(hp.nCtxTrain) + " tokens");
+    }
+    if (s.tableStart < 0 || s.numBlocks * int64_t{a.blockSizeTokens} < end ||
+        static_cast<size_t>(s.tableStart) + static_cast<size_t>(s.numBlocks) >
+            batch.blockTables.size()) {
+      throw ModelError("forward: a block table does not cover its sequence's positions");
+    }
+    for (int32_t i = 0; i < s.numTokens; ++i) {
+      if (batch.positions[static_cast<size_t>(t + i)] != s.firstPos + i) {
+        throw ModelError("forward: token positions are not consecutive within a sequence");
+      }
+    }
+    t += s.numTokens;
+    nOutRows += s.allLogits ? s.numTokens : 1;
+    maxContext = std::max(maxContext, static_cast<int32_t>(end));
+  }
+  if (t != static_cast<int64_t>(nTokens)) {
+    throw ModelError("forward: the sequences' token counts do not add up to the batch");
+  }
+  for (int32_t id : batch.tokens) {
+    if (id < 0 || id >= hp.nVocab) {
+      throw ModelError("forward: token id " + std::to_string(id) +
+                       " is outside the vocabulary [0, " + std::to_string(hp.nVocab) + ")");
+    }
   }
 }
 
-void LlamaModel::forward(std::span<const BatchSequence> batch, kv::KVCache& cache,
-                         std::vector<float>& logits) {
+void LlamaModel::forward(const ForwardBatch& batch, std::vector<float>& logits) {
   const LlamaHParams& hp = hp_;
-  // Validate the whole batch before touching the cache.
-  int64_t nTokens = 0;
+  const Weights& w = *w_;
+  // Validate the whole batch before touching the arena.
   int64_t nOutRows = 0;
   int32_t maxContext = 1;
-  for (const BatchSequence& s : batch) {
-    const int64_t n = static_cast<int64_t>(s.tokens.size());
-    if (n == 0) throw ModelError("forward: sequence " + std::to_string(s.seq) + " has no tokens");
-    if (s.firstPos < 0 || s.firstPos + n > hp.nCtxTrain) {
-      throw ModelError("forward: positions [" + std::to_string(s.firstPos) + ", " +
-                       std::to_string(s.firstPos + n) + ") exceed the model's context of " +
-                       std::to_string(hp.nCtxTrain) + " tokens");
-    }
-    for (int32_t id : s.tokens) {
-      if (id < 0 || id >= hp.nVocab) {
-        throw ModelError("forward: token id " + std::to_string(id) + " is outside the vocabulary [0, " +
-                         std::to_string(hp.nVocab) + ")");
-      }
-    }
-    nTokens += n;
-    nOutRows += s.allLogits ? n : 1;
-    maxContext = std::max(maxContext, static_cast<int32_t>(s.firstPos + n));
-  }
+  validate(batch, nOutRows, maxContext);
+  const auto nTokens = static_cast<int64_t>(batch.tokens.size());
   if (nTokens == 0) {
     logits.clear();
     return;
   }
   resize(nTokens, maxContext);
-  // Slots first: this throws (before any write) when a position is not reserved.
-  {
-    int64_t t = 0;
-    for (const BatchSequence& s : batch) {
-      cache.slotsFor(s.seq, s.firstPos,
-                     std::span<kv::TokenSlot>(slots_.data() + t, s.tokens.size()));
-      for (size_t i = 0; i < s.tokens.size(); ++i) {
-        positions_[static_cast<size_t>(t) + i] = s.firstPos + static_cast<int32_t>(i);
-      }
-      t += static_cast<int64_t>(s.tokens.size());
-    }
-  }
 
   const int64_t E = hp.nEmbd;
   const int64_t qDim = static_cast<int64_t>(hp.nHead) * hp.headDim;
   const int64_t kvDim = static_cast<int64_t>(hp.nHeadKV) * hp.headDim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hp.headDim));
+  const kv::KVArena& arena = batch.arena;
   float* x = x_.data();
   float* xn = xn_.data();
 
-  {  // Embedding lookup.
-    int64_t t = 0;
-    for (const BatchSequence& s : batch) {
-      for (int32_t id : s.tokens) kernels::dequantizeRow(tokenEmbd_, id, x + (t++) * E);
-    }
+  for (int64_t t = 0; t < nTokens; ++t) {
+    kernels::dequantizeRow(w.tokenEmbd, batch.tokens[static_cast<size_t>(t)], x + t * E);
   }
 
   for (int32_t l = 0; l < hp.nLayers; ++l) {
-    const Layer& L = layers_[static_cast<size_t>(l)];
+    const Weights::Layer& L = w.layers[static_cast<size_t>(l)];
     // Attention block.
     kernels::rmsNorm(x, L.attnNorm, nTokens, E, hp.rmsEps, xn);
     kernels::matmul(L.wq, xn, nTokens, q_.data());
     kernels::matmul(L.wk, xn, nTokens, k_.data());
     kernels::matmul(L.wv, xn, nTokens, v_.data());
-    kernels::ropeInPlace(q_.data(), nTokens, hp.nHead, hp.headDim, positions_.data(), *rope_);
-    kernels::ropeInPlace(k_.data(), nTokens, hp.nHeadKV, hp.headDim, positions_.data(), *rope_);
+    kernels::ropeInPlace(q_.data(), nTokens, hp.nHead, hp.headDim, batch.positions.data(), *w.rope);
+    kernels::ropeInPlace(k_.data(), nTokens, hp.nHeadKV, hp.headDim, batch.positions.data(), *w.rope);
     for (int64_t t = 0; t < nTokens; ++t) {
-      cache.writeKV(slots_[static_cast<size_t>(t)], l, k_.data() + t * kvDim,
-                    v_.data() + t * kvDim);
+      kv::writeKV(arena, batch.slots[static_cast<size_t>(t)], l, k_.data() + t * kvDim,
+                  v_.data() + t * kvDim);
     }
     int64_t t0 = 0;
-    for (const BatchSequence& s : batch) {
-      const kv::PagedKVView kView = cache.getKView(s.seq, l);
-      const kv::PagedKVView vView = cache.getVView(s.seq, l);
-      kernels::pagedAttention(q_.data() + t0 * qDim, static_cast<int32_t>(s.tokens.size()),
-                              s.firstPos, hp.nHead, kView, vView, scale,
+    for (const ForwardSequence& s : batch.seqs) {
+      const kv::BlockId* table = batch.blockTables.data() + s.tableStart;
+      const int32_t n = s.firstPos + s.numTokens;
+      kernels::pagedAttention(q_.data() + t0 * qDim, s.numTokens, s.firstPos, hp.nHead,
+                              arena.kView(l, table, s.numBlocks, n),
+                              arena.vView(l, table, s.numBlocks, n), scale,
                               attn_.data() + t0 * qDim, scratch_.data());
-      t0 += static_cast<int64_t>(s.tokens.size());
+      t0 += s.numTokens;
     }
     kernels::matmul(L.wo, attn_.data(), nTokens, tmp_.data());
     kernels::addInPlace(x, tmp_.data(), nTokens * E);
@@ -265,8 +299,8 @@ void LlamaModel::forward(std::span<const BatchSequence> batch, kv::KVCache& cach
   {
     int64_t t = 0;
     int64_t r = 0;
-    for (const BatchSequence& s : batch) {
-      const int64_t n = static_cast<int64_t>(s.tokens.size());
+    for (const ForwardSequence& s : batch.seqs) {
+      const int64_t n = s.numTokens;
       if (s.allLogits) {
         std::copy(x + t * E, x + (t + n) * E, rows + r * E);
         r += n;
@@ -277,9 +311,9 @@ void LlamaModel::forward(std::span<const BatchSequence> batch, kv::KVCache& cach
       t += n;
     }
   }
-  kernels::rmsNorm(rows, outputNorm_, nOutRows, E, hp.rmsEps, rows);
+  kernels::rmsNorm(rows, w.outputNorm, nOutRows, E, hp.rmsEps, rows);
   logits.resize(static_cast<size_t>(nOutRows * hp.nVocab));
-  kernels::matmul(output_, rows, nOutRows, logits.data());
+  kernels::matmul(w.output, rows, nOutRows, logits.data());
 }
 
 }  // namespace cortex::model

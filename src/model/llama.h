@@ -1,10 +1,11 @@
-// The Llama transformer over the paged KV cache: weights read in place from a GGUF file, a
-// batch-first forward pass, float32 activations.
+// The Llama transformer: weights read in place from a GGUF file, a batch-first forward pass,
+// float32 activations.
 //
 // One forward() call advances a batch of sequences, each with its own number of new tokens
 // (prompt chunks and single decode tokens together), so every weight matrix is read once per step
-// for the whole batch. Each new token's K/V go into the cache through its slot; attention reads
-// each sequence's K/V in place through its paged view, with causal masking.
+// for the whole batch. The batch arrives resolved (forward_batch.h): each new token's K/V are
+// written to its slot and attention reads each sequence's K/V in place through its block table,
+// with causal masking. The model never touches the KV cache's bookkeeping.
 #pragma once
 
 #include <cstdint>
@@ -13,9 +14,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels/ops.h"
-#include "kernels/weights.h"
-#include "kv/kv_cache.h"
+#include "kv/kv_config.h"
+#include "model/forward_batch.h"
 #include "model/gguf.h"
 
 namespace cortex::model {
@@ -34,15 +34,6 @@ struct LlamaHParams {
   float rmsEps = 1e-5f;
 };
 
-// New tokens of one sequence in a batch. Positions [firstPos, firstPos + tokens.size()) must
-// already be reserved in the cache (allocateFor / appendTokens); earlier positions must hold K/V.
-struct BatchSequence {
-  kv::SeqId seq = 0;
-  std::span<const int32_t> tokens;
-  int32_t firstPos = 0;
-  bool allLogits = false;  // logits for every new token (scoring), else for the last one only
-};
-
 class LlamaModel {
  public:
   // Maps the GGUF file and checks everything the forward pass relies on: architecture "llama",
@@ -58,36 +49,26 @@ class LlamaModel {
                                   kv::KVDType dtype = kv::KVDType::F16) const;
 
   // Runs the batch and writes logits: one row of nVocab floats per new token of a sequence with
-  // allLogits, else one row for its last token, in batch order. Throws ModelError for a token id
-  // outside the vocabulary or a position beyond the trained context, and kv::KVError for a
-  // sequence whose positions are not reserved; nothing is written to the cache in those cases.
-  // Not reentrant: one forward at a time per model (it reuses internal buffers).
-  void forward(std::span<const BatchSequence> batch, kv::KVCache& cache,
-               std::vector<float>& logits);
+  // allLogits, else one row for its last token, in batch order. Throws ModelError, with nothing
+  // written to the KV arena, for a batch that does not fit this model: a token id outside the
+  // vocabulary, a position beyond the trained context, inconsistent counts, or an arena of another
+  // shape. Not reentrant: one forward at a time per model (it reuses internal buffers).
+  void forward(const ForwardBatch& batch, std::vector<float>& logits);
+  ~LlamaModel();
 
  private:
-  struct Layer {
-    const float* attnNorm = nullptr;
-    kernels::WeightMatrix wq, wk, wv, wo;
-    const float* ffnNorm = nullptr;
-    kernels::WeightMatrix wGate, wUp, wDown;
-  };
+  struct Weights;  // the weight matrices and RoPE table (kernel types stay out of this header)
 
   explicit LlamaModel(GGUFFile file);
   void resize(int64_t nTokens, int32_t maxContext);
+  void validate(const ForwardBatch& batch, int64_t& nOutRows, int32_t& maxContext) const;
 
   GGUFFile file_;
   LlamaHParams hp_;
-  kernels::WeightMatrix tokenEmbd_;
-  kernels::WeightMatrix output_;
-  const float* outputNorm_ = nullptr;
-  std::vector<Layer> layers_;
-  std::unique_ptr<kernels::RopeTable> rope_;
+  std::unique_ptr<Weights> w_;
 
   // Activation buffers, grown on demand and reused (no allocation in steady state).
   std::vector<float> x_, xn_, q_, k_, v_, attn_, tmp_, gate_, up_, scratch_, lastRows_;
-  std::vector<int32_t> positions_;
-  std::vector<kv::TokenSlot> slots_;
 };
 
 }  // namespace cortex::model

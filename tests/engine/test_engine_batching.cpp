@@ -1,10 +1,13 @@
-// The continuous-batching engine on the default model: concurrent greedy requests give exactly
-// the outputs they give alone (batch-invariant kernels make exact equality the right check),
-// also when a small pool forces preemptions; cancellation frees blocks; bad requests are refused.
+// The continuous-batching engine on the default model: concurrent requests (greedy, and seeded
+// sampling) give exactly the outputs they give alone (batch-invariant kernels make exact equality
+// the right check), also when a small pool forces preemptions, and the tests check that they
+// really shared steps; cancellation frees blocks; bad requests are refused; a failure injected
+// into a step ends the requests it concerns and the engine goes on.
 #include "engine/engine.h"
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <filesystem>
 
 #include "engine/generate.h"
@@ -31,14 +34,14 @@ struct Fixture : ::testing::Test {
     p.maxTokens = maxTokens;
     return p;
   }
-  // The single-request path (engine/generate.h) as the reference.
+  // The reference: the request alone on its own engine (nothing else in any step).
   static std::vector<int32_t> alone(const RequestParams& p) {
-    kv::KVCache cache(model->kvCacheConfig(16, 64ull << 20));
-    GenerateRequest g;
-    g.promptTokens = p.promptTokens;
-    g.sampling = p.sampling;
-    g.maxTokens = p.maxTokens;
-    return generate(*model, *tokenizer, cache, 1, g, nullptr).tokens;
+    EngineConfig c;
+    c.kvCacheBytes = 64ull << 20;
+    Engine engine(*model, *tokenizer, c);
+    const GenerateResult r = generate(engine, p);
+    EXPECT_EQ(engine.stats().peakStepSequences, 1);
+    return r.tokens;
   }
   static std::pair<std::vector<int32_t>, RequestEvent> collect(RequestStream& s) {
     std::vector<int32_t> tokens;
@@ -73,10 +76,99 @@ TEST_F(Fixture, ConcurrentGreedyEqualsAlone) {
     EXPECT_TRUE(last.finishReason == FinishReason::Length || last.finishReason == FinishReason::Stop);
   }
   EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
+  EXPECT_GT(engine.stats().peakStepSequences, 1);  // they did run in the same steps
   // note: the references run after the engine is done: a model runs one forward at a time.
   for (size_t i = 0; i < kPrompts.size(); ++i) {
     EXPECT_EQ(outputs[i], alone(greedy(kPrompts[i], 12))) << kPrompts[i];
   }
+}
+
+TEST_F(Fixture, SeededSamplingIsTheSameAloneUnderLoadAndUnderPreemption) {
+  auto sampled = [](size_t i) {
+    RequestParams p = greedy(kPrompts[i], 16);
+    p.sampling.temperature = 0.9f;
+    p.sampling.topP = 0.95f;
+    p.sampling.seed = 1000 + i;
+    p.ignoreEos = true;
+    return p;
+  };
+  for (const uint64_t kvBytes : {64ull << 20, 6ull * 16 * 30 * 2 * 3 * 64 * 2}) {
+    EngineConfig c;
+    c.kvCacheBytes = kvBytes;  // the second pool is small enough to force preemptions
+    c.maxBatchedTokens = 32;
+    Engine engine(*model, *tokenizer, c);
+    std::vector<std::shared_ptr<RequestStream>> streams;
+    for (size_t i = 0; i < 4; ++i) streams.push_back(engine.submit(sampled(i)));
+    std::vector<std::vector<int32_t>> outputs;
+    for (size_t i = 0; i < 4; ++i) outputs.push_back(collect(*streams[i]).first);
+    EXPECT_GT(engine.stats().peakStepSequences, 1);
+    if (kvBytes < (1u << 20)) {
+      EXPECT_GT(engine.stats().preemptions, 0u);
+    }
+    for (size_t i = 0; i < 4; ++i) EXPECT_EQ(outputs[i], alone(sampled(i))) << kPrompts[i];
+  }
+}
+
+TEST_F(Fixture, AFailedForwardEndsItsRequestsAndTheEngineGoesOn) {
+  std::atomic<int> forwards{0};
+  EngineHooks hooks;
+  hooks.beforeForward = [&](std::span<const kv::SeqId>) {
+    if (++forwards == 3) throw std::runtime_error("injected forward failure");
+  };
+  EngineConfig c;
+  c.kvCacheBytes = 64ull << 20;
+  Engine engine(*model, *tokenizer, c, hooks);
+  auto a = engine.submit(greedy(kPrompts[0], 8));
+  auto b = engine.submit(greedy(kPrompts[1], 8));
+  auto [ta, la] = collect(*a);
+  auto [tb, lb] = collect(*b);
+  EXPECT_EQ(la.finishReason, FinishReason::Error);
+  EXPECT_EQ(lb.finishReason, FinishReason::Error);
+  EXPECT_NE(la.error.find("injected forward failure"), std::string::npos) << la.error;
+  EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
+  // The engine still serves, and what it serves is right.
+  auto [tokens, last] = collect(*engine.submit(greedy(kPrompts[2], 8)));
+  EXPECT_EQ(last.finishReason, FinishReason::Length);
+  EXPECT_EQ(tokens, alone(greedy(kPrompts[2], 8)));
+  EXPECT_EQ(engine.stats().finishedError, 2u);
+}
+
+TEST_F(Fixture, AFailedSampleEndsOnlyThatRequest) {
+  std::atomic<kv::SeqId> victim{0};
+  EngineHooks hooks;
+  hooks.beforeSample = [&](kv::SeqId seq) {
+    if (seq == victim.load()) throw std::runtime_error("injected sampling failure");
+  };
+  EngineConfig c;
+  c.kvCacheBytes = 64ull << 20;
+  Engine engine(*model, *tokenizer, c, hooks);
+  auto a = engine.submit(greedy(kPrompts[0], 8));
+  RequestParams p = greedy(kPrompts[1], 8);
+  auto b = engine.submit(p);
+  victim = b->id();
+  auto [ta, la] = collect(*a);
+  auto [tb, lb] = collect(*b);
+  EXPECT_EQ(lb.finishReason, FinishReason::Error);
+  EXPECT_NE(lb.error.find("injected sampling failure"), std::string::npos) << lb.error;
+  EXPECT_EQ(la.finishReason, FinishReason::Length);
+  EXPECT_EQ(ta, alone(greedy(kPrompts[0], 8)));
+  EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
+}
+
+TEST_F(Fixture, ScoringWithoutGeneratingGivesPromptLogprobsOnly) {
+  EngineConfig c;
+  c.kvCacheBytes = 16ull << 20;
+  c.maxBatchedTokens = 4;  // the prompt is scored across several chunks
+  Engine engine(*model, *tokenizer, c);
+  RequestParams p = greedy("The capital of France is Paris.", 0);
+  p.promptLogprobs = true;
+  const GenerateResult r = generate(engine, p);
+  EXPECT_TRUE(r.tokens.empty());
+  EXPECT_EQ(r.finishReason, FinishReason::Length);
+  ASSERT_EQ(r.promptLogprobs.size(), p.promptTokens.size());
+  for (size_t i = 1; i < r.promptLogprobs.size(); ++i) EXPECT_LT(r.promptLogprobs[i].logprob, 0.0f);
+  RequestParams bad = greedy("hi", 0);
+  EXPECT_THROW(engine.submit(bad), EngineError);  // max tokens 0 needs prompt logprobs
 }
 
 TEST_F(Fixture, SmallPoolPreemptsAndStillMatches) {
@@ -91,6 +183,7 @@ TEST_F(Fixture, SmallPoolPreemptsAndStillMatches) {
   std::vector<std::vector<int32_t>> outputs;
   for (int i = 0; i < 4; ++i) outputs.push_back(collect(*streams[static_cast<size_t>(i)]).first);
   EXPECT_GT(engine.stats().preemptions, 0u);
+  EXPECT_GT(engine.stats().peakStepSequences, 1);
   EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
   for (int i = 0; i < 4; ++i) {
     EXPECT_EQ(outputs[static_cast<size_t>(i)], alone(greedy(kPrompts[static_cast<size_t>(i)], 24)))

@@ -130,13 +130,16 @@ TEST(Ops, AddInPlace) {
   EXPECT_EQ(y, (std::vector<float>{1.5f, 0, 7}));
 }
 
-TEST(Ops, SoftmaxMatchesReferenceAndIsStable) {
-  std::vector<float> x = {1000, 1001, 999, -5};
-  const std::vector<float> orig = x;
-  softmaxInPlace(x.data(), 4);
+TEST(Ops, LogSoftmaxMatchesReferenceAndIsStable) {
+  const std::vector<float> x = {1000, 1001, 999, -5};
+  std::vector<float> out(4);
+  logSoftmax(x.data(), 4, out.data());
   double sum = 0;
-  for (float v : orig) sum += std::exp(double(v) - 1001);
-  for (size_t i = 0; i < 4; ++i) EXPECT_NEAR(x[i], std::exp(double(orig[i]) - 1001) / sum, 1e-7);
+  for (float v : x) sum += std::exp(double(v) - 1001);
+  for (size_t i = 0; i < 4; ++i) EXPECT_NEAR(out[i], double(x[i]) - 1001 - std::log(sum), 1e-4);
+  double total = 0;
+  for (float v : out) total += std::exp(double(v));
+  EXPECT_NEAR(total, 1.0, 1e-6);
 }
 
 TEST(Ops, Argmax) {

@@ -1,0 +1,38 @@
+// Executes one planned step on the model: the engine adds each scheduled chunk's tokens, the
+// runner resolves every new token's KV slot and every sequence's block table under one KV lock
+// (kv::KVCache::resolveStep), and runs the forward pass on that resolved batch.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kv/kv_cache.h"
+#include "model/forward_batch.h"
+#include "model/llama.h"
+
+namespace cortex::engine {
+
+class ModelRunner {
+ public:
+  ModelRunner(model::LlamaModel& model, kv::KVCache& cache) : model_(model), cache_(cache) {}
+
+  // Starts a new step (forgets the previous one's input).
+  void clear();
+  // Adds one sequence's chunk: `tokens` at positions [firstPos, firstPos + tokens.size()), which
+  // the scheduler has reserved in the cache. allLogits: one logits row per token, else one for the
+  // last token.
+  void add(kv::SeqId seq, int32_t firstPos, std::span<const int32_t> tokens, bool allLogits);
+  // Runs the step and writes the logits rows in the order the chunks were added. Throws KVError
+  // (a chunk's positions are not reserved) or ModelError; nothing is written to the cache then.
+  void run(std::vector<float>& logits);
+  int32_t numSequences() const { return static_cast<int32_t>(step_.size()); }
+
+ private:
+  model::LlamaModel& model_;
+  kv::KVCache& cache_;
+  std::vector<kv::StepSequence> step_;
+  model::ForwardBatch batch_;
+};
+
+}  // namespace cortex::engine
