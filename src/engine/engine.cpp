@@ -211,34 +211,41 @@ int32_t Engine::maxContextTokens() const {
 std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
   using Kind = EngineError::Kind;
   const int32_t vocab = model_.hparams().nVocab;
-  if (params.promptTokens.empty()) throw EngineError(Kind::InvalidRequest, "the prompt is empty");
+  if (params.promptTokens.empty()) {
+    throw EngineError(Kind::InvalidRequest, "the prompt has no tokens", "prompt");
+  }
   for (int32_t t : params.promptTokens) {
     if (t < 0 || t >= vocab) {
-      throw EngineError(Kind::InvalidRequest, "prompt token id " + std::to_string(t) +
-                                                  " is outside the vocabulary [0, " +
-                                                  std::to_string(vocab) + ")");
+      throw EngineError(Kind::InvalidRequest,
+                        "prompt token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                            std::to_string(vocab) + ")",
+                        "prompt");
     }
   }
   if (params.maxTokens < (params.promptLogprobs ? 0 : 1)) {
-    throw EngineError(Kind::InvalidRequest, params.promptLogprobs
-                                                ? "max_tokens must be >= 0"
-                                                : "max_tokens must be >= 1 (0 only to score the "
-                                                  "prompt with prompt logprobs)");
+    throw EngineError(Kind::InvalidRequest,
+                      params.promptLogprobs ? "max_tokens must be >= 0"
+                                            : "max_tokens must be >= 1 (0 only to score the "
+                                              "prompt with prompt logprobs)",
+                      "max_tokens");
   }
   if (params.topLogprobs < -1 || params.topLogprobs > 20) {
-    throw EngineError(Kind::InvalidRequest, "top_logprobs must be in [0, 20]");
+    throw EngineError(Kind::InvalidRequest, "top_logprobs must be in [0, 20]", "top_logprobs");
   }
   if (const std::string bad = params.sampling.validate(); !bad.empty()) {
     throw EngineError(Kind::InvalidRequest, bad);
   }
-  const int64_t need = static_cast<int64_t>(params.promptTokens.size()) + params.maxTokens;
-  if (need > maxContextTokens()) {
+  const int64_t prompt = static_cast<int64_t>(params.promptTokens.size());
+  if (prompt + params.maxTokens > maxContextTokens()) {
     throw EngineError(Kind::TooLong,
-                      "this request needs " + std::to_string(need) + " tokens (" +
-                          std::to_string(params.promptTokens.size()) + " in the prompt + " +
+                      "This model's maximum context length is " +
+                          std::to_string(maxContextTokens()) + " tokens. However, you requested " +
+                          std::to_string(prompt + params.maxTokens) + " tokens (" +
+                          std::to_string(prompt) + " in the prompt, " +
                           std::to_string(params.maxTokens) +
-                          " max tokens); the maximum context is " +
-                          std::to_string(maxContextTokens()) + " tokens");
+                          " for the completion). Please reduce the length of the prompt or the "
+                          "completion.",
+                      "prompt");
   }
   std::lock_guard lock(mu_);
   if (stopping_ || draining_) throw EngineError(Kind::ShuttingDown, "the server is shutting down");

@@ -107,11 +107,15 @@ struct RequestEvent {
 class EngineError : public std::runtime_error {
  public:
   enum class Kind { InvalidRequest, TooLong, QueueFull, ShuttingDown };
-  EngineError(Kind kind, const std::string& message) : std::runtime_error(message), kind_(kind) {}
+  EngineError(Kind kind, const std::string& message, std::string param = {})
+      : std::runtime_error(message), kind_(kind), param_(std::move(param)) {}
   Kind kind() const { return kind_; }
+  // The request field at fault, in the OpenAI API's words ("prompt", "max_tokens", ...), or empty.
+  const std::string& param() const { return param_; }
 
  private:
   Kind kind_;
+  std::string param_;
 };
 
 // The receiving end of one request. Thread-safe; the engine pushes, one consumer pops.

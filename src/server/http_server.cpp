@@ -279,41 +279,15 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
       prompt = tokenizer_.encode(*p.promptText, true, true);
       info.echoText = *p.promptText;
     } else {
-      for (const int32_t id : p.promptTokenIds) {
-        if (id >= tokenizer_.vocabSize()) {
-          throwInvalid("prompt", "token id " + std::to_string(id) +
-                                     " is outside the vocabulary (size " +
-                                     std::to_string(tokenizer_.vocabSize()) + ")");
-        }
-      }
       prompt = p.promptTokenIds;
       if (p.echo) info.echoText = tokenizer_.decode(prompt);
     }
     if (prompt.empty()) throwInvalid(chat ? "messages" : "prompt", "the prompt has no tokens");
 
-    const int64_t maxContext = engine_.maxContextTokens();
-    const auto promptLen = static_cast<int64_t>(prompt.size());
-    const char* promptParam = chat ? "messages" : "prompt";
-    auto tooLong = [&](int64_t completion) {
-      throwInvalid(promptParam,
-                   "This model's maximum context length is " + std::to_string(maxContext) +
-                       " tokens. However, you requested " + std::to_string(promptLen + completion) +
-                       " tokens (" + std::to_string(promptLen) + " in the " +
-                       (chat ? "messages" : "prompt") + ", " + std::to_string(completion) +
-                       " for the completion). Please reduce the length of the " +
-                       (chat ? "messages" : "prompt") + " or the completion.",
-                   "context_length_exceeded");
-    };
-    if (promptLen >= maxContext) tooLong(p.maxTokens.value_or(1));
-    int64_t maxTokens = 0;
-    if (p.maxTokens) {
-      maxTokens = *p.maxTokens;
-      if (promptLen + maxTokens > maxContext) tooLong(maxTokens);
-    } else {
-      // Defaults: 16 for completions (OpenAI's legacy default), the rest of the context for chat.
-      maxTokens = chat ? maxContext - promptLen : std::min<int64_t>(16, maxContext - promptLen);
-    }
-
+    // Defaults: 16 for completions (OpenAI's legacy default), the rest of the context for chat.
+    // The engine judges whether the request fits (its TooLong error says by how much).
+    const int64_t room = std::max<int64_t>(1, engine_.maxContextTokens() - static_cast<int64_t>(prompt.size()));
+    const int64_t maxTokens = p.maxTokens ? *p.maxTokens : chat ? room : std::min<int64_t>(16, room);
     params.sampling = p.sampling;
     if (!p.seedGiven) params.sampling.seed = randomU64();
     params.maxTokens = static_cast<int32_t>(maxTokens);
@@ -335,9 +309,12 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
   } catch (const engine::EngineError& e) {
     using Kind = engine::EngineError::Kind;
     switch (e.kind()) {
-      case Kind::InvalidRequest:
-        respondError(res, 400, e.what(), "invalid_request_error");
+      case Kind::InvalidRequest: {
+        // The engine names the request field; a chat request's prompt is its messages.
+        const std::string param = e.param() == "prompt" && chat ? "messages" : e.param();
+        respondError(res, 400, e.what(), "invalid_request_error", param);
         break;
+      }
       case Kind::TooLong:
         respondError(res, 400, e.what(), "invalid_request_error", chat ? "messages" : "prompt",
                      "context_length_exceeded");

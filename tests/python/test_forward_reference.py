@@ -2,7 +2,7 @@
 
 For (a) tiny random Llama models written here in every weight type and (b) the default model on
 several prompts, `cortexstream generate --dump-logits` gives the float32 logits of every prompt
-position, compared with reference.llama_ref.LlamaRef.logits on the same token ids (from
+position and of every decode step (the row each generated token was sampled from), compared with reference.llama_ref.LlamaRef.logits on the same token ids (from
 `cortexstream tokenize`, whose ids are themselves checked against HF tokenizers elsewhere); and
 the first 32 greedy tokens must be identical.
 
@@ -51,12 +51,23 @@ def tokenize(model: Path, text: str) -> list[int]:
     return json.loads(run_cli("tokenize", "--model", str(model), text))
 
 
-def cpp_logits_and_greedy(model: Path, text: str, tmp: Path, kv_dtype: str = "f32"):
+def cpp_logits_and_greedy(model: Path, text: str, tmp: Path, kv_dtype: str = "f32",
+                          max_batched_tokens: int = 512):
+    """Logits of every prompt position followed by the row each of the GREEDY_STEPS greedy tokens
+    was sampled from (the decode steps), and the greedy tokens."""
     out = tmp / "logits.npy"
     res = json.loads(run_cli("generate", "--model", str(model), "--prompt", text, "--temperature",
                              "0", "--max-tokens", str(GREEDY_STEPS), "--ignore-eos", "--json",
-                             "--kv-dtype", kv_dtype, "--dump-logits", str(out)))
+                             "--kv-dtype", kv_dtype, "--dump-logits", str(out),
+                             "--max-batched-tokens", str(max_batched_tokens)))
     return np.load(out), res["tokens"]
+
+
+def reference_rows(ref: LlamaRef, ids: list[int], greedy: list[int]) -> np.ndarray:
+    """The reference for cpp_logits_and_greedy's rows: the prompt positions, then positions
+    len(ids) - 1 ... len(ids) + len(greedy) - 2 (token k is sampled from the position before it)."""
+    full = ref.logits(ids + greedy[:-1])
+    return np.concatenate([full[:len(ids)], full[len(ids) - 1:]])
 
 
 def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
@@ -82,7 +93,7 @@ def test_tiny_model_logits_and_greedy(tmp_path, weight_type, tied):
     for text in ["hello world", "The quick brown fox jumps over the lazy dog. " * 3, "x"]:
         ids = tokenize(path, text)
         logits, greedy = cpp_logits_and_greedy(path, text, tmp_path)
-        expected = ref.logits(ids)
+        expected = reference_rows(ref, ids, greedy)
         assert logits.shape == expected.shape
         err = rel_error(logits, expected)
         assert err < 1e-3, f"{weight_type} {text!r}: relative logit error {err:.2e}"
@@ -108,18 +119,36 @@ def default_ref():
 def test_default_model_logits_and_greedy(tmp_path, default_ref, text):
     ids = tokenize(DEFAULT_MODEL, text)
     logits, greedy = cpp_logits_and_greedy(DEFAULT_MODEL, text, tmp_path)
-    expected = default_ref.logits(ids)
+    assert greedy == default_ref.greedy(ids, GREEDY_STEPS)
+    expected = reference_rows(default_ref, ids, greedy)
+    assert logits.shape == expected.shape
     err = rel_error(logits, expected)
     print(f"\n{text[:30]!r}: {len(ids)} tokens, relative logit error {err:.2e}")
     assert err < 1e-3
-    assert greedy == default_ref.greedy(ids, GREEDY_STEPS)
+
+
+def test_default_model_multi_chunk_prefill_and_decode_steps(tmp_path, default_ref):
+    """The prompt prefilled 5 tokens per step (several chunks, each attending to the K/V of the
+    ones before through the paged cache), then 32 decode steps: every row against the reference,
+    and bit-identical to the same request prefilled in one chunk (batch invariance)."""
+    text = DEFAULT_PROMPTS[1]
+    ids = tokenize(DEFAULT_MODEL, text)
+    assert len(ids) > 3 * 5
+    chunked, greedy = cpp_logits_and_greedy(DEFAULT_MODEL, text, tmp_path, max_batched_tokens=5)
+    expected = reference_rows(default_ref, ids, greedy)
+    err = rel_error(chunked, expected)
+    print(f"\nchunked prefill + decode: relative logit error {err:.2e}")
+    assert err < 1e-3
+    whole, greedy_whole = cpp_logits_and_greedy(DEFAULT_MODEL, text, tmp_path)
+    assert greedy_whole == greedy
+    assert np.array_equal(whole, chunked)
 
 
 def test_default_model_f16_kv_cache(tmp_path, default_ref):
     text = DEFAULT_PROMPTS[0]
     ids = tokenize(DEFAULT_MODEL, text)
-    logits, _ = cpp_logits_and_greedy(DEFAULT_MODEL, text, tmp_path, kv_dtype="f16")
-    err = rel_error(logits, default_ref.logits(ids))
+    logits, greedy = cpp_logits_and_greedy(DEFAULT_MODEL, text, tmp_path, kv_dtype="f16")
+    err = rel_error(logits, reference_rows(default_ref, ids, greedy))
     print(f"\nf16 KV: relative logit error {err:.2e}")
     assert err < 1e-2
 
