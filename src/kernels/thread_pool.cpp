@@ -2,7 +2,6 @@
 
 #include <atomic>
 #include <condition_variable>
-#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -23,6 +22,7 @@ namespace {
 // [generation: 24 bits][chunk count: 20 bits][next chunk: 20 bits].
 constexpr uint64_t kIdxBits = 20;
 constexpr uint64_t kIdxMask = (1ull << kIdxBits) - 1;
+constexpr uint64_t kGenMask = (1ull << 24) - 1;
 uint64_t idxOf(uint64_t s) { return s & kIdxMask; }
 uint64_t countOf(uint64_t s) { return (s >> kIdxBits) & kIdxMask; }
 uint64_t genOf(uint64_t s) { return s >> (2 * kIdxBits); }
@@ -31,32 +31,40 @@ uint64_t genOf(uint64_t s) { return s >> (2 * kIdxBits); }
 // of one forward pass (microseconds) without burning a core when the engine is idle.
 constexpr int kSpinPauses = 20000;
 
-class Pool {
+int hardwareThreads() {
+  const unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : static_cast<int>(n);
+}
+
+}  // namespace
+
+class ThreadPool::State {
  public:
-  explicit Pool(int n) : n_(n) {
-    for (int w = 1; w < n_; ++w) workers_.emplace_back([this, w] { work(w); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard lock(sleepMu_);
-      stop_ = true;
+  explicit State(int n) : n_(n) {
+    try {
+      for (int w = 1; w < n_; ++w) workers_.emplace_back([this, w] { work(w); });
+    } catch (...) {
+      // note: the destructor does not run when the constructor throws, and a joinable
+      // std::thread destroyed unjoined would terminate the process.
+      stopWorkers();
+      throw;
     }
-    sleepCv_.notify_all();
-    for (auto& t : workers_) t.join();
   }
+  ~State() { stopWorkers(); }
+
   int size() const { return n_; }
 
   void run(int64_t nChunks, const std::function<void(int64_t, int)>& fn) {
     if (nChunks <= 0) return;
+    if (static_cast<uint64_t>(nChunks) > kIdxMask) throw std::invalid_argument("too many chunks");
+    std::lock_guard callers(callerMu_);
     if (n_ == 1 || nChunks == 1) {
       for (int64_t c = 0; c < nChunks; ++c) fn(c, 0);
       return;
     }
-    if (static_cast<uint64_t>(nChunks) > kIdxMask) throw std::invalid_argument("too many chunks");
-    std::lock_guard callers(callerMu_);
     fn_ = &fn;
     remaining_.store(nChunks, std::memory_order_relaxed);
-    const uint64_t gen = (genOf(state_.load(std::memory_order_relaxed)) + 1) & ((1ull << 24) - 1);
+    const uint64_t gen = (genOf(state_.load(std::memory_order_relaxed)) + 1) & kGenMask;
     state_.store((gen << (2 * kIdxBits)) | (static_cast<uint64_t>(nChunks) << kIdxBits),
                  std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
@@ -119,11 +127,21 @@ class Pool {
     }
   }
 
+  void stopWorkers() {
+    {
+      std::lock_guard lock(sleepMu_);
+      stop_ = true;
+    }
+    sleepCv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
   const int n_;
   std::vector<std::thread> workers_;
   std::mutex callerMu_;  // one job at a time
   std::atomic<uint64_t> state_{0};
-  std::atomic<int64_t> remaining_{0};
+  std::atomic<int64_t> remaining_{0};  // chunks of the job not finished yet
   const std::function<void(int64_t, int)>* fn_ = nullptr;
   std::mutex sleepMu_;
   std::condition_variable sleepCv_;
@@ -131,35 +149,16 @@ class Pool {
   bool stop_ = false;
 };
 
-int hardwareThreads() {
-  const unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : static_cast<int>(n);
-}
+ThreadPool::ThreadPool(int threads)
+    : state_(std::make_unique<State>(threads <= 0 ? hardwareThreads() : threads)) {}
 
-std::mutex poolMu;
-std::unique_ptr<Pool> pool;
+ThreadPool::~ThreadPool() = default;
 
-Pool& instance() {
-  std::lock_guard lock(poolMu);
-  if (!pool) pool = std::make_unique<Pool>(hardwareThreads());
-  return *pool;
-}
+int ThreadPool::size() const { return state_->size(); }
 
-}  // namespace
-
-void setNumThreads(int n) {
-  std::lock_guard lock(poolMu);
-  const int want = n <= 0 ? hardwareThreads() : n;
-  if (!pool || pool->size() != want) {
-    pool.reset();
-    pool = std::make_unique<Pool>(want);
-  }
-}
-
-int numThreads() { return instance().size(); }
-
-void parallelFor(int64_t nChunks, const std::function<void(int64_t chunk, int worker)>& fn) {
-  instance().run(nChunks, fn);
+void ThreadPool::parallelFor(int64_t nChunks,
+                             const std::function<void(int64_t chunk, int worker)>& fn) {
+  state_->run(nChunks, fn);
 }
 
 }  // namespace cortex::kernels
