@@ -2,9 +2,11 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -59,6 +61,7 @@ class ThreadPool::State {
     if (static_cast<uint64_t>(nChunks) > kIdxMask) throw std::invalid_argument("too many chunks");
     std::lock_guard callers(callerMu_);
     if (n_ == 1 || nChunks == 1) {
+      // An exception simply leaves the loop: later chunks are not started, as in a shared job.
       for (int64_t c = 0; c < nChunks; ++c) fn(c, 0);
       return;
     }
@@ -82,6 +85,9 @@ class ThreadPool::State {
       }
     }
     fn_ = nullptr;
+    // note: every chunk has finished (remaining_ was read as 0 with acquire after each one's
+    // release), so no thread touches error_ any more and it can be read without errorMu_.
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
   }
 
  private:
@@ -91,14 +97,42 @@ class ThreadPool::State {
     while (idxOf(s) < countOf(s)) {
       if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel,
                                        std::memory_order_acquire)) {
-        // note: fn_ belongs to this job: the caller cannot finish (and replace it) before this
-        // claimed chunk is done.
-        (*fn_)(static_cast<int64_t>(idxOf(s)), worker);
+        try {
+          // note: fn_ belongs to this job: the caller cannot finish (and replace it) before this
+          // claimed chunk is done.
+          (*fn_)(static_cast<int64_t>(idxOf(s)), worker);
+        } catch (...) {
+          fail(std::current_exception());
+        }
+        // note: counted only once the catch block has ended, so the caller that sees the job
+        // finished also sees this thread done with the exception object.
         remaining_.fetch_sub(1, std::memory_order_release);
         return true;
       }
     }
     return false;
+  }
+
+  // Keeps the job's first exception and withdraws the chunks nobody has claimed yet. Runs while
+  // the failing chunk still counts in remaining_, so the job (and its generation) is current.
+  void fail(std::exception_ptr e) {
+    {
+      std::lock_guard lock(errorMu_);
+      if (!error_) error_ = std::move(e);
+    }
+    uint64_t s = state_.load(std::memory_order_acquire);
+    while (idxOf(s) < countOf(s)) {
+      // Marking every chunk claimed makes later claims fail like at the end of a normal job.
+      const uint64_t done = (s & ~kIdxMask) | countOf(s);
+      if (state_.compare_exchange_weak(s, done, std::memory_order_acq_rel,
+                                       std::memory_order_acquire)) {
+        // The withdrawn chunks will never run: they are finished as far as the caller's wait
+        // is concerned.
+        remaining_.fetch_sub(static_cast<int64_t>(countOf(s) - idxOf(s)),
+                             std::memory_order_release);
+        return;
+      }
+    }
   }
 
   bool hasWork() const {
@@ -141,8 +175,10 @@ class ThreadPool::State {
   std::vector<std::thread> workers_;
   std::mutex callerMu_;  // one job at a time
   std::atomic<uint64_t> state_{0};
-  std::atomic<int64_t> remaining_{0};  // chunks of the job not finished yet
+  std::atomic<int64_t> remaining_{0};  // chunks of the job neither finished nor withdrawn
   const std::function<void(int64_t, int)>* fn_ = nullptr;
+  std::mutex errorMu_;       // taken only when a chunk throws
+  std::exception_ptr error_;  // the current job's first exception
   std::mutex sleepMu_;
   std::condition_variable sleepCv_;
   std::atomic<int> sleepers_{0};

@@ -47,7 +47,10 @@ class ThreadPool {
   // index per-thread scratch; the calling thread runs chunks as worker 0. Chunks are claimed in
   // increasing order but may run concurrently and finish in any order.
   //
-  // fn must not throw.
+  // If fn throws, no further chunks are started, the chunks already started are waited for, and
+  // the first exception thrown is rethrown here; later ones are dropped. Chunks never started are
+  // skipped, so the output of such a job is partial. The pool is unaffected and the next call
+  // runs normally.
   //
   // Calls from several threads on the same pool are serialised (each job takes the pool's own
   // caller lock for its whole run); calls on different pools share nothing and run at the same

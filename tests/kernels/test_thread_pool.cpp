@@ -1,6 +1,7 @@
 // The kernels' thread pool: every chunk runs exactly once, worker ids are unique among running
-// chunks, jobs from several callers of one pool are serialised, and separate pools are
-// independent. Runs under TSan in CI.
+// chunks, jobs from several callers of one pool are serialised, an exception thrown by any chunk
+// reaches the caller after the running chunks finish and leaves the pool usable, and separate
+// pools are independent. Runs under TSan in CI.
 #include "kernels/thread_pool.h"
 
 #include <gtest/gtest.h>
@@ -9,11 +10,17 @@
 #include <chrono>
 #include <functional>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
 namespace cortex::kernels {
 namespace {
+
+// What a test chunk throws, so the test can tell which chunk's exception came back.
+struct ChunkError {
+  int64_t chunk;
+};
 
 // Runs one job of n chunks on `pool` and checks that each chunk ran once, on a worker id in
 // range that no other running chunk had at the same time.
@@ -122,6 +129,159 @@ TEST(ThreadPool, ResultsDoNotDependOnTheThreadThatRunsAChunk) {
   }
 }
 
+// One chunk throws, at the start, the middle or the end of jobs of various sizes: the caller gets
+// that exception, every chunk that started has finished by then, none ran twice, and the next
+// job on the pool runs normally.
+TEST(ThreadPool, ExceptionFromOneChunkReachesTheCaller) {
+  for (int threads : {1, 2, 3}) {
+    ThreadPool pool(threads);
+    for (int64_t n : {1, 2, 7, 100, 5000}) {
+      for (int64_t bad : {int64_t{0}, n / 2, n - 1}) {
+        SCOPED_TRACE(testing::Message() << threads << " threads, " << n << " chunks, chunk "
+                                        << bad << " throws");
+        std::vector<std::atomic<int>> started(static_cast<size_t>(n)),
+            finished(static_cast<size_t>(n));
+        int64_t caught = -1;
+        try {
+          pool.parallelFor(n, [&](int64_t c, int) {
+            started[static_cast<size_t>(c)].fetch_add(1);
+            if (c == bad) {
+              finished[static_cast<size_t>(c)].fetch_add(1);
+              throw ChunkError{c};
+            }
+            // A little work, so other threads are still inside chunks when the throw happens.
+            volatile double s = 0;
+            for (int i = 0; i < 200; ++i) s = s + 1.0 / (i + 1);
+            finished[static_cast<size_t>(c)].fetch_add(1);
+          });
+        } catch (const ChunkError& e) {
+          caught = e.chunk;
+        }
+        EXPECT_EQ(caught, bad);
+        for (int64_t c = 0; c < n; ++c) {
+          const auto i = static_cast<size_t>(c);
+          ASSERT_LE(started[i].load(), 1) << "chunk " << c;
+          ASSERT_EQ(started[i].load(), finished[i].load()) << "chunk " << c << " still running";
+          // Chunks are handed out in order, and a handed-out chunk always completes.
+          if (c <= bad) {
+            ASSERT_EQ(started[i].load(), 1) << "chunk " << c;
+          }
+        }
+        expectEachChunkOnceWithValidWorkers(pool, n);
+      }
+    }
+  }
+}
+
+// Every chunk throws: one exception comes back and no thread starts a second chunk once its
+// first has thrown, so at most size() chunks run.
+TEST(ThreadPool, EveryChunkThrowing) {
+  for (int threads : {1, 2, 3}) {
+    ThreadPool pool(threads);
+    for (int rep = 0; rep < 50; ++rep) {
+      std::atomic<int> runs{0};
+      EXPECT_THROW(pool.parallelFor(10000,
+                                    [&](int64_t c, int) {
+                                      ++runs;
+                                      throw std::runtime_error("chunk " + std::to_string(c));
+                                    }),
+                   std::runtime_error);
+      EXPECT_GE(runs.load(), 1);
+      EXPECT_LE(runs.load(), threads);
+      expectEachChunkOnceWithValidWorkers(pool, 1000);
+    }
+  }
+}
+
+// The throwing chunk runs on a worker thread, not on the caller: the caller's own chunk holds on
+// until some worker has claimed a chunk, and only workers throw.
+TEST(ThreadPool, ExceptionFromAWorkerThreadReachesTheCaller) {
+  const auto callerThread = std::this_thread::get_id();
+  for (int threads : {2, 3}) {
+    ThreadPool pool(threads);
+    for (int rep = 0; rep < 50; ++rep) {
+      std::atomic<bool> workerClaimed{false};
+      std::atomic<bool> callerWaited{true};
+      std::atomic<int> thrownOffCaller{0};
+      try {
+        pool.parallelFor(1000, [&](int64_t c, int w) {
+          if (w == 0) {
+            EXPECT_EQ(std::this_thread::get_id(), callerThread);
+            if (c == 0 && !waitFor(workerClaimed)) callerWaited = false;
+            return;
+          }
+          EXPECT_NE(std::this_thread::get_id(), callerThread);
+          workerClaimed = true;
+          ++thrownOffCaller;
+          throw std::runtime_error("worker chunk " + std::to_string(c));
+        });
+        ADD_FAILURE() << "no exception";
+      } catch (const std::runtime_error& e) {
+        EXPECT_EQ(std::string(e.what()).rfind("worker chunk ", 0), 0u) << e.what();
+      }
+      ASSERT_TRUE(callerWaited.load()) << "no worker claimed a chunk";
+      EXPECT_GE(thrownOffCaller.load(), 1);
+      EXPECT_LE(thrownOffCaller.load(), threads - 1);
+      expectEachChunkOnceWithValidWorkers(pool, 1000);
+    }
+  }
+}
+
+// The caller's chunk throws while workers are inside slow chunks: parallelFor returns (by the
+// exception) only after those chunks have finished, since they may still be using the caller's
+// data.
+TEST(ThreadPool, RethrowsOnlyAfterRunningChunksFinish) {
+  for (int threads : {2, 3}) {
+    ThreadPool pool(threads);
+    for (int rep = 0; rep < 5; ++rep) {
+      std::atomic<bool> workerRunning{false}, callerThrowing{false};
+      std::atomic<int> started{0}, finished{0};
+      EXPECT_THROW(pool.parallelFor(100,
+                                    [&](int64_t c, int w) {
+                                      if (w == 0) {
+                                        EXPECT_TRUE(waitFor(workerRunning));
+                                        callerThrowing = true;
+                                        throw ChunkError{c};
+                                      }
+                                      ++started;
+                                      workerRunning = true;
+                                      EXPECT_TRUE(waitFor(callerThrowing));
+                                      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                                      ++finished;
+                                    }),
+                   ChunkError);
+      EXPECT_GE(started.load(), 1);
+      EXPECT_EQ(finished.load(), started.load());
+      expectEachChunkOnceWithValidWorkers(pool, 100);
+    }
+  }
+}
+
+// Throwing and normal jobs alternate on one pool from two caller threads.
+TEST(ThreadPool, ThrowingJobsInterleavedWithNormalOnes) {
+  ThreadPool pool(3);
+  std::atomic<int> wrong{0};
+  auto caller = [&](int64_t bad) {
+    for (int j = 0; j < 300; ++j) {
+      try {
+        pool.parallelFor(50, [&](int64_t c, int) {
+          if (c == bad) throw ChunkError{c};
+        });
+        ++wrong;
+      } catch (const ChunkError& e) {
+        if (e.chunk != bad) ++wrong;
+      }
+      std::atomic<int64_t> sum{0};
+      pool.parallelFor(50, [&](int64_t c, int) { sum += c; });
+      if (sum.load() != 50 * 49 / 2) ++wrong;
+    }
+  };
+  std::thread a(caller, 3), b(caller, 41);
+  a.join();
+  b.join();
+  EXPECT_EQ(wrong.load(), 0);
+}
+
 // Two pools in use at the same time from two threads: both finish, with their own worker ids.
 TEST(ThreadPool, TwoPoolsAtTheSameTime) {
   ThreadPool p2(2), p3(3);
@@ -167,7 +327,8 @@ TEST(ThreadPool, PoolsDoNotWaitForEachOther) {
   EXPECT_TRUE(bFinishedFirst.load());
 }
 
-// A chunk may run a job on another pool.
+// A chunk may run a job on another pool, and an exception from that inner job travels through
+// both.
 TEST(ThreadPool, ChunksMayUseAnotherPool) {
   ThreadPool outer(2), inner(2);
   std::atomic<int64_t> sum{0};
@@ -175,6 +336,15 @@ TEST(ThreadPool, ChunksMayUseAnotherPool) {
     inner.parallelFor(16, [&](int64_t d, int) { sum += c * 16 + d; });
   });
   EXPECT_EQ(sum.load(), 128 * 127 / 2);
+  EXPECT_THROW(outer.parallelFor(8,
+                                 [&](int64_t c, int) {
+                                   inner.parallelFor(16, [&](int64_t d, int) {
+                                     if (c == 5 && d == 7) throw ChunkError{d};
+                                   });
+                                 }),
+               ChunkError);
+  expectEachChunkOnceWithValidWorkers(outer, 100);
+  expectEachChunkOnceWithValidWorkers(inner, 100);
 }
 
 }  // namespace
