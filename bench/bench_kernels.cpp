@@ -1,6 +1,7 @@
 // Kernel throughput: matmul per weight type and shape (GB/s of weights read, GFLOP/s), a decode
 // sweep over a whole SmolLM2-135M-shaped model (weights far larger than the caches, so the GB/s
-// there is the memory-bound figure), and paged attention for one decode step.
+// there is the memory-bound figure), and paged attention for one decode step. Each benchmark runs
+// on its own pool of one thread per hardware thread, as the engine does by default.
 #include <benchmark/benchmark.h>
 
 
@@ -11,9 +12,11 @@
 #include "common/half.h"
 #include "kernels/attention.h"
 #include "kernels/matmul.h"
+#include "kernels/thread_pool.h"
 
 namespace {
 
+using cortex::kernels::ThreadPool;
 using cortex::kernels::WeightMatrix;
 using cortex::kernels::WeightType;
 
@@ -64,8 +67,9 @@ void BM_Matmul(benchmark::State& state) {
   std::mt19937 rng(2);
   std::uniform_real_distribution<float> dist(-1, 1);
   for (auto& v : x) v = dist(rng);
+  ThreadPool pool(0);
   for (auto _ : state) {
-    cortex::kernels::matmul(w, x.data(), n, y.data());
+    cortex::kernels::matmul(pool, w, x.data(), n, y.data());
     benchmark::DoNotOptimize(y.data());
   }
   state.SetLabel(cortex::kernels::toString(type));
@@ -116,8 +120,9 @@ void BM_ModelSweep(benchmark::State& state) {
     flops += 2.0 * static_cast<double>(m.w.rows * m.w.cols * n);
   }
   std::vector<float> x(static_cast<size_t>(n * 1536), 0.5f), y(static_cast<size_t>(n * 49152));
+  ThreadPool pool(0);
   for (auto _ : state) {
-    for (const auto& m : mats) cortex::kernels::matmul(m.w, x.data(), n, y.data());
+    for (const auto& m : mats) cortex::kernels::matmul(pool, m.w, x.data(), n, y.data());
     benchmark::DoNotOptimize(y.data());
   }
   setCounters(state, bytes, flops);
@@ -153,9 +158,10 @@ void BM_AttentionDecode(benchmark::State& state) {
   auto v = k;
   v.base = k.base + static_cast<size_t>(kvHeads) * bs * dim * 2;
   std::vector<float> q(heads * dim, 0.1f), out(q.size());
-  std::vector<float> scratch(cortex::kernels::pagedAttentionScratchFloats(ctx));
+  ThreadPool pool(0);
+  std::vector<float> scratch(cortex::kernels::pagedAttentionScratchFloats(pool, ctx));
   for (auto _ : state) {
-    cortex::kernels::pagedAttention(q.data(), 1, ctx - 1, heads, k, v, 0.125f, out.data(),
+    cortex::kernels::pagedAttention(pool, q.data(), 1, ctx - 1, heads, k, v, 0.125f, out.data(),
                                     scratch.data());
     benchmark::DoNotOptimize(out.data());
   }

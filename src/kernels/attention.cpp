@@ -193,15 +193,16 @@ void attendGroup(const float* q, int32_t n, int32_t kvh, const PagedKVView& K,
 constexpr int kMaxGroup = 4;
 
 template <KVDType KT, KVDType VT, bool kSimd>
-void attentionT(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, const PagedKVView& K,
-                const PagedKVView& V, float scale, float* out, float* scratch) {
+void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads,
+                const PagedKVView& K, const PagedKVView& V, float scale, float* out,
+                float* scratch) {
   const int32_t D = K.headDim;
   const int32_t nKV = K.numKVHeads;
   const int32_t group = nHeads / nKV;
   const size_t stride = scoreStride(firstPos + nQ);
   const int64_t macs = static_cast<int64_t>(nQ) * nHeads * (firstPos + (nQ + 1) / 2) * D * 2;
-  const bool parallel = macs >= kParallelMinMacs && numThreads() > 1;
-  const int nThreads = parallel ? numThreads() : 1;
+  const bool parallel = macs >= kParallelMinMacs && pool.size() > 1;
+  const int nThreads = parallel ? pool.size() : 1;
   // Work item = (query token, KV head, sub-group of up to kMaxGroup heads). Sub-groups shrink
   // when there are too few items to keep every thread busy (a decode step has only nKV groups).
   int sub = std::min(group, kMaxGroup);
@@ -230,12 +231,12 @@ void attentionT(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, co
     for (int64_t it = 0; it < items; ++it) body(it, 0);
     return;
   }
-  parallelFor(items, [&](int64_t it, int worker) { body(it, worker); });
+  pool.parallelFor(items, [&](int64_t it, int worker) { body(it, worker); });
 }
 
 template <bool kSimd>
-void dispatch(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, const PagedKVView& K,
-              const PagedKVView& V, float scale, float* out, float* scratch) {
+void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads,
+              const PagedKVView& K, const PagedKVView& V, float scale, float* out, float* scratch) {
   const auto fail = [](const std::string& what) {
     throw std::invalid_argument("pagedAttention: " + what);
   };
@@ -251,12 +252,14 @@ void dispatch(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, cons
   const auto go = [&]<KVDType KT>() {
     switch (V.dtype) {
       case KVDType::F32:
-        return attentionT<KT, KVDType::F32, kSimd>(Q, nQ, firstPos, nHeads, K, V, scale, out, scratch);
+        return attentionT<KT, KVDType::F32, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
+                                                    out, scratch);
       case KVDType::F16:
-        return attentionT<KT, KVDType::F16, kSimd>(Q, nQ, firstPos, nHeads, K, V, scale, out, scratch);
+        return attentionT<KT, KVDType::F16, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
+                                                    out, scratch);
       case KVDType::BF16:
-        return attentionT<KT, KVDType::BF16, kSimd>(Q, nQ, firstPos, nHeads, K, V, scale, out,
-                                                     scratch);
+        return attentionT<KT, KVDType::BF16, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
+                                                     out, scratch);
     }
   };
   switch (K.dtype) {
@@ -268,25 +271,25 @@ void dispatch(const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads, cons
 
 }  // namespace
 
-size_t pagedAttentionScratchFloats(int32_t maxKeyTokens) {
-  return static_cast<size_t>(numThreads()) * kMaxGroup * scoreStride(maxKeyTokens);
+size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens) {
+  return static_cast<size_t>(pool.size()) * kMaxGroup * scoreStride(maxKeyTokens);
 }
 
-void pagedAttention(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos, int32_t nHeads,
-                    const kv::PagedKVView& K, const kv::PagedKVView& V, float scale, float* out,
-                    float* scratch) {
+void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
+                    int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
+                    float scale, float* out, float* scratch) {
 #if CS_KERNELS_AVX2
-  dispatch<true>(Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
+  dispatch<true>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
 #else
-  dispatch<false>(Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
+  dispatch<false>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
 #endif
 }
 
 namespace detail {
-void pagedAttentionScalar(const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
-                          int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
-                          float scale, float* out, float* scratch) {
-  dispatch<false>(Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
+void pagedAttentionScalar(ThreadPool& pool, const float* Q, int32_t nQueryTokens,
+                          int32_t firstQueryPos, int32_t nHeads, const kv::PagedKVView& K,
+                          const kv::PagedKVView& V, float scale, float* out, float* scratch) {
+  dispatch<false>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
 }
 }  // namespace detail
 

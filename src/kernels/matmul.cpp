@@ -31,15 +31,15 @@ void chunkRows(int64_t rows, int64_t unit, int64_t chunk, int64_t nChunks, int64
 
 // Runs body(r0, r1) over row ranges covering [0, rows), in parallel when the product is big.
 template <class Body>
-void forRowChunks(int64_t rows, int64_t unit, int64_t macs, Body&& body) {
-  const int nThreads = numThreads();
+void forRowChunks(ThreadPool& pool, int64_t rows, int64_t unit, int64_t macs, Body&& body) {
+  const int nThreads = pool.size();
   if (macs < kParallelMinMacs || nThreads == 1) {
     body(int64_t{0}, rows);
     return;
   }
   const int64_t units = (rows + unit - 1) / unit;
   const int64_t nChunks = std::min<int64_t>(units, int64_t{nThreads} * kChunksPerThread);
-  parallelFor(nChunks, [&](int64_t chunk, int) {
+  pool.parallelFor(nChunks, [&](int64_t chunk, int) {
     int64_t r0, r1;
     chunkRows(rows, unit, chunk, nChunks, r0, r1);
     body(r0, r1);
@@ -66,8 +66,9 @@ void scalarRows(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y
 }
 
 template <class Dec>
-void matmulScalarT(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
-  forRowChunks(W.rows, 1, W.rows * W.cols * nTokens, [&](int64_t r0, int64_t r1) {
+void matmulScalarT(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens,
+                   float* Y) {
+  forRowChunks(pool, W.rows, 1, W.rows * W.cols * nTokens, [&](int64_t r0, int64_t r1) {
     scalarRows<Dec>(W, X, nTokens, Y, r0, r1);
   });
 }
@@ -189,8 +190,9 @@ void prefillRange(const WeightMatrix& W, const float* X, int64_t nTokens, float*
 }
 
 template <class Dec>
-void matmulAvx2T(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
-  forRowChunks(W.rows, 12, W.rows * W.cols * nTokens, [&](int64_t r0, int64_t r1) {
+void matmulAvx2T(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens,
+                 float* Y) {
+  forRowChunks(pool, W.rows, 12, W.rows * W.cols * nTokens, [&](int64_t r0, int64_t r1) {
     if (nTokens < kPrefillMinTokens) {
       directRange<Dec>(W, X, nTokens, Y, r0, r1);
     } else {
@@ -201,50 +203,51 @@ void matmulAvx2T(const WeightMatrix& W, const float* X, int64_t nTokens, float* 
 #endif
 
 template <template <class> class Impl>
-void dispatch(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
+void dispatch(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
   switch (W.type) {
-    case WeightType::F32: return Impl<DecF32>::run(W, X, nTokens, Y);
-    case WeightType::F16: return Impl<DecF16>::run(W, X, nTokens, Y);
-    case WeightType::BF16: return Impl<DecBF16>::run(W, X, nTokens, Y);
-    case WeightType::Q8_0: return Impl<DecQ8_0>::run(W, X, nTokens, Y);
-    case WeightType::Q4_0: return Impl<DecQ4_0>::run(W, X, nTokens, Y);
-    case WeightType::Q4_1: return Impl<DecQ4_1>::run(W, X, nTokens, Y);
+    case WeightType::F32: return Impl<DecF32>::run(pool, W, X, nTokens, Y);
+    case WeightType::F16: return Impl<DecF16>::run(pool, W, X, nTokens, Y);
+    case WeightType::BF16: return Impl<DecBF16>::run(pool, W, X, nTokens, Y);
+    case WeightType::Q8_0: return Impl<DecQ8_0>::run(pool, W, X, nTokens, Y);
+    case WeightType::Q4_0: return Impl<DecQ4_0>::run(pool, W, X, nTokens, Y);
+    case WeightType::Q4_1: return Impl<DecQ4_1>::run(pool, W, X, nTokens, Y);
   }
 }
 
 template <class Dec>
 struct ScalarImpl {
-  static void run(const WeightMatrix& W, const float* X, int64_t n, float* Y) {
-    matmulScalarT<Dec>(W, X, n, Y);
+  static void run(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t n, float* Y) {
+    matmulScalarT<Dec>(pool, W, X, n, Y);
   }
 };
 
 #if CS_KERNELS_AVX2
 template <class Dec>
 struct Avx2Impl {
-  static void run(const WeightMatrix& W, const float* X, int64_t n, float* Y) {
-    matmulAvx2T<Dec>(W, X, n, Y);
+  static void run(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t n, float* Y) {
+    matmulAvx2T<Dec>(pool, W, X, n, Y);
   }
 };
 #endif
 
 }  // namespace
 
-void matmul(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
+void matmul(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
   validate(W);
   if (nTokens <= 0) return;
 #if CS_KERNELS_AVX2
-  dispatch<Avx2Impl>(W, X, nTokens, Y);
+  dispatch<Avx2Impl>(pool, W, X, nTokens, Y);
 #else
-  dispatch<ScalarImpl>(W, X, nTokens, Y);
+  dispatch<ScalarImpl>(pool, W, X, nTokens, Y);
 #endif
 }
 
 namespace detail {
-void matmulScalar(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
+void matmulScalar(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens,
+                  float* Y) {
   validate(W);
   if (nTokens <= 0) return;
-  dispatch<ScalarImpl>(W, X, nTokens, Y);
+  dispatch<ScalarImpl>(pool, W, X, nTokens, Y);
 }
 }  // namespace detail
 

@@ -138,6 +138,7 @@ const Shape kShapes[] = {
 // weights relatively by about as much; exp() adds an ulp or two; the weighted sum in key order
 // adds n * 2^-24 relative. All together stay well under 1e-5 absolute for n <= 70.
 TEST(Attention, MatchesDenseReference) {
+  ThreadPool pool(2);
   for (const Shape& s : kShapes) {
     for (KVDType dt : {KVDType::F32, KVDType::F16, KVDType::BF16}) {
       for (bool headMajor : {false, true}) {
@@ -147,7 +148,7 @@ TEST(Attention, MatchesDenseReference) {
         const PagedTensor K(headMajor, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 11);
         const PagedTensor V(headMajor, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 12);
         const float scale = 1.0f / std::sqrt(static_cast<float>(s.headDim));
-        std::vector<float> scratch(pagedAttentionScratchFloats(s.tokens));
+        std::vector<float> scratch(pagedAttentionScratchFloats(pool, s.tokens));
         // Whole prompt, a later chunk, and one decode step.
         const int32_t cases[3][2] = {{0, s.tokens}, {s.tokens / 2, s.tokens - s.tokens / 2},
                                      {s.tokens - 1, 1}};
@@ -156,10 +157,10 @@ TEST(Attention, MatchesDenseReference) {
           const auto q = testref::randomFloats(static_cast<size_t>(nQ) * s.nHeads * s.headDim,
                                                13 + static_cast<uint32_t>(firstPos), -2, 2);
           std::vector<float> out(q.size()), outScalar(q.size());
-          pagedAttention(q.data(), nQ, firstPos, s.nHeads, K.view, V.view, scale, out.data(),
-                         scratch.data());
-          detail::pagedAttentionScalar(q.data(), nQ, firstPos, s.nHeads, K.view, V.view, scale,
-                                       outScalar.data(), scratch.data());
+          pagedAttention(pool, q.data(), nQ, firstPos, s.nHeads, K.view, V.view, scale,
+                         out.data(), scratch.data());
+          detail::pagedAttentionScalar(pool, q.data(), nQ, firstPos, s.nHeads, K.view, V.view,
+                                       scale, outScalar.data(), scratch.data());
           const auto ref = reference(q, nQ, firstPos, s, K, V, scale);
           for (size_t e = 0; e < out.size(); ++e) {
             ASSERT_NEAR(out[e], ref[e], 1e-5) << "first " << firstPos << " element " << e;
@@ -173,9 +174,10 @@ TEST(Attention, MatchesDenseReference) {
 }
 
 // A token's output must be bit-identical whether it is computed in a prefill of the whole prompt,
-// in chunks of 3 or 17 tokens, or alone, with 1 or 2 threads.
+// in chunks of 3 or 17 tokens, or alone, on pools of 1, 2 or 3 threads, on both paths.
 TEST(Attention, BatchAndThreadInvariant) {
-  const int saved = kernels::numThreads();
+  ThreadPool reference(2);
+  ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
   const Shape shapes[] = {{9, 3, 64, 70, 16}, {8, 1, 32, 90, 16}, {4, 4, 16, 40, 4}};
   for (int c = 0; c < 3 * 3; ++c) {
     const Shape& s = shapes[c / 3];
@@ -185,37 +187,52 @@ TEST(Attention, BatchAndThreadInvariant) {
     const PagedTensor V(false, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 22);
     const int64_t rowFloats = static_cast<int64_t>(s.nHeads) * s.headDim;
     const auto q = testref::randomFloats(static_cast<size_t>(s.tokens * rowFloats), 23, -2, 2);
-    kernels::setNumThreads(2);
-    std::vector<float> scratch(pagedAttentionScratchFloats(s.tokens));
+    std::vector<float> fullScratch(pagedAttentionScratchFloats(reference, s.tokens));
     std::vector<float> full(q.size());
-    pagedAttention(q.data(), s.tokens, 0, s.nHeads, K.view, V.view, 0.125f, full.data(),
-                   scratch.data());
-    for (int threads : {1, 2}) {
-      kernels::setNumThreads(threads);
+    pagedAttention(reference, q.data(), s.tokens, 0, s.nHeads, K.view, V.view, 0.125f,
+                   full.data(), fullScratch.data());
+    for (ThreadPool& pool : pools) {
+      // Sized for this pool: a pool with more threads needs more.
+      std::vector<float> scratch(pagedAttentionScratchFloats(pool, s.tokens));
       for (int32_t batch : {1, 3, 17}) {
-        std::vector<float> out(static_cast<size_t>(batch * rowFloats));
+        std::vector<float> out(static_cast<size_t>(batch * rowFloats)), outScalar(out.size());
         for (int32_t t0 = 0; t0 < s.tokens; t0 += batch) {
           const int32_t n = std::min(batch, s.tokens - t0);
-          pagedAttention(q.data() + t0 * rowFloats, n, t0, s.nHeads, K.view, V.view, 0.125f,
+          pagedAttention(pool, q.data() + t0 * rowFloats, n, t0, s.nHeads, K.view, V.view, 0.125f,
                          out.data(), scratch.data());
+          detail::pagedAttentionScalar(pool, q.data() + t0 * rowFloats, n, t0, s.nHeads, K.view,
+                                       V.view, 0.125f, outScalar.data(), scratch.data());
           ASSERT_EQ(std::memcmp(out.data(), full.data() + t0 * rowFloats, 4 * n * rowFloats), 0)
-              << "threads " << threads << " batch " << batch << " at " << t0;
+              << "threads " << pool.size() << " batch " << batch << " at " << t0;
+          ASSERT_EQ(std::memcmp(outScalar.data(), full.data() + t0 * rowFloats,
+                                4 * n * rowFloats),
+                    0)
+              << "scalar path, threads " << pool.size() << " batch " << batch << " at " << t0;
         }
       }
     }
   }
-  kernels::setNumThreads(saved);
+}
+
+TEST(Attention, ScratchGrowsWithThePoolAndTheKeys) {
+  ThreadPool one(1), three(3);
+  EXPECT_GT(pagedAttentionScratchFloats(one, 1), 0u);
+  EXPECT_GE(pagedAttentionScratchFloats(three, 100), pagedAttentionScratchFloats(one, 100));
+  EXPECT_GE(pagedAttentionScratchFloats(three, 100), pagedAttentionScratchFloats(three, 50));
 }
 
 TEST(Attention, RejectsInconsistentShapes) {
+  ThreadPool pool(2);
   const PagedTensor K(false, KVDType::F32, 10, 2, 16, 4, 1);
-  std::vector<float> q(3 * 16), out(q.size()), scratch(pagedAttentionScratchFloats(16));
+  std::vector<float> q(3 * 16), out(q.size()), scratch(pagedAttentionScratchFloats(pool, 16));
   // 3 query heads are not a multiple of 2 KV heads.
-  EXPECT_THROW(pagedAttention(q.data(), 1, 0, 3, K.view, K.view, 1, out.data(), scratch.data()),
-               std::invalid_argument);
+  EXPECT_THROW(
+      pagedAttention(pool, q.data(), 1, 0, 3, K.view, K.view, 1, out.data(), scratch.data()),
+      std::invalid_argument);
   // Positions beyond the view.
-  EXPECT_THROW(pagedAttention(q.data(), 1, 10, 2, K.view, K.view, 1, out.data(), scratch.data()),
-               std::invalid_argument);
+  EXPECT_THROW(
+      pagedAttention(pool, q.data(), 1, 10, 2, K.view, K.view, 1, out.data(), scratch.data()),
+      std::invalid_argument);
 }
 
 }  // namespace

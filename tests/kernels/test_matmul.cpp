@@ -135,14 +135,14 @@ TEST(Weights, DequantizeRowIsExactlyRounded) {
 // cols/8 fmas and 3 lane additions, over weights that carry at most one rounding (Q4_1). The
 // classical bound for recursive summation gives |error| <= (cols/8 + 4) * 2^-24 * sum |w * x|,
 // which we assert as is (it is a worst case; typical errors are far smaller).
-void expectMatchesReference(WeightType type, int64_t rows, int64_t cols, int64_t nTokens,
-                            uint32_t seed) {
+void expectMatchesReference(ThreadPool& pool, WeightType type, int64_t rows, int64_t cols,
+                            int64_t nTokens, uint32_t seed) {
   const auto bytes = randomWeights(type, rows, cols, seed);
   const WeightMatrix w{bytes.data(), type, rows, cols};
   const auto x = testref::randomFloats(static_cast<size_t>(nTokens * cols), seed + 1);
   std::vector<float> y(static_cast<size_t>(nTokens * rows), -1.f), ys(y.size(), -2.f);
-  matmul(w, x.data(), nTokens, y.data());
-  detail::matmulScalar(w, x.data(), nTokens, ys.data());
+  matmul(pool, w, x.data(), nTokens, y.data());
+  detail::matmulScalar(pool, w, x.data(), nTokens, ys.data());
   const double u = std::ldexp(1.0, -24);
   for (int64_t r = 0; r < rows; ++r) {
     const auto wr = refRow(type, bytes.data(), cols, r);
@@ -162,70 +162,77 @@ void expectMatchesReference(WeightType type, int64_t rows, int64_t cols, int64_t
 }
 
 TEST(Matmul, MatchesDoubleReferenceAllTypes) {
+  ThreadPool pool(2);
   for (WeightType type : kAllTypes) {
     SCOPED_TRACE(toString(type));
-    expectMatchesReference(type, 1, 32, 1, 1);
-    expectMatchesReference(type, 7, 64, 3, 2);
-    expectMatchesReference(type, 13, 96, 5, 3);
-    expectMatchesReference(type, 50, 576, 9, 4);
-    expectMatchesReference(type, 101, 160, 17, 5);
-    for (int64_t n = 1; n <= 20; ++n) expectMatchesReference(type, 11, 128, n, 100 + static_cast<uint32_t>(n));
+    expectMatchesReference(pool, type, 1, 32, 1, 1);
+    expectMatchesReference(pool, type, 7, 64, 3, 2);
+    expectMatchesReference(pool, type, 13, 96, 5, 3);
+    expectMatchesReference(pool, type, 50, 576, 9, 4);
+    expectMatchesReference(pool, type, 101, 160, 17, 5);
+    for (int64_t n = 1; n <= 20; ++n) {
+      expectMatchesReference(pool, type, 11, 128, n, 100 + static_cast<uint32_t>(n));
+    }
   }
 }
 
 // Prefill batches longer than one 32-token chunk, with a ragged last tile, against the reference
 // and against the same tokens computed one at a time.
 TEST(Matmul, LongBatchMatchesSingleTokens) {
+  ThreadPool pool(2);
   for (WeightType type : kAllTypes) {
     SCOPED_TRACE(toString(type));
     const int64_t rows = 38, cols = 192, n = 71;
-    expectMatchesReference(type, rows, cols, n, 77);
+    expectMatchesReference(pool, type, rows, cols, n, 77);
     const auto bytes = randomWeights(type, rows, cols, 78);
     const WeightMatrix w{bytes.data(), type, rows, cols};
     const auto x = testref::randomFloats(static_cast<size_t>(n * cols), 79);
     std::vector<float> all(static_cast<size_t>(n * rows)), one(static_cast<size_t>(rows));
-    matmul(w, x.data(), n, all.data());
+    matmul(pool, w, x.data(), n, all.data());
     for (int64_t t = 0; t < n; ++t) {
-      matmul(w, x.data() + t * cols, 1, one.data());
+      matmul(pool, w, x.data() + t * cols, 1, one.data());
       ASSERT_EQ(std::memcmp(one.data(), all.data() + t * rows, 4 * rows), 0) << "token " << t;
     }
   }
 }
 
 TEST(Matmul, FloatTypesAcceptColsMultipleOf8) {
+  ThreadPool pool(2);
   for (WeightType type : {WeightType::F32, WeightType::F16, WeightType::BF16}) {
     SCOPED_TRACE(toString(type));
-    expectMatchesReference(type, 5, 40, 6, 9);
+    expectMatchesReference(pool, type, 5, 40, 6, 9);
   }
 }
 
 // A token's output row must be bit-identical whatever batch it is computed in and however many
-// threads run: alone, in batches of 3 and 17, with 1 and 2 threads.
+// threads run: alone, in batches of 3 and 17, on pools of 1, 2 and 3 threads, on both paths.
 TEST(Matmul, BatchAndThreadInvariant) {
   const int64_t rows = 101, cols = 576, total = 17;
-  const int saved = kernels::numThreads();
+  ThreadPool reference(2);
+  ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
   for (WeightType type : kAllTypes) {
     SCOPED_TRACE(toString(type));
     const auto bytes = randomWeights(type, rows, cols, 42);
     const WeightMatrix w{bytes.data(), type, rows, cols};
     const auto x = testref::randomFloats(static_cast<size_t>(total * cols), 43);
     std::vector<float> full(static_cast<size_t>(total * rows));
-    kernels::setNumThreads(2);
-    matmul(w, x.data(), total, full.data());
-    for (int threads : {1, 2}) {
-      kernels::setNumThreads(threads);
+    matmul(reference, w, x.data(), total, full.data());
+    for (ThreadPool& pool : pools) {
       for (int64_t batch : {1, 3, 17}) {
-        std::vector<float> y(static_cast<size_t>(batch * rows));
+        std::vector<float> y(static_cast<size_t>(batch * rows)), ys(y.size());
         for (int64_t t0 = 0; t0 < total; t0 += batch) {
           const int64_t n = std::min(batch, total - t0);
-          matmul(w, x.data() + t0 * cols, n, y.data());
+          matmul(pool, w, x.data() + t0 * cols, n, y.data());
+          detail::matmulScalar(pool, w, x.data() + t0 * cols, n, ys.data());
           ASSERT_EQ(std::memcmp(y.data(), full.data() + t0 * rows, sizeof(float) * n * rows), 0)
-              << "threads " << threads << " batch " << batch << " at token " << t0;
+              << "threads " << pool.size() << " batch " << batch << " at token " << t0;
+          ASSERT_EQ(std::memcmp(ys.data(), full.data() + t0 * rows, sizeof(float) * n * rows), 0)
+              << "scalar path, threads " << pool.size() << " batch " << batch << " at token "
+              << t0;
         }
       }
     }
   }
-  kernels::setNumThreads(saved);
 }
 
 }  // namespace
