@@ -14,7 +14,6 @@
 #include "cli/commands.h"
 #include "cli/model_options.h"
 #include "engine/engine.h"
-#include "kernels/thread_pool.h"
 #include "model/chat_template.h"
 #include "model/default_model.h"
 #include "model/llama.h"
@@ -81,7 +80,7 @@ void runServe(const ServeOptions& o) {
     }
     if (ec.kvCacheBytes == 0) throw std::runtime_error("--kv-cache-memory must be > 0");
   }
-  if (o.threads > 0) kernels::setNumThreads(o.threads);
+  ec.numThreads = o.threads;
 
   auto llama = model::LlamaModel::load(o.modelPath);
   const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(llama->file());

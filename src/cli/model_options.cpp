@@ -4,7 +4,6 @@
 #include <stdexcept>
 #include <vector>
 
-#include "kernels/thread_pool.h"
 
 namespace cortex::cli {
 
@@ -32,7 +31,6 @@ Loaded loadModel(const ModelOptions& o) {
                              ": model file not found; run scripts/fetch_model.sh for the default "
                              "model or pass --model PATH");
   }
-  if (o.threads > 0) kernels::setNumThreads(o.threads);
   Loaded l;
   l.model = model::LlamaModel::load(o.modelPath);
   l.tokenizer = std::make_unique<model::Tokenizer>(model::Tokenizer::fromGGUF(l.model->file()));

@@ -36,7 +36,7 @@ struct Loaded {
   std::unique_ptr<model::Tokenizer> tokenizer;
 };
 
-// Sets the kernel thread count (when --threads > 0), then loads the model and its tokenizer.
+// Loads the model and its tokenizer (--threads goes to the engine that runs it).
 // Throws std::runtime_error naming the file and the remedy when it does not exist, and the
 // model's own errors when it cannot be read.
 Loaded loadModel(const ModelOptions& o);

@@ -7,7 +7,6 @@
 
 #include "engine/stop_matcher.h"
 #include "kernels/ops.h"
-#include "kernels/thread_pool.h"
 
 namespace cortex::engine {
 
@@ -172,7 +171,6 @@ Engine::Engine(model::LlamaModel& model, const model::Tokenizer& tokenizer,
                           " tokens but the model has output rows for only " +
                           std::to_string(model_.hparams().nVocab));
   }
-  if (config_.numThreads > 0) kernels::setNumThreads(config_.numThreads);
   const uint64_t bytes =
       config_.kvCacheBytes ? config_.kvCacheBytes : defaultKvCacheBytes(model_, config_);
   config_.kvCacheBytes = bytes;
@@ -184,7 +182,7 @@ Engine::Engine(model::LlamaModel& model, const model::Tokenizer& tokenizer,
   sc.maxBatchedTokens = config_.maxBatchedTokens;
   sc.maxNumSeqs = config_.maxNumSeqs;
   scheduler_ = std::make_unique<Scheduler>(sc, *budget_);
-  runner_ = std::make_unique<ModelRunner>(model_, *cache_);
+  runner_ = std::make_unique<ModelRunner>(model_, *cache_, config_.numThreads);
   stats_.blockSizeTokens = config_.blockSizeTokens;
   stats_.timeToFirstToken = {latencyBounds(), std::vector<uint64_t>(latencyBounds().size() + 1)};
   stats_.timePerOutputToken = stats_.timeToFirstToken;

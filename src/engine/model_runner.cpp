@@ -26,7 +26,7 @@ void ModelRunner::run(std::vector<float>& logits) {
     s.numBlocks = static_cast<int32_t>(end - static_cast<size_t>(s.tableStart));
   }
   batch_.arena = cache_.arena();
-  model_.forward(batch_, logits);
+  model_.forward(batch_, pool_, logits);
 }
 
 }  // namespace cortex::engine

@@ -7,6 +7,7 @@
 #include <span>
 #include <vector>
 
+#include "kernels/thread_pool.h"
 #include "kv/kv_cache.h"
 #include "model/forward_batch.h"
 #include "model/llama.h"
@@ -15,7 +16,9 @@ namespace cortex::engine {
 
 class ModelRunner {
  public:
-  ModelRunner(model::LlamaModel& model, kv::KVCache& cache) : model_(model), cache_(cache) {}
+  // threads: the kernel threads of the runner's own pool (the caller's included); 0: one per core.
+  ModelRunner(model::LlamaModel& model, kv::KVCache& cache, int threads)
+      : model_(model), cache_(cache), pool_(threads) {}
 
   // Starts a new step (forgets the previous one's input).
   void clear();
@@ -31,6 +34,7 @@ class ModelRunner {
  private:
   model::LlamaModel& model_;
   kv::KVCache& cache_;
+  kernels::ThreadPool pool_;
   std::vector<kv::StepSequence> step_;
   model::ForwardBatch batch_;
 };

@@ -166,7 +166,7 @@ kv::KVCacheConfig LlamaModel::kvCacheConfig(int32_t blockSizeTokens, uint64_t me
   return c;
 }
 
-void LlamaModel::resize(int64_t nTokens, int32_t maxContext) {
+void LlamaModel::resize(int64_t nTokens, int32_t maxContext, const kernels::ThreadPool& pool) {
   auto grow = [](std::vector<float>& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   };
@@ -182,7 +182,7 @@ void LlamaModel::resize(int64_t nTokens, int32_t maxContext) {
   grow(gate_, nTokens * hp_.nFF);
   grow(up_, nTokens * hp_.nFF);
   grow(lastRows_, nTokens * hp_.nEmbd);
-  grow(scratch_, static_cast<int64_t>(kernels::pagedAttentionScratchFloats(maxContext)));
+  grow(scratch_, static_cast<int64_t>(kernels::pagedAttentionScratchFloats(pool, maxContext)));
 }
 
 void LlamaModel::validate(const ForwardBatch& batch, int64_t& nOutRows,
@@ -234,7 +234,8 @@ void LlamaModel::validate(const ForwardBatch& batch, int64_t& nOutRows,
   }
 }
 
-void LlamaModel::forward(const ForwardBatch& batch, std::vector<float>& logits) {
+void LlamaModel::forward(const ForwardBatch& batch, kernels::ThreadPool& pool,
+                         std::vector<float>& logits) {
   const LlamaHParams& hp = hp_;
   const Weights& w = *w_;
   // Validate the whole batch before touching the arena.
@@ -246,7 +247,7 @@ void LlamaModel::forward(const ForwardBatch& batch, std::vector<float>& logits) 
     logits.clear();
     return;
   }
-  resize(nTokens, maxContext);
+  resize(nTokens, maxContext, pool);
 
   const int64_t E = hp.nEmbd;
   const int64_t qDim = static_cast<int64_t>(hp.nHead) * hp.headDim;
@@ -264,9 +265,9 @@ void LlamaModel::forward(const ForwardBatch& batch, std::vector<float>& logits) 
     const Weights::Layer& L = w.layers[static_cast<size_t>(l)];
     // Attention block.
     kernels::rmsNorm(x, L.attnNorm, nTokens, E, hp.rmsEps, xn);
-    kernels::matmul(L.wq, xn, nTokens, q_.data());
-    kernels::matmul(L.wk, xn, nTokens, k_.data());
-    kernels::matmul(L.wv, xn, nTokens, v_.data());
+    kernels::matmul(pool, L.wq, xn, nTokens, q_.data());
+    kernels::matmul(pool, L.wk, xn, nTokens, k_.data());
+    kernels::matmul(pool, L.wv, xn, nTokens, v_.data());
     kernels::ropeInPlace(q_.data(), nTokens, hp.nHead, hp.headDim, batch.positions.data(), *w.rope);
     kernels::ropeInPlace(k_.data(), nTokens, hp.nHeadKV, hp.headDim, batch.positions.data(), *w.rope);
     for (int64_t t = 0; t < nTokens; ++t) {
@@ -277,20 +278,20 @@ void LlamaModel::forward(const ForwardBatch& batch, std::vector<float>& logits) 
     for (const ForwardSequence& s : batch.seqs) {
       const kv::BlockId* table = batch.blockTables.data() + s.tableStart;
       const int32_t n = s.firstPos + s.numTokens;
-      kernels::pagedAttention(q_.data() + t0 * qDim, s.numTokens, s.firstPos, hp.nHead,
+      kernels::pagedAttention(pool, q_.data() + t0 * qDim, s.numTokens, s.firstPos, hp.nHead,
                               arena.kView(l, table, s.numBlocks, n),
                               arena.vView(l, table, s.numBlocks, n), scale,
                               attn_.data() + t0 * qDim, scratch_.data());
       t0 += s.numTokens;
     }
-    kernels::matmul(L.wo, attn_.data(), nTokens, tmp_.data());
+    kernels::matmul(pool, L.wo, attn_.data(), nTokens, tmp_.data());
     kernels::addInPlace(x, tmp_.data(), nTokens * E);
     // Feed-forward block (SwiGLU).
     kernels::rmsNorm(x, L.ffnNorm, nTokens, E, hp.rmsEps, xn);
-    kernels::matmul(L.wGate, xn, nTokens, gate_.data());
-    kernels::matmul(L.wUp, xn, nTokens, up_.data());
+    kernels::matmul(pool, L.wGate, xn, nTokens, gate_.data());
+    kernels::matmul(pool, L.wUp, xn, nTokens, up_.data());
     kernels::swiglu(gate_.data(), up_.data(), nTokens * hp.nFF, gate_.data());
-    kernels::matmul(L.wDown, gate_.data(), nTokens, tmp_.data());
+    kernels::matmul(pool, L.wDown, gate_.data(), nTokens, tmp_.data());
     kernels::addInPlace(x, tmp_.data(), nTokens * E);
   }
 
@@ -313,7 +314,7 @@ void LlamaModel::forward(const ForwardBatch& batch, std::vector<float>& logits) 
   }
   kernels::rmsNorm(rows, w.outputNorm, nOutRows, E, hp.rmsEps, rows);
   logits.resize(static_cast<size_t>(nOutRows * hp.nVocab));
-  kernels::matmul(w.output, rows, nOutRows, logits.data());
+  kernels::matmul(pool, w.output, rows, nOutRows, logits.data());
 }
 
 }  // namespace cortex::model

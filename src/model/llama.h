@@ -18,6 +18,10 @@
 #include "model/forward_batch.h"
 #include "model/gguf.h"
 
+namespace cortex::kernels {
+class ThreadPool;
+}  // namespace cortex::kernels
+
 namespace cortex::model {
 
 struct LlamaHParams {
@@ -52,15 +56,16 @@ class LlamaModel {
   // allLogits, else one row for its last token, in batch order. Throws ModelError, with nothing
   // written to the KV arena, for a batch that does not fit this model: a token id outside the
   // vocabulary, a position beyond the trained context, inconsistent counts, or an arena of another
-  // shape. Not reentrant: one forward at a time per model (it reuses internal buffers).
-  void forward(const ForwardBatch& batch, std::vector<float>& logits);
+  // shape. The kernels run on `pool`'s threads. Not reentrant: one forward at a time per model (it
+  // reuses internal buffers).
+  void forward(const ForwardBatch& batch, kernels::ThreadPool& pool, std::vector<float>& logits);
   ~LlamaModel();
 
  private:
   struct Weights;  // the weight matrices and RoPE table (kernel types stay out of this header)
 
   explicit LlamaModel(GGUFFile file);
-  void resize(int64_t nTokens, int32_t maxContext);
+  void resize(int64_t nTokens, int32_t maxContext, const kernels::ThreadPool& pool);
   void validate(const ForwardBatch& batch, int64_t& nOutRows, int32_t& maxContext) const;
 
   GGUFFile file_;
