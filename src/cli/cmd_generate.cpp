@@ -128,6 +128,8 @@ void runChat(const ChatOptions& o) {
   std::cerr << "CortexStream chat: type a message; /reset clears the history, /exit or Ctrl-D "
                "quits.\n";
   engine::SamplingParams sampling = o.sampling;
+  // The conversation is one engine session: each turn reuses the KV of the turns before it.
+  uint64_t session = 1;
   std::string line;
   while (true) {
     std::cerr << "> " << std::flush;
@@ -135,12 +137,12 @@ void runChat(const ChatOptions& o) {
     if (line.empty()) continue;
     if (line == "/reset") {
       messages.resize(o.system.empty() ? 0 : 1);
+      ++session;
       continue;
     }
     messages.push_back({"user", line});
-    // note: each turn prefills the whole conversation again; keeping its KV between turns needs
-    // prefix reuse in the engine.
     engine::RequestParams req;
+    req.session = session;
     req.promptTokens = l.tokenizer->encode(model::applyChatTemplate(tmpl, messages, true), true,
                                            true);
     req.sampling = sampling;

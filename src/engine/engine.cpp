@@ -285,7 +285,17 @@ void Engine::admitNewRequests() {
   for (auto& r : arrived) {
     const kv::SeqId id = r->id;
     try {
-      scheduler_->add(id, r->promptSize(), r->promptSize() + r->params.maxTokens);
+      const int32_t maxContext = r->promptSize() + r->params.maxTokens;
+      const int32_t reuse = reusableTokens(*r);
+      if (reuse > 0) {
+        scheduler_->addReusing(id, r->promptSize(), maxContext, sessions_.at(r->params.session).seq,
+                               reuse);
+        sessions_.erase(r->params.session);
+        std::lock_guard lock(mu_);
+        stats_.reusedPromptTokens += static_cast<uint64_t>(reuse);
+      } else {
+        scheduler_->add(id, r->promptSize(), maxContext);
+      }
     } catch (const std::exception& e) {
       // submit() checked the size against the same limits; this is a safety net, not a path.
       finish(*r, FinishReason::Error, e.what());
@@ -293,6 +303,39 @@ void Engine::admitNewRequests() {
     }
     requests_.emplace(id, std::move(r));
   }
+}
+
+int32_t Engine::reusableTokens(const Request& r) {
+  if (r.params.session == 0) return 0;
+  auto it = sessions_.find(r.params.session);
+  if (it == sessions_.end()) return 0;
+  const KeptSession& kept = it->second;
+  const auto& prompt = r.params.promptTokens;
+  size_t common = 0;
+  if (scheduler_->isParked(kept.seq) && !r.wantsPromptRows()) {
+    while (common < kept.tokens.size() && common < prompt.size() &&
+           kept.tokens[common] == prompt[common]) {
+      ++common;
+    }
+  }
+  // At least one prompt token is computed: its logits give the first new token.
+  const auto reuse = static_cast<int32_t>(std::min(common, prompt.size() - 1));
+  if (reuse == 0) {
+    scheduler_->remove(kept.seq);  // nothing to share: free it now
+    sessions_.erase(it);
+  }
+  return reuse;
+}
+
+void Engine::keepForSession(Request& r) {
+  const kv::SeqId seq = r.id;
+  const int32_t computed = scheduler_->computedTokens(seq);
+  KeptSession kept{seq, {}};
+  r.tokens(0, computed, kept.tokens);
+  scheduler_->park(seq);
+  auto [it, inserted] = sessions_.try_emplace(r.params.session);
+  if (!inserted) scheduler_->remove(it->second.seq);  // an older turn's KV: superseded
+  it->second = std::move(kept);
 }
 
 void Engine::loop() {
@@ -339,8 +382,12 @@ void Engine::finish(Request& r, FinishReason reason, const std::string& error) {
   // A request that finishes without sampling (scoring) carries its prompt rows here.
   e.promptLogprobs = std::move(r.promptLogprobs);
   e.promptLogits = std::move(r.promptLogits);
-  if (scheduler_->remove(r.id)) {
-    // Nothing more to do: its blocks are back in the pool.
+  const bool keep = r.params.session != 0 && r.running &&
+                    (reason == FinishReason::Stop || reason == FinishReason::Length);
+  if (keep) {
+    keepForSession(r);
+  } else {
+    scheduler_->remove(r.id);  // its blocks go back to the pool
   }
   r.finished = true;
   {

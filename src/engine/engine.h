@@ -77,6 +77,11 @@ struct RequestParams {
                                       // that many alternatives
   bool promptLogprobs = false;        // log-probabilities of the prompt tokens (echo)
   bool returnLogits = false;          // raw float32 logits rows in the events (tests, debugging)
+  // A conversation this request continues (0: none). When a request of a session finishes with
+  // stop or length, its KV stays in the cache (evictable: released first whenever memory is short),
+  // and the session's next request reuses the longest common prefix of its tokens instead of
+  // computing it again. Requests that ask for prompt logprobs or logits compute their whole prompt.
+  uint64_t session = 0;
 };
 
 struct TokenLogprob {
@@ -159,6 +164,7 @@ struct EngineStats {
   int32_t peakStepSequences = 0;  // most sequences one forward step has carried
   uint64_t preemptions = 0;
   uint64_t promptTokens = 0;      // prompt tokens prefilled (recomputation included)
+  uint64_t reusedPromptTokens = 0;  // prompt tokens a session's kept KV spared computing
   uint64_t generationTokens = 0;  // tokens sampled
   uint64_t steps = 0;
   uint64_t finishedStop = 0, finishedLength = 0, finishedCancelled = 0, finishedError = 0;
@@ -202,6 +208,8 @@ class Engine {
   void emitToken(Request& r, int32_t token, const float* logits);
   void process(Request& r, const ScheduledChunk& chunk, float* rows);
   void updateCounts();
+  int32_t reusableTokens(const Request& r);  // positions of the session's kept KV to reuse
+  void keepForSession(Request& r);
 
   model::LlamaModel& model_;
   const model::Tokenizer& tokenizer_;
@@ -223,6 +231,11 @@ class Engine {
 
   // Loop-thread state.
   std::unordered_map<kv::SeqId, std::unique_ptr<Request>> requests_;  // in the scheduler
+  struct KeptSession {
+    kv::SeqId seq = 0;            // parked in the scheduler (unless memory pressure released it)
+    std::vector<int32_t> tokens;  // the tokens of its computed positions
+  };
+  std::unordered_map<uint64_t, KeptSession> sessions_;
   std::vector<float> logits_;
   std::vector<float> sampleRow_;
   std::thread thread_;

@@ -13,6 +13,18 @@ std::string seqName(kv::SeqId seq) { return "request " + std::to_string(seq); }
 
 }  // namespace
 
+void BlockBudget::transfer(kv::SeqId, kv::SeqId, int32_t) {
+  throw std::logic_error("this memory design cannot hand a sequence's positions over");
+}
+
+void PagedBlockBudget::transfer(kv::SeqId from, kv::SeqId to, int32_t keepTokens) {
+  // note: fork + free leaves `to` the only owner of every block, so the cut below never falls in
+  // a shared block.
+  cache_.fork(from, to);
+  cache_.freeFor(from);
+  cache_.truncate(to, keepTokens);
+}
+
 Scheduler::Scheduler(const SchedulerConfig& config, BlockBudget& memory)
     : config_(config), memory_(memory) {
   if (config_.maxBatchedTokens < 1 || config_.maxNumSeqs < 1) {
@@ -51,7 +63,7 @@ void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextToke
                                 std::to_string(this->maxContextTokens()));
   }
   if (entries_.count(seq) != 0) throw std::invalid_argument(seqName(seq) + " is already scheduled");
-  auto [it, inserted] = entries_.emplace(seq, Entry{seq, contextTokens, 0, maxContextTokens, false});
+  auto [it, inserted] = entries_.emplace(seq, Entry{seq, contextTokens, 0, maxContextTokens});
   (void)inserted;
   try {
     waiting_.push_back(&it->second);
@@ -59,6 +71,53 @@ void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextToke
     entries_.erase(it);
     throw;
   }
+}
+
+void Scheduler::addReusing(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
+                           kv::SeqId parked, int32_t reuseTokens) {
+  auto pit = entries_.find(parked);
+  if (pit == entries_.end() || pit->second.where != Entry::Where::Parked) {
+    throw std::invalid_argument(seqName(parked) + " is not parked");
+  }
+  if (reuseTokens < 1 || reuseTokens >= contextTokens ||
+      reuseTokens > pit->second.computedTokens) {
+    throw std::invalid_argument(seqName(seq) + ": cannot reuse " + std::to_string(reuseTokens) +
+                                " positions of " + seqName(parked));
+  }
+  add(seq, contextTokens, maxContextTokens);
+  Entry& e = entries_.at(seq);
+  try {
+    memory_.transfer(parked, seq, reuseTokens);
+  } catch (...) {
+    remove(seq);
+    throw;
+  }
+  std::erase(parked_, &pit->second);
+  entries_.erase(pit);
+  e.computedTokens = reuseTokens;
+  e.holdsMemory = true;
+}
+
+void Scheduler::park(kv::SeqId seq) {
+  Entry& e = entry(seq);
+  if (e.where != Entry::Where::Running) throw std::invalid_argument(seqName(seq) + " is not running");
+  std::erase(running_, &e);
+  e.where = Entry::Where::Parked;
+  parked_.push_back(&e);
+}
+
+bool Scheduler::isParked(kv::SeqId seq) const {
+  auto it = entries_.find(seq);
+  return it != entries_.end() && it->second.where == Entry::Where::Parked;
+}
+
+bool Scheduler::releaseOldestParked() {
+  if (parked_.empty()) return false;
+  const kv::SeqId seq = parked_.front()->seq;
+  parked_.pop_front();
+  memory_.release(seq);
+  entries_.erase(seq);
+  return true;
 }
 
 void Scheduler::appendToken(kv::SeqId seq) {
@@ -73,17 +132,19 @@ bool Scheduler::remove(kv::SeqId seq) {
   auto it = entries_.find(seq);
   if (it == entries_.end()) return false;
   Entry* e = &it->second;
-  if (e->running) {
-    std::erase(running_, e);
-  } else {
-    std::erase(waiting_, e);
+  switch (e->where) {
+    case Entry::Where::Running: std::erase(running_, e); break;
+    case Entry::Where::Waiting: std::erase(waiting_, e); break;
+    case Entry::Where::Parked: std::erase(parked_, e); break;
   }
   memory_.release(seq);
   entries_.erase(it);
   return true;
 }
 
-bool Scheduler::isRunning(kv::SeqId seq) const { return entry(seq).running; }
+bool Scheduler::isRunning(kv::SeqId seq) const {
+  return entry(seq).where == Entry::Where::Running;
+}
 
 int32_t Scheduler::computedTokens(kv::SeqId seq) const { return entry(seq).computedTokens; }
 
@@ -92,7 +153,8 @@ void Scheduler::preemptNewest(StepPlan& plan) {
   running_.pop_back();
   memory_.release(victim->seq);
   victim->computedTokens = 0;
-  victim->running = false;
+  victim->holdsMemory = false;
+  victim->where = Entry::Where::Waiting;
   waiting_.push_front(victim);
   plan.preempted.push_back(victim->seq);
 }
@@ -118,6 +180,7 @@ StepPlan Scheduler::schedule() {
       if (e.contextTokens - e.computedTokens != 1) continue;
       bool preemptedSelf = false;
       while (!memory_.tryAppend(e.seq, 1)) {
+        if (releaseOldestParked()) continue;
         const bool self = running_.back() == &e;
         preemptNewest(out);
         if (self) {
@@ -137,6 +200,9 @@ StepPlan Scheduler::schedule() {
       const int32_t pending = e.contextTokens - e.computedTokens;
       if (pending <= 1 || budget == 0) continue;
       int32_t n = std::min(pending, budget);
+      while (memory_.blocksNeededToAppend(e.seq, n) > memory_.freeBlocks() &&
+             releaseOldestParked()) {
+      }
       const int32_t free = memory_.freeBlocks();
       if (memory_.blocksNeededToAppend(e.seq, n) > free) {
         // The largest chunk that fits (blocks needed grow with n).
@@ -160,12 +226,19 @@ StepPlan Scheduler::schedule() {
     while (!waiting_.empty() && budget > 0 &&
            static_cast<int32_t>(running_.size()) < config_.maxNumSeqs) {
       Entry& e = *waiting_.front();
-      const int32_t n = std::min(e.contextTokens, budget);
-      const int32_t need = memory_.blocksForTokens(n);
-      if (!running_.empty() && need + watermarkBlocks_ > memory_.freeBlocks()) break;
-      if (!memory_.tryAllocate(e.seq, n, e.maxContextTokens)) break;
+      const int32_t n = std::min(e.contextTokens - e.computedTokens, budget);
+      const int32_t need = e.holdsMemory ? memory_.blocksNeededToAppend(e.seq, n)
+                                         : memory_.blocksForTokens(n);
+      const int32_t reserve = running_.empty() ? 0 : watermarkBlocks_;
+      while (need + reserve > memory_.freeBlocks() && releaseOldestParked()) {
+      }
+      if (need + reserve > memory_.freeBlocks()) break;
+      const bool ok = e.holdsMemory ? memory_.tryAppend(e.seq, n)
+                                    : memory_.tryAllocate(e.seq, n, e.maxContextTokens);
+      if (!ok) break;
+      e.holdsMemory = true;
       waiting_.pop_front();
-      e.running = true;
+      e.where = Entry::Where::Running;
       running_.push_back(&e);
       plan(out, e, n);
       budget -= n;
@@ -181,18 +254,25 @@ StepPlan Scheduler::schedule() {
 
 void Scheduler::checkInvariants() const {
   auto fail = [](const std::string& what) { throw std::logic_error("scheduler: " + what); };
-  if (running_.size() + waiting_.size() != entries_.size()) fail("queues and entries disagree");
+  if (running_.size() + waiting_.size() + parked_.size() != entries_.size()) {
+    fail("queues and entries disagree");
+  }
   if (static_cast<int32_t>(running_.size()) > config_.maxNumSeqs) fail("too many running");
-  for (const Entry* e : running_) {
-    if (!e->running) fail(seqName(e->seq) + " is in the running list but not marked running");
-    if (e->computedTokens <= 0 || e->computedTokens > e->contextTokens) {
-      fail(seqName(e->seq) + " runs with computed tokens outside (0, context]");
+  auto check = [&](const auto& list, Entry::Where where, const char* name) {
+    for (const Entry* e : list) {
+      if (e->where != where) fail(seqName(e->seq) + " is in the " + name + " list but not marked so");
+      if (e->holdsMemory != (e->computedTokens > 0)) {
+        fail(seqName(e->seq) + " holds memory that disagrees with its computed tokens");
+      }
+      if (e->computedTokens > e->contextTokens) fail(seqName(e->seq) + " computed past its context");
+      if (where != Entry::Where::Waiting && !e->holdsMemory) {
+        fail(seqName(e->seq) + " is " + name + " without memory");
+      }
     }
-  }
-  for (const Entry* e : waiting_) {
-    if (e->running) fail(seqName(e->seq) + " is waiting but marked running");
-    if (e->computedTokens != 0) fail(seqName(e->seq) + " is waiting with computed tokens");
-  }
+  };
+  check(running_, Entry::Where::Running, "running");
+  check(waiting_, Entry::Where::Waiting, "waiting");
+  check(parked_, Entry::Where::Parked, "parked");
   for (const auto& [seq, e] : entries_) {
     if (e.contextTokens > e.maxContextTokens) fail(seqName(seq) + " exceeds its max context");
   }

@@ -14,6 +14,9 @@
 //      nothing runs), and admission stops at the first request that does not fit.
 // If nothing at all could be scheduled while requests run (prefills holding blocks each other
 // need), the newest running request is preempted and the step is planned again.
+// Parked sequences (the memory of finished requests kept for reuse, e.g. a conversation's next
+// turn) are the first to go when memory is short: least recently parked first, before any running
+// request is preempted and before admission gives up.
 // Positions are reserved in KV memory as they are planned: after schedule() returns, every planned
 // chunk's positions exist in the cache, ready for the forward pass to write.
 #pragma once
@@ -48,6 +51,9 @@ class BlockBudget {
   virtual int32_t blocksNeededToAppend(kv::SeqId seq, int32_t n) const = 0;
   // Releases everything `seq` holds (no-op for an unknown id).
   virtual void release(kv::SeqId seq) = 0;
+  // Hands positions [0, keepTokens) of `from` over to a new sequence `to` and releases the rest of
+  // `from`. Designs that cannot throw std::logic_error (the scheduler only calls it for reuse).
+  virtual void transfer(kv::SeqId from, kv::SeqId to, int32_t keepTokens);
 };
 
 // BlockBudget over the paged KVCache.
@@ -65,6 +71,7 @@ class PagedBlockBudget final : public BlockBudget {
     return cache_.blocksNeededToAppend(seq, n);
   }
   void release(kv::SeqId seq) override { cache_.freeFor(seq); }
+  void transfer(kv::SeqId from, kv::SeqId to, int32_t keepTokens) override;
 
  private:
   kv::KVCache& cache_;
@@ -110,25 +117,38 @@ class Scheduler {
   // contextTokens is prompt + max new tokens. Throws std::invalid_argument for an id already
   // known, bad counts, or a request that could never fit (maxContextTokens > maxContextTokens()).
   void add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens);
+  // The same, reusing the first reuseTokens positions of the parked sequence `parked` (which must
+  // hold them and match this request's first tokens: the caller's business), 1 <= reuseTokens <
+  // contextTokens: they are handed over to `seq` and the rest of `parked` is released, so the
+  // request is admitted with those positions already computed. Throws std::invalid_argument as add
+  // does, or when `parked` is not parked or holds fewer tokens.
+  void addReusing(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
+                  kv::SeqId parked, int32_t reuseTokens);
   // A token was sampled for `seq` (after a step whose chunk completed its context): the context
   // grows by one, to be computed in a later step. Throws std::invalid_argument for an unknown id.
   void appendToken(kv::SeqId seq);
   // Removes `seq` wherever it is (waiting or running) and releases its memory. False for an
   // unknown id (removing twice is harmless).
   bool remove(kv::SeqId seq);
+  // Takes a running request off the queues but keeps its memory (its computed positions) for a
+  // later addReusing; the blocks are released when memory runs short, or by remove(seq). Throws
+  // std::invalid_argument when `seq` is not running.
+  void park(kv::SeqId seq);
+  bool isParked(kv::SeqId seq) const;
 
   // Plans the next step (see the file comment). Empty when there is nothing to run.
   StepPlan schedule();
 
   int32_t numWaiting() const { return static_cast<int32_t>(waiting_.size()); }
   int32_t numRunning() const { return static_cast<int32_t>(running_.size()); }
+  int32_t numParked() const { return static_cast<int32_t>(parked_.size()); }
   bool isRunning(kv::SeqId seq) const;
   // Tokens of `seq` computed (or planned) so far; throws std::invalid_argument for unknown ids.
   int32_t computedTokens(kv::SeqId seq) const;
 
-  // Verifies: every request is in exactly one of the queues; running ones hold memory and have
-  // 0 < computed <= context; waiting ones have computed = 0; running count <= maxNumSeqs. Throws
-  // std::logic_error.
+  // Verifies: every request is in exactly one of the queues (waiting, running, parked); running
+  // and parked ones hold memory with 0 < computed <= context; waiting ones hold none (computed 0)
+  // unless admitted with reused positions; running count <= maxNumSeqs. Throws std::logic_error.
   void checkInvariants() const;
 
  private:
@@ -137,12 +157,14 @@ class Scheduler {
     int32_t contextTokens = 0;     // prompt + tokens generated so far
     int32_t computedTokens = 0;    // positions computed or planned (held in memory)
     int32_t maxContextTokens = 0;  // prompt + max new tokens
-    bool running = false;
+    enum class Where : uint8_t { Waiting, Running, Parked } where = Where::Waiting;
+    bool holdsMemory = false;      // positions [0, computedTokens) are in memory
   };
   Entry& entry(kv::SeqId seq);
   const Entry& entry(kv::SeqId seq) const;
   void preemptNewest(StepPlan& plan);
   void plan(StepPlan& plan, Entry& e, int32_t n);
+  bool releaseOldestParked();  // false when nothing is parked
 
   SchedulerConfig config_;
   BlockBudget& memory_;
@@ -150,6 +172,7 @@ class Scheduler {
   std::unordered_map<kv::SeqId, Entry> entries_;
   std::deque<Entry*> waiting_;   // arrival order; preempted requests go back to the front
   std::vector<Entry*> running_;  // admission order
+  std::deque<Entry*> parked_;    // least recently parked first
 };
 
 }  // namespace cortex::engine

@@ -288,6 +288,38 @@ void KVCache::fork(SeqId src, SeqId dst) {
   for (BlockId b : s.blocks) pool_.addRef(b);
 }
 
+void KVCache::truncate(SeqId seq, int32_t tokens) {
+  std::lock_guard lock(mu_);
+  Sequence& s = find(seq);
+  if (tokens < 1 || tokens > s.tokens) {
+    throw KVError(KVErrc::InvalidArgument, "truncate: " + seqName(seq) + " has " +
+                                               std::to_string(s.tokens) + " tokens, cannot keep " +
+                                               std::to_string(tokens));
+  }
+  const int32_t B = config_.blockSizeTokens;
+  const auto keepBlocks = static_cast<size_t>(blocksForTokens(tokens));
+  const BlockId last = s.blocks[keepBlocks - 1];
+  const int32_t lastFill = tokens - static_cast<int32_t>(keepBlocks - 1) * B;
+  if (lastFill != blockFill_[last] && pool_.refCount(last) > 1) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "truncate: " + seqName(seq) + " would cut inside a shared block");
+  }
+  for (size_t i = keepBlocks; i < s.blocks.size(); ++i) {
+    const BlockId b = s.blocks[i];
+    if (pool_.refCount(b) == 1) {
+      liveTokens_ -= blockFill_[b];
+      blockFill_[b] = 0;
+    }
+  }
+  pool_.free(std::span<const BlockId>(s.blocks).subspan(keepBlocks));
+  s.blocks.resize(keepBlocks);
+  if (pool_.refCount(last) == 1) {
+    liveTokens_ -= blockFill_[last] - lastFill;
+    blockFill_[last] = lastFill;
+  }
+  s.tokens = tokens;
+}
+
 bool KVCache::freeFor(SeqId seq) {
   std::lock_guard lock(mu_);
   auto it = seqs_.find(seq);

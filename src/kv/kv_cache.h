@@ -103,6 +103,10 @@ class KVCache {
   // Makes `dst` a copy of `src` that shares all of src's blocks (ref counts +1, no bytes copied,
   // no block taken). Throws UnknownSequence (src), SequenceExists (dst).
   void fork(SeqId src, SeqId dst);
+  // Keeps positions [0, tokens) of `seq` (1 <= tokens <= usedTokens) and releases the blocks past
+  // them. Throws UnknownSequence, or InvalidArgument for a bad count or when the cut falls inside
+  // a block shared with another sequence (its other owners still hold those tokens).
+  void truncate(SeqId seq, int32_t tokens);
   // Releases `seq`'s blocks (shared blocks stay with their other owners). Unknown ids are
   // ignored: freeing twice is harmless. Returns whether the sequence existed.
   bool freeFor(SeqId seq);

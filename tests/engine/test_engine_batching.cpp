@@ -155,6 +155,32 @@ TEST_F(Fixture, AFailedSampleEndsOnlyThatRequest) {
   EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
 }
 
+TEST_F(Fixture, ASessionsNextTurnReusesItsKvAndAnswersTheSame) {
+  EngineConfig c;
+  c.kvCacheBytes = 64ull << 20;
+  Engine engine(*model, *tokenizer, c);
+  RequestParams turn1 = greedy("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n", 12);
+  turn1.session = 7;
+  const GenerateResult r1 = generate(engine, turn1);
+  EXPECT_GT(engine.stats().kv.usedBlocks, 0);  // kept for the session
+  // The next turn: the whole conversation so far, then a new user message.
+  RequestParams turn2 = turn1;
+  turn2.promptTokens.insert(turn2.promptTokens.end(), r1.tokens.begin(), r1.tokens.end());
+  const std::vector<int32_t> more = tokenizer->encode("\n<|im_start|>user\nAnd another?<|im_end|>\n<|im_start|>assistant\n", false, true);
+  turn2.promptTokens.insert(turn2.promptTokens.end(), more.begin(), more.end());
+  const uint64_t promptBefore = engine.stats().promptTokens;
+  const GenerateResult r2 = generate(engine, turn2);
+  // Everything turn 1 computed was reused: its prompt and all its tokens but the last (sampled,
+  // never fed back).
+  const uint64_t reused = turn1.promptTokens.size() + r1.tokens.size() - 1;
+  EXPECT_EQ(engine.stats().reusedPromptTokens, reused);
+  EXPECT_EQ(engine.stats().promptTokens - promptBefore, turn2.promptTokens.size() - reused);
+  // The same answer as computing the whole conversation from scratch.
+  RequestParams fresh = turn2;
+  fresh.session = 0;
+  EXPECT_EQ(r2.tokens, alone(fresh));
+}
+
 TEST_F(Fixture, ScoringWithoutGeneratingGivesPromptLogprobsOnly) {
   EngineConfig c;
   c.kvCacheBytes = 16ull << 20;

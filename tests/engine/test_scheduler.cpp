@@ -212,6 +212,43 @@ TEST_F(SchedulerTest, CancellingAWaitingRequestLetsTheNextOneIn) {
   EXPECT_EQ(cache->usedBlocks(), 0);
 }
 
+TEST_F(SchedulerTest, AParkedSequenceIsReusedByTheNextTurn) {
+  make(8, 64, 8);
+  runner->add(1, 6, 10);
+  runner->step();  // prompt
+  runner->step();  // decode position 6
+  sched->park(1);  // the turn is over: positions 0..6 stay in memory
+  EXPECT_TRUE(sched->isParked(1));
+  EXPECT_EQ(sched->numRunning(), 0);
+  EXPECT_EQ(cache->usedTokens(1), 7);
+  // The next turn shares the first 5 tokens: only the rest of its 9-token prompt is computed.
+  sched->addReusing(2, 9, 12, 1, 5);
+  EXPECT_FALSE(sched->isParked(1));
+  EXPECT_EQ(cache->usedTokens(2), 5);
+  EXPECT_FALSE(cache->hasSequence(1));
+  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{2, 5, 4, true}}));
+  sched->checkInvariants();
+  cache->checkInvariants();
+  EXPECT_THROW(sched->addReusing(3, 9, 12, 1, 5), std::invalid_argument);  // no longer parked
+}
+
+TEST_F(SchedulerTest, ParkedSequencesGoFirstWhenMemoryIsShort) {
+  make(4, 64, 8);
+  runner->add(1, 8, 4);  // 2 blocks
+  runner->step();
+  sched->park(1);
+  runner->add(2, 8, 4);  // 2 blocks: fits beside the parked one (the head may use the last blocks)
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{2, 0, 8, true}}));
+  EXPECT_TRUE(sched->isParked(1));
+  // Request 2's next token needs a block: the parked sequence is released, nothing is preempted.
+  const StepPlan p = runner->step();
+  EXPECT_EQ(chunks(p), (std::vector<Chunk>{{2, 8, 1, true}}));
+  EXPECT_TRUE(p.preempted.empty());
+  EXPECT_FALSE(sched->isParked(1));
+  EXPECT_FALSE(cache->hasSequence(1));
+  sched->checkInvariants();
+}
+
 TEST_F(SchedulerTest, RandomWorkloadsKeepInvariantsAndFinishEverything) {
   std::mt19937 rng(7);
   for (int round = 0; round < 40; ++round) {
