@@ -1,7 +1,5 @@
-// `cortexstream generate`, `perplexity` and `chat`: running the model from the command line.
+// `cortexstream generate` and `chat`: running the model from the command line.
 
-#include <chrono>
-#include <cmath>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -103,58 +101,6 @@ void runGenerate(const GenerateOptions& o) {
   std::cout << j.dump() << "\n";
 }
 
-struct PerplexityOptions {
-  ModelOptions model;
-  std::string file;
-  int32_t ctx = 512;
-};
-
-void runPerplexity(const PerplexityOptions& o) {
-  std::ifstream in(o.file, std::ios::binary);
-  if (!in) throw std::runtime_error(o.file + ": cannot open the text file");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  Loaded l = loadModel(o.model);
-  const model::LlamaHParams& hp = l.model->hparams();
-  if (o.ctx < 2 || o.ctx > hp.nCtxTrain) {
-    throw std::runtime_error("--ctx must be in [2, " + std::to_string(hp.nCtxTrain) + "]");
-  }
-  const std::vector<int32_t> tokens = l.tokenizer->encode(text, true, false);
-  if (tokens.size() < 2) throw std::runtime_error(o.file + ": fewer than 2 tokens to score");
-  auto cache = cacheFor(*l.model, o.model, o.ctx);
-  std::vector<float> logits;
-  double nll = 0;
-  int64_t scored = 0;
-  int64_t windows = 0;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (size_t start = 0; start + 1 < tokens.size(); start += static_cast<size_t>(o.ctx)) {
-    const int32_t n = static_cast<int32_t>(std::min<size_t>(o.ctx, tokens.size() - start));
-    if (n < 2) break;
-    cache->allocateFor(1, n);
-    const model::BatchSequence b{1, std::span<const int32_t>(tokens).subspan(start, n), 0, true};
-    l.model->forward(std::span<const model::BatchSequence>(&b, 1), *cache, logits);
-    cache->freeFor(1);
-    // Every position but the window's first is predicted from the ones before it.
-    for (int32_t i = 0; i + 1 < n; ++i) {
-      const float* row = logits.data() + static_cast<size_t>(i) * hp.nVocab;
-      double maxv = row[0];
-      for (int32_t v = 1; v < hp.nVocab; ++v) maxv = std::max(maxv, static_cast<double>(row[v]));
-      double sum = 0;
-      for (int32_t v = 0; v < hp.nVocab; ++v) sum += std::exp(row[v] - maxv);
-      nll += std::log(sum) + maxv - row[tokens[start + static_cast<size_t>(i) + 1]];
-      ++scored;
-    }
-    ++windows;
-  }
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const nlohmann::json j = {{"perplexity", std::exp(nll / static_cast<double>(scored))},
-                            {"tokens", scored},
-                            {"windows", windows},
-                            {"ctx", o.ctx},
-                            {"seconds", seconds}};
-  std::cout << j.dump() << "\n";
-}
-
 struct ChatOptions {
   ModelOptions model;
   int32_t maxTokens = 512;
@@ -234,15 +180,6 @@ void registerGenerateCommands(CLI::App& app) {
     cmd->add_option("--dump-logits", o->dumpLogits,
                     "write the float32 logits of every prompt position to FILE (.npy)");
     cmd->callback([o] { runGenerate(*o); });
-  }
-  {
-    auto o = std::make_shared<PerplexityOptions>();
-    CLI::App* cmd = app.add_subcommand(
-        "perplexity", "Perplexity of a text file in non-overlapping windows of --ctx tokens");
-    addModelOptions(cmd, o->model);
-    cmd->add_option("--file,-f", o->file, "UTF-8 text file")->required();
-    cmd->add_option("--ctx", o->ctx, "window length in tokens")->capture_default_str();
-    cmd->callback([o] { runPerplexity(*o); });
   }
   {
     auto o = std::make_shared<ChatOptions>();
