@@ -15,8 +15,12 @@ void registerTokenizeCommand(CLI::App& app);
 // `inspect MODEL [--json] [--max-items N]`: a GGUF file's header, metadata and tensor table.
 void registerInspectCommand(CLI::App& app);
 
-// `generate`, `perplexity` and `chat`: running the model from the command line.
+// `generate` and `chat`: running the model from the command line.
 void registerGenerateCommands(CLI::App& app);
+
+// `perplexity --file F [--ctx N] [--method native|llama.cpp]`: how well the model predicts a text
+// file, scored on the engine; prints one JSON object.
+void registerPerplexityCommand(CLI::App& app);
 
 // `serve`: the OpenAI-compatible HTTP server (docs/server.md).
 void registerServeCommand(CLI::App& app);

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   cortex::cli::registerTokenizeCommand(app);
   cortex::cli::registerInspectCommand(app);
   cortex::cli::registerGenerateCommands(app);
+  cortex::cli::registerPerplexityCommand(app);
   cortex::cli::registerServeCommand(app);
 
   try {
