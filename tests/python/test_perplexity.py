@@ -77,8 +77,10 @@ def sentence_logprobs(repeated, tmp_path_factory) -> np.ndarray:
     out = tmp_path_factory.mktemp("logits") / "logits.npy"
     run_json("generate", "--model", str(DEFAULT_MODEL), "--prompt", SENTENCE, "--max-tokens", "1",
              "--temperature", "0", "--json", "--dump-logits", str(out))
+    # One row per prompt position, then one per generated token (here 1).
     logits = np.load(out).astype(np.float64)
-    assert logits.shape[0] == ctx
+    assert logits.shape[0] == ctx + 1
+    logits = logits[:ctx]
     ids = np.array(tokenize(SENTENCE))
     m = logits.max(axis=1, keepdims=True)
     logz = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
