@@ -101,7 +101,8 @@ nlohmann::json runStepBookkeepingBench(int32_t blockSize) {
       cache.resolveStep(step, slots, tables, starts);
       for (int32_t l = 0; l < kLayers; ++l) {
         for (size_t s = 0; s < step.size(); ++s) {
-          const int32_t end = static_cast<int32_t>(s + 1 < step.size() ? starts[s + 1] : tables.size());
+          const auto end =
+              static_cast<int32_t>(s + 1 < step.size() ? starts[s + 1] : tables.size());
           const int32_t n = step[s].firstPos + step[s].numTokens;
           keep(arena.kView(l, tables.data() + starts[s], end - starts[s], n));
           keep(arena.vView(l, tables.data() + starts[s], end - starts[s], n));
@@ -208,7 +209,9 @@ void registerBenchKvCommands(CLI::App& bench) {
   });
 
   auto* sim = bench.add_subcommand(
-      "kv-sim", "Seeded serving simulation under the engine's scheduler: paged KV cache vs the contiguous design");
+      "kv-sim",
+      "Seeded serving simulation under the engine's scheduler: paged KV cache vs the contiguous "
+      "design");
   auto cfg = std::make_shared<kvsim::SimConfig>();
   sim->add_option("--seed", cfg->seed, "random seed");
   sim->add_option("--blocks", cfg->numBlocks, "blocks in the pool")->check(CLI::Range(1, 1 << 24));

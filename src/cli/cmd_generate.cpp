@@ -151,7 +151,8 @@ void runChat(const ChatOptions& o) {
     ++sampling.seed;  // a fresh draw each turn, reproducible for a given --seed
     try {
       const engine::GenerateResult r = engine::generate(
-          *engine, std::move(req), [](std::string_view piece) { std::cout << piece << std::flush; });
+          *engine, std::move(req),
+          [](std::string_view piece) { std::cout << piece << std::flush; });
       std::cout << "\n";
       messages.push_back({"assistant", r.text});
     } catch (const std::exception& e) {

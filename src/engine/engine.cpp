@@ -571,7 +571,9 @@ bool Engine::step() {
     r.tokens(c.firstPos, c.numTokens, tokens);
     runner_->add(c.seq, c.firstPos, tokens, r.wantsPromptRows());
     batch.push_back(c.seq);
-    if (c.numTokens > 1 || r.generated.empty()) promptTokensThisStep += static_cast<uint64_t>(c.numTokens);
+    if (c.numTokens > 1 || r.generated.empty()) {
+      promptTokensThisStep += static_cast<uint64_t>(c.numTokens);
+    }
   }
   try {
     if (hooks_.beforeForward) hooks_.beforeForward(batch);

@@ -6,7 +6,8 @@
 // and tokens (decodes first, chunked prefill under a token budget, FCFS admission, preemption of
 // the newest request when the pool runs dry: it is recomputed from prompt + tokens generated so
 // far, and the tokens it already streamed are not re-sent), the ModelRunner resolves the plan's
-// slots and block tables and runs the forward pass, and the engine samples, detokenizes and streams.
+// slots and block tables and runs the forward pass, and the engine samples, detokenizes and
+// streams.
 // Because every kernel is batch-invariant, a greedy request's output does not change under
 // preemption or load.
 //
@@ -69,8 +70,9 @@ enum class RequestState { Waiting, Prefilling, Decoding, Finished };
 struct RequestParams {
   std::vector<int32_t> promptTokens;  // >= 1 token
   SamplingParams sampling;
-  int32_t maxTokens = 256;            // >= 1 completion tokens; 0 only with promptLogprobs (scoring:
-                                      // the prompt is computed, nothing is generated)
+  // Completion tokens at most, >= 1; 0 only with promptLogprobs (scoring: the prompt is
+  // computed, nothing is generated).
+  int32_t maxTokens = 256;
   std::vector<std::string> stop;
   bool ignoreEos = false;
   int32_t topLogprobs = -1;           // -1: no logprobs; 0..20: logprob of each sampled token plus

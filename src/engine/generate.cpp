@@ -34,7 +34,9 @@ GenerateResult generate(Engine& engine, RequestParams params,
     if (!e->finished) continue;
     r.finishReason = e->finishReason;
     if (e->finishReason == FinishReason::Error) throw std::runtime_error(e->error);
-    if (e->finishReason == FinishReason::Cancelled) throw std::runtime_error("the request was cancelled");
+    if (e->finishReason == FinishReason::Cancelled) {
+      throw std::runtime_error("the request was cancelled");
+    }
     break;
   }
   const auto end = Clock::now();

@@ -100,7 +100,9 @@ void Scheduler::addReusing(kv::SeqId seq, int32_t contextTokens, int32_t maxCont
 
 void Scheduler::park(kv::SeqId seq) {
   Entry& e = entry(seq);
-  if (e.where != Entry::Where::Running) throw std::invalid_argument(seqName(seq) + " is not running");
+  if (e.where != Entry::Where::Running) {
+    throw std::invalid_argument(seqName(seq) + " is not running");
+  }
   std::erase(running_, &e);
   e.where = Entry::Where::Parked;
   parked_.push_back(&e);
@@ -260,11 +262,15 @@ void Scheduler::checkInvariants() const {
   if (static_cast<int32_t>(running_.size()) > config_.maxNumSeqs) fail("too many running");
   auto check = [&](const auto& list, Entry::Where where, const char* name) {
     for (const Entry* e : list) {
-      if (e->where != where) fail(seqName(e->seq) + " is in the " + name + " list but not marked so");
+      if (e->where != where) {
+        fail(seqName(e->seq) + " is in the " + name + " list but not marked so");
+      }
       if (e->holdsMemory != (e->computedTokens > 0)) {
         fail(seqName(e->seq) + " holds memory that disagrees with its computed tokens");
       }
-      if (e->computedTokens > e->contextTokens) fail(seqName(e->seq) + " computed past its context");
+      if (e->computedTokens > e->contextTokens) {
+        fail(seqName(e->seq) + " computed past its context");
+      }
       if (where != Entry::Where::Waiting && !e->holdsMemory) {
         fail(seqName(e->seq) + " is " + name + " without memory");
       }

@@ -282,12 +282,12 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
       prompt = p.promptTokenIds;
       if (p.echo) info.echoText = tokenizer_.decode(prompt);
     }
-    if (prompt.empty()) throwInvalid(chat ? "messages" : "prompt", "the prompt has no tokens");
-
     // Defaults: 16 for completions (OpenAI's legacy default), the rest of the context for chat.
     // The engine judges whether the request fits (its TooLong error says by how much).
-    const int64_t room = std::max<int64_t>(1, engine_.maxContextTokens() - static_cast<int64_t>(prompt.size()));
-    const int64_t maxTokens = p.maxTokens ? *p.maxTokens : chat ? room : std::min<int64_t>(16, room);
+    const int64_t room = std::max<int64_t>(
+        1, engine_.maxContextTokens() - static_cast<int64_t>(prompt.size()));
+    const int64_t maxTokens =
+        p.maxTokens ? *p.maxTokens : chat ? room : std::min<int64_t>(16, room);
     params.sampling = p.sampling;
     if (!p.seedGiven) params.sampling.seed = randomU64();
     params.maxTokens = static_cast<int32_t>(maxTokens);

@@ -159,14 +159,16 @@ TEST_F(Fixture, ASessionsNextTurnReusesItsKvAndAnswersTheSame) {
   EngineConfig c;
   c.kvCacheBytes = 64ull << 20;
   Engine engine(*model, *tokenizer, c);
-  RequestParams turn1 = greedy("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n", 12);
+  RequestParams turn1 =
+      greedy("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n", 12);
   turn1.session = 7;
   const GenerateResult r1 = generate(engine, turn1);
   EXPECT_GT(engine.stats().kv.usedBlocks, 0);  // kept for the session
   // The next turn: the whole conversation so far, then a new user message.
   RequestParams turn2 = turn1;
   turn2.promptTokens.insert(turn2.promptTokens.end(), r1.tokens.begin(), r1.tokens.end());
-  const std::vector<int32_t> more = tokenizer->encode("\n<|im_start|>user\nAnd another?<|im_end|>\n<|im_start|>assistant\n", false, true);
+  const std::vector<int32_t> more = tokenizer->encode(
+      "\n<|im_start|>user\nAnd another?<|im_end|>\n<|im_start|>assistant\n", false, true);
   turn2.promptTokens.insert(turn2.promptTokens.end(), more.begin(), more.end());
   const uint64_t promptBefore = engine.stats().promptTokens;
   const GenerateResult r2 = generate(engine, turn2);
