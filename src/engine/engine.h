@@ -65,8 +65,6 @@ uint64_t defaultKvCacheBytes(const model::LlamaModel& model, const EngineConfig&
 enum class FinishReason { Stop, Length, Cancelled, Error };
 const char* toString(FinishReason reason);  // "stop", "length", "cancelled", "error"
 
-enum class RequestState { Waiting, Prefilling, Decoding, Finished };
-
 struct RequestParams {
   std::vector<int32_t> promptTokens;  // >= 1 token
   SamplingParams sampling;
