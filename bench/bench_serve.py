@@ -35,7 +35,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import re
 import shlex
@@ -43,9 +42,10 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
+
+from llama_cpp_build import build_llama_tool, cpu_name, default_tool_path, git_commit, llama_info
 
 try:
     import aiohttp
@@ -55,12 +55,8 @@ except ImportError:  # pragma: no cover - told to the user below
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_BIN = ROOT / "build" / "src" / "cli" / "cortexstream"
-REQUIREMENTS = ROOT / "bench" / "requirements.txt"
-CACHE = ROOT / "bench" / ".cache"
 OUT_DIR = ROOT / "bench" / "out"
-DEFAULT_LLAMA_BIN = CACHE / "llama-build" / "bin" / "llama-server"
-LLAMA_CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
-                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+DEFAULT_LLAMA_BIN = default_tool_path("llama-server")
 
 # SmolLM2's tokenizer on the prose below: 1.13 tokens per whitespace-separated word (measured
 # with `cortexstream tokenize` on the whole text). Only used to aim prompt lengths.
@@ -408,88 +404,7 @@ def bench_server(name: str, cmd: list[str], port: int, reqs: list[dict],
     return s
 
 
-# ----------------------------------------------------------------------------- llama-server
-
-def pinned_llama_cpp_python() -> str:
-    for line in REQUIREMENTS.read_text().splitlines():
-        m = re.match(r"\s*llama-cpp-python\s*==\s*([^\s#;]+)", line)
-        if m:
-            return m.group(1)
-    raise RuntimeError(f"{REQUIREMENTS}: no pinned llama-cpp-python==VERSION line")
-
-
-def build_llama_server(dest_bin: Path) -> dict:
-    """Fetches the pinned llama-cpp-python sdist and builds its vendored llama.cpp server."""
-    version = pinned_llama_cpp_python()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    sdist = CACHE / f"llama_cpp_python-{version}.tar.gz"
-    t0 = time.perf_counter()
-    if not sdist.exists():
-        log(f"downloading the llama-cpp-python {version} sdist into {CACHE}")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                        ":all:", f"llama-cpp-python=={version}", "-d", str(CACHE)], check=True,
-                       stdout=sys.stderr)
-    src = CACHE / f"llama_cpp_python-{version}"
-    if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
-        with tarfile.open(sdist) as tf:
-            tf.extractall(CACHE)
-    t1 = time.perf_counter()
-    build_dir = dest_bin.parent.parent
-    log(f"building llama-server in {build_dir} (several minutes)")
-    subprocess.run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build_dir)]
-                   + LLAMA_CMAKE_FLAGS, check=True, stdout=sys.stderr)
-    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j",
-                    str(os.cpu_count() or 2)], check=True, stdout=sys.stderr)
-    t2 = time.perf_counter()
-    if not dest_bin.exists():
-        raise RuntimeError(f"built, but {dest_bin} is not there")
-    return {"fetch_s": round(t1 - t0, 1), "build_s": round(t2 - t1, 1)}
-
-
-def llama_version(binary: Path) -> str | None:
-    try:
-        p = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
-        text = (p.stdout + p.stderr).strip()
-        lines = [l for l in text.splitlines() if l.startswith("version") or "built with" in l]
-        return "; ".join(lines) or text[-200:]
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def llama_vendor_commit() -> str | None:
-    """The llama.cpp commit the pinned llama-cpp-python release vendors (from its CHANGELOG)."""
-    try:
-        version = pinned_llama_cpp_python()
-        log_text = (CACHE / f"llama_cpp_python-{version}" / "CHANGELOG.md").read_text()
-    except (OSError, RuntimeError):
-        return None
-    m = re.search(r"update llama\.cpp to [\w-]+/llama\.cpp@([0-9a-f]+)", log_text)
-    return m.group(1) if m else None
-
-
 # ----------------------------------------------------------------------------- main
-
-def git_commit() -> str | None:
-    try:
-        c = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
-                                "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return c + ("-dirty" if dirty else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -569,16 +484,12 @@ def main() -> int:
                 print(f"{llama_bin}: not found", file=sys.stderr)
                 return 2
             try:
-                report["llama_build"] = build_llama_server(llama_bin)
+                report["llama_build"] = build_llama_tool("llama-server")
             except (subprocess.CalledProcessError, RuntimeError, OSError) as e:
                 print(f"building llama-server failed: {e} (use --skip-llama to measure "
                       f"CortexStream alone)", file=sys.stderr)
                 return 3
-        report["llama_cpp"] = {"binary": str(llama_bin), "version": llama_version(llama_bin),
-                               "vendored_commit": llama_vendor_commit(),
-                               "llama_cpp_python": pinned_llama_cpp_python(),
-                               "cmake_flags": LLAMA_CMAKE_FLAGS,
-                               "slot_ctx": slot_ctx}
+        report["llama_cpp"] = dict(llama_info(llama_bin), slot_ctx=slot_ctx)
     else:
         report["llama_cpp"] = "skipped (--skip-llama)"
 

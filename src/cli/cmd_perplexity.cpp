@@ -134,6 +134,9 @@ std::future<std::vector<float>> scoreWindow(engine::Engine& engine, std::vector<
   });
 }
 
+// Scores o.file with o.method and prints one JSON object: perplexity, tokens scored, windows,
+// ctx, method, seconds (scoring only, not loading). Throws std::runtime_error for an unreadable
+// file, an out-of-range --ctx or too short a text, and when the engine fails a window.
 void runPerplexity(const PerplexityOptions& o) {
   const Method method = o.method == "llama.cpp" ? Method::LlamaCpp : Method::Native;
   std::ifstream in(o.file, std::ios::binary);

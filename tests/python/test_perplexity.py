@@ -1,11 +1,16 @@
-"""`cortexstream perplexity`, both methods, on the default model.
+"""`cortexstream perplexity`, both methods.
 
-The independent check: a text made of one sentence S repeated, whose tokens are exactly S's
+On the default model, the independent check is a text made of one sentence S repeated, whose tokens are exactly S's
 tokens repeated (checked), with --ctx = the tokens of S. Then every window of either method is S
 itself, so both figures follow from S's logits alone: `generate --dump-logits` gives the float32
 logits of every position of S, and NumPy turns them into log-probabilities in float64. That path
 shares the forward pass with `perplexity` (the forward pass has its own reference tests) but none
 of the windowing, the engine's prompt log-probs or the averaging.
+
+The default model's vocabulary does not add BOS, so the BOS handling (once at the start for
+`native`, the first token of every chunk for `llama.cpp`) is checked on a tiny random model whose
+vocabulary does, against the float64 NumPy reference model (tests/python/reference) on the token
+ids each method should score.
 """
 
 from __future__ import annotations
@@ -13,12 +18,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent.parent
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from reference.llama_ref import LlamaRef  # noqa: E402
+from reference.tiny_model import write_tiny_model  # noqa: E402
+
+REPO = HERE.parent.parent
 BIN = Path(os.environ.get("CORTEXSTREAM_BIN", REPO / "build" / "src" / "cli" / "cortexstream"))
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,15 +52,15 @@ def run_json(*args: str) -> dict:
     return json.loads(lines[0])
 
 
-def tokenize(text: str) -> list[int]:
-    proc = run("tokenize", "--model", str(DEFAULT_MODEL), "--no-special", text)
+def tokenize(text: str, model: Path = DEFAULT_MODEL) -> list[int]:
+    proc = run("tokenize", "--model", str(model), "--no-special", text)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-def perplexity(path: Path, ctx: int, method: str) -> dict:
+def perplexity(path: Path, ctx: int, method: str, *extra: str) -> dict:
     return run_json("perplexity", "--model", str(DEFAULT_MODEL), "--file", str(path), "--ctx",
-                    str(ctx), "--method", method)
+                    str(ctx), "--method", method, *extra)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -148,3 +160,57 @@ def test_bad_method_is_a_usage_error(tmp_path):
     proc = run("perplexity", "--file", str(path), "--method", "strided")
     assert proc.returncode not in (0, 1), proc.returncode  # a usage error, not a failed run
     assert "method" in proc.stderr
+
+
+def ref_logprobs(ref: LlamaRef, ids: list[int]) -> np.ndarray:
+    """log p(ids[i] | ids[:i]) for i = 1 .. len(ids) - 1, from the float64 reference."""
+    logits = ref.logits(ids)
+    m = logits.max(axis=1, keepdims=True)
+    logz = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
+    return logits[np.arange(len(ids) - 1), ids[1:]] - logz[:-1]
+
+
+def test_bos_handling_against_the_reference(tmp_path, monkeypatch):
+    # A tiny model like the forward-pass tests use, but with tokenizer.ggml.add_bos_token = true.
+    write_bos = gguf.GGUFWriter.add_add_bos_token
+    monkeypatch.setattr(gguf.GGUFWriter, "add_add_bos_token", lambda w, _: write_bos(w, True))
+    model = tmp_path / "tiny-bos.gguf"
+    info = write_tiny_model(str(model), seed=5)
+    ref = LlamaRef(str(model))
+    bos = info["bos_id"]
+    text = ("The quick brown fox jumps over the lazy dog; a wizard's job is to vex chumps "
+            "quickly in fog. ") * 4
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    ids = tokenize(text, model)
+    assert ids[0] == bos and bos not in ids[1:], "BOS once, at the start"
+    ctx = 40
+    n = len(ids)
+    assert n >= 3 * ctx
+
+    def cli(method: str) -> dict:
+        # f32 KV: the C++ logits then match the reference to ~1e-6 relative (the forward-pass
+        # tests' measurement), so 1e-4 on the perplexity leaves room and catches any wrong token.
+        return run_json("perplexity", "--model", str(model), "--file", str(path), "--ctx",
+                        str(ctx), "--method", method, "--kv-dtype", "f32")
+
+    nll, count = 0.0, 0
+    for start in range(0, n - 1, ctx):
+        lp = ref_logprobs(ref, ids[start:start + ctx])
+        nll -= lp.sum()
+        count += len(lp)
+    native = cli("native")
+    assert native["tokens"] == count
+    expected = float(np.exp(nll / count))
+    assert abs(native["perplexity"] - expected) / expected < 1e-4, (native, expected)
+
+    nll, count = 0.0, 0
+    for c in range(n // ctx):
+        chunk = [bos] + ids[c * ctx + 1:(c + 1) * ctx]  # every chunk starts with BOS
+        lp = ref_logprobs(ref, chunk)[ctx // 2:]        # tokens ctx/2 + 1 .. ctx - 1
+        nll -= lp.sum()
+        count += len(lp)
+    llama = cli("llama.cpp")
+    assert llama["windows"] == n // ctx and llama["tokens"] == count
+    expected = float(np.exp(nll / count))
+    assert abs(llama["perplexity"] - expected) / expected < 1e-4, (llama, expected)
