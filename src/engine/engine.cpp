@@ -291,8 +291,6 @@ void Engine::admitNewRequests() {
         scheduler_->addReusing(id, r->promptSize(), maxContext, sessions_.at(r->params.session).seq,
                                reuse);
         sessions_.erase(r->params.session);
-        std::lock_guard lock(mu_);
-        stats_.reusedPromptTokens += static_cast<uint64_t>(reuse);
       } else {
         scheduler_->add(id, r->promptSize(), maxContext);
       }
@@ -552,6 +550,9 @@ bool Engine::step() {
       if (!r.running) {
         r.running = true;
         --queued_;
+        // Admitted past position 0: it starts on a session's kept positions (the scheduler may
+        // have had to give them back while it waited, and then it starts at 0).
+        stats_.reusedPromptTokens += static_cast<uint64_t>(c.firstPos);
       }
     }
     stats_.running = scheduler_->numRunning();

@@ -113,13 +113,25 @@ bool Scheduler::isParked(kv::SeqId seq) const {
   return it != entries_.end() && it->second.where == Entry::Where::Parked;
 }
 
-bool Scheduler::releaseOldestParked() {
-  if (parked_.empty()) return false;
-  const kv::SeqId seq = parked_.front()->seq;
-  parked_.pop_front();
-  memory_.release(seq);
-  entries_.erase(seq);
-  return true;
+bool Scheduler::releaseIdleMemory(const Entry* keep) {
+  if (!parked_.empty()) {
+    const kv::SeqId seq = parked_.front()->seq;
+    parked_.pop_front();
+    memory_.release(seq);
+    entries_.erase(seq);
+    return true;
+  }
+  // note: a waiting request admitted with reused positions holds blocks while it waits; if they
+  // were never given back, the queue's head could wait forever behind it.
+  for (auto it = waiting_.rbegin(); it != waiting_.rend(); ++it) {
+    Entry& e = **it;
+    if (&e == keep || !e.holdsMemory) continue;
+    memory_.release(e.seq);
+    e.holdsMemory = false;
+    e.computedTokens = 0;
+    return true;
+  }
+  return false;
 }
 
 void Scheduler::appendToken(kv::SeqId seq) {
@@ -182,7 +194,7 @@ StepPlan Scheduler::schedule() {
       if (e.contextTokens - e.computedTokens != 1) continue;
       bool preemptedSelf = false;
       while (!memory_.tryAppend(e.seq, 1)) {
-        if (releaseOldestParked()) continue;
+        if (releaseIdleMemory(nullptr)) continue;
         const bool self = running_.back() == &e;
         preemptNewest(out);
         if (self) {
@@ -203,7 +215,7 @@ StepPlan Scheduler::schedule() {
       if (pending <= 1 || budget == 0) continue;
       int32_t n = std::min(pending, budget);
       while (memory_.blocksNeededToAppend(e.seq, n) > memory_.freeBlocks() &&
-             releaseOldestParked()) {
+             releaseIdleMemory(nullptr)) {
       }
       const int32_t free = memory_.freeBlocks();
       if (memory_.blocksNeededToAppend(e.seq, n) > free) {
@@ -232,7 +244,7 @@ StepPlan Scheduler::schedule() {
       const int32_t need = e.holdsMemory ? memory_.blocksNeededToAppend(e.seq, n)
                                          : memory_.blocksForTokens(n);
       const int32_t reserve = running_.empty() ? 0 : watermarkBlocks_;
-      while (need + reserve > memory_.freeBlocks() && releaseOldestParked()) {
+      while (need + reserve > memory_.freeBlocks() && releaseIdleMemory(&e)) {
       }
       if (need + reserve > memory_.freeBlocks()) break;
       const bool ok = e.holdsMemory ? memory_.tryAppend(e.seq, n)

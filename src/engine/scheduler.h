@@ -15,8 +15,9 @@
 // If nothing at all could be scheduled while requests run (prefills holding blocks each other
 // need), the newest running request is preempted and the step is planned again.
 // Parked sequences (the memory of finished requests kept for reuse, e.g. a conversation's next
-// turn) are the first to go when memory is short: least recently parked first, before any running
-// request is preempted and before admission gives up.
+// turn) are the first to go when memory is short: least recently parked first, then the reused
+// positions of requests still waiting, before any running request is preempted and before
+// admission gives up.
 // Positions are reserved in KV memory as they are planned: after schedule() returns, every planned
 // chunk's positions exist in the cache, ready for the forward pass to write.
 #pragma once
@@ -164,7 +165,9 @@ class Scheduler {
   const Entry& entry(kv::SeqId seq) const;
   void preemptNewest(StepPlan& plan);
   void plan(StepPlan& plan, Entry& e, int32_t n);
-  bool releaseOldestParked();  // false when nothing is parked
+  // Gives back memory that no running request uses: the least recently parked sequence, else the
+  // positions a waiting request (other than `keep`) was admitted with. False when there is none.
+  bool releaseIdleMemory(const Entry* keep);
 
   SchedulerConfig config_;
   BlockBudget& memory_;

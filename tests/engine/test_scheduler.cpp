@@ -45,6 +45,8 @@ struct FakeRunner {
   std::map<kv::SeqId, int32_t> quota;  // tokens each request generates
   std::map<kv::SeqId, int32_t> generated;
   std::vector<kv::SeqId> finished;
+  std::vector<kv::SeqId> parked;  // with parkFinished: finished requests parked, not removed
+  bool parkFinished = false;
 
   void add(kv::SeqId seq, int32_t prompt, int32_t outputTokens) {
     s.add(seq, prompt, prompt + outputTokens);
@@ -55,7 +57,12 @@ struct FakeRunner {
     for (const auto& c : p.chunks) {
       if (!c.completesContext) continue;
       if (++generated[c.seq] == quota[c.seq]) {
-        s.remove(c.seq);
+        if (parkFinished) {
+          s.park(c.seq);
+          parked.push_back(c.seq);
+        } else {
+          s.remove(c.seq);
+        }
         finished.push_back(c.seq);
       } else {
         s.appendToken(c.seq);
@@ -75,7 +82,7 @@ struct SchedulerTest : ::testing::Test {
     c.maxNumSeqs = maxSeqs;
     c.watermarkFraction = watermark;
     sched = std::make_unique<Scheduler>(c, *memory);
-    runner = std::make_unique<FakeRunner>(FakeRunner{*sched, {}, {}, {}});
+    runner = std::make_unique<FakeRunner>(FakeRunner{*sched, {}, {}, {}, {}, false});
   }
   std::unique_ptr<kv::KVCache> cache;
   std::unique_ptr<PagedBlockBudget> memory;
@@ -249,20 +256,52 @@ TEST_F(SchedulerTest, ParkedSequencesGoFirstWhenMemoryIsShort) {
   sched->checkInvariants();
 }
 
+TEST_F(SchedulerTest, AWaitingRequestGivesBackReusedPositionsTheHeadNeeds) {
+  // 8 blocks. Request 1 (20 tokens, 5 blocks) finishes and is parked; request 2 (16 tokens) is
+  // queued, then request 3 reuses request 1's positions behind it. The head needs 4 blocks and
+  // only 3 are free: request 3's reused positions go back (it will compute from scratch), rather
+  // than the queue stalling behind blocks nobody is using.
+  make(8, 64, 8);
+  runner->parkFinished = true;
+  runner->add(1, 20, 1);
+  runner->step();
+  runner->add(2, 16, 1);
+  sched->addReusing(3, 24, 25, 1, 20);
+  runner->quota[3] = 1;
+  EXPECT_EQ(cache->freeBlocks(), 3);
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{2, 0, 16, true}}));
+  EXPECT_EQ(sched->computedTokens(3), 0);
+  EXPECT_FALSE(cache->hasSequence(3));
+  sched->checkInvariants();
+}
+
 TEST_F(SchedulerTest, RandomWorkloadsKeepInvariantsAndFinishEverything) {
   std::mt19937 rng(7);
-  for (int round = 0; round < 40; ++round) {
+  for (int round = 0; round < 400; ++round) {
     const int32_t blocks = 4 + static_cast<int32_t>(rng() % 28);
     make(blocks, 1 + static_cast<int32_t>(rng() % 32), 1 + static_cast<int32_t>(rng() % 6),
          (rng() % 2) ? 0.0 : 0.05);
+    // Half the rounds park finished requests and let later ones reuse them (conversations).
+    runner->parkFinished = round % 2 == 1;
     kv::SeqId next = 1;
     int32_t added = 0;
     for (int step = 0; step < 2000; ++step) {
       if (added < 30 && rng() % 3 == 0) {
-        const int32_t maxCtx = static_cast<int32_t>(sched->maxContextTokens());
-        const int32_t prompt = 1 + static_cast<int32_t>(rng() % static_cast<uint32_t>(std::min(maxCtx - 1, 40)));
-        const int32_t out = 1 + static_cast<int32_t>(rng() % static_cast<uint32_t>(std::min(maxCtx - prompt, 20)));
-        runner->add(next++, prompt, out);
+        const auto maxCtx = static_cast<uint32_t>(sched->maxContextTokens());
+        const int32_t prompt = 1 + static_cast<int32_t>(rng() % std::min(maxCtx - 1, 40u));
+        const int32_t out =
+            1 + static_cast<int32_t>(rng() % std::min(maxCtx - static_cast<uint32_t>(prompt), 20u));
+        const kv::SeqId id = next++;
+        std::erase_if(runner->parked, [&](kv::SeqId p) { return !sched->isParked(p); });
+        if (!runner->parked.empty() && prompt > 1 && rng() % 2 == 0) {
+          const kv::SeqId from = runner->parked.back();
+          runner->parked.pop_back();
+          const int32_t reuse = std::min(sched->computedTokens(from), prompt - 1);
+          sched->addReusing(id, prompt, prompt + out, from, reuse);
+          runner->quota[id] = out;
+        } else {
+          runner->add(id, prompt, out);
+        }
         ++added;
       }
       if (rng() % 50 == 0 && next > 1) sched->remove(1 + rng() % (next - 1));  // cancellations
@@ -272,6 +311,8 @@ TEST_F(SchedulerTest, RandomWorkloadsKeepInvariantsAndFinishEverything) {
       if (added == 30 && sched->numRunning() == 0 && sched->numWaiting() == 0) break;
     }
     EXPECT_EQ(sched->numRunning() + sched->numWaiting(), 0) << "round " << round;
+    for (kv::SeqId id : runner->parked) sched->remove(id);  // parked ones may remain: release
+    EXPECT_EQ(sched->numParked(), 0);
     EXPECT_EQ(cache->usedBlocks(), 0);
   }
 }
