@@ -100,6 +100,15 @@ def test_tiny_model_logits_and_greedy(tmp_path, weight_type, tied):
         assert greedy == ref.greedy(ids, GREEDY_STEPS), f"{weight_type} {text!r}"
 
 
+def test_vocabulary_larger_than_the_output_rows_is_refused(tmp_path):
+    path = tmp_path / "tiny-extra.gguf"
+    write_tiny_model(str(path), seed=3, extra_tokens=5)
+    proc = subprocess.run([str(BIN), "generate", "--model", str(path), "--prompt", "hello",
+                           "--max-tokens", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "305 tokens but the model has output rows for only 300" in proc.stderr, proc.stderr
+
+
 DEFAULT_PROMPTS = [
     "The capital of France is",
     "<|im_start|>user\nWrite a haiku about memory.<|im_end|>\n<|im_start|>assistant\n",

@@ -187,8 +187,12 @@ def write_tiny_model(path: str, seed: int = 0, *, n_layer: int = 2, n_embd: int 
                      n_head_kv: int = 2, n_ff: int = 128, n_vocab: int = 300, n_ctx: int = 256,
                      rope_freq_base: float = 10000.0, rms_eps: float = 1e-5,
                      weight_type: str = "F32", embd_type: str | None = None,
-                     output_type: str | None = None, tied: bool = False) -> dict[str, Any]:
-    """Write a tiny random Llama GGUF to ``path``; returns a dict describing it."""
+                     output_type: str | None = None, tied: bool = False,
+                     extra_tokens: int = 0) -> dict[str, Any]:
+    """Write a tiny random Llama GGUF to ``path``; returns a dict describing it.
+
+    ``extra_tokens`` > 0 makes a broken file on purpose: that many control tokens in the vocabulary
+    beyond the model's ``n_vocab`` output rows."""
     embd_type = embd_type or weight_type
     output_type = output_type or weight_type
     for t in (weight_type, embd_type, output_type):
@@ -206,6 +210,8 @@ def write_tiny_model(path: str, seed: int = 0, *, n_layer: int = 2, n_embd: int 
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
     tokens, types, merges = make_vocab(n_vocab)
+    tokens = tokens + [f"<extra_{i}>" for i in range(extra_tokens)]
+    types = types + [int(gguf.TokenType.CONTROL)] * extra_tokens
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(f"tiny-llama-seed{seed}")
