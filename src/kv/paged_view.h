@@ -15,7 +15,7 @@ inline constexpr BlockId kNoBlock = -1;
 using SeqId = uint64_t;
 
 // How K/V elements are stored. Every size and name of a format comes from its descriptor, so a
-// new format (int8 with scales, fp8) is one new row, not a hunt for `F32 ? 4 : 2`.
+// new format (int8 with scales, fp8) is one new row, not a hunt through the code for sizes.
 enum class KVDType : uint8_t { F32, F16, BF16 };
 
 struct KVFormat {

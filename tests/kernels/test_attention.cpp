@@ -35,7 +35,7 @@ struct PagedTensor {
     std::mt19937 rng(seed);
     std::shuffle(ids.begin(), ids.end(), rng);
     table.assign(ids.begin(), ids.begin() + nBlocks);
-    const size_t eb = dtype == KVDType::F32 ? 4 : 2;
+    const size_t eb = kv::dtypeBytes(dtype);
     arena.resize(static_cast<size_t>(physical) * heads * blockSize * dim * eb);
     view.base = arena.data();
     view.blockTable = table.data();
