@@ -17,11 +17,11 @@ void ModelRunner::add(kv::SeqId seq, int32_t firstPos, std::span<const int32_t> 
 }
 
 void ModelRunner::run(std::vector<float>& logits) {
-  cache_.resolveStep(step_, batch_.slots, batch_.blockTables, batch_.tableStarts);
+  cache_.resolveStep(step_, batch_.slots, batch_.blockTables, tableStarts_);
   for (size_t i = 0; i < batch_.seqs.size(); ++i) {
     model::ForwardSequence& s = batch_.seqs[i];
-    s.tableStart = batch_.tableStarts[i];
-    const size_t end = i + 1 < batch_.seqs.size() ? static_cast<size_t>(batch_.tableStarts[i + 1])
+    s.tableStart = tableStarts_[i];
+    const size_t end = i + 1 < batch_.seqs.size() ? static_cast<size_t>(tableStarts_[i + 1])
                                                   : batch_.blockTables.size();
     s.numBlocks = static_cast<int32_t>(end - static_cast<size_t>(s.tableStart));
   }

@@ -36,6 +36,7 @@ class ModelRunner {
   kv::KVCache& cache_;
   kernels::ThreadPool pool_;
   std::vector<kv::StepSequence> step_;
+  std::vector<int32_t> tableStarts_;
   model::ForwardBatch batch_;
 };
 

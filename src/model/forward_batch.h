@@ -28,7 +28,6 @@ struct ForwardBatch {
   std::vector<int32_t> positions;   // absolute positions
   std::vector<kv::TokenSlot> slots; // where its K/V are written
   std::vector<kv::BlockId> blockTables;
-  std::vector<int32_t> tableStarts;  // scratch for resolveStep (copied into seqs)
 
   void clear() {
     seqs.clear();
@@ -36,7 +35,6 @@ struct ForwardBatch {
     positions.clear();
     slots.clear();
     blockTables.clear();
-    tableStarts.clear();
   }
 };
 
