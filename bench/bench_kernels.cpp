@@ -4,7 +4,6 @@
 // on its own pool of one thread per hardware thread, as the engine does by default.
 #include <benchmark/benchmark.h>
 
-
 #include <cstring>
 #include <random>
 #include <vector>

@@ -4,7 +4,6 @@
 #include <stdexcept>
 #include <vector>
 
-
 namespace cortex::cli {
 
 void addKvDtypeOption(CLI::App* cmd, kv::KVDType& dtype) {

@@ -1,6 +1,5 @@
 #include "kernels/attention.h"
 
-
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>

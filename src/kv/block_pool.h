@@ -20,7 +20,6 @@
 
 namespace cortex::kv {
 
-
 class BlockPool {
  public:
   // numBlocks >= 1. All blocks start free, in id order (0 is handed out first).

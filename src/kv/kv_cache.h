@@ -38,7 +38,6 @@
 
 namespace cortex::kv {
 
-
 // One sequence's share of a forward step: its new positions [firstPos, firstPos + numTokens),
 // already reserved (allocateFor / appendTokens).
 struct StepSequence {

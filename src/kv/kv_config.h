@@ -25,7 +25,6 @@ struct KVCacheConfig {
   KVLayout layout = KVLayout::LayerMajor;
 };
 
-
 // Bytes of K and V that one token takes across all layers, and that one block takes. The one
 // formula for these sizes: the cache sizes its arena with it, and anything else that sizes KV
 // memory should call it rather than repeat it.
