@@ -1,25 +1,21 @@
-#include "kernels/attention.h"
-
+// Paged attention of one instruction-set level (compiled once per level, see CMakeLists.txt).
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
+#include "kernels/attention.h"
+#include "kernels/kernel_set.h"
 #include "kernels/simd.h"
 #include "kernels/thread_pool.h"
 
-namespace cortex::kernels {
+namespace cortex::kernels::detail::CS_ISA_NS {
 namespace {
 
-using namespace detail;
 using kv::KVDType;
 using kv::PagedKVView;
 
 constexpr int64_t kParallelMinMacs = 1 << 14;
-
-size_t scoreStride(int32_t maxKeyTokens) {
-  return (static_cast<size_t>(std::max(maxKeyTokens, 1)) + 15) / 16 * 16;
-}
 
 template <KVDType DT>
 constexpr size_t kBytes = kv::dtypeBytes(DT);
@@ -188,8 +184,7 @@ void attendGroup(const float* q, int32_t n, int32_t kvh, const PagedKVView& K,
   }
 }
 
-// Largest number of query heads one work item handles together.
-constexpr int kMaxGroup = 4;
+constexpr int kMaxGroup = kAttentionMaxGroup;
 
 template <KVDType KT, KVDType VT, bool kSimd>
 void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads,
@@ -270,10 +265,6 @@ void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, in
 
 }  // namespace
 
-size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens) {
-  return static_cast<size_t>(pool.size()) * kMaxGroup * scoreStride(maxKeyTokens);
-}
-
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
                     int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
                     float scale, float* out, float* scratch) {
@@ -284,12 +275,4 @@ void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int3
 #endif
 }
 
-namespace detail {
-void pagedAttentionScalar(ThreadPool& pool, const float* Q, int32_t nQueryTokens,
-                          int32_t firstQueryPos, int32_t nHeads, const kv::PagedKVView& K,
-                          const kv::PagedKVView& V, float scale, float* out, float* scratch) {
-  dispatch<false>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
-}
-}  // namespace detail
-
-}  // namespace cortex::kernels
+}  // namespace cortex::kernels::detail::CS_ISA_NS

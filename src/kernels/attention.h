@@ -32,7 +32,8 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 // others: scores are 8-lane fma dot products (simd.h) times scale, the softmax subtracts the max
 // and sums exp() in key order in double, and each output dim accumulates p_j * V[j] with fma in
 // key order, then multiplies by 1/sum. So a token's output depends only on its query, its
-// position and the cached K/V, not on nQueryTokens, pool.size() or the SIMD path.
+// position and the cached K/V, not on nQueryTokens, pool.size() or the instruction-set
+// level (isa.h; the AVX2 and scalar code agree to the bit).
 //
 // Work layout: one work item is (query token, KV head, up to 4 of its query heads), so each K/V
 // row is read and converted once for the heads that share it; items are spread over the pool's
@@ -41,13 +42,5 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
                     int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
                     float scale, float* out, float* scratch);
-
-namespace detail {
-// Portable path with the same contract, scratch size and bits, for any pool size (used by tests
-// and builds without AVX2).
-void pagedAttentionScalar(ThreadPool& pool, const float* Q, int32_t nQueryTokens,
-                          int32_t firstQueryPos, int32_t nHeads, const kv::PagedKVView& K,
-                          const kv::PagedKVView& V, float scale, float* out, float* scratch);
-}  // namespace detail
 
 }  // namespace cortex::kernels

@@ -1,15 +1,14 @@
-#include "kernels/matmul.h"
-
+// The float matmul of one instruction-set level (compiled once per level, see CMakeLists.txt).
 #include <algorithm>
 #include <vector>
 
+#include "kernels/kernel_set.h"
+#include "kernels/matmul.h"
 #include "kernels/simd.h"
 #include "kernels/thread_pool.h"
 
-namespace cortex::kernels {
+namespace cortex::kernels::detail::CS_ISA_NS {
 namespace {
-
-using namespace detail;
 
 // Below this many multiply-adds one thread does the whole product: waking the others costs more.
 constexpr int64_t kParallelMinMacs = 1 << 15;
@@ -46,6 +45,7 @@ void forRowChunks(ThreadPool& pool, int64_t rows, int64_t unit, int64_t macs, Bo
   });
 }
 
+#if !CS_KERNELS_AVX2
 template <class Dec>
 void scalarRows(const WeightMatrix& W, const float* X, int64_t nTokens, float* Y, int64_t r0,
                 int64_t r1) {
@@ -72,6 +72,7 @@ void matmulScalarT(ThreadPool& pool, const WeightMatrix& W, const float* X, int6
     scalarRows<Dec>(W, X, nTokens, Y, r0, r1);
   });
 }
+#endif
 
 #if CS_KERNELS_AVX2
 
@@ -202,53 +203,27 @@ void matmulAvx2T(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_
 }
 #endif
 
-template <template <class> class Impl>
-void dispatch(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
-  switch (W.type) {
-    case WeightType::F32: return Impl<DecF32>::run(pool, W, X, nTokens, Y);
-    case WeightType::F16: return Impl<DecF16>::run(pool, W, X, nTokens, Y);
-    case WeightType::BF16: return Impl<DecBF16>::run(pool, W, X, nTokens, Y);
-    case WeightType::Q8_0: return Impl<DecQ8_0>::run(pool, W, X, nTokens, Y);
-    case WeightType::Q4_0: return Impl<DecQ4_0>::run(pool, W, X, nTokens, Y);
-    case WeightType::Q4_1: return Impl<DecQ4_1>::run(pool, W, X, nTokens, Y);
-  }
-}
-
 template <class Dec>
-struct ScalarImpl {
-  static void run(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t n, float* Y) {
-    matmulScalarT<Dec>(pool, W, X, n, Y);
-  }
-};
-
+void run(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
 #if CS_KERNELS_AVX2
-template <class Dec>
-struct Avx2Impl {
-  static void run(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t n, float* Y) {
-    matmulAvx2T<Dec>(pool, W, X, n, Y);
-  }
-};
+  matmulAvx2T<Dec>(pool, W, X, nTokens, Y);
+#else
+  matmulScalarT<Dec>(pool, W, X, nTokens, Y);
 #endif
+}
 
 }  // namespace
 
-void matmul(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens, float* Y) {
-  validate(W);
-  if (nTokens <= 0) return;
-#if CS_KERNELS_AVX2
-  dispatch<Avx2Impl>(pool, W, X, nTokens, Y);
-#else
-  dispatch<ScalarImpl>(pool, W, X, nTokens, Y);
-#endif
+void matmulFloat(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens,
+                 float* Y) {
+  switch (W.type) {
+    case WeightType::F32: return run<DecF32>(pool, W, X, nTokens, Y);
+    case WeightType::F16: return run<DecF16>(pool, W, X, nTokens, Y);
+    case WeightType::BF16: return run<DecBF16>(pool, W, X, nTokens, Y);
+    case WeightType::Q8_0: return run<DecQ8_0>(pool, W, X, nTokens, Y);
+    case WeightType::Q4_0: return run<DecQ4_0>(pool, W, X, nTokens, Y);
+    case WeightType::Q4_1: return run<DecQ4_1>(pool, W, X, nTokens, Y);
+  }
 }
 
-namespace detail {
-void matmulScalar(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens,
-                  float* Y) {
-  validate(W);
-  if (nTokens <= 0) return;
-  dispatch<ScalarImpl>(pool, W, X, nTokens, Y);
-}
-}  // namespace detail
-
-}  // namespace cortex::kernels
+}  // namespace cortex::kernels::detail::CS_ISA_NS

@@ -19,7 +19,8 @@ namespace cortex::kernels {
 // read once per call for the whole batch. Numerics (batch-invariant): each Y[t][r] is the 8-lane
 // dot product of simd.h (lane l accumulates columns c = l mod 8 in increasing c with fma, then a
 // fixed lane sum), so it does not depend on nTokens, on the other rows of X, on pool.size() or on
-// the SIMD path (AVX2 and scalar agree to the bit).
+// the instruction-set level (isa.h: every level runs the AVX2 or the scalar code, which agree to
+// the bit). This is the float path; quant.h has the integer one.
 //
 // Work layout: output rows are split across threads in contiguous ranges. Below 4 tokens (decode)
 // each thread streams its rows 4 at a time, dequantizing a block into registers and FMA-ing it
@@ -31,12 +32,5 @@ namespace cortex::kernels {
 // grown once. Thread-safe: concurrent calls with different Y buffers are fine; on the same pool
 // their parallel parts take turns (ThreadPool::parallelFor), on different pools they overlap.
 void matmul(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens, float* Y);
-
-namespace detail {
-// The portable path, same contract and same bits as matmul (for any pool size); exposed for
-// tests and for builds without AVX2 (where matmul calls it).
-void matmulScalar(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTokens,
-                  float* Y);
-}  // namespace detail
 
 }  // namespace cortex::kernels

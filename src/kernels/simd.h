@@ -15,12 +15,32 @@
 #include "common/half.h"
 #include "kernels/weights.h"
 
+// CS_ISA_LEVEL is the instruction-set level this translation unit is compiled for (0 scalar,
+// 1 AVX2, 2 AVX-VNNI, 3 AVX512-VNNI; see isa.h) and CS_ISA_NS the namespace of its code. The
+// per-level kernel compilations set both; any other file gets the level its compiler flags allow,
+// in a namespace of its own, so no inline function here is ever shared between levels.
+#ifndef CS_ISA_LEVEL
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CS_ISA_LEVEL 1
+#else
+#define CS_ISA_LEVEL 0
+#endif
+#define CS_ISA_NS isa_default
+#endif
+
+#if CS_ISA_LEVEL >= 1
+#if !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#error "CS_ISA_LEVEL >= 1 needs -mavx2 -mfma -mf16c"
+#endif
 #include <immintrin.h>
 #define CS_KERNELS_AVX2 1
 #endif
 
+#define CS_SIMD_CAT2(a, b) a##b
+#define CS_SIMD_CAT(a, b) CS_SIMD_CAT2(a, b)
+
 namespace cortex::kernels::detail {
+inline namespace CS_SIMD_CAT(simd_, CS_ISA_NS) {
 
 inline uint16_t loadU16(const std::byte* p) {
   uint16_t v;
@@ -202,4 +222,5 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
+}  // namespace CS_SIMD_CAT(simd_, CS_ISA_NS)
 }  // namespace cortex::kernels::detail

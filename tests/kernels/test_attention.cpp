@@ -10,6 +10,7 @@
 
 #include "common/half.h"
 #include "kernels/attention.h"
+#include "kernels/kernel_set.h"
 #include "kernels/thread_pool.h"
 #include "reference.h"
 
@@ -159,7 +160,8 @@ TEST(Attention, MatchesDenseReference) {
           std::vector<float> out(q.size()), outScalar(q.size());
           pagedAttention(pool, q.data(), nQ, firstPos, s.nHeads, K.view, V.view, scale,
                          out.data(), scratch.data());
-          detail::pagedAttentionScalar(pool, q.data(), nQ, firstPos, s.nHeads, K.view, V.view,
+          detail::kernelSet(Isa::Scalar).pagedAttention(pool, q.data(), nQ, firstPos, s.nHeads,
+                                                        K.view, V.view,
                                        scale, outScalar.data(), scratch.data());
           const auto ref = reference(q, nQ, firstPos, s, K, V, scale);
           for (size_t e = 0; e < out.size(); ++e) {
@@ -200,7 +202,8 @@ TEST(Attention, BatchAndThreadInvariant) {
           const int32_t n = std::min(batch, s.tokens - t0);
           pagedAttention(pool, q.data() + t0 * rowFloats, n, t0, s.nHeads, K.view, V.view, 0.125f,
                          out.data(), scratch.data());
-          detail::pagedAttentionScalar(pool, q.data() + t0 * rowFloats, n, t0, s.nHeads, K.view,
+          detail::kernelSet(Isa::Scalar).pagedAttention(pool, q.data() + t0 * rowFloats, n, t0,
+                                                        s.nHeads, K.view,
                                        V.view, 0.125f, outScalar.data(), scratch.data());
           ASSERT_EQ(std::memcmp(out.data(), full.data() + t0 * rowFloats, 4 * n * rowFloats), 0)
               << "threads " << pool.size() << " batch " << batch << " at " << t0;

@@ -1,0 +1,133 @@
+#include "kernels/quant.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/kernel_set.h"
+
+namespace cortex::kernels {
+
+namespace {
+
+// Below this many multiply-adds one thread does the whole product: waking the others costs more.
+constexpr int64_t kParallelMinMacs = 1 << 15;
+// Chunks per thread, so a thread that gets its core late leaves its share to the others.
+constexpr int kChunksPerThread = 4;
+
+// Runs body(i0, i1) over ranges covering [0, n) on the pool's threads (or inline when small).
+template <class Body>
+void forRanges(ThreadPool& pool, int64_t n, bool parallel, Body&& body) {
+  if (!parallel || pool.size() == 1 || n < 2) {
+    body(int64_t{0}, n);
+    return;
+  }
+  const int64_t nChunks = std::min<int64_t>(n, int64_t{pool.size()} * kChunksPerThread);
+  pool.parallelFor(nChunks, [&](int64_t c, int) {
+    const int64_t per = n / nChunks, extra = n % nChunks;
+    const int64_t i0 = c * per + std::min(c, extra);
+    body(i0, i0 + per + (c < extra ? 1 : 0));
+  });
+}
+
+}  // namespace
+
+void QuantizedActivations::resize(int64_t nRows, int64_t nCols) {
+  rows = nRows;
+  cols = nCols;
+  const auto n = static_cast<size_t>(nRows * nCols);
+  const auto nb = static_cast<size_t>(nRows * (nCols / kQuantBlock));
+  if (q.size() < n) q.resize(n);
+  if (d.size() < nb) {
+    d.resize(nb);
+    sum.resize(nb);
+    dsum.resize(nb);
+  }
+}
+
+void quantizeActivations(ThreadPool& pool, const float* X, int64_t rows, int64_t cols,
+                         QuantizedActivations& out) {
+  if (cols <= 0 || cols % kQuantBlock != 0) {
+    throw std::invalid_argument("quantizeActivations: cols = " + std::to_string(cols) +
+                                " is not a positive multiple of 32");
+  }
+  out.resize(std::max<int64_t>(rows, 0), cols);
+  if (rows <= 0) return;
+  const detail::QuantizeRowsFn fn = detail::activeKernelSet().quantizeRows;
+  forRanges(pool, rows, rows * cols >= (1 << 16),
+            [&](int64_t r0, int64_t r1) { fn(X, r0, r1, out); });
+}
+
+bool PackedWeights::packable(WeightType type) {
+  return type == WeightType::Q4_0 || type == WeightType::Q4_1 || type == WeightType::Q8_0;
+}
+
+size_t PackedWeights::groupBlockBytes(WeightType type) {
+  switch (type) {
+    case WeightType::Q4_0: return 32 + 4 * 64;
+    case WeightType::Q4_1: return 64 + 4 * 64;
+    case WeightType::Q8_0: return 32 + 8 * 64;
+    default: return 0;
+  }
+}
+
+void PackedWeights::Free::operator()(std::byte* p) const { std::free(p); }
+
+PackedWeights::PackedWeights(const WeightMatrix& w) : type_(w.type), rows_(w.rows), cols_(w.cols) {
+  validate(w);
+  if (!packable(w.type)) {
+    throw std::invalid_argument(std::string("PackedWeights: type ") + toString(w.type) +
+                                " has no integer path (Q4_0, Q4_1, Q8_0 do)");
+  }
+  const size_t cell = groupBlockBytes(type_);
+  const int64_t nb = blocksPerRow();
+  // note: aligned_alloc wants a multiple of the alignment; cells are multiples of 32 bytes.
+  bytes_ = (static_cast<size_t>(groups() * nb) * cell + 63) / 64 * 64;
+  data_.reset(static_cast<std::byte*>(std::aligned_alloc(64, bytes_)));
+  if (!data_) throw std::bad_alloc();
+  std::memset(data_.get(), 0, bytes_);
+  const size_t srcBlock = blockBytes(type_);
+  const size_t scaleBytes = type_ == WeightType::Q4_1 ? 64 : 32;
+  for (int64_t r = 0; r < rows_; ++r) {
+    const int64_t g = r / kPackRows;
+    const auto i = static_cast<size_t>(r % kPackRows);
+    const std::byte* src = w.rowPtr(r);
+    for (int64_t b = 0; b < nb; ++b, src += srcBlock) {
+      std::byte* cellp = data_.get() + static_cast<size_t>(g * nb + b) * cell;
+      std::byte* quads = cellp + scaleBytes;
+      std::memcpy(cellp + 2 * i, src, 2);  // d
+      switch (type_) {
+        case WeightType::Q4_0:
+          for (size_t j = 0; j < 4; ++j) std::memcpy(quads + j * 64 + i * 4, src + 2 + 4 * j, 4);
+          break;
+        case WeightType::Q4_1:
+          std::memcpy(cellp + 32 + 2 * i, src + 2, 2);  // m
+          for (size_t j = 0; j < 4; ++j) std::memcpy(quads + j * 64 + i * 4, src + 4 + 4 * j, 4);
+          break;
+        default:  // Q8_0: q + 128
+          for (size_t j = 0; j < 8; ++j) {
+            for (size_t k = 0; k < 4; ++k) {
+              quads[j * 64 + i * 4 + k] = src[2 + 4 * j + k] ^ std::byte{0x80};
+            }
+          }
+          break;
+      }
+    }
+  }
+}
+
+void matmul(ThreadPool& pool, const PackedWeights& W, const QuantizedActivations& X, float* Y) {
+  if (X.cols != W.cols()) {
+    throw std::invalid_argument("matmul: activations have " + std::to_string(X.cols) +
+                                " features, the weights " + std::to_string(W.cols()));
+  }
+  if (X.rows <= 0) return;
+  const detail::PackedGroupsFn fn = detail::activeKernelSet().packedGroups;
+  forRanges(pool, W.groups(), W.rows() * W.cols() * X.rows >= kParallelMinMacs,
+            [&](int64_t g0, int64_t g1) { fn(W, X, Y, g0, g1); });
+}
+
+}  // namespace cortex::kernels
