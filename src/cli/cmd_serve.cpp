@@ -33,6 +33,7 @@ struct ServeOptions {
   int32_t maxNumSeqs = 64;
   std::string kvCacheMemory;  // empty: the engine's default share of free memory
   kv::KVDType kvDtype = kv::KVDType::F16;
+  model::Precision precision = model::Precision::Int8;
   int32_t maxQueue = 1024;
   std::string servedModelName;
   int threads = 0;
@@ -82,7 +83,7 @@ void runServe(const ServeOptions& o) {
   }
   ec.numThreads = o.threads;
 
-  auto llama = model::LlamaModel::load(o.modelPath);
+  auto llama = model::LlamaModel::load(o.modelPath, o.precision);
   const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(llama->file());
 
   server::ServerConfig sc;
@@ -151,6 +152,7 @@ void registerServeCommand(CLI::App& app) {
                   "KV cache size, e.g. 512MiB, 1GiB, 300MB, 1000000 (bytes); default: a quarter "
                   "of free memory, at most 4 GiB");
   addKvDtypeOption(cmd, o->kvDtype);
+  addPrecisionOption(cmd, o->precision);
   cmd->add_option("--max-queue", o->maxQueue, "waiting requests beyond which new ones get 503")
       ->check(CLI::Range(1, 1 << 24))
       ->capture_default_str();

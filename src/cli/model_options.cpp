@@ -17,11 +17,22 @@ void addKvDtypeOption(CLI::App* cmd, kv::KVDType& dtype) {
       ->default_str(kv::toString(dtype));
 }
 
+void addPrecisionOption(CLI::App* cmd, model::Precision& precision) {
+  cmd->add_option_function<std::string>(
+         "--precision",
+         [&precision](const std::string& name) { precision = model::parsePrecision(name); },
+         "matmul arithmetic: int8 (integer dot products on int8 activations, for Q4_0/Q4_1/Q8_0 "
+         "weights) or f32 (float32 throughout)")
+      ->check(CLI::IsMember({"int8", "f32"}))
+      ->default_str(model::toString(precision));
+}
+
 void addModelOptions(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--model,-m", o.modelPath, "GGUF model file")->capture_default_str();
   cmd->add_option("--threads,-t", o.threads, "CPU threads (0 = all cores)")
       ->check(CLI::Range(0, 1024));
   addKvDtypeOption(cmd, o.kvDtype);
+  addPrecisionOption(cmd, o.precision);
 }
 
 Loaded loadModel(const ModelOptions& o) {
@@ -31,7 +42,7 @@ Loaded loadModel(const ModelOptions& o) {
                              "model or pass --model PATH");
   }
   Loaded l;
-  l.model = model::LlamaModel::load(o.modelPath);
+  l.model = model::LlamaModel::load(o.modelPath, o.precision);
   l.tokenizer = std::make_unique<model::Tokenizer>(model::Tokenizer::fromGGUF(l.model->file()));
   return l;
 }

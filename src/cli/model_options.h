@@ -20,6 +20,7 @@ struct ModelOptions {
   int threads = 0;           // 0: all cores
   std::string chatTemplate;  // empty: detect from the model
   kv::KVDType kvDtype = kv::KVDType::F16;
+  model::Precision precision = model::Precision::Int8;
 };
 
 // Adds `--kv-dtype NAME` to `cmd`: the accepted names are those of kv::kKVFormats, the value is
@@ -27,7 +28,10 @@ struct ModelOptions {
 // `dtype`'s current value as the default.
 void addKvDtypeOption(CLI::App* cmd, kv::KVDType& dtype);
 
-// Adds --model/-m, --threads/-t and --kv-dtype to `cmd`, writing into `o` (which must outlive
+// Adds `--precision int8|f32` to `cmd` (model::Precision), writing into `precision`.
+void addPrecisionOption(CLI::App* cmd, model::Precision& precision);
+
+// Adds --model/-m, --threads/-t, --kv-dtype and --precision to `cmd`, writing into `o` (which must outlive
 // parsing). --chat-template is left to the commands that use a template.
 void addModelOptions(CLI::App* cmd, ModelOptions& o);
 

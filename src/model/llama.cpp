@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <stdexcept>
 
 #include "kernels/attention.h"
 #include "kernels/matmul.h"
 #include "kernels/ops.h"
+#include "kernels/quant.h"
 #include "kernels/weights.h"
 #include "model/errors.h"
 
@@ -34,28 +36,66 @@ std::string dimsString(const std::vector<uint64_t>& dims) {
   return s + "]";
 }
 
+// A weight matrix as stored in the file, and its repacked copy when it takes the integer path.
+struct Linear {
+  kernels::WeightMatrix w;
+  std::shared_ptr<const kernels::PackedWeights> packed;
+};
+
+// The input of one or more matmuls: float rows, quantized once on first use by a packed matrix.
+class MatmulInput {
+ public:
+  MatmulInput(const float* x, int64_t rows, int64_t cols, kernels::QuantizedActivations& q)
+      : x_(x), rows_(rows), cols_(cols), q_(q) {}
+
+  void multiply(kernels::ThreadPool& pool, const Linear& m, float* y) {
+    if (!m.packed) return kernels::matmul(pool, m.w, x_, rows_, y);
+    if (!quantized_) {
+      kernels::quantizeActivations(pool, x_, rows_, cols_, q_);
+      quantized_ = true;
+    }
+    kernels::matmul(pool, *m.packed, q_, y);
+  }
+
+ private:
+  const float* x_;
+  int64_t rows_, cols_;
+  kernels::QuantizedActivations& q_;
+  bool quantized_ = false;
+};
+
 }  // namespace
+
+const char* toString(Precision p) { return p == Precision::Int8 ? "int8" : "f32"; }
+
+Precision parsePrecision(const std::string& name) {
+  if (name == "int8") return Precision::Int8;
+  if (name == "f32") return Precision::F32;
+  throw std::invalid_argument("precision '" + name + "' is not one of: int8, f32");
+}
 
 struct LlamaModel::Weights {
   struct Layer {
     const float* attnNorm = nullptr;
-    kernels::WeightMatrix wq, wk, wv, wo;
+    Linear wq, wk, wv, wo;
     const float* ffnNorm = nullptr;
-    kernels::WeightMatrix wGate, wUp, wDown;
+    Linear wGate, wUp, wDown;
   };
   kernels::WeightMatrix tokenEmbd;
-  kernels::WeightMatrix output;
+  Linear output;
+  kernels::QuantizedActivations actQ;
   const float* outputNorm = nullptr;
   std::vector<Layer> layers;
   std::unique_ptr<kernels::RopeTable> rope;
 };
 
-LlamaModel::LlamaModel(GGUFFile file) : file_(std::move(file)), w_(std::make_unique<Weights>()) {}
+LlamaModel::LlamaModel(GGUFFile file, Precision precision)
+    : file_(std::move(file)), precision_(precision), w_(std::make_unique<Weights>()) {}
 
 LlamaModel::~LlamaModel() = default;
 
-std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path) {
-  std::unique_ptr<LlamaModel> m(new LlamaModel(GGUFFile::open(path)));
+std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, Precision precision) {
+  std::unique_ptr<LlamaModel> m(new LlamaModel(GGUFFile::open(path), precision));
   const GGUFFile& f = m->file_;
   const std::string where = "model " + path + ": ";
   const std::string arch = f.getString("general.architecture");
@@ -125,14 +165,28 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path) {
     return reinterpret_cast<const float*>(t.data);
   };
 
+  // A matrix for the matmuls: repacked for the integer path when the precision and type allow.
+  // note: tied embeddings share one packed copy between the lookup's matrix and the head.
+  std::map<const void*, std::shared_ptr<const kernels::PackedWeights>> packedByData;
+  auto linear = [&](const std::string& name, int64_t cols, int64_t rows) {
+    Linear l;
+    l.w = matrix(name, cols, rows);
+    if (precision == Precision::Int8 && kernels::PackedWeights::packable(l.w.type)) {
+      auto& packed = packedByData[l.w.data];
+      if (!packed) packed = std::make_shared<const kernels::PackedWeights>(l.w);
+      l.packed = packed;
+    }
+    return l;
+  };
+
   const GGUFTensorInfo& embd = f.tensor("token_embd.weight");
   if (embd.dims.size() != 2) throw ModelError(where + "token_embd.weight is not a matrix");
   hp.nVocab = static_cast<int32_t>(embd.dims[1]);
   Weights& w = *m->w_;
   w.tokenEmbd = matrix("token_embd.weight", hp.nEmbd, hp.nVocab);
   w.output = f.findTensor("output.weight") != nullptr
-                 ? matrix("output.weight", hp.nEmbd, hp.nVocab)
-                 : w.tokenEmbd;  // tied embeddings
+                 ? linear("output.weight", hp.nEmbd, hp.nVocab)
+                 : linear("token_embd.weight", hp.nEmbd, hp.nVocab);  // tied embeddings
   w.outputNorm = vector("output_norm.weight", hp.nEmbd);
   const int64_t qDim = static_cast<int64_t>(hp.nHead) * hp.headDim;
   const int64_t kvDim = static_cast<int64_t>(hp.nHeadKV) * hp.headDim;
@@ -140,14 +194,14 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path) {
     const std::string p = "blk." + std::to_string(l) + ".";
     Weights::Layer layer;
     layer.attnNorm = vector(p + "attn_norm.weight", hp.nEmbd);
-    layer.wq = matrix(p + "attn_q.weight", hp.nEmbd, qDim);
-    layer.wk = matrix(p + "attn_k.weight", hp.nEmbd, kvDim);
-    layer.wv = matrix(p + "attn_v.weight", hp.nEmbd, kvDim);
-    layer.wo = matrix(p + "attn_output.weight", qDim, hp.nEmbd);
+    layer.wq = linear(p + "attn_q.weight", hp.nEmbd, qDim);
+    layer.wk = linear(p + "attn_k.weight", hp.nEmbd, kvDim);
+    layer.wv = linear(p + "attn_v.weight", hp.nEmbd, kvDim);
+    layer.wo = linear(p + "attn_output.weight", qDim, hp.nEmbd);
     layer.ffnNorm = vector(p + "ffn_norm.weight", hp.nEmbd);
-    layer.wGate = matrix(p + "ffn_gate.weight", hp.nEmbd, hp.nFF);
-    layer.wUp = matrix(p + "ffn_up.weight", hp.nEmbd, hp.nFF);
-    layer.wDown = matrix(p + "ffn_down.weight", hp.nFF, hp.nEmbd);
+    layer.wGate = linear(p + "ffn_gate.weight", hp.nEmbd, hp.nFF);
+    layer.wUp = linear(p + "ffn_up.weight", hp.nEmbd, hp.nFF);
+    layer.wDown = linear(p + "ffn_down.weight", hp.nFF, hp.nEmbd);
     w.layers.push_back(layer);
   }
   w.rope = std::make_unique<kernels::RopeTable>(hp.nCtxTrain, hp.nRot, hp.ropeTheta);
@@ -261,13 +315,17 @@ void LlamaModel::forward(const ForwardBatch& batch, kernels::ThreadPool& pool,
     kernels::dequantizeRow(w.tokenEmbd, batch.tokens[static_cast<size_t>(t)], x + t * E);
   }
 
+  kernels::QuantizedActivations& actQ = w_->actQ;
   for (int32_t l = 0; l < hp.nLayers; ++l) {
     const Weights::Layer& L = w.layers[static_cast<size_t>(l)];
     // Attention block.
     kernels::rmsNorm(x, L.attnNorm, nTokens, E, hp.rmsEps, xn);
-    kernels::matmul(pool, L.wq, xn, nTokens, q_.data());
-    kernels::matmul(pool, L.wk, xn, nTokens, k_.data());
-    kernels::matmul(pool, L.wv, xn, nTokens, v_.data());
+    {
+      MatmulInput in(xn, nTokens, E, actQ);
+      in.multiply(pool, L.wq, q_.data());
+      in.multiply(pool, L.wk, k_.data());
+      in.multiply(pool, L.wv, v_.data());
+    }
     kernels::ropeInPlace(q_.data(), nTokens, hp.nHead, hp.headDim, batch.positions.data(), *w.rope);
     kernels::ropeInPlace(k_.data(), nTokens, hp.nHeadKV, hp.headDim, batch.positions.data(), *w.rope);
     for (int64_t t = 0; t < nTokens; ++t) {
@@ -284,14 +342,17 @@ void LlamaModel::forward(const ForwardBatch& batch, kernels::ThreadPool& pool,
                               attn_.data() + t0 * qDim, scratch_.data());
       t0 += s.numTokens;
     }
-    kernels::matmul(pool, L.wo, attn_.data(), nTokens, tmp_.data());
+    MatmulInput(attn_.data(), nTokens, qDim, actQ).multiply(pool, L.wo, tmp_.data());
     kernels::addInPlace(x, tmp_.data(), nTokens * E);
     // Feed-forward block (SwiGLU).
     kernels::rmsNorm(x, L.ffnNorm, nTokens, E, hp.rmsEps, xn);
-    kernels::matmul(pool, L.wGate, xn, nTokens, gate_.data());
-    kernels::matmul(pool, L.wUp, xn, nTokens, up_.data());
+    {
+      MatmulInput in(xn, nTokens, E, actQ);
+      in.multiply(pool, L.wGate, gate_.data());
+      in.multiply(pool, L.wUp, up_.data());
+    }
     kernels::swiglu(gate_.data(), up_.data(), nTokens * hp.nFF, gate_.data());
-    kernels::matmul(pool, L.wDown, gate_.data(), nTokens, tmp_.data());
+    MatmulInput(gate_.data(), nTokens, hp.nFF, actQ).multiply(pool, L.wDown, tmp_.data());
     kernels::addInPlace(x, tmp_.data(), nTokens * E);
   }
 
@@ -314,7 +375,7 @@ void LlamaModel::forward(const ForwardBatch& batch, kernels::ThreadPool& pool,
   }
   kernels::rmsNorm(rows, w.outputNorm, nOutRows, E, hp.rmsEps, rows);
   logits.resize(static_cast<size_t>(nOutRows * hp.nVocab));
-  kernels::matmul(pool, w.output, rows, nOutRows, logits.data());
+  MatmulInput(rows, nOutRows, E, actQ).multiply(pool, w.output, logits.data());
 }
 
 }  // namespace cortex::model

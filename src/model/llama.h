@@ -38,15 +38,30 @@ struct LlamaHParams {
   float rmsEps = 1e-5f;
 };
 
+// How the weight matrices are multiplied (kernels/quant.h):
+//   Int8: Q4_0, Q4_1 and Q8_0 matrices are repacked at load and multiplied with integer dot
+//         products against activations quantized to int8 per token and block of 32 (other
+//         types take the float path); the default, and the fastest.
+//   F32:  every matrix is dequantized in registers and multiplied in float32 against float32
+//         activations (the path checked against the float64 reference at 1e-3).
+// Both are batch-invariant: a token's logits do not depend on its batch, chunking or threads.
+enum class Precision { Int8, F32 };
+const char* toString(Precision p);
+// "int8" or "f32"; throws std::invalid_argument naming the accepted values otherwise.
+Precision parsePrecision(const std::string& name);
+
 class LlamaModel {
  public:
   // Maps the GGUF file and checks everything the forward pass relies on: architecture "llama",
   // hyperparameters present and consistent, every tensor present with the expected shape and a
-  // supported type. Throws ModelError naming the file and the problem.
-  static std::unique_ptr<LlamaModel> load(const std::string& path);
+  // supported type. Throws ModelError naming the file and the problem. With Precision::Int8 the
+  // quantized matrices are repacked here (a copy of their size in memory, made once).
+  static std::unique_ptr<LlamaModel> load(const std::string& path,
+                                          Precision precision = Precision::Int8);
 
   const LlamaHParams& hparams() const { return hp_; }
   const GGUFFile& file() const { return file_; }
+  Precision precision() const { return precision_; }
 
   // A KV cache configuration for this model's shape (layers, KV heads, head dim).
   kv::KVCacheConfig kvCacheConfig(int32_t blockSizeTokens, uint64_t memoryBudgetBytes,
@@ -64,11 +79,12 @@ class LlamaModel {
  private:
   struct Weights;  // the weight matrices and RoPE table (kernel types stay out of this header)
 
-  explicit LlamaModel(GGUFFile file);
+  LlamaModel(GGUFFile file, Precision precision);
   void resize(int64_t nTokens, int32_t maxContext, const kernels::ThreadPool& pool);
   void validate(const ForwardBatch& batch, int64_t& nOutRows, int32_t& maxContext) const;
 
   GGUFFile file_;
+  Precision precision_;
   LlamaHParams hp_;
   std::unique_ptr<Weights> w_;
 
