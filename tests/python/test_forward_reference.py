@@ -1,8 +1,8 @@
 """The C++ forward pass (over the paged KV cache) against the independent float64 NumPy reference.
 
 For (a) tiny random Llama models written here in every weight type and (b) the default model on
-several prompts, `cortexstream generate --dump-logits` gives the float32 logits of every prompt
-position and of every decode step (the row each generated token was sampled from), compared with reference.llama_ref.LlamaRef.logits on the same token ids (from
+several prompts, `cortexstream generate --precision f32 --dump-logits` gives the float32 logits
+of every prompt position and of every decode step (the row each generated token was sampled from), compared with reference.llama_ref.LlamaRef.logits on the same token ids (from
 `cortexstream tokenize`, whose ids are themselves checked against HF tokenizers elsewhere); and
 the first 32 greedy tokens must be identical.
 
@@ -52,14 +52,16 @@ def tokenize(model: Path, text: str) -> list[int]:
 
 
 def cpp_logits_and_greedy(model: Path, text: str, tmp: Path, kv_dtype: str = "f32",
-                          max_batched_tokens: int = 512):
+                          max_batched_tokens: int = 512, precision: str = "f32"):
     """Logits of every prompt position followed by the row each of the GREEDY_STEPS greedy tokens
-    was sampled from (the decode steps), and the greedy tokens."""
+    was sampled from (the decode steps), and the greedy tokens. The float32 path by default (the
+    one this file checks at 1e-3); test_int8_path.py checks the integer path."""
     out = tmp / "logits.npy"
     res = json.loads(run_cli("generate", "--model", str(model), "--prompt", text, "--temperature",
                              "0", "--max-tokens", str(GREEDY_STEPS), "--ignore-eos", "--json",
                              "--kv-dtype", kv_dtype, "--dump-logits", str(out),
-                             "--max-batched-tokens", str(max_batched_tokens)))
+                             "--max-batched-tokens", str(max_batched_tokens),
+                             "--precision", precision))
     return np.load(out), res["tokens"]
 
 
@@ -171,7 +173,7 @@ def test_perplexity_matches_reference(tmp_path, default_ref):
     path = tmp_path / "text.txt"
     path.write_text(text)
     out = json.loads(run_cli("perplexity", "--model", str(DEFAULT_MODEL), "--file", str(path),
-                             "--ctx", "48"))
+                             "--ctx", "48", "--precision", "f32"))
     ids = tokenize(DEFAULT_MODEL, text)
     nll, scored = 0.0, 0
     for start in range(0, len(ids) - 1, 48):
