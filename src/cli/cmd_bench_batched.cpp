@@ -216,10 +216,10 @@ RunTimes measureOnce(engine::Engine& eng, Probe& probe,
   }
   {
     std::lock_guard lock(probe.mu);
-    if (streams.front()->id() < probe.firstId) throw std::logic_error("request ids out of order");
     probe.released = true;
   }
   probe.cv.notify_all();
+  if (streams.front()->id() < probe.firstId) throw std::logic_error("request ids out of order");
   drain(gate, 1);
   drain(streams, ntg);
   const Clock::time_point end = Clock::now();
