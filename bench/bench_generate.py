@@ -1,21 +1,37 @@
 #!/usr/bin/env python3
 """End-to-end prefill and decode speed of `cortexstream generate` next to llama.cpp.
 
-Both engines run the same GGUF file, the same prompt token ids and the same number of decode
-steps, with the same thread count, in the same run; samples of the two are interleaved so that
-load from other processes hits both alike. Prints one JSON object on stdout (progress on stderr).
+Both engines run the same GGUF file, the same number of prompt tokens and decode steps, with the
+same thread count, in the same run; samples of the two are interleaved so that load from other
+processes hits both alike. Prints one JSON object on stdout (progress on stderr).
 
   pp (prefill, like llama-bench pp512): a prompt of --prompt-tokens tokens, one forward pass per
      512-token chunk, logits of the last position only. CortexStream: `generate --max-tokens 1`,
-     its own `prefill_tokens_per_s`. llama.cpp: Llama.eval(ids) after a reset (n_batch 512).
-  tg (decode, like llama-bench tg128): after a short prompt, --gen-tokens greedy steps of
-     (argmax over the vocabulary, one-token forward pass). CortexStream: `generate
-     --max-tokens GEN+1 --ignore-eos --temperature 0`, its own `decode_tokens_per_s` (GEN forward
-     passes). llama.cpp: GEN x (argmax of the last logits, Llama.eval([token])).
+     its own `prefill_tokens_per_s`.
+  tg (decode, like llama-bench tg128): after a short prompt, --gen-tokens steps of one token.
+     CortexStream: `generate --max-tokens GEN+1 --ignore-eos --temperature 0`, its own
+     `decode_tokens_per_s` (GEN forward passes, each with a greedy argmax over the vocabulary).
 
-Every sample is cold in the same way on both sides: a fresh `cortexstream` process, a fresh
-llama_cpp.Llama object (model mmapped from the page cache, no warm-up pass). Model load time is
-not counted on either side. Medians of --repeats samples are reported, with all samples.
+The llama.cpp side (--peer):
+  llama-bench (default): llama.cpp's own benchmark tool, built from the pinned llama.cpp source
+     on first use (bench/llama_cpp_build.py). pp: `llama-bench -p PROMPT -n 0 -r 1 --no-warmup
+     -o json` (random token ids, one 512-token batch per 512 tokens). tg: `llama-bench -p 0
+     -n GEN -d D -r 1 --no-warmup -o json`, D = the short prompt's length: D positions are
+     computed untimed first, as CortexStream's short prompt is; its decode steps feed random
+     token ids back and do not sample.
+  llama-cpp-python: the Python bindings (pip-installed from bench/requirements.txt when
+     missing). pp: Llama.eval(ids) of the same prompt ids after a reset (n_batch 512). tg: GEN x
+     (argmax of the last logits, Llama.eval([token])), after the same short prompt; the greedy
+     tokens of both engines are compared.
+
+--formats q4_1,q4_0,q8_0 measures each format: the --model file for the format its name states,
+the others made from it by `llama-quantize --allow-requantize` into bench/.cache/models/ (once).
+Without --formats, the --model file alone.
+
+Every sample is cold in the same way on both sides: a fresh `cortexstream` process and a fresh
+llama-bench process or llama_cpp.Llama object (model mmapped from the page cache, no warm-up
+pass). Model load time is not counted on either side. Medians of --repeats samples are reported,
+with all samples.
 """
 from __future__ import annotations
 
@@ -30,7 +46,11 @@ import sys
 import time
 from pathlib import Path
 
+from llama_cpp_build import (default_tool_path, ensure_llama_tool, llama_info, model_for_format,
+                             model_format, parse_formats)
+
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LLAMA_BENCH_BIN = default_tool_path("llama-bench")
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_BIN = ROOT / "build" / "src" / "cli" / "cortexstream"
 REQUIREMENTS = ROOT / "bench" / "requirements.txt"
@@ -93,8 +113,8 @@ def git_state() -> dict:
 
 # --- CortexStream -------------------------------------------------------------------------------
 
-def cs_run(args: argparse.Namespace, prompt: str, max_tokens: int) -> dict:
-    cmd = [str(args.bin), "generate", "--model", str(args.model), "--prompt", prompt,
+def cs_run(args: argparse.Namespace, model: Path, prompt: str, max_tokens: int) -> dict:
+    cmd = [str(args.bin), "generate", "--model", str(model), "--prompt", prompt,
            "--temperature", "0", "--max-tokens", str(max_tokens), "--ignore-eos", "--json",
            "--threads", str(args.threads)]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -160,8 +180,8 @@ class LlamaSide:
         self.n_vocab = 0
         self.ctx_info: dict = {}
 
-    def new(self):
-        kw = dict(model_path=str(self.args.model), n_ctx=2048, n_threads=self.args.threads,
+    def new(self, model: Path | None = None):
+        kw = dict(model_path=str(model or self.args.model), n_ctx=2048, n_threads=self.args.threads,
                   n_threads_batch=self.args.threads, n_batch=512, verbose=False, logits_all=False,
                   flash_attn=self.args.llama_flash_attn)
         try:
@@ -189,8 +209,8 @@ class LlamaSide:
         ptr = self.lc.llama_get_logits_ith(llm.ctx, -1)
         return self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def prefill(self, ids: list[int]) -> float:
-        llm = self.new()
+    def prefill(self, model: Path, ids: list[int]) -> float:
+        llm = self.new(model)
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
@@ -198,8 +218,8 @@ class LlamaSide:
         del llm
         return len(ids) / dt
 
-    def decode(self, prompt_ids: list[int], steps: int) -> tuple[float, list[int]]:
-        llm = self.new()
+    def decode(self, model: Path, prompt_ids: list[int], steps: int) -> tuple[float, list[int]]:
+        llm = self.new(model)
         llm.reset()
         llm.eval(prompt_ids)
         tokens: list[int] = []
@@ -212,6 +232,38 @@ class LlamaSide:
         dt = time.perf_counter() - t0
         del llm
         return steps / dt, tokens
+
+
+class LlamaBenchSide:
+    """llama.cpp's llama-bench, one test per process (-r 1, no warm-up pass)."""
+
+    def __init__(self, args: argparse.Namespace, binary: Path):
+        self.args = args
+        self.binary = binary
+        self.settings: dict = {}
+
+    def run(self, model: Path, extra: list[str]) -> float:
+        cmd = [str(self.binary), "-m", str(model), "-t", str(self.args.threads), "-r", "1",
+               "--no-warmup", "-o", "json", *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            raise RuntimeError(f"llama-bench failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+        tests = json.loads(p.stdout)
+        if len(tests) != 1:
+            raise RuntimeError(f"llama-bench printed {len(tests)} tests, expected 1")
+        t = tests[0]
+        if not self.settings:
+            self.settings = {k: t[k] for k in ("build_commit", "build_number", "cpu_info",
+                                               "backends", "n_batch", "n_ubatch", "n_threads",
+                                               "flash_attn", "type_k", "type_v", "repack")
+                             if k in t}
+        return float(t["avg_ts"])
+
+    def prefill(self, model: Path, n_prompt: int) -> float:
+        return self.run(model, ["-p", str(n_prompt), "-n", "0"])
+
+    def decode(self, model: Path, depth: int, steps: int) -> float:
+        return self.run(model, ["-p", "0", "-n", str(steps), "-d", str(depth)])
 
 
 def llama_version(llama_cpp) -> str:
@@ -237,12 +289,21 @@ def main() -> int:
     ap.add_argument("--gen-tokens", type=int, default=128, help="decode steps")
     ap.add_argument("--bin", type=Path, default=DEFAULT_BIN, help="cortexstream binary")
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="GGUF model file")
+    ap.add_argument("--formats", default=None,
+                    help="comma-separated formats to measure (q4_1, q4_0, q8_0): the --model "
+                         "file for the format its name states, the others re-quantized from it "
+                         "(default: the --model file alone)")
+    ap.add_argument("--peer", choices=["llama-bench", "llama-cpp-python"], default="llama-bench",
+                    help="how llama.cpp is measured (default llama-bench)")
+    ap.add_argument("--llama-bench-bin", type=Path, default=DEFAULT_LLAMA_BENCH_BIN,
+                    help="llama-bench binary (built into bench/.cache when missing at the "
+                         "default path)")
     ap.add_argument("--skip-llama", action="store_true", help="measure CortexStream only")
     ap.add_argument("--llama-flash-attn", action="store_true",
-                    help="turn on llama.cpp flash attention (llama-cpp-python's default: off)")
+                    help="llama-cpp-python peer: turn on flash attention (its default: off)")
     ap.add_argument("--no-install", action="store_true",
-                    help="fail instead of pip-installing bench/requirements.txt when llama_cpp "
-                         "is missing")
+                    help="llama-cpp-python peer: fail instead of pip-installing "
+                         "bench/requirements.txt when llama_cpp is missing")
     args = ap.parse_args()
     if args.repeats < 1 or args.threads < 1 or args.prompt_tokens < 1 or args.gen_tokens < 1:
         ap.error("--repeats, --threads, --prompt-tokens and --gen-tokens must be >= 1")
@@ -255,52 +316,110 @@ def main() -> int:
             subprocess.run([str(ROOT / "scripts" / "fetch_model.sh")], check=True)
         else:
             ap.error(f"{args.model} not found")
+    try:
+        formats = parse_formats(args.formats) if args.formats else None
+    except RuntimeError as e:
+        ap.error(str(e))
 
-    llama = None
+    python_side = None
+    bench_side = None
     llama_cpp = None
     skip_reason = "--skip-llama given" if args.skip_llama else None
-    if not args.skip_llama:
+    llama_build = None
+    if not args.skip_llama and args.peer == "llama-cpp-python":
         llama_cpp = import_llama(args)
-        llama = LlamaSide(llama_cpp, args)
+        python_side = LlamaSide(llama_cpp, args)
+    elif not args.skip_llama:
+        if not args.llama_bench_bin.exists():
+            if args.llama_bench_bin.resolve() != DEFAULT_LLAMA_BENCH_BIN.resolve():
+                ap.error(f"{args.llama_bench_bin}: not found")
+            _, llama_build = ensure_llama_tool("llama-bench")
+        bench_side = LlamaBenchSide(args, args.llama_bench_bin)
+    has_peer = python_side is not None or bench_side is not None
+
+    if formats is None:
+        models = {(model_format(args.model) or "model").lower(): args.model}
+    else:
+        models = {f.lower(): model_for_format(args.model, f) for f in formats}
 
     machine = machine_info()
     pp_text, pp_ids = build_prefill_prompt(args)
     tg_ids = cs_tokenize_many(args, [DECODE_PROMPT])[0]
     log(f"prefill prompt: {len(pp_ids)} tokens; decode prompt: {len(tg_ids)} tokens, "
-        f"{args.gen_tokens} steps; threads {args.threads}; {args.repeats} repeats")
+        f"{args.gen_tokens} steps; threads {args.threads}; {args.repeats} repeats; formats "
+        f"{', '.join(models)}; peer {'none' if not has_peer else args.peer}")
 
     tokenizers_agree = None
-    if llama:
-        tokenizers_agree = (llama.tokenize(pp_text) == pp_ids
-                            and llama.tokenize(DECODE_PROMPT) == tg_ids)
+    if python_side:
+        tokenizers_agree = (python_side.tokenize(pp_text) == pp_ids
+                            and python_side.tokenize(DECODE_PROMPT) == tg_ids)
 
-    cs_pp: list[float] = []
-    cs_tg: list[float] = []
-    ll_pp: list[float] = []
-    ll_tg: list[float] = []
-    cs_tokens: list[int] = []
-    ll_tokens: list[int] = []
-    for r in range(args.repeats):
-        j = cs_run(args, pp_text, 1)
-        if j["prompt_tokens"] != len(pp_ids):
-            raise RuntimeError(f"generate saw {j['prompt_tokens']} prompt tokens, "
-                               f"tokenize {len(pp_ids)}")
-        cs_pp.append(j["prefill_tokens_per_s"])
-        if llama:
-            ll_pp.append(llama.prefill(pp_ids))
-        j = cs_run(args, DECODE_PROMPT, args.gen_tokens + 1)
-        if j["completion_tokens"] != args.gen_tokens + 1:
-            raise RuntimeError(f"generate made {j['completion_tokens']} tokens, "
-                               f"expected {args.gen_tokens + 1}")
-        cs_tg.append(j["decode_tokens_per_s"])
-        cs_tokens = j["tokens"]
-        if llama:
-            rate, ll_tokens = llama.decode(tg_ids, args.gen_tokens)
-            ll_tg.append(rate)
-        log(f"repeat {r + 1}/{args.repeats}: cortexstream pp {cs_pp[-1]:.1f} tg {cs_tg[-1]:.1f}"
-            + (f"; llama.cpp pp {ll_pp[-1]:.1f} tg {ll_tg[-1]:.1f}" if llama else ""))
+    per_format: dict = {}
+    for fmt, model in models.items():
+        cs_pp: list[float] = []
+        cs_tg: list[float] = []
+        ll_pp: list[float] = []
+        ll_tg: list[float] = []
+        cs_tokens: list[int] = []
+        ll_tokens: list[int] = []
+        for r in range(args.repeats):
+            j = cs_run(args, model, pp_text, 1)
+            if j["prompt_tokens"] != len(pp_ids):
+                raise RuntimeError(f"generate saw {j['prompt_tokens']} prompt tokens, "
+                                   f"tokenize {len(pp_ids)}")
+            cs_pp.append(j["prefill_tokens_per_s"])
+            if python_side:
+                ll_pp.append(python_side.prefill(model, pp_ids))
+            elif bench_side:
+                ll_pp.append(bench_side.prefill(model, len(pp_ids)))
+            j = cs_run(args, model, DECODE_PROMPT, args.gen_tokens + 1)
+            if j["completion_tokens"] != args.gen_tokens + 1:
+                raise RuntimeError(f"generate made {j['completion_tokens']} tokens, "
+                                   f"expected {args.gen_tokens + 1}")
+            cs_tg.append(j["decode_tokens_per_s"])
+            cs_tokens = j["tokens"]
+            if python_side:
+                rate, ll_tokens = python_side.decode(model, tg_ids, args.gen_tokens)
+                ll_tg.append(rate)
+            elif bench_side:
+                ll_tg.append(bench_side.decode(model, len(tg_ids), args.gen_tokens))
+            log(f"{fmt} repeat {r + 1}/{args.repeats}: cortexstream pp {cs_pp[-1]:.1f} tg "
+                f"{cs_tg[-1]:.1f}"
+                + (f"; llama.cpp pp {ll_pp[-1]:.1f} tg {ll_tg[-1]:.1f}" if has_peer else ""))
+
+        entry: dict = {
+            "model": str(model.relative_to(ROOT) if model.resolve().is_relative_to(ROOT)
+                         else model),
+            "cortexstream": summary(cs_pp, cs_tg),
+        }
+        if has_peer:
+            entry["llama_cpp"] = summary(ll_pp, ll_tg)
+            entry["ratios"] = {
+                "prefill": round(median(cs_pp) / median(ll_pp), 3),
+                "decode": round(median(cs_tg) / median(ll_tg), 3),
+                "meaning": "cortexstream / llama.cpp tokens/s (> 1: cortexstream faster)",
+            }
+        if python_side:
+            n = min(len(cs_tokens), len(ll_tokens))
+            first_diff = next((i for i in range(n) if cs_tokens[i] != ll_tokens[i]), None)
+            entry["greedy_decode_agreement"] = {
+                "tokens_compared": n,
+                "first_mismatch_index": first_diff,
+                "note": "same prompt ids, greedy; the engines round differently, so the paths "
+                        "may part at a near-tie; the work per step is the same either way",
+            }
+        per_format[fmt] = entry
 
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if bench_side:
+        peer_protocol = ("llama.cpp: a fresh llama-bench process per sample (-r 1 --no-warmup); "
+                         "pp = -p PROMPT -n 0 (random ids); tg = -p 0 -n GEN -d DECODE_PROMPT "
+                         "(the depth computed untimed, random ids fed back, no sampling)")
+    elif python_side:
+        peer_protocol = ("llama.cpp: a fresh llama_cpp.Llama per sample, the same prompt ids; "
+                         "decode = greedy argmax + Llama.eval([token])")
+    else:
+        peer_protocol = "llama.cpp: not measured"
     out: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
@@ -311,42 +430,35 @@ def main() -> int:
         "decode_prompt_tokens": len(tg_ids),
         "gen_tokens": args.gen_tokens,
         "repeats": args.repeats,
-        "protocol": "interleaved samples; each sample a fresh cortexstream process / fresh "
-                    "llama_cpp.Llama (no warm-up pass); model load not timed; prefill = last-"
-                    "position logits only, 512-token batches; decode = greedy argmax + "
-                    "1-token forward per step; medians of the samples",
-        "cortexstream": {**summary(cs_pp, cs_tg), "bin": str(args.bin),
+        "peer": args.peer if has_peer else None,
+        "protocol": "interleaved samples; each sample a fresh cortexstream process (no warm-up "
+                    "pass); model load not timed; prefill = last-position logits only, 512-token "
+                    "batches; cortexstream decode = greedy argmax + 1-token forward per step; "
+                    f"medians of the samples. {peer_protocol}",
+        "cortexstream": {"bin": str(args.bin),
                          # the checkout now; the binary may have been built from another state
                          "repo_at_run_time": git_state(),
                          "build": "CMake Release, -O3 -march=native"},
     }
-    if llama:
+    if python_side:
         out["llama_cpp"] = {
-            **summary(ll_pp, ll_tg),
+            "peer": "llama-cpp-python",
             "version": llama_version(llama_cpp),
             "build": f"llama-cpp-python compiled from source by pip (bench/requirements.txt); "
                      f"install CMAKE_ARGS={LLAMA_CMAKE_ARGS} unless already installed otherwise; "
                      "see system_info",
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-            "context": llama.ctx_info,
+            "context": python_side.ctx_info,
         }
         out["tokenizers_agree"] = tokenizers_agree  # both sides are fed CortexStream's ids anyway
-        n = min(len(cs_tokens), len(ll_tokens))
-        first_diff = next((i for i in range(n) if cs_tokens[i] != ll_tokens[i]), None)
-        out["greedy_decode_agreement"] = {
-            "tokens_compared": n,
-            "first_mismatch_index": first_diff,
-            "note": "same prompt ids, greedy; the engines round differently, so the paths may "
-                    "part at a near-tie; the work per step is the same either way",
-        }
-        out["ratios"] = {
-            "prefill": round(median(cs_pp) / median(ll_pp), 3),
-            "decode": round(median(cs_tg) / median(ll_tg), 3),
-            "meaning": "cortexstream / llama.cpp tokens/s (> 1: cortexstream faster)",
-        }
+    elif bench_side:
+        out["llama_cpp"] = {"peer": "llama-bench", **llama_info(args.llama_bench_bin),
+                            "settings": bench_side.settings}
+        if llama_build:
+            out["llama_cpp"]["built_now"] = llama_build
     else:
         out["llama_cpp"] = {"skipped": True, "reason": skip_reason}
-        out["ratios"] = None
+    out["formats"] = per_format
     print(json.dumps(out, indent=2))
     return 0
 

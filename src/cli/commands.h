@@ -9,6 +9,10 @@ namespace cortex::cli {
 // `bench kv` and `bench kv-sim`: KV cache micro-benchmarks and the serving simulation.
 void registerBenchKvCommands(CLI::App& bench);
 
+// `bench batched`: prefill and decode tokens/s of N sequences decoded together on one engine,
+// for each N of --npl (like llama.cpp's llama-batched-bench).
+void registerBenchBatchedCommand(CLI::App& bench);
+
 // `tokenize [--model M] TEXT [--no-special]`: prints the token ids of TEXT as a JSON array.
 void registerTokenizeCommand(CLI::App& app);
 

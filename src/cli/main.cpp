@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks (print JSON)");
   bench->require_subcommand(1);
   cortex::cli::registerBenchKvCommands(*bench);
+  cortex::cli::registerBenchBatchedCommand(*bench);
   cortex::cli::registerTokenizeCommand(app);
   cortex::cli::registerInspectCommand(app);
   cortex::cli::registerGenerateCommands(app);
