@@ -5,12 +5,14 @@
 #include <benchmark/benchmark.h>
 
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
 #include "common/half.h"
 #include "kernels/attention.h"
 #include "kernels/matmul.h"
+#include "kernels/quant.h"
 #include "kernels/thread_pool.h"
 
 namespace {
@@ -95,40 +97,59 @@ void matmulArgs(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_Matmul)->Apply(matmulArgs);
 
 // One decode step's matmuls over a SmolLM2-135M-shaped model: 30 layers of Q4_1 q,k,v,o,gate,up,
-// down plus the Q8_0 output table, ~97 MB, so every byte comes from DRAM. Arg: nTokens.
+// down plus the Q8_0 output table, ~97 MB, so every byte comes from DRAM. Args: nTokens, path
+// (0: float32 matmul, 1: int8, each input quantized once per matmul as the model does).
 void BM_ModelSweep(benchmark::State& state) {
   const int64_t n = state.range(0);
+  const bool int8 = state.range(1) != 0;
   struct M {
     std::vector<uint8_t> bytes;
     WeightMatrix w;
+    std::unique_ptr<cortex::kernels::PackedWeights> packed;
   };
   std::vector<M> mats;
   const int64_t layerShapes[7][2] = {{576, 576},  {192, 576},  {192, 576}, {576, 576},
                                      {1536, 576}, {1536, 576}, {576, 1536}};
   for (int layer = 0; layer < 30; ++layer) {
     for (const auto& s : layerShapes) {
-      mats.push_back({randomWeights(WeightType::Q4_1, s[0], s[1], static_cast<uint32_t>(layer)), {}});
+      mats.push_back({randomWeights(WeightType::Q4_1, s[0], s[1], static_cast<uint32_t>(layer)), {}, {}});
       mats.back().w = {mats.back().bytes.data(), WeightType::Q4_1, s[0], s[1]};
     }
   }
-  mats.push_back({randomWeights(WeightType::Q8_0, 49152, 576, 99), {}});
+  mats.push_back({randomWeights(WeightType::Q8_0, 49152, 576, 99), {}, {}});
   mats.back().w = {mats.back().bytes.data(), WeightType::Q8_0, 49152, 576};
   double bytes = 0, flops = 0;
   for (const auto& m : mats) {
     bytes += static_cast<double>(m.bytes.size());
     flops += 2.0 * static_cast<double>(m.w.rows * m.w.cols * n);
   }
+  if (int8) {
+    for (auto& m : mats) m.packed = std::make_unique<cortex::kernels::PackedWeights>(m.w);
+  }
   std::vector<float> x(static_cast<size_t>(n * 1536), 0.5f), y(static_cast<size_t>(n * 49152));
+  cortex::kernels::QuantizedActivations xq;
   ThreadPool pool(0);
   for (auto _ : state) {
-    for (const auto& m : mats) cortex::kernels::matmul(pool, m.w, x.data(), n, y.data());
+    for (const auto& m : mats) {
+      if (int8) {
+        cortex::kernels::quantizeActivations(pool, x.data(), n, m.w.cols, xq);
+        cortex::kernels::matmul(pool, *m.packed, xq, y.data());
+      } else {
+        cortex::kernels::matmul(pool, m.w, x.data(), n, y.data());
+      }
+    }
     benchmark::DoNotOptimize(y.data());
   }
+  state.SetLabel(int8 ? "int8" : "f32");
   setCounters(state, bytes, flops);
   state.counters["tok/s"] =
       benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_ModelSweep)->Arg(1)->Arg(16)->Arg(128)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ModelSweep)
+    ->ArgsProduct({{1, 16, 64, 128}, {0, 1}})
+    ->ArgNames({"tok", "int8"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 // One decode step of attention (9 query heads, 3 KV heads, head dim 64, f16 K/V) over a context
 // of state.range(0) tokens in 16-token blocks. GB/s counts the K/V bytes read.
