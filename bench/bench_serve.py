@@ -1,25 +1,33 @@
 #!/usr/bin/env python3
-"""Serving load test: `cortexstream serve` next to llama.cpp's `llama-server`, same model, same run.
+"""Serving load test: `cortexstream serve` next to llama.cpp's `llama-server` and, optionally, vLLM.
+
+Servers (--servers, in the order they run; default cortex,llama): `cortex` is `cortexstream
+serve`, `llama` is llama.cpp's `llama-server` on the same GGUF file, `vllm` is vLLM's CPU
+OpenAI-compatible server on a dense bfloat16 copy of that file (bench/vllm_peer.py makes its
+virtualenv and the copy on first use; --with-vllm adds it to the list).
 
 N concurrent clients (closed loop: each sends its next request when the previous one ends)
-stream `/v1/completions` (`stream: true`, temperature 0, `ignore_eos: true` on both servers, so
+stream `/v1/completions` (`stream: true`, temperature 0, `ignore_eos: true` on every server, so
 every request generates exactly its `max_tokens`) from one seeded request list, identical for
-both servers:
+all servers:
 
-  prompt length  log-normal, median --prompt-median (100) tokens, sigma 0.8, capped at
-                 --prompt-max (800); the text is sentences drawn at random (seeded) from the
-                 prose below, so prompts share no long prefix (llama-server's prompt cache
-                 cannot help much; its cached-token count is reported anyway)
-  max_tokens     log-normal, median --output-median (64), sigma 0.8, capped at --output-max (256)
+  prompt length  log-normal, median --prompt-median (100) tokens, sigma --prompt-sigma (0.8),
+                 capped at --prompt-max (800); the text is sentences drawn at random (seeded)
+                 from the prose below, so prompts share no long prefix (llama-server's prompt
+                 cache cannot help much; its cached-token count is reported anyway)
+  max_tokens     log-normal, median --output-median (64), sigma --output-sigma (0.8), capped at
+                 --output-max (256)
 
-Prompt lengths are targeted in words (TOKENS_PER_WORD below, measured with this model's
-tokenizer); the prompt tokens each server actually counted are reported from `usage`.
+A sigma of 0 makes every request the same length (the median). Prompt lengths are targeted in
+words (TOKENS_PER_WORD below, measured with this model's tokenizer); the prompt tokens each server
+actually counted are reported from `usage`.
 
-One server runs at a time (both would fight over the same cores): start, wait for /health, two
+One server runs at a time (they would fight over the same cores): start, wait for /health, two
 warm-up requests, the load, SIGTERM. Per server: aggregate output tokens/s (completion tokens of
 all completed requests / wall time of the load), TTFT, TPOT = (latency - TTFT) / (output tokens - 1)
 per request, request latency (p50/p99 each), completed/failed counts and total tokens; then the
-ratios cortexstream / llama. Output tokens are the server's own `usage.completion_tokens`.
+ratios cortexstream / each other server. Output tokens are the server's own
+`usage.completion_tokens`.
 
 When the llama-server binary is missing, the script fetches the llama-cpp-python sdist pinned in
 bench/requirements.txt (it vendors llama.cpp) into bench/.cache and builds the `llama-server`
@@ -46,6 +54,7 @@ import time
 from pathlib import Path
 
 from llama_cpp_build import build_llama_tool, cpu_name, default_tool_path, git_commit, llama_info
+import vllm_peer
 
 try:
     import aiohttp
@@ -147,8 +156,8 @@ def make_requests(n: int, seed: int, args: argparse.Namespace) -> list[dict]:
     rng = random.Random(seed)
     reqs = []
     for i in range(n):
-        target = lognormal_int(rng, args.prompt_median, 0.8, 8, args.prompt_max)
-        max_tokens = lognormal_int(rng, args.output_median, 0.8, 2, args.output_max)
+        target = lognormal_int(rng, args.prompt_median, args.prompt_sigma, 8, args.prompt_max)
+        max_tokens = lognormal_int(rng, args.output_median, args.output_sigma, 2, args.output_max)
         words_wanted = max(1, int(round(target / TOKENS_PER_WORD)))
         words: list[str] = []
         while len(words) < words_wanted:
@@ -357,9 +366,15 @@ def stop_server(proc: subprocess.Popen) -> int | None:
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            log("  server ignored SIGTERM for 60 s; killing it")
+            log("  server ignored SIGTERM for 60 s; killing its process group")
             proc.kill()
             proc.wait()
+    # The server runs in a session of its own (start_new_session): whatever it started and left
+    # behind (vLLM runs its engine in child processes) goes too.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     return proc.returncode
 
 
@@ -371,19 +386,24 @@ def loadavg() -> list[float] | None:
 
 
 def bench_server(name: str, cmd: list[str], port: int, reqs: list[dict],
-                 args: argparse.Namespace) -> dict:
+                 args: argparse.Namespace, model_name: str, env: dict | None = None,
+                 startup_timeout: float | None = None) -> dict:
+    """Starts one server (`env`: variables added to this process's environment), loads it with
+    `reqs` and stops it."""
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     log_path = OUT_DIR / f"serve-{name}.log"
-    log(f"{name}: {' '.join(cmd)}  (log: {log_path.relative_to(ROOT)})")
+    env_text = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+    log(f"{name}: {env_text + ' ' if env_text else ''}{' '.join(cmd)}  "
+        f"(log: {log_path.relative_to(ROOT)})")
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as logf:
         t_start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=dict(os.environ, **env) if env else None)
         try:
-            wait_health(base, proc, args.startup_timeout)
+            wait_health(base, proc, startup_timeout or args.startup_timeout)
             startup = time.perf_counter() - t_start
-            model_name = DEFAULT_MODEL.name if args.model is None else Path(args.model).name
             asyncio.run(warm_up(base, model_name))
             load_before = loadavg()
             log(f"{name}: healthy after {startup:.1f} s, warmed up; {len(reqs)} requests, "
@@ -394,7 +414,7 @@ def bench_server(name: str, cmd: list[str], port: int, reqs: list[dict],
         finally:
             rc = stop_server(proc)
     s = summarize(results, wall)
-    s.update({"command": cmd, "startup_s": round(startup, 2), "exit_status": rc,
+    s.update({"command": cmd, "env": env or {}, "startup_s": round(startup, 2), "exit_status": rc,
               "loadavg_before": load_before, "loadavg_after": load_after,
               "log": str(log_path.relative_to(ROOT))})
     log(f"{name}: {s['completed']} ok, {s['failed']} failed, {s['output_tokens_per_s']} output "
@@ -406,29 +426,66 @@ def bench_server(name: str, cmd: list[str], port: int, reqs: list[dict],
 
 # ----------------------------------------------------------------------------- main
 
+SERVERS = {"cortex": "cortexstream", "llama": "llama", "vllm": "vllm"}  # flag name -> JSON key
+
+
+def parse_servers(args: argparse.Namespace) -> list[str] | str:
+    """The servers to run, in order, from --servers, --with-vllm, --skip-llama and --order;
+    or an error message."""
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown or not names or len(set(names)) != len(names):
+        return f"--servers {args.servers!r}: a list of distinct names among {', '.join(SERVERS)}"
+    if args.with_vllm and "vllm" not in names:
+        names.append("vllm")
+    if args.skip_llama:
+        names = [n for n in names if n != "llama"]
+    if args.order == "llama-first" and "llama" in names:
+        names = ["llama"] + [n for n in names if n != "llama"]
+    return names or "no server left to run"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help=f"GGUF model (default {DEFAULT_MODEL})")
+    ap.add_argument("--servers", default="cortex,llama",
+                    help="servers to run, in this order, among cortex, llama, vllm "
+                         "(default cortex,llama)")
+    ap.add_argument("--with-vllm", action="store_true",
+                    help="add vllm to --servers (its venv and model folder are made in "
+                         "bench/.cache on first use, see bench/vllm_peer.py)")
+    ap.add_argument("--skip-llama", action="store_true", help="take llama out of --servers")
     ap.add_argument("--bin", default=str(DEFAULT_BIN), help="cortexstream binary")
     ap.add_argument("--llama-server-bin", default=str(DEFAULT_LLAMA_BIN),
                     help="llama-server binary (built into bench/.cache when missing at the "
                          "default path)")
-    ap.add_argument("--skip-llama", action="store_true", help="benchmark CortexStream only")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     ap.add_argument("--requests", type=int, default=64, help="requests in total (default 64)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the request list")
-    ap.add_argument("--threads", type=int, default=2, help="compute threads of each server")
-    ap.add_argument("--prompt-median", type=float, default=100)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="compute threads of each server (vLLM: its OpenMP threads, bound to "
+                         "cores 0..threads-1)")
+    ap.add_argument("--prompt-median", type=float, default=100, help="prompt tokens, median")
+    ap.add_argument("--prompt-sigma", type=float, default=0.8,
+                    help="sigma of the log-normal prompt length (0: all at the median)")
     ap.add_argument("--prompt-max", type=int, default=800)
-    ap.add_argument("--output-median", type=float, default=64)
+    ap.add_argument("--output-median", type=float, default=64, help="max_tokens, median")
+    ap.add_argument("--output-sigma", type=float, default=0.8,
+                    help="sigma of the log-normal max_tokens (0: all at the median)")
     ap.add_argument("--output-max", type=int, default=256)
     ap.add_argument("--llama-args", default="",
                     help="extra llama-server arguments, e.g. '--poll 0' (its threads then sleep "
                          "instead of spinning while waiting for work)")
-    ap.add_argument("--order", choices=["cortex-first", "llama-first"], default="cortex-first")
+    ap.add_argument("--vllm-args", default="",
+                    help="extra arguments of vLLM's server, e.g. '--enforce-eager'")
+    ap.add_argument("--order", choices=["cortex-first", "llama-first"], default="cortex-first",
+                    help="llama-first: run llama before the others (servers otherwise run in "
+                         "--servers order)")
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--startup-timeout", type=float, default=180)
+    ap.add_argument("--vllm-startup-timeout", type=float, default=900,
+                    help="vLLM compiles its model at start-up: minutes on 2 cores")
     ap.add_argument("--per-request", action="store_true",
                     help="include every request's measurements in the JSON")
     args = ap.parse_args()
@@ -437,20 +494,25 @@ def main() -> int:
         print("bench_serve.py needs aiohttp: python3 -m pip install -r bench/requirements.txt",
               file=sys.stderr)
         return 2
+    servers = parse_servers(args)
+    if isinstance(servers, str):
+        print(servers, file=sys.stderr)
+        return 2
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if not model.exists():
         print(f"{model}: not found (scripts/fetch_model.sh fetches the default model)",
               file=sys.stderr)
         return 2
+    model_name = model.name  # the `model` field of every request, on every server
     cs_bin = Path(args.bin)
-    if not cs_bin.exists():
+    if "cortex" in servers and not cs_bin.exists():
         print(f"{cs_bin}: not found (scripts/build.sh release cortexstream, or --bin)",
               file=sys.stderr)
         return 2
 
     reqs = make_requests(args.requests, args.seed, args)
     # Per-slot context of llama-server: the longest prompt plus its output plus slack (the word
-    # based prompt length is an estimate).
+    # based prompt length is an estimate). vLLM gets it as --max-model-len.
     slot_ctx = int(args.prompt_max * 1.25) + args.output_max + 64
     slot_ctx = (slot_ctx + 255) // 256 * 256
 
@@ -460,25 +522,27 @@ def main() -> int:
         "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_start": loadavg()},
         "cortexstream_commit": git_commit(),
         "model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
+        "servers_run": [SERVERS[n] for n in servers],
         "load": {
             "clients": args.clients, "requests": args.requests, "seed": args.seed,
             "endpoint": "/v1/completions", "stream": True, "temperature": 0, "ignore_eos": True,
             "prompt_tokens_target": {"distribution": "lognormal", "median": args.prompt_median,
-                                     "sigma": 0.8, "max": args.prompt_max,
+                                     "sigma": args.prompt_sigma, "max": args.prompt_max,
                                      "p50": percentile([r["target_prompt_tokens"] for r in reqs], 50),
                                      "sum": sum(r["target_prompt_tokens"] for r in reqs)},
+            "prompt_words_p50": percentile([len(r["prompt"].split()) for r in reqs], 50),
             "max_tokens": {"distribution": "lognormal", "median": args.output_median,
-                           "sigma": 0.8, "max": args.output_max,
+                           "sigma": args.output_sigma, "max": args.output_max,
                            "p50": percentile([r["max_tokens"] for r in reqs], 50),
                            "max_seen": max(r["max_tokens"] for r in reqs),
                            "sum": sum(r["max_tokens"] for r in reqs)},
-            "threads": args.threads, "order": args.order,
+            "threads": args.threads, "order": ",".join(servers),
         },
         "servers": {},
     }
 
     llama_bin = Path(args.llama_server_bin)
-    if not args.skip_llama:
+    if "llama" in servers:
         if not llama_bin.exists():
             if llama_bin.resolve() != DEFAULT_LLAMA_BIN.resolve():
                 print(f"{llama_bin}: not found", file=sys.stderr)
@@ -487,46 +551,75 @@ def main() -> int:
                 report["llama_build"] = build_llama_tool("llama-server")
             except (subprocess.CalledProcessError, RuntimeError, OSError) as e:
                 print(f"building llama-server failed: {e} (use --skip-llama to measure "
-                      f"CortexStream alone)", file=sys.stderr)
+                      f"without it)", file=sys.stderr)
                 return 3
         report["llama_cpp"] = dict(llama_info(llama_bin), slot_ctx=slot_ctx)
     else:
-        report["llama_cpp"] = "skipped (--skip-llama)"
+        report["llama_cpp"] = "not run (--servers)"
+
+    if "vllm" in servers:
+        try:
+            report["vllm"] = vllm_peer.ensure_vllm(model)
+        except (subprocess.CalledProcessError, RuntimeError, OSError) as e:
+            print(f"preparing vLLM failed: {e} (see bench/vllm_peer.py; leave vllm out of "
+                  f"--servers to measure without it)", file=sys.stderr)
+            return 3
+        report["vllm"]["max_model_len"] = slot_ctx
+    else:
+        report["vllm"] = "not run (--servers)"
 
     def run_cortex() -> None:
         port = free_port()
         cmd = [str(cs_bin), "serve", "--model", str(model), "--host", "127.0.0.1", "--port",
                str(port), "--max-num-seqs", str(args.clients), "--threads", str(args.threads)]
-        report["servers"]["cortexstream"] = bench_server("cortexstream", cmd, port, reqs, args)
+        report["servers"]["cortexstream"] = bench_server("cortexstream", cmd, port, reqs, args,
+                                                         model_name)
 
     def run_llama() -> None:
         port = free_port()
         cmd = [str(llama_bin), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                "-c", str(slot_ctx * args.clients), "-np", str(args.clients),
                "-t", str(args.threads), "-tb", str(args.threads), "--cont-batching",
-               "--no-webui", "-a", model.name] + shlex.split(args.llama_args)
-        report["servers"]["llama"] = bench_server("llama", cmd, port, reqs, args)
+               "--no-webui", "-a", model_name] + shlex.split(args.llama_args)
+        report["servers"]["llama"] = bench_server("llama", cmd, port, reqs, args, model_name)
 
-    order = [run_cortex] + ([] if args.skip_llama else [run_llama])
-    if args.order == "llama-first":
-        order.reverse()
-    for fn in order:
-        fn()
+    def run_vllm() -> None:
+        port = free_port()
+        cmd = vllm_peer.server_command(Path(report["vllm"]["hf_dir"]), port, model_name,
+                                       args.clients, slot_ctx, shlex.split(args.vllm_args))
+        env = vllm_peer.server_env(args.threads, vllm_peer.find_tcmalloc())
+        report["servers"]["vllm"] = bench_server("vllm", cmd, port, reqs, args, model_name,
+                                                 env=env,
+                                                 startup_timeout=args.vllm_startup_timeout)
 
-    if "llama" in report["servers"]:
-        c, l = report["servers"]["cortexstream"], report["servers"]["llama"]
+    run = {"cortex": run_cortex, "llama": run_llama, "vllm": run_vllm}
+    failed = []
+    for name in servers:
+        try:
+            run[name]()
+        except (RuntimeError, OSError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+            # One server that does not start or warm up does not cost the others' figures.
+            log(f"{SERVERS[name]}: {type(e).__name__}: {e}")
+            report["servers"][SERVERS[name]] = {"error": f"{type(e).__name__}: {e}"}
+            failed.append(name)
+
+    c = report["servers"].get("cortexstream")
+    for peer in ("llama", "vllm"):
+        o = report["servers"].get(peer)
+        if not c or not o or "error" in c or "error" in o:
+            continue
 
         def ratio(key: str):
-            return rnd(c[key] / l[key], 3) if c.get(key) and l.get(key) else None
+            return rnd(c[key] / o[key], 3) if c.get(key) and o.get(key) else None
 
-        report["ratios_cortexstream_over_llama"] = {
+        report[f"ratios_cortexstream_over_{peer}"] = {
             k: ratio(k) for k in ["output_tokens_per_s", "ttft_s_p50", "ttft_s_p99", "tpot_s_p50",
                                   "tpot_s_p99", "latency_s_p50", "latency_s_p99"]}
         report["ratios_note"] = ("output_tokens_per_s: higher is better for CortexStream; "
                                  "time ratios: lower is better")
     report["host"]["loadavg_end"] = loadavg()
     print(json.dumps(report, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
