@@ -151,10 +151,12 @@ BENCHMARK(BM_ModelSweep)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
-// One decode step of attention (9 query heads, 3 KV heads, head dim 64, f16 K/V) over a context
-// of state.range(0) tokens in 16-token blocks. GB/s counts the K/V bytes read.
-void BM_AttentionDecode(benchmark::State& state) {
+// Attention (9 query heads, 3 KV heads, head dim 64, f16 K/V) over a context of state.range(0)
+// tokens in 16-token blocks, for state.range(1) query tokens at its end: 1 is a decode step,
+// the context length a whole prefill. GB/s counts the K/V bytes; GFLOP/s the causal QK and PV.
+void BM_Attention(benchmark::State& state) {
   const auto ctx = static_cast<int32_t>(state.range(0));
+  const auto nq = static_cast<int32_t>(state.range(1));
   const int32_t heads = 9, kvHeads = 3, dim = 64, bs = 16;
   const int32_t nBlocks = (ctx + bs - 1) / bs;
   std::vector<uint16_t> arena(static_cast<size_t>(nBlocks) * kvHeads * bs * dim * 2);
@@ -177,17 +179,26 @@ void BM_AttentionDecode(benchmark::State& state) {
   k.dtype = cortex::kv::KVDType::F16;
   auto v = k;
   v.base = k.base + static_cast<size_t>(kvHeads) * bs * dim * 2;
-  std::vector<float> q(heads * dim, 0.1f), out(q.size());
+  std::vector<float> q(static_cast<size_t>(nq) * heads * dim), out(q.size());
+  for (auto& x : q) x = dist(rng);
   ThreadPool pool(0);
   std::vector<float> scratch(cortex::kernels::pagedAttentionScratchFloats(pool, ctx));
   for (auto _ : state) {
-    cortex::kernels::pagedAttention(pool, q.data(), 1, ctx - 1, heads, k, v, 0.125f, out.data(),
+    cortex::kernels::pagedAttention(pool, q.data(), nq, ctx - nq, heads, k, v, 0.125f, out.data(),
                                     scratch.data());
     benchmark::DoNotOptimize(out.data());
   }
-  setCounters(state, 4.0 * ctx * kvHeads * dim, 4.0 * ctx * heads * dim);
+  // Key positions attended, summed over the query tokens.
+  const double pairs = static_cast<double>(nq) * (ctx - nq) + nq * (nq + 1) / 2.0;
+  setCounters(state, 4.0 * ctx * kvHeads * dim, 4.0 * pairs * heads * dim);
 }
-BENCHMARK(BM_AttentionDecode)->Arg(128)->Arg(1024)->Arg(4096)->UseRealTime();
+BENCHMARK(BM_Attention)
+    ->Args({128, 1})
+    ->Args({1024, 1})
+    ->Args({4096, 1})
+    ->Args({512, 512})
+    ->ArgNames({"ctx", "queries"})
+    ->UseRealTime();
 
 }  // namespace
 

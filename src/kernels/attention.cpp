@@ -3,6 +3,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kernels/attention.h"
 #include "kernels/kernel_set.h"
@@ -59,87 +60,163 @@ void forKeys(const PagedKVView& v, int32_t head, int32_t n, F&& f) {
   }
 }
 
-// G query heads that share one KV head (consecutive heads: q + g * headDim, same for out), so
-// each K and V row is loaded and converted once for all of them. Every head's arithmetic is the
-// same sequence of operations whatever G is (and the same as the scalar path), so grouping is
-// invisible in the results.
-//   q, out: G rows of headDim floats (stride headDim); s: G score rows of sStride floats.
-template <KVDType KT, KVDType VT, bool kSimd, int G>
-void attendGroup(const float* q, int32_t n, int32_t kvh, const PagedKVView& K,
-                 const PagedKVView& V, float scale, float* out, float* s, size_t sStride) {
+// Calls f(j, count, row) for chunks of up to 8 consecutive key positions [j, j + count) of head
+// `head` that lie in one block (rows row, row + tokenBytes, ...), for keys [0, n).
+template <class F>
+void forKeyChunks(const PagedKVView& v, int32_t head, int32_t n, F&& f) {
+  const auto eb = static_cast<int64_t>(kv::dtypeBytes(v.dtype));
+  const int64_t tokenBytes = v.tokenStride * eb;
+  for (int32_t j0 = 0, bi = 0; j0 < n; j0 += v.blockSizeTokens, ++bi) {
+    const std::byte* row =
+        v.base + (static_cast<int64_t>(v.blockTable[bi]) * v.blockStride + head * v.headStride) * eb;
+    const int32_t end = std::min(n, j0 + v.blockSizeTokens);
+    for (int32_t j = j0; j < end; j += 8, row += 8 * tokenBytes) f(j, std::min(8, end - j), row);
+  }
+}
+
+#if CS_KERNELS_AVX2
+// kt[d * 8 + k] = K row k's element d, for d < D and the chunk's `count` rows (zeros after them).
+template <KVDType KT>
+void transposeChunk(const std::byte* row, int count, int64_t tokenBytes, int32_t D, float* kt) {
+  for (int32_t d0 = 0; d0 < D; d0 += 8) {
+    __m256 r[8];
+    for (int k = 0; k < 8; ++k) {
+      r[k] = k < count ? load8<KT>(row + k * tokenBytes + static_cast<int64_t>(d0) * kBytes<KT>)
+                       : _mm256_setzero_ps();
+    }
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    float* o = kt + static_cast<size_t>(d0) * 8;
+    _mm256_storeu_ps(o + 0, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(o + 32, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(o + 40, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(o + 48, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(o + 56, _mm256_permute2f128_ps(u3, u7, 0x31));
+  }
+}
+
+// M query vectors against the 8 keys of a transposed chunk: one fma chain over d per (vector,
+// key), lanes = keys.
+template <int M>
+void scoreChunk(const float* const* qs, const float* kt, int32_t D, float scale, float* s,
+                size_t sStride, int count) {
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int32_t d = 0; d < D; ++d) {
+    const __m256 kv = _mm256_loadu_ps(kt + static_cast<size_t>(d) * 8);
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(qs[m][d]), kv, acc[m]);
+  }
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int m = 0; m < M; ++m) {
+    const __m256 r = _mm256_mul_ps(acc[m], sv);
+    if (count == 8) {
+      _mm256_storeu_ps(s + m * sStride, r);
+    } else {
+      float tmp[8];
+      _mm256_storeu_ps(tmp, r);
+      std::copy(tmp, tmp + count, s + m * sStride);
+    }
+  }
+}
+#endif
+
+// Scores of nv query vectors (qs[v], headDim floats each) against keys [0, n) of KV head kvh:
+//   s[v * sStride + j] = (fma chain over d = 0, 1, ... of q_v[d] * k_j[d], from 0) * scale.
+// The AVX2 path transposes each chunk of 8 K rows once (into kt, headDim * 8 floats) and runs
+// the chains of up to 8 vectors side by side with keys in the lanes; same bits as the scalar path.
+template <KVDType KT, bool kSimd>
+void scoreRows(const float* const* qs, int nv, int32_t n, int32_t kvh, const PagedKVView& K,
+               float scale, float* s, size_t sStride, float* kt) {
   const int32_t D = K.headDim;
-  // --- scores: s[g][j] = hsum8(8-lane fma chain of q_g . k_j) * scale ---
+  const int64_t tokenBytes = K.tokenStride * static_cast<int64_t>(kBytes<KT>);
 #if CS_KERNELS_AVX2
   if constexpr (kSimd) {
-    const auto eb = static_cast<int64_t>(kBytes<KT>);
-    const int64_t tokenBytes = K.tokenStride * eb;
-    constexpr int KK = G <= 2 ? 4 : 2;  // keys side by side (G * KK accumulators)
-    for (int32_t j0 = 0, bi = 0; j0 < n; j0 += K.blockSizeTokens, ++bi) {
-      const std::byte* row =
-          K.base + (static_cast<int64_t>(K.blockTable[bi]) * K.blockStride + kvh * K.headStride) * eb;
-      const int32_t end = std::min(n, j0 + K.blockSizeTokens);
-      int32_t j = j0;
-      for (; j + KK <= end; j += KK, row += KK * tokenBytes) {
-        __m256 acc[G][KK];
-        for (int g = 0; g < G; ++g)
-          for (int k = 0; k < KK; ++k) acc[g][k] = _mm256_setzero_ps();
-        for (int32_t d = 0; d < D; d += 8) {
-          __m256 kv[KK];
-          for (int k = 0; k < KK; ++k) kv[k] = load8<KT>(row + k * tokenBytes + d * eb);
-          for (int g = 0; g < G; ++g) {
-            const __m256 qv = _mm256_loadu_ps(q + g * D + d);
-            for (int k = 0; k < KK; ++k) acc[g][k] = _mm256_fmadd_ps(qv, kv[k], acc[g][k]);
-          }
+    forKeyChunks(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
+      transposeChunk<KT>(row, count, tokenBytes, D, kt);
+      for (int v0 = 0; v0 < nv; v0 += 8) {
+        float* sv = s + static_cast<size_t>(v0) * sStride + j;
+        switch (std::min(8, nv - v0)) {
+          case 8: scoreChunk<8>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 7: scoreChunk<7>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 6: scoreChunk<6>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 5: scoreChunk<5>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 4: scoreChunk<4>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 3: scoreChunk<3>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 2: scoreChunk<2>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          default: scoreChunk<1>(qs + v0, kt, D, scale, sv, sStride, count); break;
         }
-        for (int g = 0; g < G; ++g)
-          for (int k = 0; k < KK; ++k) s[g * sStride + j + k] = hsum8(acc[g][k]) * scale;
-      }
-      for (; j < end; ++j, row += tokenBytes) {
-        __m256 acc[G];
-        for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-        for (int32_t d = 0; d < D; d += 8) {
-          const __m256 kv = load8<KT>(row + d * eb);
-          for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), kv, acc[g]);
-        }
-        for (int g = 0; g < G; ++g) s[g * sStride + j] = hsum8(acc[g]) * scale;
-      }
-    }
-  } else
-#endif
-  {
-    forKeys(K, kvh, n, [&](int32_t j, const std::byte* row) {
-      float k8[8];
-      for (int g = 0; g < G; ++g) {
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int32_t d = 0; d < D; d += 8) {
-          load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, k8);
-          for (int l = 0; l < 8; ++l) acc[l] = std::fma(q[g * D + d + l], k8[l], acc[l]);
-        }
-        s[g * sStride + j] = hsum8(acc) * scale;
       }
     });
+    return;
   }
-  // --- softmax weights per head: exp in key order (same bits in both paths), sum in double ---
-  float inv[G];
+#endif
+  (void)kt;
+  forKeyChunks(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
+    for (int k = 0; k < count; ++k, row += tokenBytes) {
+      float k8[8];
+      for (int v = 0; v < nv; ++v) {
+        float acc = 0.0f;
+        for (int32_t d = 0; d < D; d += 8) {
+          load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, k8);
+          for (int l = 0; l < 8; ++l) acc = std::fma(qs[v][d + l], k8[l], acc);
+        }
+        s[static_cast<size_t>(v) * sStride + j + k] = acc * scale;
+      }
+    }
+  });
+}
+
+// Softmax of G score rows of n keys in place (exp of score - max, the canonical polynomial), and
+// 1 / sum per row, the sum taken in double over 8 lanes (lane l adds keys j = l mod 8 in
+// increasing j, then the fixed hsum8 order) so that it is not one long dependent chain.
+template <bool kSimd, int G>
+void softmaxRows(float* s, size_t sStride, int32_t n, float* inv) {
   for (int g = 0; g < G; ++g) {
     float* sg = s + g * sStride;
     float mx = sg[0];
     for (int32_t j = 1; j < n; ++j) mx = std::max(mx, sg[j]);
     int32_t e = 0;
+    double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #if CS_KERNELS_AVX2
     if constexpr (kSimd) {
       const __m256 mv = _mm256_set1_ps(mx);
+      __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
       for (; e + 8 <= n; e += 8) {
-        _mm256_storeu_ps(sg + e, expNonPositive(_mm256_sub_ps(_mm256_loadu_ps(sg + e), mv)));
+        const __m256 p = expNonPositive(_mm256_sub_ps(_mm256_loadu_ps(sg + e), mv));
+        _mm256_storeu_ps(sg + e, p);
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
       }
+      _mm256_storeu_pd(lanes, lo);
+      _mm256_storeu_pd(lanes + 4, hi);
     }
 #endif
-    for (; e < n; ++e) sg[e] = expNonPositive(sg[e] - mx);
-    double sum = 0;
-    for (e = 0; e < n; ++e) sum += sg[e];
+    for (; e < n; ++e) {
+      sg[e] = expNonPositive(sg[e] - mx);
+      lanes[e & 7] += sg[e];
+    }
+    const double sum = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) +
+                       ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
     inv[g] = static_cast<float>(1.0 / sum);
   }
-  // --- out[g][d] = (sum_j p_gj * v_j[d], fma in key order) * inv[g] ---
+}
+
+// out[g][d] = (sum_j p_gj * v_j[d], fma in key order) * inv[g] for G query heads of one token
+// that share KV head kvh (out rows consecutive, headDim apart), so each V row is loaded and
+// converted once for all of them; every head's arithmetic is the same whatever G is.
+template <KVDType VT, bool kSimd, int G>
+void weightedValues(const float* s, size_t sStride, int32_t n, int32_t kvh, const PagedKVView& V,
+                    const float* inv, float* out) {
+  const int32_t D = V.headDim;
 #if CS_KERNELS_AVX2
   if constexpr (kSimd) {
     constexpr int CV = G == 1 ? 8 : G <= 3 ? 4 : 2;  // vectors of dims per pass (G * CV accs)
@@ -184,7 +261,16 @@ void attendGroup(const float* q, int32_t n, int32_t kvh, const PagedKVView& K,
   }
 }
 
+template <KVDType VT, bool kSimd, int G>
+void finishToken(float* s, size_t sStride, int32_t n, int32_t kvh, const PagedKVView& V,
+                 float* out) {
+  float inv[G];
+  softmaxRows<kSimd, G>(s, sStride, n, inv);
+  weightedValues<VT, kSimd, G>(s, sStride, n, kvh, V, inv, out);
+}
+
 constexpr int kMaxGroup = kAttentionMaxGroup;
+constexpr int kTileTokens = kAttentionTileTokens;
 
 template <KVDType KT, KVDType VT, bool kSimd>
 void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads,
@@ -197,28 +283,46 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
   const int64_t macs = static_cast<int64_t>(nQ) * nHeads * (firstPos + (nQ + 1) / 2) * D * 2;
   const bool parallel = macs >= kParallelMinMacs && pool.size() > 1;
   const int nThreads = parallel ? pool.size() : 1;
-  // Work item = (query token, KV head, sub-group of up to kMaxGroup heads). Sub-groups shrink
+  // Work item = (tile of up to kTileTokens query tokens, KV head, sub-group of up to kMaxGroup
+  // heads): the tile's K rows are transposed once for all its query vectors. Sub-groups shrink
   // when there are too few items to keep every thread busy (a decode step has only nKV groups).
+  const int32_t nTiles = (nQ + kTileTokens - 1) / kTileTokens;
   int sub = std::min(group, kMaxGroup);
-  while (sub > 1 && static_cast<int64_t>(nQ) * nKV * ((group + sub - 1) / sub) < nThreads) {
+  while (sub > 1 && static_cast<int64_t>(nTiles) * nKV * ((group + sub - 1) / sub) < nThreads) {
     sub = (sub + 1) / 2;
   }
   const int32_t subsPerKV = (group + sub - 1) / sub;
-  const int64_t items = static_cast<int64_t>(nQ) * nKV * subsPerKV;
+  const int64_t items = static_cast<int64_t>(nTiles) * nKV * subsPerKV;
+  // note: grows once per thread to the widest head; nothing is allocated in steady state.
   const auto body = [&](int64_t it, int tid) {
-    const auto i = static_cast<int32_t>(it / (nKV * subsPerKV));
+    thread_local std::vector<float> ktBuf;
+    if (ktBuf.size() < static_cast<size_t>(D) * 8) ktBuf.resize(static_cast<size_t>(D) * 8);
+    const auto tile = static_cast<int32_t>(it / (nKV * subsPerKV));
     const auto rest = static_cast<int32_t>(it % (nKV * subsPerKV));
     const int32_t kvh = rest / subsPerKV;
     const int32_t h0 = kvh * group + (rest % subsPerKV) * sub;
     const int count = std::min(sub, kvh * group + group - h0);
-    const int64_t off = (static_cast<int64_t>(i) * nHeads + h0) * D;
-    float* s = scratch + static_cast<size_t>(tid) * kMaxGroup * stride;
-    const int32_t n = firstPos + i + 1;
-    switch (count) {
-      case 4: return attendGroup<KT, VT, kSimd, 4>(Q + off, n, kvh, K, V, scale, out + off, s, stride);
-      case 3: return attendGroup<KT, VT, kSimd, 3>(Q + off, n, kvh, K, V, scale, out + off, s, stride);
-      case 2: return attendGroup<KT, VT, kSimd, 2>(Q + off, n, kvh, K, V, scale, out + off, s, stride);
-      default: return attendGroup<KT, VT, kSimd, 1>(Q + off, n, kvh, K, V, scale, out + off, s, stride);
+    const int32_t i0 = tile * kTileTokens;
+    const int32_t nt = std::min(kTileTokens, nQ - i0);
+    float* s = scratch + static_cast<size_t>(tid) * kMaxGroup * kTileTokens * stride;
+    const float* qs[kMaxGroup * kTileTokens];
+    for (int t = 0; t < nt; ++t) {
+      for (int g = 0; g < count; ++g) {
+        qs[t * count + g] = Q + ((static_cast<int64_t>(i0 + t) * nHeads) + h0 + g) * D;
+      }
+    }
+    scoreRows<KT, kSimd>(qs, nt * count, firstPos + i0 + nt, kvh, K, scale, s, stride,
+                         ktBuf.data());
+    for (int t = 0; t < nt; ++t) {
+      float* st = s + static_cast<size_t>(t) * count * stride;
+      float* o = out + (static_cast<int64_t>(i0 + t) * nHeads + h0) * D;
+      const int32_t n = firstPos + i0 + t + 1;
+      switch (count) {
+        case 4: finishToken<VT, kSimd, 4>(st, stride, n, kvh, V, o); break;
+        case 3: finishToken<VT, kSimd, 3>(st, stride, n, kvh, V, o); break;
+        case 2: finishToken<VT, kSimd, 2>(st, stride, n, kvh, V, o); break;
+        default: finishToken<VT, kSimd, 1>(st, stride, n, kvh, V, o); break;
+      }
     }
   };
   if (!parallel) {

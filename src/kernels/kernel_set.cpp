@@ -48,7 +48,7 @@ void matmul(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_t nTo
 
 size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens) {
   return static_cast<size_t>(pool.size()) * detail::kAttentionMaxGroup *
-         detail::scoreStride(maxKeyTokens);
+         detail::kAttentionTileTokens * detail::scoreStride(maxKeyTokens);
 }
 
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,

@@ -27,9 +27,10 @@ using QuantizeRowsFn = void (*)(const float* X, int64_t r0, int64_t r1, Quantize
 using PackedGroupsFn = void (*)(const PackedWeights& W, const QuantizedActivations& X, float* Y,
                                 int64_t g0, int64_t g1);
 
-// Largest number of query heads one attention work item handles together, and the padded length
-// of a row of attention scores; pagedAttentionScratchFloats is built from both.
+// Largest number of query heads and of query tokens one attention work item handles together, and
+// the padded length of a row of attention scores; pagedAttentionScratchFloats is built from them.
 inline constexpr int kAttentionMaxGroup = 4;
+inline constexpr int kAttentionTileTokens = 4;
 inline size_t scoreStride(int32_t maxKeyTokens) {
   return (static_cast<size_t>(maxKeyTokens < 1 ? 1 : maxKeyTokens) + 15) / 16 * 16;
 }
