@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include <sys/mman.h>
+
 #include "kernels/kernel_set.h"
 
 namespace cortex::kernels {
@@ -17,6 +19,7 @@ namespace {
 constexpr int64_t kParallelMinMacs = 1 << 15;
 // Chunks per thread, so a thread that gets its core late leaves its share to the others.
 constexpr int kChunksPerThread = 4;
+constexpr size_t kHugePage = size_t{2} << 20;
 
 // Runs body(i0, i1) over ranges covering [0, n) on the pool's threads (or inline when small).
 template <class Body>
@@ -74,21 +77,42 @@ size_t PackedWeights::groupBlockBytes(WeightType type) {
   }
 }
 
-void PackedWeights::Free::operator()(std::byte* p) const { std::free(p); }
-
-PackedWeights::PackedWeights(const WeightMatrix& w) : type_(w.type), rows_(w.rows), cols_(w.cols) {
-  validate(w);
-  if (!packable(w.type)) {
-    throw std::invalid_argument(std::string("PackedWeights: type ") + toString(w.type) +
-                                " has no integer path (Q4_0, Q4_1, Q8_0 do)");
+std::vector<PackedWeights> PackedWeights::packAll(const std::vector<WeightMatrix>& ws) {
+  size_t total = 0;
+  for (const WeightMatrix& w : ws) {
+    validate(w);
+    if (!packable(w.type)) {
+      throw std::invalid_argument(std::string("PackedWeights: type ") + toString(w.type) +
+                                  " has no integer path (Q4_0, Q4_1, Q8_0 do)");
+    }
+    const int64_t groups = (w.rows + kPackRows - 1) / kPackRows;
+    total += static_cast<size_t>(groups * (w.cols / kQuantBlock)) * groupBlockBytes(w.type);
   }
+  // note: aligned_alloc wants a multiple of the alignment; every cell is a multiple of 32 bytes.
+  const size_t align = total >= kHugePage ? kHugePage : 64;
+  const size_t bytes = std::max<size_t>((total + align - 1) / align * align, align);
+  std::shared_ptr<std::byte> storage(static_cast<std::byte*>(std::aligned_alloc(align, bytes)),
+                                     [](std::byte* p) { std::free(p); });
+  if (!storage) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align == kHugePage) madvise(storage.get(), bytes, MADV_HUGEPAGE);  // a hint: may fail
+#endif
+  std::vector<PackedWeights> out;
+  out.reserve(ws.size());
+  size_t offset = 0;
+  for (const WeightMatrix& w : ws) {
+    out.push_back(PackedWeights(w, storage, storage.get() + offset));
+    offset += out.back().bytes();
+  }
+  return out;
+}
+
+PackedWeights::PackedWeights(const WeightMatrix& w, std::shared_ptr<std::byte> storage,
+                             std::byte* data)
+    : type_(w.type), rows_(w.rows), cols_(w.cols), storage_(std::move(storage)), data_(data) {
   const size_t cell = groupBlockBytes(type_);
   const int64_t nb = blocksPerRow();
-  // note: aligned_alloc wants a multiple of the alignment; cells are multiples of 32 bytes.
-  bytes_ = (static_cast<size_t>(groups() * nb) * cell + 63) / 64 * 64;
-  data_.reset(static_cast<std::byte*>(std::aligned_alloc(64, bytes_)));
-  if (!data_) throw std::bad_alloc();
-  std::memset(data_.get(), 0, bytes_);
+  std::memset(data_, 0, bytes());
   const size_t srcBlock = blockBytes(type_);
   const size_t scaleBytes = type_ == WeightType::Q4_1 ? 64 : 32;
   for (int64_t r = 0; r < rows_; ++r) {
@@ -96,7 +120,7 @@ PackedWeights::PackedWeights(const WeightMatrix& w) : type_(w.type), rows_(w.row
     const auto i = static_cast<size_t>(r % kPackRows);
     const std::byte* src = w.rowPtr(r);
     for (int64_t b = 0; b < nb; ++b, src += srcBlock) {
-      std::byte* cellp = data_.get() + static_cast<size_t>(g * nb + b) * cell;
+      std::byte* cellp = data_ + static_cast<size_t>(g * nb + b) * cell;
       std::byte* quads = cellp + scaleBytes;
       std::memcpy(cellp + 2 * i, src, 2);  // d
       switch (type_) {

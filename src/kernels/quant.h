@@ -59,35 +59,43 @@ struct QuantizedActivations {
 void quantizeActivations(ThreadPool& pool, const float* X, int64_t rows, int64_t cols,
                          QuantizedActivations& out);
 
-// A Q4_0, Q4_1 or Q8_0 matrix in the interleaved layout above (owned, 64-byte aligned).
+// A Q4_0, Q4_1 or Q8_0 matrix in the interleaved layout above, in memory it shares with the other
+// matrices packed with it (64-byte aligned; kept alive by every matrix that uses it).
 class PackedWeights {
  public:
   // Whether matrices of this type can be packed.
   static bool packable(WeightType type);
-  // Repacks w. Throws std::invalid_argument when w fails validate() or its type is not packable.
-  explicit PackedWeights(const WeightMatrix& w);
+  // Bytes of one (group, block) cell: Q4_0 288, Q4_1 320, Q8_0 544.
+  static size_t groupBlockBytes(WeightType type);
+  // Repacks every matrix of `ws` into one allocation, in order. A model packs all its matrices at
+  // once: the decode kernel streams them once per token, and one large region sits on 2 MiB
+  // pages (transparent huge pages, asked for before the first touch), so the hardware prefetcher
+  // is not stopped at every 4 KiB page and the TLB covers the whole model. Throws
+  // std::invalid_argument naming the matrix when one fails validate() or is not packable.
+  static std::vector<PackedWeights> packAll(const std::vector<WeightMatrix>& ws);
+  // One matrix on its own.
+  explicit PackedWeights(const WeightMatrix& w) : PackedWeights(std::move(packAll({w})[0])) {}
 
   WeightType type() const { return type_; }
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
   int64_t groups() const { return (rows_ + kPackRows - 1) / kPackRows; }
   int64_t blocksPerRow() const { return cols_ / kQuantBlock; }
-  // Bytes of one (group, block) cell: Q4_0 288, Q4_1 320, Q8_0 544.
-  static size_t groupBlockBytes(WeightType type);
   const std::byte* group(int64_t g) const {
-    return data_.get() + static_cast<size_t>(g * blocksPerRow()) * groupBlockBytes(type_);
+    return data_ + static_cast<size_t>(g * blocksPerRow()) * groupBlockBytes(type_);
   }
-  size_t bytes() const { return bytes_; }
+  // Bytes of this matrix's cells.
+  size_t bytes() const {
+    return static_cast<size_t>(groups() * blocksPerRow()) * groupBlockBytes(type_);
+  }
 
  private:
-  struct Free {
-    void operator()(std::byte* p) const;
-  };
+  PackedWeights(const WeightMatrix& w, std::shared_ptr<std::byte> storage, std::byte* data);
   WeightType type_;
   int64_t rows_;
   int64_t cols_;
-  size_t bytes_ = 0;
-  std::unique_ptr<std::byte[], Free> data_;
+  std::shared_ptr<std::byte> storage_;
+  std::byte* data_;
 };
 
 // Y[t][r] = sum_c W[r][c] * X[t][c] on the integer path: X given as its quantization (X.rows

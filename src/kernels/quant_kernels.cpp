@@ -146,28 +146,33 @@ void tile512(const std::byte* gp, int64_t nb, const QuantizedActivations& X, int
     const std::byte* p = gp + static_cast<size_t>(b) * kCellBytes<WT>;
     const std::byte* qp = p + kScaleBytes<WT>;
     const int8_t* x = X.q.data() + t0 * cols + b * kQuantBlock;
-    __m512i isum[T];
-    for (int t = 0; t < T; ++t) isum[t] = _mm512_setzero_si512();
+    // note: with few tokens, two integer accumulators per token halve the dependent vpdpbusd
+    // chain (with many, the tokens' chains already overlap and the registers are better spent);
+    // integer sums are exact, so the split changes no bit.
+    constexpr bool kSplit = T <= 2;
+    __m512i isum[T], isum2[T];
+    for (int t = 0; t < T; ++t) isum[t] = isum2[t] = _mm512_setzero_si512();
     for (int j = 0; j < kQuads<WT>; ++j) {
       const __m512i v = _mm512_loadu_si512(qp + 64 * j);
       if constexpr (WT == WeightType::Q8_0) {
         for (int t = 0; t < T; ++t) {
-          isum[t] = _mm512_dpbusd_epi32(isum[t], v, _mm512_set1_epi32(load32(x + t * cols + 4 * j)));
+          __m512i& a = (kSplit && (j & 1)) ? isum2[t] : isum[t];
+          a = _mm512_dpbusd_epi32(a, v, _mm512_set1_epi32(load32(x + t * cols + 4 * j)));
         }
       } else {
         const __m512i lo = _mm512_and_si512(v, nib);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
         for (int t = 0; t < T; ++t) {
           isum[t] = _mm512_dpbusd_epi32(isum[t], lo, _mm512_set1_epi32(load32(x + t * cols + 4 * j)));
-          isum[t] =
-              _mm512_dpbusd_epi32(isum[t], hi, _mm512_set1_epi32(load32(x + t * cols + 16 + 4 * j)));
+          __m512i& a = kSplit ? isum2[t] : isum[t];
+          a = _mm512_dpbusd_epi32(a, hi, _mm512_set1_epi32(load32(x + t * cols + 16 + 4 * j)));
         }
       }
     }
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     for (int t = 0; t < T; ++t) {
       const int64_t xi = (t0 + t) * nb + b;
-      __m512i I = isum[t];
+      __m512i I = kSplit ? _mm512_add_epi32(isum[t], isum2[t]) : isum[t];
       if constexpr (kOffset<WT> != 0) {
         I = _mm512_sub_epi32(I, _mm512_set1_epi32(kOffset<WT> * X.sum[xi]));
       }

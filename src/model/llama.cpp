@@ -165,17 +165,10 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, Precision 
     return reinterpret_cast<const float*>(t.data);
   };
 
-  // A matrix for the matmuls: repacked for the integer path when the precision and type allow.
-  // note: tied embeddings share one packed copy between the lookup's matrix and the head.
-  std::map<const void*, std::shared_ptr<const kernels::PackedWeights>> packedByData;
+  // A matrix for the matmuls (repacked below when it takes the integer path).
   auto linear = [&](const std::string& name, int64_t cols, int64_t rows) {
     Linear l;
     l.w = matrix(name, cols, rows);
-    if (precision == Precision::Int8 && kernels::PackedWeights::packable(l.w.type)) {
-      auto& packed = packedByData[l.w.data];
-      if (!packed) packed = std::make_shared<const kernels::PackedWeights>(l.w);
-      l.packed = packed;
-    }
     return l;
   };
 
@@ -205,7 +198,34 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, Precision 
     w.layers.push_back(layer);
   }
   w.rope = std::make_unique<kernels::RopeTable>(hp.nCtxTrain, hp.nRot, hp.ropeTheta);
+  if (precision == Precision::Int8) m->packWeights();
   return m;
+}
+
+void LlamaModel::packWeights() {
+  // Every packable matrix in the order the forward pass reads them, once (tied embeddings share
+  // one copy between the layers' head and the lookup), into one allocation.
+  std::vector<Linear*> all;
+  for (Weights::Layer& L : w_->layers) {
+    for (Linear* l : {&L.wq, &L.wk, &L.wv, &L.wo, &L.wGate, &L.wUp, &L.wDown}) all.push_back(l);
+  }
+  all.push_back(&w_->output);
+  std::vector<kernels::WeightMatrix> unique;
+  std::map<const void*, size_t> index;
+  for (Linear* l : all) {
+    if (kernels::PackedWeights::packable(l->w.type) && index.emplace(l->w.data, unique.size()).second) {
+      unique.push_back(l->w);
+    }
+  }
+  std::vector<kernels::PackedWeights> packed = kernels::PackedWeights::packAll(unique);
+  std::vector<std::shared_ptr<const kernels::PackedWeights>> shared;
+  for (kernels::PackedWeights& p : packed) {
+    shared.push_back(std::make_shared<const kernels::PackedWeights>(std::move(p)));
+  }
+  for (Linear* l : all) {
+    const auto it = index.find(l->w.data);
+    if (it != index.end()) l->packed = shared[it->second];
+  }
 }
 
 kv::KVCacheConfig LlamaModel::kvCacheConfig(int32_t blockSizeTokens, uint64_t memoryBudgetBytes,

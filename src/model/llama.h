@@ -81,6 +81,8 @@ class LlamaModel {
 
   LlamaModel(GGUFFile file, Precision precision);
   void resize(int64_t nTokens, int32_t maxContext, const kernels::ThreadPool& pool);
+  // Repacks the Q4_0/Q4_1/Q8_0 matrices for the integer path (Precision::Int8).
+  void packWeights();
   void validate(const ForwardBatch& batch, int64_t& nOutRows, int32_t& maxContext) const;
 
   GGUFFile file_;
