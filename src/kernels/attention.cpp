@@ -60,9 +60,9 @@ void forKeys(const PagedKVView& v, int32_t head, int32_t n, F&& f) {
   }
 }
 
-// Calls f(j, count, row) for chunks of up to 8 consecutive key positions [j, j + count) of head
+// Calls f(j, count, row) for chunks of up to C consecutive key positions [j, j + count) of head
 // `head` that lie in one block (rows row, row + tokenBytes, ...), for keys [0, n).
-template <class F>
+template <int C, class F>
 void forKeyChunks(const PagedKVView& v, int32_t head, int32_t n, F&& f) {
   const auto eb = static_cast<int64_t>(kv::dtypeBytes(v.dtype));
   const int64_t tokenBytes = v.tokenStride * eb;
@@ -70,14 +70,16 @@ void forKeyChunks(const PagedKVView& v, int32_t head, int32_t n, F&& f) {
     const std::byte* row =
         v.base + (static_cast<int64_t>(v.blockTable[bi]) * v.blockStride + head * v.headStride) * eb;
     const int32_t end = std::min(n, j0 + v.blockSizeTokens);
-    for (int32_t j = j0; j < end; j += 8, row += 8 * tokenBytes) f(j, std::min(8, end - j), row);
+    for (int32_t j = j0; j < end; j += C, row += C * tokenBytes) f(j, std::min(C, end - j), row);
   }
 }
 
 #if CS_KERNELS_AVX2
-// kt[d * 8 + k] = K row k's element d, for d < D and the chunk's `count` rows (zeros after them).
+// kt[d * ktStride + k] = K row k's element d, for d < D and k < 8: the chunk's `count` rows, then
+// zeros.
 template <KVDType KT>
-void transposeChunk(const std::byte* row, int count, int64_t tokenBytes, int32_t D, float* kt) {
+void transposeChunk(const std::byte* row, int count, int64_t tokenBytes, int32_t D, float* kt,
+                    size_t ktStride) {
   for (int32_t d0 = 0; d0 < D; d0 += 8) {
     __m256 r[8];
     for (int k = 0; k < 8; ++k) {
@@ -92,15 +94,16 @@ void transposeChunk(const std::byte* row, int count, int64_t tokenBytes, int32_t
     const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
     const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
     const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    float* o = kt + static_cast<size_t>(d0) * 8;
-    _mm256_storeu_ps(o + 0, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(o + 32, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(o + 40, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(o + 48, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(o + 56, _mm256_permute2f128_ps(u3, u7, 0x31));
+    float* o = kt + static_cast<size_t>(d0) * ktStride;
+    const size_t w = ktStride;
+    _mm256_storeu_ps(o + 0 * w, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(o + 1 * w, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(o + 2 * w, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(o + 3 * w, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(o + 4 * w, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(o + 5 * w, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(o + 6 * w, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(o + 7 * w, _mm256_permute2f128_ps(u3, u7, 0x31));
   }
 }
 
@@ -129,19 +132,73 @@ void scoreChunk(const float* const* qs, const float* kt, int32_t D, float scale,
 }
 #endif
 
+#if CS_ISA_LEVEL >= 3
+// The AVX-512 form of scoreChunk: 16 keys per vector (kt holds d * 16 + k). Each lane runs the
+// same fma chain as the 8-key form, so the bits are the same.
+template <int M>
+void scoreChunk16(const float* const* qs, const float* kt, int32_t D, float scale, float* s,
+                  size_t sStride, int count) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int32_t d = 0; d < D; ++d) {
+    const __m512 kv = _mm512_loadu_ps(kt + static_cast<size_t>(d) * 16);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(qs[m][d]), kv, acc[m]);
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+  const auto mask = static_cast<__mmask16>((1u << count) - 1u);
+  for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(s + m * sStride, mask, _mm512_mul_ps(acc[m], sv));
+}
+
+// 16-bit or 32-bit K/V elements, 16 at a time, as floats.
+template <KVDType DT>
+__m512 load16(const std::byte* p) {
+  if constexpr (DT == KVDType::F32) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+  } else if constexpr (DT == KVDType::F16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    const __m512i v =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  }
+}
+#endif
+
 // Scores of nv query vectors (qs[v], headDim floats each) against keys [0, n) of KV head kvh:
 //   s[v * sStride + j] = (fma chain over d = 0, 1, ... of q_v[d] * k_j[d], from 0) * scale.
-// The AVX2 path transposes each chunk of 8 K rows once (into kt, headDim * 8 floats) and runs
+// The SIMD paths transpose each chunk of 8 (AVX2) or 16 (AVX-512) K rows once (into kt, headDim *
+// 16 floats) and runs
 // the chains of up to 8 vectors side by side with keys in the lanes; same bits as the scalar path.
 template <KVDType KT, bool kSimd>
 void scoreRows(const float* const* qs, int nv, int32_t n, int32_t kvh, const PagedKVView& K,
                float scale, float* s, size_t sStride, float* kt) {
   const int32_t D = K.headDim;
   const int64_t tokenBytes = K.tokenStride * static_cast<int64_t>(kBytes<KT>);
-#if CS_KERNELS_AVX2
+#if CS_ISA_LEVEL >= 3
   if constexpr (kSimd) {
-    forKeyChunks(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
-      transposeChunk<KT>(row, count, tokenBytes, D, kt);
+    forKeyChunks<16>(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
+      transposeChunk<KT>(row, std::min(count, 8), tokenBytes, D, kt, 16);
+      transposeChunk<KT>(row + 8 * tokenBytes, std::max(count - 8, 0), tokenBytes, D, kt + 8, 16);
+      for (int v0 = 0; v0 < nv; v0 += 8) {
+        float* sv = s + static_cast<size_t>(v0) * sStride + j;
+        switch (std::min(8, nv - v0)) {
+          case 8: scoreChunk16<8>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 7: scoreChunk16<7>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 6: scoreChunk16<6>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 5: scoreChunk16<5>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 4: scoreChunk16<4>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 3: scoreChunk16<3>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          case 2: scoreChunk16<2>(qs + v0, kt, D, scale, sv, sStride, count); break;
+          default: scoreChunk16<1>(qs + v0, kt, D, scale, sv, sStride, count); break;
+        }
+      }
+    });
+    return;
+  }
+#elif CS_KERNELS_AVX2
+  if constexpr (kSimd) {
+    forKeyChunks<8>(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
+      transposeChunk<KT>(row, count, tokenBytes, D, kt, 8);
       for (int v0 = 0; v0 < nv; v0 += 8) {
         float* sv = s + static_cast<size_t>(v0) * sStride + j;
         switch (std::min(8, nv - v0)) {
@@ -160,7 +217,7 @@ void scoreRows(const float* const* qs, int nv, int32_t n, int32_t kvh, const Pag
   }
 #endif
   (void)kt;
-  forKeyChunks(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
+  forKeyChunks<8>(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
     for (int k = 0; k < count; ++k, row += tokenBytes) {
       float k8[8];
       for (int v = 0; v < nv; ++v) {
@@ -217,6 +274,34 @@ template <KVDType VT, bool kSimd, int G>
 void weightedValues(const float* s, size_t sStride, int32_t n, int32_t kvh, const PagedKVView& V,
                     const float* inv, float* out) {
   const int32_t D = V.headDim;
+#if CS_ISA_LEVEL >= 3
+  // note: 16 dims per vector; each lane's chain over keys is the 8-lane code's, same bits.
+  if (kSimd && D % 16 == 0) {
+    constexpr int CV = G <= 2 ? 8 : 4;  // vectors of 16 dims per pass (G * CV accumulators)
+    for (int32_t d0 = 0; d0 < D; d0 += 16 * CV) {
+      const int nv = std::min(CV, static_cast<int>((D - d0) / 16));
+      __m512 acc[G][CV];
+      for (int g = 0; g < G; ++g)
+        for (int k = 0; k < CV; ++k) acc[g][k] = _mm512_setzero_ps();
+      forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
+        const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
+        __m512 vv[CV];
+        for (int k = 0; k < nv; ++k) vv[k] = load16<VT>(r + static_cast<size_t>(16 * k) * kBytes<VT>);
+        for (int g = 0; g < G; ++g) {
+          const __m512 p = _mm512_set1_ps(s[g * sStride + j]);
+          for (int k = 0; k < nv; ++k) acc[g][k] = _mm512_fmadd_ps(p, vv[k], acc[g][k]);
+        }
+      });
+      for (int g = 0; g < G; ++g) {
+        const __m512 iv = _mm512_set1_ps(inv[g]);
+        for (int k = 0; k < nv; ++k) {
+          _mm512_storeu_ps(out + g * D + d0 + 16 * k, _mm512_mul_ps(acc[g][k], iv));
+        }
+      }
+    }
+    return;
+  }
+#endif
 #if CS_KERNELS_AVX2
   if constexpr (kSimd) {
     constexpr int CV = G == 1 ? 8 : G <= 3 ? 4 : 2;  // vectors of dims per pass (G * CV accs)
@@ -296,7 +381,7 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
   // note: grows once per thread to the widest head; nothing is allocated in steady state.
   const auto body = [&](int64_t it, int tid) {
     thread_local std::vector<float> ktBuf;
-    if (ktBuf.size() < static_cast<size_t>(D) * 8) ktBuf.resize(static_cast<size_t>(D) * 8);
+    if (ktBuf.size() < static_cast<size_t>(D) * 16) ktBuf.resize(static_cast<size_t>(D) * 16);
     const auto tile = static_cast<int32_t>(it / (nKV * subsPerKV));
     const auto rest = static_cast<int32_t>(it % (nKV * subsPerKV));
     const int32_t kvh = rest / subsPerKV;

@@ -9,8 +9,8 @@
 namespace cortex::kernels::detail {
 
 namespace {
-// note: the float matmul and attention have no VNNI-specific code; the VNNI levels use the AVX2
-// compilation of them.
+// note: the float matmul has no VNNI-specific code and attention none for AVX-VNNI; those levels
+// use the AVX2 compilation of them (AVX512-VNNI has its own attention, 16 lanes wide).
 const KernelSet kSets[] = {
     {Isa::Scalar, isa_scalar::matmulFloat, isa_scalar::pagedAttention, isa_scalar::quantizeRows,
      isa_scalar::packedGroups},
@@ -18,7 +18,7 @@ const KernelSet kSets[] = {
      isa_avx2::packedGroups},
     {Isa::AvxVnni, isa_avx2::matmulFloat, isa_avx2::pagedAttention, isa_avxvnni::quantizeRows,
      isa_avxvnni::packedGroups},
-    {Isa::Avx512Vnni, isa_avx2::matmulFloat, isa_avx2::pagedAttention,
+    {Isa::Avx512Vnni, isa_avx2::matmulFloat, isa_avx512vnni::pagedAttention,
      isa_avx512vnni::quantizeRows, isa_avx512vnni::packedGroups},
 };
 }  // namespace
