@@ -3,6 +3,8 @@
 #   scripts/build.sh            -> build/        (Release, -O3 -march=native)
 #   scripts/build.sh asan       -> build-asan/   (ASan + UBSan)
 #   scripts/build.sh tsan       -> build-tsan/   (TSan)
+#   scripts/build.sh portable   -> build-portable/ (Release without -march=native: runs on any
+#                                  x86-64 CPU, the kernels still pick their level at run time)
 # Further arguments name targets to build (default: all).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,7 +15,8 @@ case "$flavour" in
   release) dir=build; args=(-DCMAKE_BUILD_TYPE=Release) ;;
   asan) dir=build-asan; args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCS_SANITIZE=address,undefined") ;;
   tsan) dir=build-tsan; args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DCS_SANITIZE=thread) ;;
-  *) echo "unknown flavour: $flavour (release, asan, tsan)" >&2; exit 2 ;;
+  portable) dir=build-portable; args=(-DCMAKE_BUILD_TYPE=Release -DCS_NATIVE=OFF) ;;
+  *) echo "unknown flavour: $flavour (release, asan, tsan, portable)" >&2; exit 2 ;;
 esac
 cmake -S "$root" -B "$root/$dir" "${args[@]}" >/dev/null
 targets=()

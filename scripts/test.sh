@@ -3,7 +3,9 @@
 #   1. the Release build's unit tests (ctest) and the Python tests against independent references
 #   2. the unit and concurrency tests again under ASan + UBSan
 #   3. the concurrency tests under TSan
-#   4. the GGUF fuzzer for a bounded time
+#   4. a portable build (no -march=native): the kernel and logits-invariance tests on every
+#      instruction-set level this CPU has
+#   5. the GGUF fuzzer for a bounded time
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -25,6 +27,10 @@ ctest --test-dir build-asan --output-on-failure -j "$jobs" -LE model
 echo "== TSan (concurrency tests)"
 scripts/build.sh tsan test_kv_concurrency test_thread_pool test_engine_batching
 ctest --test-dir build-tsan --output-on-failure -L concurrency --no-tests=error
+
+echo "== portable build (kernel levels chosen at run time)"
+scripts/build.sh portable test_kernels test_logits_invariance
+ctest --test-dir build-portable --output-on-failure -j "$jobs" -R "^(Isa|Quantize|PackedMatmul|Matmul|Weights|Ops|Attention|Precisions)" --no-tests=error
 
 if [[ -x scripts/fuzz.sh ]]; then
   echo "== fuzzing"
