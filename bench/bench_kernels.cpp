@@ -3,8 +3,10 @@
 // there is the memory-bound figure), and paged attention for one decode step. Each benchmark runs
 // on its own pool of one thread per hardware thread, as the engine does by default.
 #include <benchmark/benchmark.h>
+#include <immintrin.h>
 
 #include <cstring>
+#include <cstdint>
 #include <memory>
 #include <random>
 #include <vector>
@@ -199,6 +201,82 @@ BENCHMARK(BM_Attention)
     ->Args({512, 512})
     ->ArgNames({"ctx", "queries"})
     ->UseRealTime();
+
+// The machine's limits, for the fraction of them the kernels reach (docs/PERF.md), on the pool's
+// threads as the kernels run: streaming read bandwidth (1 GiB, far beyond the caches) and the
+// peak rate of the integer dot product the int8 matmul is built on (independent vpdpbusd chains,
+// 64 multiply-adds each on 512-bit registers; 8 x 32-bit lanes x 4 with AVX-VNNI).
+void BM_LimitReadBandwidth(benchmark::State& state) {
+  const size_t n = (size_t{1} << 30) / sizeof(uint64_t);
+  std::vector<uint64_t> a(n, 1);
+  ThreadPool pool(0);
+  std::vector<uint64_t> sink(static_cast<size_t>(pool.size()));
+  for (auto _ : state) {
+    pool.parallelFor(pool.size(), [&](int64_t c, int) {
+      const size_t b = n * static_cast<size_t>(c) / static_cast<size_t>(pool.size());
+      const size_t e = n * static_cast<size_t>(c + 1) / static_cast<size_t>(pool.size());
+      uint64_t x0 = 0, x1 = 0, x2 = 0, x3 = 0;
+      for (size_t i = b; i + 4 <= e; i += 4) {
+        x0 ^= a[i];
+        x1 ^= a[i + 1];
+        x2 ^= a[i + 2];
+        x3 ^= a[i + 3];
+      }
+      sink[static_cast<size_t>(c)] = x0 ^ x1 ^ x2 ^ x3;
+    });
+    benchmark::DoNotOptimize(sink.data());
+  }
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(n * sizeof(uint64_t)) / 1e9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_LimitReadBandwidth)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+void BM_LimitInt8Dot(benchmark::State& state) {
+  constexpr int64_t kIters = 1 << 22;
+  ThreadPool pool(0);
+  std::vector<int32_t> sink(static_cast<size_t>(pool.size()));
+  for (auto _ : state) {
+    pool.parallelFor(pool.size(), [&](int64_t c, int) {
+#if defined(__AVX512VNNI__)
+      __m512i acc[8];
+      for (auto& v : acc) v = _mm512_setzero_si512();
+      const __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(static_cast<char>(c + 1));
+      for (int64_t i = 0; i < kIters; ++i) {
+        for (auto& v : acc) v = _mm512_dpbusd_epi32(v, a, b);
+      }
+      __m512i s = acc[0];
+      for (int k = 1; k < 8; ++k) s = _mm512_add_epi32(s, acc[k]);
+      int32_t out[16];
+      _mm512_storeu_si512(out, s);
+      sink[static_cast<size_t>(c)] = out[0];
+#else
+      __m256i acc[8];
+      for (auto& v : acc) v = _mm256_setzero_si256();
+      const __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(static_cast<char>(c + 1));
+      for (int64_t i = 0; i < kIters; ++i) {
+        for (auto& v : acc) v = _mm256_dpbusd_avx_epi32(v, a, b);
+      }
+      int32_t out[8];
+      __m256i s = acc[0];
+      for (int k = 1; k < 8; ++k) s = _mm256_add_epi32(s, acc[k]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), s);
+      sink[static_cast<size_t>(c)] = out[0];
+#endif
+    });
+    benchmark::DoNotOptimize(sink.data());
+  }
+#if defined(__AVX512VNNI__)
+  constexpr double kMacs = 64;
+#else
+  constexpr double kMacs = 32;
+#endif
+  state.counters["GMAC/s"] =
+      benchmark::Counter(static_cast<double>(pool.size()) * kIters * 8 * kMacs / 1e9,
+                         benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_LimitInt8Dot)->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
 
 }  // namespace
 
