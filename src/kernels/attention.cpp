@@ -47,30 +47,36 @@ __m256 load8(const std::byte* p) {
 }
 #endif
 
-// Calls f(j, row) for key positions j in [0, n) of head `head`, walking the block table.
+// Calls f(j, row) for key positions j in [a, b) of head `head`, walking the block table.
 template <class F>
-void forKeys(const PagedKVView& v, int32_t head, int32_t n, F&& f) {
+void forKeys(const PagedKVView& v, int32_t head, int32_t a, int32_t b, F&& f) {
   const auto eb = static_cast<int64_t>(kv::dtypeBytes(v.dtype));
   const int64_t tokenBytes = v.tokenStride * eb;
-  for (int32_t j0 = 0, bi = 0; j0 < n; j0 += v.blockSizeTokens, ++bi) {
+  const int32_t bs = v.blockSizeTokens;
+  for (int32_t bi = a / bs, j0 = bi * bs; j0 < b; j0 += bs, ++bi) {
+    const int32_t first = std::max(a, j0), end = std::min(b, j0 + bs);
     const std::byte* row =
-        v.base + (static_cast<int64_t>(v.blockTable[bi]) * v.blockStride + head * v.headStride) * eb;
-    const int32_t end = std::min(n, j0 + v.blockSizeTokens);
-    for (int32_t j = j0; j < end; ++j, row += tokenBytes) f(j, row);
+        v.base + (static_cast<int64_t>(v.blockTable[bi]) * v.blockStride + head * v.headStride) * eb +
+        static_cast<int64_t>(first - j0) * tokenBytes;
+    for (int32_t j = first; j < end; ++j, row += tokenBytes) f(j, row);
   }
 }
 
 // Calls f(j, count, row) for chunks of up to C consecutive key positions [j, j + count) of head
-// `head` that lie in one block (rows row, row + tokenBytes, ...), for keys [0, n).
+// `head` that lie in one block (rows row, row + tokenBytes, ...), for keys [a, b).
 template <int C, class F>
-void forKeyChunks(const PagedKVView& v, int32_t head, int32_t n, F&& f) {
+void forKeyChunks(const PagedKVView& v, int32_t head, int32_t a, int32_t b, F&& f) {
   const auto eb = static_cast<int64_t>(kv::dtypeBytes(v.dtype));
   const int64_t tokenBytes = v.tokenStride * eb;
-  for (int32_t j0 = 0, bi = 0; j0 < n; j0 += v.blockSizeTokens, ++bi) {
+  const int32_t bs = v.blockSizeTokens;
+  for (int32_t bi = a / bs, j0 = bi * bs; j0 < b; j0 += bs, ++bi) {
+    const int32_t first = std::max(a, j0), end = std::min(b, j0 + bs);
     const std::byte* row =
-        v.base + (static_cast<int64_t>(v.blockTable[bi]) * v.blockStride + head * v.headStride) * eb;
-    const int32_t end = std::min(n, j0 + v.blockSizeTokens);
-    for (int32_t j = j0; j < end; j += C, row += C * tokenBytes) f(j, std::min(C, end - j), row);
+        v.base + (static_cast<int64_t>(v.blockTable[bi]) * v.blockStride + head * v.headStride) * eb +
+        static_cast<int64_t>(first - j0) * tokenBytes;
+    for (int32_t j = first; j < end; j += C, row += C * tokenBytes) {
+      f(j, std::min(C, end - j), row);
+    }
   }
 }
 
@@ -164,19 +170,19 @@ __m512 load16(const std::byte* p) {
 }
 #endif
 
-// Scores of nv query vectors (qs[v], headDim floats each) against keys [0, n) of KV head kvh:
+// Scores of nv query vectors (qs[v], headDim floats each) against keys [a, b) of KV head kvh:
 //   s[v * sStride + j] = (fma chain over d = 0, 1, ... of q_v[d] * k_j[d], from 0) * scale.
 // The SIMD paths transpose each chunk of 8 (AVX2) or 16 (AVX-512) K rows once (into kt, headDim *
 // 16 floats) and runs
 // the chains of up to 8 vectors side by side with keys in the lanes; same bits as the scalar path.
 template <KVDType KT, bool kSimd>
-void scoreRows(const float* const* qs, int nv, int32_t n, int32_t kvh, const PagedKVView& K,
-               float scale, float* s, size_t sStride, float* kt) {
+void scoreRows(const float* const* qs, int nv, int32_t a, int32_t b, int32_t kvh,
+               const PagedKVView& K, float scale, float* s, size_t sStride, float* kt) {
   const int32_t D = K.headDim;
   const int64_t tokenBytes = K.tokenStride * static_cast<int64_t>(kBytes<KT>);
 #if CS_ISA_LEVEL >= 3
   if constexpr (kSimd) {
-    forKeyChunks<16>(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
+    forKeyChunks<16>(K, kvh, a, b, [&](int32_t j, int count, const std::byte* row) {
       transposeChunk<KT>(row, std::min(count, 8), tokenBytes, D, kt, 16);
       transposeChunk<KT>(row + 8 * tokenBytes, std::max(count - 8, 0), tokenBytes, D, kt + 8, 16);
       for (int v0 = 0; v0 < nv; v0 += 8) {
@@ -197,7 +203,7 @@ void scoreRows(const float* const* qs, int nv, int32_t n, int32_t kvh, const Pag
   }
 #elif CS_KERNELS_AVX2
   if constexpr (kSimd) {
-    forKeyChunks<8>(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
+    forKeyChunks<8>(K, kvh, a, b, [&](int32_t j, int count, const std::byte* row) {
       transposeChunk<KT>(row, count, tokenBytes, D, kt, 8);
       for (int v0 = 0; v0 < nv; v0 += 8) {
         float* sv = s + static_cast<size_t>(v0) * sStride + j;
@@ -217,7 +223,7 @@ void scoreRows(const float* const* qs, int nv, int32_t n, int32_t kvh, const Pag
   }
 #endif
   (void)kt;
-  forKeyChunks<8>(K, kvh, n, [&](int32_t j, int count, const std::byte* row) {
+  forKeyChunks<8>(K, kvh, a, b, [&](int32_t j, int count, const std::byte* row) {
     for (int k = 0; k < count; ++k, row += tokenBytes) {
       float k8[8];
       for (int v = 0; v < nv; ++v) {
@@ -232,22 +238,24 @@ void scoreRows(const float* const* qs, int nv, int32_t n, int32_t kvh, const Pag
   });
 }
 
-// Softmax of G score rows of n keys in place (exp of score - max, the canonical polynomial), and
-// 1 / sum per row, the sum taken in double over 8 lanes (lane l adds keys j = l mod 8 in
-// increasing j, then the fixed hsum8 order) so that it is not one long dependent chain.
+// For G score rows over one chunk of keys [a, b) (a a multiple of 8): m[g] = the chunk's largest
+// score, scores replaced by exp(score - m[g]) (the canonical polynomial), and l[g] = their sum,
+// taken in double over 8 lanes (lane l adds keys j = l mod 8 in increasing j, then the fixed
+// hsum8 order) so that it is not one long dependent chain.
 template <bool kSimd, int G>
-void softmaxRows(float* s, size_t sStride, int32_t n, float* inv) {
+void softmaxChunk(float* s, size_t sStride, int32_t a, int32_t b, float* m, double* l) {
   for (int g = 0; g < G; ++g) {
     float* sg = s + g * sStride;
-    float mx = sg[0];
-    for (int32_t j = 1; j < n; ++j) mx = std::max(mx, sg[j]);
-    int32_t e = 0;
+    float mx = sg[a];
+    for (int32_t j = a + 1; j < b; ++j) mx = std::max(mx, sg[j]);
+    m[g] = mx;
+    int32_t e = a;
     double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #if CS_KERNELS_AVX2
     if constexpr (kSimd) {
       const __m256 mv = _mm256_set1_ps(mx);
       __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-      for (; e + 8 <= n; e += 8) {
+      for (; e + 8 <= b; e += 8) {
         const __m256 p = expNonPositive(_mm256_sub_ps(_mm256_loadu_ps(sg + e), mv));
         _mm256_storeu_ps(sg + e, p);
         lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
@@ -257,22 +265,21 @@ void softmaxRows(float* s, size_t sStride, int32_t n, float* inv) {
       _mm256_storeu_pd(lanes + 4, hi);
     }
 #endif
-    for (; e < n; ++e) {
+    for (; e < b; ++e) {
       sg[e] = expNonPositive(sg[e] - mx);
       lanes[e & 7] += sg[e];
     }
-    const double sum = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) +
-                       ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
-    inv[g] = static_cast<float>(1.0 / sum);
+    l[g] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) +
+           ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
   }
 }
 
-// out[g][d] = (sum_j p_gj * v_j[d], fma in key order) * inv[g] for G query heads of one token
-// that share KV head kvh (out rows consecutive, headDim apart), so each V row is loaded and
-// converted once for all of them; every head's arithmetic is the same whatever G is.
+// o[g][d] = sum_j p_gj * v_j[d] over keys j in [a, b) (fma in key order, from 0) for G query
+// heads of one token that share KV head kvh (o rows consecutive, headDim apart), so each V row is
+// loaded and converted once for all of them; every head's arithmetic is the same whatever G is.
 template <KVDType VT, bool kSimd, int G>
-void weightedValues(const float* s, size_t sStride, int32_t n, int32_t kvh, const PagedKVView& V,
-                    const float* inv, float* out) {
+void weightedValues(const float* s, size_t sStride, int32_t a, int32_t b, int32_t kvh,
+                    const PagedKVView& V, float* out) {
   const int32_t D = V.headDim;
 #if CS_ISA_LEVEL >= 3
   // note: 16 dims per vector; each lane's chain over keys is the 8-lane code's, same bits.
@@ -283,7 +290,7 @@ void weightedValues(const float* s, size_t sStride, int32_t n, int32_t kvh, cons
       __m512 acc[G][CV];
       for (int g = 0; g < G; ++g)
         for (int k = 0; k < CV; ++k) acc[g][k] = _mm512_setzero_ps();
-      forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
+      forKeys(V, kvh, a, b, [&](int32_t j, const std::byte* row) {
         const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
         __m512 vv[CV];
         for (int k = 0; k < nv; ++k) vv[k] = load16<VT>(r + static_cast<size_t>(16 * k) * kBytes<VT>);
@@ -293,10 +300,7 @@ void weightedValues(const float* s, size_t sStride, int32_t n, int32_t kvh, cons
         }
       });
       for (int g = 0; g < G; ++g) {
-        const __m512 iv = _mm512_set1_ps(inv[g]);
-        for (int k = 0; k < nv; ++k) {
-          _mm512_storeu_ps(out + g * D + d0 + 16 * k, _mm512_mul_ps(acc[g][k], iv));
-        }
+        for (int k = 0; k < nv; ++k) _mm512_storeu_ps(out + g * D + d0 + 16 * k, acc[g][k]);
       }
     }
     return;
@@ -310,7 +314,7 @@ void weightedValues(const float* s, size_t sStride, int32_t n, int32_t kvh, cons
       __m256 acc[G][CV];
       for (int g = 0; g < G; ++g)
         for (int k = 0; k < CV; ++k) acc[g][k] = _mm256_setzero_ps();
-      forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
+      forKeys(V, kvh, a, b, [&](int32_t j, const std::byte* row) {
         const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
         __m256 vv[CV];
         for (int k = 0; k < nv; ++k) vv[k] = load8<VT>(r + static_cast<size_t>(8 * k) * kBytes<VT>);
@@ -320,10 +324,7 @@ void weightedValues(const float* s, size_t sStride, int32_t n, int32_t kvh, cons
         }
       });
       for (int g = 0; g < G; ++g) {
-        const __m256 iv = _mm256_set1_ps(inv[g]);
-        for (int k = 0; k < nv; ++k) {
-          _mm256_storeu_ps(out + g * D + d0 + 8 * k, _mm256_mul_ps(acc[g][k], iv));
-        }
+        for (int k = 0; k < nv; ++k) _mm256_storeu_ps(out + g * D + d0 + 8 * k, acc[g][k]);
       }
     }
     return;
@@ -333,7 +334,7 @@ void weightedValues(const float* s, size_t sStride, int32_t n, int32_t kvh, cons
     for (int32_t d0 = 0; d0 < D; d0 += 64) {
       const int32_t dn = std::min(64, D - d0);
       float acc[64] = {};
-      forKeys(V, kvh, n, [&](int32_t j, const std::byte* row) {
+      forKeys(V, kvh, a, b, [&](int32_t j, const std::byte* row) {
         const float p = s[g * sStride + j];
         float v8[8];
         for (int32_t d = 0; d < dn; d += 8) {
@@ -341,18 +342,76 @@ void weightedValues(const float* s, size_t sStride, int32_t n, int32_t kvh, cons
           for (int l = 0; l < 8; ++l) acc[d + l] = std::fma(p, v8[l], acc[d + l]);
         }
       });
-      for (int32_t d = 0; d < dn; ++d) out[g * D + d0 + d] = acc[d] * inv[g];
+      for (int32_t d = 0; d < dn; ++d) out[g * D + d0 + d] = acc[d];
     }
   }
 }
 
+// One chunk's share of G heads' attention: the chunk's max m, sum of exps l and unnormalized
+// weighted values o (G x headDim). Scores must be in s for keys [a, b).
 template <KVDType VT, bool kSimd, int G>
-void finishToken(float* s, size_t sStride, int32_t n, int32_t kvh, const PagedKVView& V,
-                 float* out) {
-  float inv[G];
-  softmaxRows<kSimd, G>(s, sStride, n, inv);
-  weightedValues<VT, kSimd, G>(s, sStride, n, kvh, V, inv, out);
+void chunkPartial(float* s, size_t sStride, int32_t a, int32_t b, int32_t kvh,
+                  const PagedKVView& V, float* m, double* l, float* o) {
+  softmaxChunk<kSimd, G>(s, sStride, a, b, m, l);
+  weightedValues<VT, kSimd, G>(s, sStride, a, b, kvh, V, o);
 }
+
+// Merges the chunks of `count` heads (partials in chunk order: m[c * count + g], l likewise,
+// o[(c * count + g) * D + d]) into out (count rows of D floats): with M the largest chunk max and
+// w_c = exp(m_c - M), out = (sum_c w_c o_c, fma in chunk order, from 0) * float(1 / sum_c w_c l_c)
+// (the sum in double, in chunk order). One chunk gives w = 1 exactly, so out = o * 1/l.
+void mergeChunks(int32_t nChunks, int count, int32_t D, const float* m, const double* l,
+                 const float* o, float* out) {
+  for (int g = 0; g < count; ++g) {
+    float mx = m[g];
+    for (int32_t c = 1; c < nChunks; ++c) mx = std::max(mx, m[c * count + g]);
+    double sum = 0;
+    float* og = out + static_cast<size_t>(g) * D;
+    std::fill(og, og + D, 0.0f);
+    for (int32_t c = 0; c < nChunks; ++c) {
+      const float w = expNonPositive(m[c * count + g] - mx);
+      sum += static_cast<double>(w) * l[c * count + g];
+      const float* oc = o + (static_cast<size_t>(c) * count + g) * D;
+      for (int32_t d = 0; d < D; ++d) og[d] = std::fma(w, oc[d], og[d]);
+    }
+    const auto inv = static_cast<float>(1.0 / sum);
+    for (int32_t d = 0; d < D; ++d) og[d] *= inv;
+  }
+}
+
+// Chunk partials for keys [c * kChunk, min(n, (c + 1) * kChunk)), c in [c0, c1), into the
+// partial buffers (indexed by c - c0).
+template <KVDType VT, bool kSimd>
+void chunkPartials(int count, float* s, size_t sStride, int32_t n, int32_t c0, int32_t c1,
+                   int32_t kvh, const PagedKVView& V, float* m, double* l, float* o) {
+  const int32_t D = V.headDim;
+  for (int32_t c = c0; c < c1; ++c) {
+    const int32_t a = c * kAttentionChunkKeys, b = std::min(n, a + kAttentionChunkKeys);
+    const size_t i = static_cast<size_t>(c - c0) * count;
+    float* mc = m + i;
+    double* lc = l + i;
+    float* oc = o + i * D;
+    switch (count) {
+      case 4: chunkPartial<VT, kSimd, 4>(s, sStride, a, b, kvh, V, mc, lc, oc); break;
+      case 3: chunkPartial<VT, kSimd, 3>(s, sStride, a, b, kvh, V, mc, lc, oc); break;
+      case 2: chunkPartial<VT, kSimd, 2>(s, sStride, a, b, kvh, V, mc, lc, oc); break;
+      default: chunkPartial<VT, kSimd, 1>(s, sStride, a, b, kvh, V, mc, lc, oc); break;
+    }
+  }
+}
+
+// Per-thread buffers of chunk partials, grown once to the largest call.
+struct Partials {
+  std::vector<float> m, o;
+  std::vector<double> l;
+  void reserve(size_t entries, int32_t D) {
+    if (m.size() < entries) {
+      m.resize(entries);
+      l.resize(entries);
+    }
+    if (o.size() < entries * static_cast<size_t>(D)) o.resize(entries * static_cast<size_t>(D));
+  }
+};
 
 constexpr int kMaxGroup = kAttentionMaxGroup;
 constexpr int kTileTokens = kAttentionTileTokens;
@@ -378,15 +437,62 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
   }
   const int32_t subsPerKV = (group + sub - 1) / sub;
   const int64_t items = static_cast<int64_t>(nTiles) * nKV * subsPerKV;
-  // note: grows once per thread to the widest head; nothing is allocated in steady state.
-  const auto body = [&](int64_t it, int tid) {
+  const auto subGroup = [&](int32_t rest, int32_t subs, int32_t width, int32_t& kvh, int32_t& h0,
+                            int& count) {
+    kvh = rest / subs;
+    h0 = kvh * group + (rest % subs) * width;
+    count = std::min(width, kvh * group + group - h0);
+  };
+  const auto ensureKt = [D]() -> float* {
+    // note: grows once per thread to the widest head; nothing is allocated in steady state.
     thread_local std::vector<float> ktBuf;
     if (ktBuf.size() < static_cast<size_t>(D) * 16) ktBuf.resize(static_cast<size_t>(D) * 16);
+    return ktBuf.data();
+  };
+
+  // One decode token over several chunks of keys: the (head group, chunk) pieces are spread over
+  // the threads, then each head's chunks are merged in chunk order, the same arithmetic as the
+  // sequential path below, so the result does not depend on the thread count.
+  const int32_t nChunksDecode = (firstPos + nQ + kAttentionChunkKeys - 1) / kAttentionChunkKeys;
+  if (nQ == 1 && parallel && nChunksDecode > 1) {
+    const int width = std::min(group, kMaxGroup);
+    const int32_t subs = (group + width - 1) / width;
+    // note: a lambda does not capture a thread_local (the workers would see their own, empty
+    // ones), hence the reference.
+    thread_local Partials callerPartials;
+    Partials& shared = callerPartials;
+    shared.reserve(static_cast<size_t>(nHeads) * nChunksDecode, D);
+    const int32_t n = firstPos + 1;
+    pool.parallelFor(static_cast<int64_t>(nKV) * subs * nChunksDecode, [&](int64_t it, int tid) {
+      int32_t kvh, h0;
+      int count;
+      subGroup(static_cast<int32_t>(it / nChunksDecode), subs, width, kvh, h0, count);
+      const auto c = static_cast<int32_t>(it % nChunksDecode);
+      const int32_t a = c * kAttentionChunkKeys, b = std::min(n, a + kAttentionChunkKeys);
+      float* s = scratch + static_cast<size_t>(tid) * kMaxGroup * kTileTokens * stride;
+      const float* qs[kMaxGroup];
+      for (int g = 0; g < count; ++g) qs[g] = Q + static_cast<int64_t>(h0 + g) * D;
+      scoreRows<KT, kSimd>(qs, count, a, b, kvh, K, scale, s, stride, ensureKt());
+      const size_t at = static_cast<size_t>(h0) * nChunksDecode + static_cast<size_t>(c) * count;
+      chunkPartials<VT, kSimd>(count, s, stride, n, c, c + 1, kvh, V, shared.m.data() + at,
+                               shared.l.data() + at, shared.o.data() + at * D);
+    });
+    for (int32_t r = 0; r < nKV * subs; ++r) {
+      int32_t kvh, h0;
+      int count;
+      subGroup(r, subs, width, kvh, h0, count);
+      const size_t at = static_cast<size_t>(h0) * nChunksDecode;
+      mergeChunks(nChunksDecode, count, D, shared.m.data() + at, shared.l.data() + at,
+                  shared.o.data() + at * D, out + static_cast<int64_t>(h0) * D);
+    }
+    return;
+  }
+
+  const auto body = [&](int64_t it, int tid) {
     const auto tile = static_cast<int32_t>(it / (nKV * subsPerKV));
-    const auto rest = static_cast<int32_t>(it % (nKV * subsPerKV));
-    const int32_t kvh = rest / subsPerKV;
-    const int32_t h0 = kvh * group + (rest % subsPerKV) * sub;
-    const int count = std::min(sub, kvh * group + group - h0);
+    int32_t kvh, h0;
+    int count;
+    subGroup(static_cast<int32_t>(it % (nKV * subsPerKV)), subsPerKV, sub, kvh, h0, count);
     const int32_t i0 = tile * kTileTokens;
     const int32_t nt = std::min(kTileTokens, nQ - i0);
     float* s = scratch + static_cast<size_t>(tid) * kMaxGroup * kTileTokens * stride;
@@ -396,18 +502,18 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
         qs[t * count + g] = Q + ((static_cast<int64_t>(i0 + t) * nHeads) + h0 + g) * D;
       }
     }
-    scoreRows<KT, kSimd>(qs, nt * count, firstPos + i0 + nt, kvh, K, scale, s, stride,
-                         ktBuf.data());
+    scoreRows<KT, kSimd>(qs, nt * count, 0, firstPos + i0 + nt, kvh, K, scale, s, stride,
+                         ensureKt());
+    thread_local Partials partials;
     for (int t = 0; t < nt; ++t) {
       float* st = s + static_cast<size_t>(t) * count * stride;
-      float* o = out + (static_cast<int64_t>(i0 + t) * nHeads + h0) * D;
       const int32_t n = firstPos + i0 + t + 1;
-      switch (count) {
-        case 4: finishToken<VT, kSimd, 4>(st, stride, n, kvh, V, o); break;
-        case 3: finishToken<VT, kSimd, 3>(st, stride, n, kvh, V, o); break;
-        case 2: finishToken<VT, kSimd, 2>(st, stride, n, kvh, V, o); break;
-        default: finishToken<VT, kSimd, 1>(st, stride, n, kvh, V, o); break;
-      }
+      const int32_t nChunks = (n + kAttentionChunkKeys - 1) / kAttentionChunkKeys;
+      partials.reserve(static_cast<size_t>(nChunks) * count, D);
+      chunkPartials<VT, kSimd>(count, st, stride, n, 0, nChunks, kvh, V, partials.m.data(),
+                               partials.l.data(), partials.o.data());
+      mergeChunks(nChunks, count, D, partials.m.data(), partials.l.data(), partials.o.data(),
+                  out + (static_cast<int64_t>(i0 + t) * nHeads + h0) * D);
     }
   };
   if (!parallel) {

@@ -28,17 +28,26 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 // threads when there is enough work (see below), otherwise on the calling thread alone; the pool
 // is only borrowed for the call.
 //
-// Numerics (batch-invariant): each (token, head) is computed by one thread, independently of the
-// others: scores are 8-lane fma dot products (simd.h) times scale, the softmax subtracts the max
-// and sums exp() in key order in double, and each output dim accumulates p_j * V[j] with fma in
-// key order, then multiplies by 1/sum. So a token's output depends only on its query, its
-// position and the cached K/V, not on nQueryTokens, pool.size() or the instruction-set
-// level (isa.h; the AVX2 and scalar code agree to the bit).
+// Numerics (batch-invariant): for each (token, head), with keys taken in chunks of 256 positions
+// from position 0 (the last one partial):
+//   score_j = (fma chain over d = 0, 1, ... of q[d] * k_j[d], from 0) * scale;
+//   per chunk c: m_c = its largest score, e_j = exp(score_j - m_c) (the canonical polynomial of
+//   simd.h, within 2 ulp), l_c = sum of its e_j in double (8 lanes by j mod 8, then a fixed
+//   order), o_c[d] = sum of e_j * v_j[d] (fma in key order, from 0);
+//   merged in chunk order: with M = max m_c and w_c = exp(m_c - M),
+//   out[d] = (sum_c w_c o_c[d], fma from 0) * float(1 / sum_c w_c l_c)
+//   (one chunk: w = 1 exactly, out = o * 1/l).
+// So a token's output depends only on its query, its position and the cached K/V, not on
+// nQueryTokens, the other tokens, pool.size() or the instruction-set level (isa.h: every level
+// runs these operations, with keys or dims in the SIMD lanes, and agrees with the scalar code to
+// the bit).
 //
-// Work layout: one work item is (query token, KV head, up to 4 of its query heads), so each K/V
-// row is read and converted once for the heads that share it; items are spread over the pool's
-// threads (dynamic schedule) when there are at least ~16k multiply-adds. exp() is the canonical
-// polynomial of simd.h (within 2 ulp), vectorized.
+// Work layout: one work item is (up to 4 consecutive query tokens, KV head, up to 4 of its query
+// heads): each chunk of 8 (16 with AVX-512) K rows is converted and transposed once for the item's
+// query vectors, and each V row once for its heads. A single decode token past one chunk of keys
+// is instead split into (head group, chunk) items, merged afterwards, so both threads of a small
+// machine work on one long sequence. Items are spread over the pool's threads (dynamic schedule)
+// when there are at least ~16k multiply-adds.
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
                     int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
                     float scale, float* out, float* scratch);

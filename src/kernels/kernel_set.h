@@ -31,6 +31,10 @@ using PackedGroupsFn = void (*)(const PackedWeights& W, const QuantizedActivatio
 // the padded length of a row of attention scores; pagedAttentionScratchFloats is built from them.
 inline constexpr int kAttentionMaxGroup = 4;
 inline constexpr int kAttentionTileTokens = 4;
+// Keys are attended in chunks of this many positions (from position 0): each chunk's softmax and
+// weighted values are computed on their own and merged in chunk order (attention.h), so one decode
+// token's chunks can run on different threads.
+inline constexpr int32_t kAttentionChunkKeys = 256;
 inline size_t scoreStride(int32_t maxKeyTokens) {
   return (static_cast<size_t>(maxKeyTokens < 1 ? 1 : maxKeyTokens) + 15) / 16 * 16;
 }

@@ -133,6 +133,7 @@ const Shape kShapes[] = {
     {9, 3, 64, 70, 16},   // the default model's head layout
     {8, 1, 32, 150, 16},  // group of 8: split into sub-groups of heads per work item
     {2, 1, 24, 19, 16},   // head dim not a multiple of 16 (the 16-lane path falls back)
+    {3, 1, 64, 300, 16},  // two chunks of keys: merged per query, split over threads in decode
 };
 
 // Tolerance: outputs are convex combinations of V values (|V| <= 1). Scores carry float32 dot
@@ -179,12 +180,14 @@ TEST(Attention, MatchesDenseReference) {
 }
 
 // A token's output must be bit-identical whether it is computed in a prefill of the whole prompt,
-// in chunks of 3 or 17 tokens, or alone, on pools of 1, 2 or 3 threads, on both paths.
+// in chunks of 3 or 17 tokens, or alone (a decode step, whose key chunks run on several threads
+// past 256 keys), on pools of 1, 2 or 3 threads, on every level.
 TEST(Attention, BatchAndThreadInvariant) {
   ThreadPool reference(2);
   ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
-  const Shape shapes[] = {{9, 3, 64, 70, 16}, {8, 1, 32, 90, 16}, {4, 4, 16, 40, 4}};
-  for (int c = 0; c < 3 * 3; ++c) {
+  const Shape shapes[] = {
+      {9, 3, 64, 70, 16}, {8, 1, 32, 90, 16}, {4, 4, 16, 40, 4}, {3, 1, 64, 300, 16}};
+  for (int c = 0; c < 4 * 3; ++c) {
     const Shape& s = shapes[c / 3];
     const KVDType dt = std::array{KVDType::F32, KVDType::F16, KVDType::BF16}[c % 3];
     SCOPED_TRACE(testing::Message() << kv::toString(dt) << " heads " << s.nHeads);
@@ -205,15 +208,18 @@ TEST(Attention, BatchAndThreadInvariant) {
           const int32_t n = std::min(batch, s.tokens - t0);
           pagedAttention(pool, q.data() + t0 * rowFloats, n, t0, s.nHeads, K.view, V.view, 0.125f,
                          out.data(), scratch.data());
-          detail::kernelSet(Isa::Scalar).pagedAttention(pool, q.data() + t0 * rowFloats, n, t0,
-                                                        s.nHeads, K.view,
-                                       V.view, 0.125f, outScalar.data(), scratch.data());
           ASSERT_EQ(std::memcmp(out.data(), full.data() + t0 * rowFloats, 4 * n * rowFloats), 0)
               << "threads " << pool.size() << " batch " << batch << " at " << t0;
-          ASSERT_EQ(std::memcmp(outScalar.data(), full.data() + t0 * rowFloats,
-                                4 * n * rowFloats),
-                    0)
-              << "scalar path, threads " << pool.size() << " batch " << batch << " at " << t0;
+          for (Isa isa : supportedIsas()) {
+            detail::kernelSet(isa).pagedAttention(pool, q.data() + t0 * rowFloats, n, t0,
+                                                  s.nHeads, K.view, V.view, 0.125f,
+                                                  outScalar.data(), scratch.data());
+            ASSERT_EQ(std::memcmp(outScalar.data(), full.data() + t0 * rowFloats,
+                                  4 * n * rowFloats),
+                      0)
+                << toString(isa) << " level, threads " << pool.size() << " batch " << batch
+                << " at " << t0;
+          }
         }
       }
     }

@@ -192,8 +192,10 @@ def test_completion_stream_curl(server):
 
 
 def test_chat_openai_plain_and_stream(server):
+    # note: "What is the capital of France?" makes the first answer token a near-tie on this model
+    # (the int8 and f32 paths resolve it differently); this wording is not one.
     messages = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": "What is the capital of France?"}]
+                {"role": "user", "content": "Name the capital city of France."}]
     r = server.client.chat.completions.create(model="m", messages=messages, max_tokens=12,
                                               temperature=0)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
