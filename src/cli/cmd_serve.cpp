@@ -14,6 +14,7 @@
 #include "cli/commands.h"
 #include "cli/model_options.h"
 #include "engine/engine.h"
+#include "kernels/isa.h"
 #include "model/chat_template.h"
 #include "model/default_model.h"
 #include "model/llama.h"
@@ -83,6 +84,7 @@ void runServe(const ServeOptions& o) {
   }
   ec.numThreads = o.threads;
 
+  const kernels::Isa isa = kernels::activeIsa();  // a bad CORTEXSTREAM_ISA fails here
   auto llama = model::LlamaModel::load(o.modelPath, o.precision);
   const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(llama->file());
 
@@ -110,7 +112,8 @@ void runServe(const ServeOptions& o) {
   std::cerr << "model " << sc.servedModelName << ": KV cache " << stats.kv.totalBlocks
             << " blocks x " << stats.blockSizeTokens << " tokens ("
             << stats.kv.totalBytes / (1024 * 1024) << " MiB), max context "
-            << engine.maxContextTokens() << " tokens\n";
+            << engine.maxContextTokens() << " tokens; " << model::toString(o.precision)
+            << " matmuls on " << kernels::toString(isa) << " kernels\n";
   std::cerr << "listening on http://" << o.host << ":" << server.port() << std::endl;
 
   std::atomic<bool> stopped{false};

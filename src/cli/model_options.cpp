@@ -4,6 +4,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "kernels/isa.h"
+
 namespace cortex::cli {
 
 void addKvDtypeOption(CLI::App* cmd, kv::KVDType& dtype) {
@@ -41,6 +43,7 @@ Loaded loadModel(const ModelOptions& o) {
                              ": model file not found; run scripts/fetch_model.sh for the default "
                              "model or pass --model PATH");
   }
+  kernels::activeIsa();  // a bad CORTEXSTREAM_ISA fails here, before any work
   Loaded l;
   l.model = model::LlamaModel::load(o.modelPath, o.precision);
   l.tokenizer = std::make_unique<model::Tokenizer>(model::Tokenizer::fromGGUF(l.model->file()));

@@ -141,3 +141,29 @@ def test_tiny_models_against_the_reference(tmp_path, weight_type, tied):
     kl = mean_kl(ref.logits(ids), logits[:len(ids)])
     print(f"\n{weight_type}: mean KL(reference || int8) {kl:.2e}")
     assert kl < 0.01
+
+
+def test_every_kernel_level_gives_the_same_logits(tmp_path):
+    """CORTEXSTREAM_ISA forces a kernel level; every level the CPU has gives the same bits."""
+    dumps = {}
+    for level in ["scalar", "avx2", "avx-vnni", "avx512-vnni"]:
+        out = tmp_path / f"{level}.npy"
+        proc = subprocess.run([str(BIN), "generate", "--model", str(DEFAULT_MODEL), "--prompt",
+                               PROMPTS[0], "--temperature", "0", "--max-tokens", "4", "--json",
+                               "--dump-logits", str(out)], capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, CORTEXSTREAM_ISA=level))
+        if proc.returncode != 0:
+            assert "does not support it" in proc.stderr, proc.stderr
+            continue
+        dumps[level] = np.load(out)
+    assert "scalar" in dumps and len(dumps) >= 2, sorted(dumps)
+    for level, logits in dumps.items():
+        assert np.array_equal(logits, dumps["scalar"]), level
+
+
+def test_an_unknown_kernel_level_is_refused_at_start():
+    proc = subprocess.run([str(BIN), "generate", "--model", str(DEFAULT_MODEL), "--prompt", "x"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, CORTEXSTREAM_ISA="sse9"))
+    assert proc.returncode == 1
+    assert "CORTEXSTREAM_ISA='sse9' is not a kernel level" in proc.stderr, proc.stderr
