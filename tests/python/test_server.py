@@ -484,7 +484,9 @@ def test_small_pool_preempts_and_keeps_outputs():
 def test_sigterm_finishes_running_request_then_exits_0():
     s = Server("--kv-cache-memory", "64MiB")
     try:
-        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0,
+        # note: long enough (a few seconds) that the request is still running when the second
+        # one arrives, however fast decoding is.
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0,
                            "stream": True, "ignore_eos": True})
         proc = subprocess.Popen(["curl", "-sS", "-N", s.url + "/v1/completions",
                                  "-H", "Content-Type: application/json", "--data-binary", body],
