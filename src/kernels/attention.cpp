@@ -113,114 +113,118 @@ void transposeChunk(const std::byte* row, int count, int64_t tokenBytes, int32_t
   }
 }
 
-// M query vectors against the 8 keys of a transposed chunk: one fma chain over d per (vector,
-// key), lanes = keys.
-template <int M>
-void scoreChunk(const float* const* qs, const float* kt, int32_t D, float scale, float* s,
-                size_t sStride, int count) {
-  __m256 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-  for (int32_t d = 0; d < D; ++d) {
-    const __m256 kv = _mm256_loadu_ps(kt + static_cast<size_t>(d) * 8);
-    for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(qs[m][d]), kv, acc[m]);
+// The SIMD widths the value and score loops run at, as one interface: 8 lanes (AVX2) and 16
+// lanes (AVX-512). Each lane is its own key or dim with its own chain of operations, so the width
+// never changes a bit.
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V loadf(const float* p) { return _mm256_loadu_ps(p); }
+  template <KVDType DT>
+  static V load(const std::byte* p) {
+    return load8<DT>(p);
   }
-  const __m256 sv = _mm256_set1_ps(scale);
-  for (int m = 0; m < M; ++m) {
-    const __m256 r = _mm256_mul_ps(acc[m], sv);
-    if (count == 8) {
-      _mm256_storeu_ps(s + m * sStride, r);
-    } else {
-      float tmp[8];
-      _mm256_storeu_ps(tmp, r);
-      std::copy(tmp, tmp + count, s + m * sStride);
-    }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void storeFirst(float* p, V v, int count) {
+    if (count == W) return store(p, v);
+    float tmp[W];
+    _mm256_storeu_ps(tmp, v);
+    std::copy(tmp, tmp + count, p);
   }
-}
+};
 #endif
 
 #if CS_ISA_LEVEL >= 3
-// The AVX-512 form of scoreChunk: 16 keys per vector (kt holds d * 16 + k). Each lane runs the
-// same fma chain as the 8-key form, so the bits are the same.
-template <int M>
-void scoreChunk16(const float* const* qs, const float* kt, int32_t D, float scale, float* s,
-                  size_t sStride, int count) {
-  __m512 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-  for (int32_t d = 0; d < D; ++d) {
-    const __m512 kv = _mm512_loadu_ps(kt + static_cast<size_t>(d) * 16);
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(qs[m][d]), kv, acc[m]);
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V loadf(const float* p) { return _mm512_loadu_ps(p); }
+  template <KVDType DT>
+  static V load(const std::byte* p) {
+    if constexpr (DT == KVDType::F32) {
+      return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+    } else if constexpr (DT == KVDType::F16) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    } else {
+      const __m512i v =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    }
   }
-  const __m512 sv = _mm512_set1_ps(scale);
-  const auto mask = static_cast<__mmask16>((1u << count) - 1u);
-  for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(s + m * sStride, mask, _mm512_mul_ps(acc[m], sv));
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void storeFirst(float* p, V v, int count) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1u), v);
+  }
+};
+#endif
+
+#if CS_KERNELS_AVX2
+// M query vectors against the L::W keys of a transposed chunk (kt holds d * L::W + k): one fma
+// chain over d per (vector, key), keys in the lanes; `count` keys are stored.
+template <class L, int M>
+void scoreChunk(const float* const* qs, const float* kt, int32_t D, float scale, float* s,
+                size_t sStride, int count) {
+  typename L::V acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = L::zero();
+  for (int32_t d = 0; d < D; ++d) {
+    const typename L::V kv = L::loadf(kt + static_cast<size_t>(d) * L::W);
+    for (int m = 0; m < M; ++m) acc[m] = L::fma(L::set1(qs[m][d]), kv, acc[m]);
+  }
+  const typename L::V sv = L::set1(scale);
+  for (int m = 0; m < M; ++m) L::storeFirst(s + m * sStride, L::mul(acc[m], sv), count);
 }
 
-// 16-bit or 32-bit K/V elements, 16 at a time, as floats.
-template <KVDType DT>
-__m512 load16(const std::byte* p) {
-  if constexpr (DT == KVDType::F32) {
-    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
-  } else if constexpr (DT == KVDType::F16) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  } else {
-    const __m512i v =
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-  }
+// The SIMD part of scoreRows (below) at width L: chunks of L::W keys, transposed 8 rows at a time.
+template <class L, KVDType KT>
+void scoreRowsSimd(const float* const* qs, int nv, int32_t a, int32_t b, int32_t kvh,
+                   const PagedKVView& K, float scale, float* s, size_t sStride, float* kt) {
+  const int32_t D = K.headDim;
+  const int64_t tokenBytes = K.tokenStride * static_cast<int64_t>(kBytes<KT>);
+  forKeyChunks<L::W>(K, kvh, a, b, [&](int32_t j, int count, const std::byte* row) {
+    for (int h = 0; h < L::W; h += 8) {
+      transposeChunk<KT>(row + h * tokenBytes, std::clamp(count - h, 0, 8), tokenBytes, D, kt + h,
+                         L::W);
+    }
+    for (int v0 = 0; v0 < nv; v0 += 8) {
+      float* sv = s + static_cast<size_t>(v0) * sStride + j;
+      const float* const* q = qs + v0;
+      switch (std::min(8, nv - v0)) {
+        case 8: scoreChunk<L, 8>(q, kt, D, scale, sv, sStride, count); break;
+        case 7: scoreChunk<L, 7>(q, kt, D, scale, sv, sStride, count); break;
+        case 6: scoreChunk<L, 6>(q, kt, D, scale, sv, sStride, count); break;
+        case 5: scoreChunk<L, 5>(q, kt, D, scale, sv, sStride, count); break;
+        case 4: scoreChunk<L, 4>(q, kt, D, scale, sv, sStride, count); break;
+        case 3: scoreChunk<L, 3>(q, kt, D, scale, sv, sStride, count); break;
+        case 2: scoreChunk<L, 2>(q, kt, D, scale, sv, sStride, count); break;
+        default: scoreChunk<L, 1>(q, kt, D, scale, sv, sStride, count); break;
+      }
+    }
+  });
 }
 #endif
 
 // Scores of nv query vectors (qs[v], headDim floats each) against keys [a, b) of KV head kvh:
 //   s[v * sStride + j] = (fma chain over d = 0, 1, ... of q_v[d] * k_j[d], from 0) * scale.
-// The SIMD paths transpose each chunk of 8 (AVX2) or 16 (AVX-512) K rows once (into kt, headDim *
-// 16 floats) and runs
-// the chains of up to 8 vectors side by side with keys in the lanes; same bits as the scalar path.
+// The SIMD paths (scoreRowsSimd) transpose each chunk of 8 (AVX2) or 16 (AVX-512) K rows once
+// (into kt, headDim * 16 floats) and run the chains of up to 8 vectors side by side with keys in
+// the lanes; same bits as the scalar path.
 template <KVDType KT, bool kSimd>
 void scoreRows(const float* const* qs, int nv, int32_t a, int32_t b, int32_t kvh,
                const PagedKVView& K, float scale, float* s, size_t sStride, float* kt) {
   const int32_t D = K.headDim;
   const int64_t tokenBytes = K.tokenStride * static_cast<int64_t>(kBytes<KT>);
 #if CS_ISA_LEVEL >= 3
-  if constexpr (kSimd) {
-    forKeyChunks<16>(K, kvh, a, b, [&](int32_t j, int count, const std::byte* row) {
-      transposeChunk<KT>(row, std::min(count, 8), tokenBytes, D, kt, 16);
-      transposeChunk<KT>(row + 8 * tokenBytes, std::max(count - 8, 0), tokenBytes, D, kt + 8, 16);
-      for (int v0 = 0; v0 < nv; v0 += 8) {
-        float* sv = s + static_cast<size_t>(v0) * sStride + j;
-        switch (std::min(8, nv - v0)) {
-          case 8: scoreChunk16<8>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 7: scoreChunk16<7>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 6: scoreChunk16<6>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 5: scoreChunk16<5>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 4: scoreChunk16<4>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 3: scoreChunk16<3>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 2: scoreChunk16<2>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          default: scoreChunk16<1>(qs + v0, kt, D, scale, sv, sStride, count); break;
-        }
-      }
-    });
-    return;
-  }
+  if constexpr (kSimd) return scoreRowsSimd<Lanes16, KT>(qs, nv, a, b, kvh, K, scale, s, sStride, kt);
 #elif CS_KERNELS_AVX2
-  if constexpr (kSimd) {
-    forKeyChunks<8>(K, kvh, a, b, [&](int32_t j, int count, const std::byte* row) {
-      transposeChunk<KT>(row, count, tokenBytes, D, kt, 8);
-      for (int v0 = 0; v0 < nv; v0 += 8) {
-        float* sv = s + static_cast<size_t>(v0) * sStride + j;
-        switch (std::min(8, nv - v0)) {
-          case 8: scoreChunk<8>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 7: scoreChunk<7>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 6: scoreChunk<6>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 5: scoreChunk<5>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 4: scoreChunk<4>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 3: scoreChunk<3>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          case 2: scoreChunk<2>(qs + v0, kt, D, scale, sv, sStride, count); break;
-          default: scoreChunk<1>(qs + v0, kt, D, scale, sv, sStride, count); break;
-        }
-      }
-    });
-    return;
-  }
+  if constexpr (kSimd) return scoreRowsSimd<Lanes8, KT>(qs, nv, a, b, kvh, K, scale, s, sStride, kt);
 #endif
   (void)kt;
   forKeyChunks<8>(K, kvh, a, b, [&](int32_t j, int count, const std::byte* row) {
@@ -274,6 +278,38 @@ void softmaxChunk(float* s, size_t sStride, int32_t a, int32_t b, float* m, doub
   }
 }
 
+#if CS_KERNELS_AVX2
+// The SIMD part of weightedValues (below) at width L: G x CV accumulators of L::W dims per pass over
+// the keys.
+template <class L, KVDType VT, int G>
+void weightedValuesSimd(const float* s, size_t sStride, int32_t a, int32_t b, int32_t kvh,
+                        const PagedKVView& V, float* out) {
+  const int32_t D = V.headDim;
+  // Vectors of dims per pass: as many accumulators as the registers hold (16 ymm, 32 zmm).
+  constexpr int CV = L::W == 8 ? (G == 1 ? 8 : G <= 3 ? 4 : 2) : (G <= 2 ? 8 : 4);
+  for (int32_t d0 = 0; d0 < D; d0 += L::W * CV) {
+    const int nv = std::min(CV, static_cast<int>((D - d0) / L::W));
+    typename L::V acc[G][CV];
+    for (int g = 0; g < G; ++g)
+      for (int k = 0; k < CV; ++k) acc[g][k] = L::zero();
+    forKeys(V, kvh, a, b, [&](int32_t j, const std::byte* row) {
+      const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
+      typename L::V vv[CV];
+      for (int k = 0; k < nv; ++k) {
+        vv[k] = L::template load<VT>(r + static_cast<size_t>(L::W * k) * kBytes<VT>);
+      }
+      for (int g = 0; g < G; ++g) {
+        const typename L::V p = L::set1(s[g * sStride + j]);
+        for (int k = 0; k < nv; ++k) acc[g][k] = L::fma(p, vv[k], acc[g][k]);
+      }
+    });
+    for (int g = 0; g < G; ++g) {
+      for (int k = 0; k < nv; ++k) L::store(out + g * D + d0 + L::W * k, acc[g][k]);
+    }
+  }
+}
+#endif
+
 // o[g][d] = sum_j p_gj * v_j[d] over keys j in [a, b) (fma in key order, from 0) for G query
 // heads of one token that share KV head kvh (o rows consecutive, headDim apart), so each V row is
 // loaded and converted once for all of them; every head's arithmetic is the same whatever G is.
@@ -282,53 +318,10 @@ void weightedValues(const float* s, size_t sStride, int32_t a, int32_t b, int32_
                     const PagedKVView& V, float* out) {
   const int32_t D = V.headDim;
 #if CS_ISA_LEVEL >= 3
-  // note: 16 dims per vector; each lane's chain over keys is the 8-lane code's, same bits.
-  if (kSimd && D % 16 == 0) {
-    constexpr int CV = G <= 2 ? 8 : 4;  // vectors of 16 dims per pass (G * CV accumulators)
-    for (int32_t d0 = 0; d0 < D; d0 += 16 * CV) {
-      const int nv = std::min(CV, static_cast<int>((D - d0) / 16));
-      __m512 acc[G][CV];
-      for (int g = 0; g < G; ++g)
-        for (int k = 0; k < CV; ++k) acc[g][k] = _mm512_setzero_ps();
-      forKeys(V, kvh, a, b, [&](int32_t j, const std::byte* row) {
-        const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
-        __m512 vv[CV];
-        for (int k = 0; k < nv; ++k) vv[k] = load16<VT>(r + static_cast<size_t>(16 * k) * kBytes<VT>);
-        for (int g = 0; g < G; ++g) {
-          const __m512 p = _mm512_set1_ps(s[g * sStride + j]);
-          for (int k = 0; k < nv; ++k) acc[g][k] = _mm512_fmadd_ps(p, vv[k], acc[g][k]);
-        }
-      });
-      for (int g = 0; g < G; ++g) {
-        for (int k = 0; k < nv; ++k) _mm512_storeu_ps(out + g * D + d0 + 16 * k, acc[g][k]);
-      }
-    }
-    return;
-  }
+  if (kSimd && D % 16 == 0) return weightedValuesSimd<Lanes16, VT, G>(s, sStride, a, b, kvh, V, out);
 #endif
 #if CS_KERNELS_AVX2
-  if constexpr (kSimd) {
-    constexpr int CV = G == 1 ? 8 : G <= 3 ? 4 : 2;  // vectors of dims per pass (G * CV accs)
-    for (int32_t d0 = 0; d0 < D; d0 += 8 * CV) {
-      const int nv = std::min(CV, static_cast<int>((D - d0) / 8));
-      __m256 acc[G][CV];
-      for (int g = 0; g < G; ++g)
-        for (int k = 0; k < CV; ++k) acc[g][k] = _mm256_setzero_ps();
-      forKeys(V, kvh, a, b, [&](int32_t j, const std::byte* row) {
-        const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
-        __m256 vv[CV];
-        for (int k = 0; k < nv; ++k) vv[k] = load8<VT>(r + static_cast<size_t>(8 * k) * kBytes<VT>);
-        for (int g = 0; g < G; ++g) {
-          const __m256 p = _mm256_set1_ps(s[g * sStride + j]);
-          for (int k = 0; k < nv; ++k) acc[g][k] = _mm256_fmadd_ps(p, vv[k], acc[g][k]);
-        }
-      });
-      for (int g = 0; g < G; ++g) {
-        for (int k = 0; k < nv; ++k) _mm256_storeu_ps(out + g * D + d0 + 8 * k, acc[g][k]);
-      }
-    }
-    return;
-  }
+  if constexpr (kSimd) return weightedValuesSimd<Lanes8, VT, G>(s, sStride, a, b, kvh, V, out);
 #endif
   for (int g = 0; g < G; ++g) {
     for (int32_t d0 = 0; d0 < D; d0 += 64) {
