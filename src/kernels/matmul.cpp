@@ -4,45 +4,17 @@
 
 #include "kernels/kernel_set.h"
 #include "kernels/matmul.h"
+#include "kernels/parallel_ranges.h"
 #include "kernels/simd.h"
 #include "kernels/thread_pool.h"
 
 namespace cortex::kernels::detail::CS_ISA_NS {
 namespace {
 
-// Below this many multiply-adds one thread does the whole product: waking the others costs more.
-constexpr int64_t kParallelMinMacs = 1 << 15;
-
-// Chunks per thread: a thread that gets the core late (a busy machine) leaves its chunks to the
-// others instead of stalling the whole product.
-constexpr int kChunksPerThread = 4;
-
-// Rows [begin, end) of chunk `chunk` of `nChunks`, in units of `unit` rows so tiles stay whole.
-void chunkRows(int64_t rows, int64_t unit, int64_t chunk, int64_t nChunks, int64_t& begin,
-               int64_t& end) {
-  const int64_t units = (rows + unit - 1) / unit;
-  const int64_t per = units / nChunks, extra = units % nChunks;
-  const int64_t u0 = chunk * per + std::min<int64_t>(chunk, extra);
-  const int64_t u1 = u0 + per + (chunk < extra ? 1 : 0);
-  begin = std::min(rows, u0 * unit);
-  end = std::min(rows, u1 * unit);
-}
-
 // Runs body(r0, r1) over row ranges covering [0, rows), in parallel when the product is big.
 template <class Body>
 void forRowChunks(ThreadPool& pool, int64_t rows, int64_t unit, int64_t macs, Body&& body) {
-  const int nThreads = pool.size();
-  if (macs < kParallelMinMacs || nThreads == 1) {
-    body(int64_t{0}, rows);
-    return;
-  }
-  const int64_t units = (rows + unit - 1) / unit;
-  const int64_t nChunks = std::min<int64_t>(units, int64_t{nThreads} * kChunksPerThread);
-  pool.parallelFor(nChunks, [&](int64_t chunk, int) {
-    int64_t r0, r1;
-    chunkRows(rows, unit, chunk, nChunks, r0, r1);
-    body(r0, r1);
-  });
+  forRanges(pool, rows, unit, macs >= kParallelMinMacs, body);
 }
 
 #if !CS_KERNELS_AVX2

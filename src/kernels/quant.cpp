@@ -10,31 +10,16 @@
 #include <sys/mman.h>
 
 #include "kernels/kernel_set.h"
+#include "kernels/parallel_ranges.h"
 
 namespace cortex::kernels {
 
 namespace {
 
-// Below this many multiply-adds one thread does the whole product: waking the others costs more.
-constexpr int64_t kParallelMinMacs = 1 << 15;
-// Chunks per thread, so a thread that gets its core late leaves its share to the others.
-constexpr int kChunksPerThread = 4;
-constexpr size_t kHugePage = size_t{2} << 20;
+using detail::forRanges;
+using detail::kParallelMinMacs;
 
-// Runs body(i0, i1) over ranges covering [0, n) on the pool's threads (or inline when small).
-template <class Body>
-void forRanges(ThreadPool& pool, int64_t n, bool parallel, Body&& body) {
-  if (!parallel || pool.size() == 1 || n < 2) {
-    body(int64_t{0}, n);
-    return;
-  }
-  const int64_t nChunks = std::min<int64_t>(n, int64_t{pool.size()} * kChunksPerThread);
-  pool.parallelFor(nChunks, [&](int64_t c, int) {
-    const int64_t per = n / nChunks, extra = n % nChunks;
-    const int64_t i0 = c * per + std::min(c, extra);
-    body(i0, i0 + per + (c < extra ? 1 : 0));
-  });
-}
+constexpr size_t kHugePage = size_t{2} << 20;
 
 }  // namespace
 
@@ -60,7 +45,7 @@ void quantizeActivations(ThreadPool& pool, const float* X, int64_t rows, int64_t
   out.resize(std::max<int64_t>(rows, 0), cols);
   if (rows <= 0) return;
   const detail::QuantizeRowsFn fn = detail::activeKernelSet().quantizeRows;
-  forRanges(pool, rows, rows * cols >= (1 << 16),
+  forRanges(pool, rows, 1, rows * cols >= (1 << 16),
             [&](int64_t r0, int64_t r1) { fn(X, r0, r1, out); });
 }
 
@@ -150,7 +135,7 @@ void matmul(ThreadPool& pool, const PackedWeights& W, const QuantizedActivations
   }
   if (X.rows <= 0) return;
   const detail::PackedGroupsFn fn = detail::activeKernelSet().packedGroups;
-  forRanges(pool, W.groups(), W.rows() * W.cols() * X.rows >= kParallelMinMacs,
+  forRanges(pool, W.groups(), 1, W.rows() * W.cols() * X.rows >= kParallelMinMacs,
             [&](int64_t g0, int64_t g1) { fn(W, X, Y, g0, g1); });
 }
 
