@@ -35,6 +35,7 @@
 #include "engine/sampler.h"
 #include "engine/scheduler.h"
 #include "kv/kv_cache.h"
+#include "kv/kv_events.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
 
@@ -48,6 +49,10 @@ struct EngineConfig {
   int32_t blockSizeTokens = 16;
   kv::KVDType kvDtype = kv::KVDType::F16;
   int32_t numThreads = 0;          // kernel threads, the step loop's included; 0: one per core
+  bool prefixCaching = true;       // keep and reuse the KV blocks of prompts already computed
+  // Called on the step loop after each step that changed the prefix cache, with what changed, in
+  // order. It must not block (hand the events to another thread).
+  std::function<void(std::vector<kv::KVEvent>&&)> kvEventListener;
 };
 
 // Failure injection for tests: called on the step loop before the forward pass of each step
