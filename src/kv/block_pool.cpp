@@ -25,9 +25,18 @@ BlockPool::BlockPool(int32_t numBlocks) : total_(numBlocks), numFree_(0) {
     throw KVError(KVErrc::InvalidArgument,
                   "a block pool needs at least 1 block, got " + std::to_string(numBlocks));
   }
-  refs_.assign(static_cast<size_t>(numBlocks), 0);
-  next_.assign(static_cast<size_t>(numBlocks), kNoBlock);
-  prev_.assign(static_cast<size_t>(numBlocks), kNoBlock);
+  const auto n = static_cast<size_t>(numBlocks);
+  refs_.assign(n, 0);
+  next_.assign(n, kNoBlock);
+  prev_.assign(n, kNoBlock);
+  queued_.assign(n, 0);
+  hashed_.assign(n, 0);
+  hash_.assign(n, 0);
+  // Load factor at most 1/2 keeps linear probes short.
+  size_t slots = 2;
+  while (slots < 2 * n) slots *= 2;
+  table_.assign(slots, kNoBlock);
+  tableMask_ = slots - 1;
   for (BlockId id = 0; id < numBlocks; ++id) pushFreeTail(id);
 }
 
@@ -48,24 +57,73 @@ void BlockPool::pushFreeTail(BlockId id) {
     head_ = id;
   }
   tail_ = id;
+  queued_[id] = 1;
   ++numFree_;
 }
 
-BlockId BlockPool::popFreeHead() {
-  const BlockId id = head_;
-  head_ = next_[id];
+void BlockPool::pushFreeHead(BlockId id) {
+  prev_[id] = kNoBlock;
+  next_[id] = head_;
   if (head_ != kNoBlock) {
-    prev_[head_] = kNoBlock;
+    prev_[head_] = id;
   } else {
-    tail_ = kNoBlock;
+    tail_ = id;
+  }
+  head_ = id;
+  queued_[id] = 1;
+  ++numFree_;
+}
+
+void BlockPool::unlinkFree(BlockId id) {
+  if (prev_[id] != kNoBlock) {
+    next_[prev_[id]] = next_[id];
+  } else {
+    head_ = next_[id];
+  }
+  if (next_[id] != kNoBlock) {
+    prev_[next_[id]] = prev_[id];
+  } else {
+    tail_ = prev_[id];
   }
   next_[id] = kNoBlock;
   prev_[id] = kNoBlock;
+  queued_[id] = 0;
   --numFree_;
-  return id;
 }
 
-void BlockPool::allocate(std::span<BlockId> out) {
+uint64_t BlockPool::mix(uint64_t h) {
+  // The hashes are already uniform; this only guards against structured keys in tests.
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdull;
+  h ^= h >> 33;
+  return h;
+}
+
+size_t BlockPool::findSlot(uint64_t hash) const {
+  size_t i = slotOf(hash);
+  while (table_[i] != kNoBlock && hash_[table_[i]] != hash) i = (i + 1) & tableMask_;
+  return i;
+}
+
+void BlockPool::eraseHash(BlockId id) {
+  size_t hole = findSlot(hash_[id]);
+  table_[hole] = kNoBlock;
+  // Backward-shift deletion: move later members of the probe run into the hole when their home
+  // slot does not lie strictly between the hole and them, so every lookup still finds them.
+  for (size_t j = (hole + 1) & tableMask_; table_[j] != kNoBlock; j = (j + 1) & tableMask_) {
+    const size_t home = slotOf(hash_[table_[j]]);
+    const bool homeBetween = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+    if (!homeBetween) {
+      table_[hole] = table_[j];
+      table_[j] = kNoBlock;
+      hole = j;
+    }
+  }
+  hashed_[id] = 0;
+  --numHashed_;
+}
+
+void BlockPool::allocate(std::span<BlockId> out, std::vector<uint64_t>* evicted) {
   if (out.empty()) throw KVError(KVErrc::InvalidArgument, "allocate: asked for 0 blocks");
   if (out.size() > static_cast<size_t>(numFree_)) {
     throw KVError(KVErrc::OutOfBlocks, "allocate: asked for " + std::to_string(out.size()) +
@@ -73,14 +131,20 @@ void BlockPool::allocate(std::span<BlockId> out) {
                                            std::to_string(total_) + " free");
   }
   for (BlockId& id : out) {
-    id = popFreeHead();
+    id = head_;
+    unlinkFree(id);
+    if (hashed_[id]) {
+      if (evicted != nullptr) evicted->push_back(hash_[id]);
+      eraseHash(id);
+      --numCached_;
+    }
     refs_[id] = 1;
   }
 }
 
-BlockId BlockPool::allocateOne() {
+BlockId BlockPool::allocateOne(std::vector<uint64_t>* evicted) {
   BlockId id = kNoBlock;
-  allocate(std::span<BlockId>(&id, 1));
+  allocate(std::span<BlockId>(&id, 1), evicted);
   return id;
 }
 
@@ -101,8 +165,13 @@ void BlockPool::free(std::span<const BlockId> ids) {
   }
   for (BlockId id : ids) {
     // note: a block listed twice reaches here twice; only the first visit may queue it.
-    const bool queued = prev_[id] != kNoBlock || head_ == id;
-    if (refs_[id] == 0 && !queued) pushFreeTail(id);
+    if (refs_[id] != 0 || queued_[id]) continue;
+    if (hashed_[id]) {
+      pushFreeTail(id);
+      ++numCached_;
+    } else {
+      pushFreeHead(id);
+    }
   }
 }
 
@@ -120,6 +189,77 @@ int32_t BlockPool::refCount(BlockId id) const {
   return refs_[id];
 }
 
+BlockId BlockPool::findCached(uint64_t hash) const { return table_[findSlot(hash)]; }
+
+void BlockPool::touch(BlockId id) {
+  checkId(id, "touch");
+  if (!hashed_[id]) {
+    throw KVError(KVErrc::InvalidArgument, "touch: block " + std::to_string(id) + " is not cached");
+  }
+  if (refs_[id] == 0) {
+    unlinkFree(id);
+    --numCached_;
+    refs_[id] = 1;
+  } else if (++refs_[id] == 2) {
+    ++numShared_;
+  }
+}
+
+bool BlockPool::setHash(BlockId id, uint64_t hash) {
+  checkId(id, "setHash");
+  if (refs_[id] == 0 || hashed_[id]) {
+    throw KVError(KVErrc::InvalidArgument, "setHash: block " + std::to_string(id) +
+                                               (refs_[id] == 0 ? " is free" : " is already hashed"));
+  }
+  const size_t slot = findSlot(hash);
+  if (table_[slot] != kNoBlock) return false;
+  table_[slot] = id;
+  hash_[id] = hash;
+  hashed_[id] = 1;
+  ++numHashed_;
+  return true;
+}
+
+void BlockPool::clearHash(BlockId id) {
+  checkId(id, "clearHash");
+  if (refs_[id] == 0) {
+    throw KVError(KVErrc::InvalidArgument, "clearHash: block " + std::to_string(id) + " is free");
+  }
+  if (hashed_[id]) eraseHash(id);
+}
+
+bool BlockPool::isHashed(BlockId id) const {
+  checkId(id, "isHashed");
+  return hashed_[id] != 0;
+}
+
+uint64_t BlockPool::blockHash(BlockId id) const {
+  checkId(id, "blockHash");
+  if (!hashed_[id]) {
+    throw KVError(KVErrc::InvalidArgument, "blockHash: block " + std::to_string(id) +
+                                               " has no hash");
+  }
+  return hash_[id];
+}
+
+int32_t BlockPool::evictAllCached(std::vector<uint64_t>* removed) {
+  int32_t evicted = 0;
+  for (BlockId id = head_; id != kNoBlock;) {
+    const BlockId next = next_[id];
+    if (hashed_[id]) {
+      if (removed != nullptr) removed->push_back(hash_[id]);
+      eraseHash(id);
+      --numCached_;
+      // Now an empty block: it moves to the head, where empty blocks are reused first.
+      unlinkFree(id);
+      pushFreeHead(id);
+      ++evicted;
+    }
+    id = next;
+  }
+  return evicted;
+}
+
 double BlockPool::fragmentation() const {
   if (numFree_ == 0) return 0.0;
   int32_t longest = 0;
@@ -133,7 +273,8 @@ double BlockPool::fragmentation() const {
 
 void BlockPool::dumpBlockMap(std::ostream& os) const {
   os << "Block map (" << total_ << " blocks: " << usedBlocks() << " used, " << numShared_
-     << " shared, " << numFree_ << " free; '.' free, 'X' used, 'S' shared)\n";
+     << " shared, " << numCached_ << " cached, " << numFree_ - numCached_
+     << " free; '.' free, 'C' cached, 'X' used, 'S' shared)\n";
   constexpr int32_t kPerLine = 64;
   for (BlockId id = 0; id < total_; ++id) {
     if (id % kPerLine == 0) {
@@ -141,7 +282,7 @@ void BlockPool::dumpBlockMap(std::ostream& os) const {
       os.width(6);
       os << id << " ";
     }
-    os << (refs_[id] == 0 ? '.' : refs_[id] == 1 ? 'X' : 'S');
+    os << (refs_[id] == 0 ? (hashed_[id] ? 'C' : '.') : refs_[id] == 1 ? 'X' : 'S');
   }
   os << "\n";
 }
@@ -186,6 +327,32 @@ void BlockPool::checkInvariants() const {
   if (shared != numShared_) {
     fail("shared count " + std::to_string(numShared_) + " but " + std::to_string(shared) +
          " blocks have ref > 1");
+  }
+  int32_t cached = 0;
+  int32_t hashed = 0;
+  for (BlockId id = 0; id < total_; ++id) {
+    if (queued_[id] != (refs_[id] == 0 ? 1 : 0)) {
+      fail("block " + std::to_string(id) + " queue flag disagrees with its ref count");
+    }
+    if (!hashed_[id]) continue;
+    ++hashed;
+    cached += refs_[id] == 0 ? 1 : 0;
+    if (findCached(hash_[id]) != id) {
+      fail("hashed block " + std::to_string(id) + " is not found under its hash");
+    }
+  }
+  int32_t inTable = 0;
+  for (BlockId id : table_) {
+    if (id == kNoBlock) continue;
+    ++inTable;
+    if (id < 0 || id >= total_ || !hashed_[id]) {
+      fail("the hash table holds block " + std::to_string(id) + ", which has no hash");
+    }
+  }
+  if (cached != numCached_ || hashed != numHashed_ || inTable != hashed) {
+    fail("cached count " + std::to_string(numCached_) + " (actual " + std::to_string(cached) +
+         "), hashed " + std::to_string(numHashed_) + " (actual " + std::to_string(hashed) +
+         ", in table " + std::to_string(inTable) + ")");
   }
 }
 

@@ -67,6 +67,17 @@ static int32_t blocksFromConfig(const KVCacheConfig& c) {
   return static_cast<int32_t>(n);
 }
 
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
 KVCache::KVCache(const KVCacheConfig& config)
     : config_(validated(config)), numBlocks_(blocksFromConfig(config_)), pool_(numBlocks_) {
   const int64_t B = config_.blockSizeTokens;
@@ -98,6 +109,16 @@ KVCache::KVCache(const KVCacheConfig& config)
   a.kBase = memory_;
   a.vBase = memory_ + halfBytes_;
   blockFill_.assign(static_cast<size_t>(numBlocks_), 0);
+  pendingCopyRefs_.assign(static_cast<size_t>(numBlocks_), 0);
+  if (config_.prefixCaching) {
+    blockTokens_.assign(static_cast<size_t>(numBlocks_) * static_cast<size_t>(B), 0);
+    blockParent_.assign(static_cast<size_t>(numBlocks_), 0);
+  }
+  // Everything that decides what a block holds, besides its tokens and the tokens before them.
+  hashRoot_ = splitmix64(config_.prefixHashSeed ^ splitmix64(
+      static_cast<uint64_t>(config_.dtype) << 48 ^ static_cast<uint64_t>(B) << 32 ^
+      static_cast<uint64_t>(config_.numLayers) << 16 ^ static_cast<uint64_t>(H) << 8 ^
+      static_cast<uint64_t>(D)));
 }
 
 KVCache::~KVCache() { std::free(memory_); }
@@ -163,7 +184,8 @@ int32_t KVCache::allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfSh
   s.blocks.resize(static_cast<size_t>(nBlocks));
   auto [it, inserted] = seqs_.emplace(seq, std::move(s));
   (void)inserted;
-  pool_.allocate(it->second.blocks);
+  pool_.allocate(it->second.blocks, &evictedScratch_);
+  noteEvicted();
   it->second.tokens = initialTokens;
   int32_t left = initialTokens;
   for (BlockId b : it->second.blocks) {
@@ -203,17 +225,32 @@ void KVCache::copyBlock(BlockId from, BlockId to, int32_t tokens) {
   }
 }
 
-int32_t KVCache::appendTokens(SeqId seq, int32_t n) {
+int32_t KVCache::appendTokens(SeqId seq, int32_t n) { return appendAndCopy(seq, n, true); }
+
+bool KVCache::tryAppendTokens(SeqId seq, int32_t n) { return appendAndCopy(seq, n, false) >= 0; }
+
+int32_t KVCache::appendAndCopy(SeqId seq, int32_t n, bool throwIfShort) {
+  PendingCopy copy;
+  int32_t first = 0;
+  {
+    std::lock_guard lock(mu_);
+    first = appendLocked(seq, n, throwIfShort, copy);
+  }
+  if (copy.from == kNoBlock) return first;
+  // note: the source keeps the reference taken for this copy, so no other sequence can be given
+  // its block until the copy is over; only this sequence's caller touches the destination.
+  copyBlock(copy.from, copy.to, copy.tokens);
   std::lock_guard lock(mu_);
-  return appendLocked(seq, n, true);
+  --pendingCopyRefs_[copy.from];
+  if (pool_.refCount(copy.from) == 1) {
+    liveTokens_ -= blockFill_[copy.from];
+    blockFill_[copy.from] = 0;
+  }
+  pool_.free(copy.from);
+  return first;
 }
 
-bool KVCache::tryAppendTokens(SeqId seq, int32_t n) {
-  std::lock_guard lock(mu_);
-  return appendLocked(seq, n, false) >= 0;
-}
-
-int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort) {
+int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort, PendingCopy& copy) {
   if (n <= 0) {
     throw KVError(KVErrc::InvalidArgument,
                   "appendTokens: n must be > 0, got " + std::to_string(n));
@@ -250,11 +287,11 @@ int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort) {
   if (fillInLast != 0 && pool_.refCount(s.blocks.back()) > 1) {
     // Copy on write: the partly filled last block is shared, and we are about to write into it.
     const BlockId shared = s.blocks.back();
-    const BlockId own = pool_.allocateOne();
-    copyBlock(shared, own, fillInLast);
+    const BlockId own = pool_.allocateOne(&evictedScratch_);
+    copy = PendingCopy{shared, own, fillInLast};
+    ++pendingCopyRefs_[shared];  // this sequence's reference now belongs to the copy
     blockFill_[own] = fillInLast;
     liveTokens_ += fillInLast;
-    pool_.free(shared);
     s.blocks.back() = own;
   }
   int32_t left = n;
@@ -266,7 +303,7 @@ int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort) {
   if (left > 0) {
     const size_t oldSize = s.blocks.size();
     s.blocks.resize(oldSize + static_cast<size_t>(blocksForTokens(left)));
-    pool_.allocate(std::span<BlockId>(s.blocks).subspan(oldSize));
+    pool_.allocate(std::span<BlockId>(s.blocks).subspan(oldSize), &evictedScratch_);
     for (size_t i = oldSize; i < s.blocks.size(); ++i) {
       blockFill_[s.blocks[i]] = std::min(left, B);
       left -= blockFill_[s.blocks[i]];
@@ -274,6 +311,7 @@ int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort) {
   }
   s.tokens += n;
   liveTokens_ += n;
+  noteEvicted();
   return first;
 }
 
@@ -304,35 +342,224 @@ void KVCache::truncate(SeqId seq, int32_t tokens) {
     throw KVError(KVErrc::InvalidArgument,
                   "truncate: " + seqName(seq) + " would cut inside a shared block");
   }
-  for (size_t i = keepBlocks; i < s.blocks.size(); ++i) {
-    const BlockId b = s.blocks[i];
+  releaseBlocksLocked(std::vector<BlockId>(s.blocks.begin() + static_cast<long>(keepBlocks),
+                                           s.blocks.end()));
+  s.blocks.resize(keepBlocks);
+  s.hashes.resize(std::min(s.hashes.size(), static_cast<size_t>(tokens / B)));
+  if (pool_.refCount(last) == 1) {
+    liveTokens_ -= blockFill_[last] - lastFill;
+    blockFill_[last] = lastFill;
+    if (lastFill < B && pool_.isHashed(last)) {
+      // The block will be written again: its content no longer matches its hash.
+      evictedScratch_.push_back(pool_.blockHash(last));
+      pool_.clearHash(last);
+      noteEvicted();
+    }
+  }
+  s.tokens = tokens;
+}
+
+void KVCache::releaseBlocksLocked(const std::vector<BlockId>& blocks) {
+  for (BlockId b : blocks) {
     if (pool_.refCount(b) == 1) {
       liveTokens_ -= blockFill_[b];
       blockFill_[b] = 0;
     }
   }
-  pool_.free(std::span<const BlockId>(s.blocks).subspan(keepBlocks));
-  s.blocks.resize(keepBlocks);
-  if (pool_.refCount(last) == 1) {
-    liveTokens_ -= blockFill_[last] - lastFill;
-    blockFill_[last] = lastFill;
-  }
-  s.tokens = tokens;
+  // Last block first: the free queue then evicts a sequence's cached tail before its root.
+  const std::vector<BlockId> reversed(blocks.rbegin(), blocks.rend());
+  pool_.free(reversed);
 }
 
 bool KVCache::freeFor(SeqId seq) {
   std::lock_guard lock(mu_);
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return false;
-  for (BlockId b : it->second.blocks) {
-    if (pool_.refCount(b) == 1) {
-      liveTokens_ -= blockFill_[b];
-      blockFill_[b] = 0;
-    }
-  }
-  pool_.free(it->second.blocks);
+  releaseBlocksLocked(it->second.blocks);
   seqs_.erase(it);
   return true;
+}
+
+// --- prefix caching ------------------------------------------------------------------------------
+
+uint64_t KVCache::chainHash(uint64_t parent, const int32_t* tokens) const {
+  uint64_t h = splitmix64(parent);
+  for (int32_t i = 0; i < config_.blockSizeTokens; ++i) {
+    h = splitmix64(h ^ static_cast<uint32_t>(tokens[i]));
+  }
+  return h;
+}
+
+std::vector<uint64_t> KVCache::blockHashes(std::span<const int32_t> tokens) const {
+  const int32_t B = config_.blockSizeTokens;
+  std::vector<uint64_t> out;
+  uint64_t parent = hashRoot_;
+  for (size_t i = 0; (i + 1) * static_cast<size_t>(B) <= tokens.size(); ++i) {
+    parent = chainHash(parent, tokens.data() + i * static_cast<size_t>(B));
+    out.push_back(parent);
+  }
+  return out;
+}
+
+int32_t KVCache::lookupLocked(std::span<const int32_t> prefix, int32_t maxBlocks,
+                              std::vector<BlockId>* out, std::vector<uint64_t>* hashes) const {
+  if (!config_.prefixCaching) return 0;
+  const auto B = static_cast<size_t>(config_.blockSizeTokens);
+  const int32_t full = std::min(maxBlocks, static_cast<int32_t>(prefix.size() / B));
+  uint64_t parent = hashRoot_;
+  int32_t hits = 0;
+  for (; hits < full; ++hits) {
+    const int32_t* tokens = prefix.data() + static_cast<size_t>(hits) * B;
+    const uint64_t h = chainHash(parent, tokens);
+    const BlockId b = pool_.findCached(h);
+    if (b == kNoBlock || blockParent_[b] != parent ||
+        !std::equal(tokens, tokens + B, blockTokens_.begin() + static_cast<long>(b * B))) {
+      break;
+    }
+    if (out != nullptr) out->push_back(b);
+    if (hashes != nullptr) hashes->push_back(h);
+    parent = h;
+  }
+  return hits;
+}
+
+int32_t KVCache::cachedPrefixTokens(std::span<const int32_t> tokens) const {
+  std::lock_guard lock(mu_);
+  return lookupLocked(tokens, INT32_MAX, nullptr, nullptr) * config_.blockSizeTokens;
+}
+
+int32_t KVCache::blocksNeededToAllocate(std::span<const int32_t> prefix,
+                                        int32_t totalTokens) const {
+  if (totalTokens <= 0) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "blocksNeededToAllocate: totalTokens must be > 0, got " +
+                      std::to_string(totalTokens));
+  }
+  std::vector<BlockId> hits;
+  std::lock_guard lock(mu_);
+  lookupLocked(prefix, (totalTokens - 1) / config_.blockSizeTokens, &hits, nullptr);
+  int32_t cached = 0;
+  for (BlockId b : hits) cached += pool_.refCount(b) == 0 ? 1 : 0;
+  return blocksForTokens(totalTokens) - static_cast<int32_t>(hits.size()) + cached;
+}
+
+int32_t KVCache::tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefix,
+                                       int32_t totalTokens) {
+  if (totalTokens <= 0) {
+    throw KVError(KVErrc::InvalidArgument, "tryAllocateWithPrefix: totalTokens must be > 0, got " +
+                                               std::to_string(totalTokens));
+  }
+  const int32_t B = config_.blockSizeTokens;
+  Sequence s;
+  std::lock_guard lock(mu_);
+  if (seqs_.count(seq) != 0) {
+    throw KVError(KVErrc::SequenceExists, seqName(seq) + " is already allocated");
+  }
+  const int32_t hits = lookupLocked(prefix, (totalTokens - 1) / B, &s.blocks, &s.hashes);
+  const int32_t fresh = blocksForTokens(totalTokens) - hits;
+  int32_t cached = 0;
+  for (BlockId b : s.blocks) cached += pool_.refCount(b) == 0 ? 1 : 0;
+  if (fresh + cached > pool_.freeBlocks()) return -1;
+  // Allocations that can throw bad_alloc happen before the pool is touched.
+  s.blocks.resize(static_cast<size_t>(hits + fresh));
+  auto [it, inserted] = seqs_.emplace(seq, std::move(s));
+  (void)inserted;
+  std::vector<BlockId>& blocks = it->second.blocks;
+  // Hits first, so the allocation below cannot evict them.
+  for (int32_t i = 0; i < hits; ++i) {
+    const BlockId b = blocks[static_cast<size_t>(i)];
+    if (pool_.refCount(b) == 0) {
+      blockFill_[b] = B;
+      liveTokens_ += B;
+    }
+    pool_.touch(b);
+  }
+  pool_.allocate(std::span<BlockId>(blocks).subspan(static_cast<size_t>(hits)), &evictedScratch_);
+  noteEvicted();
+  int32_t left = totalTokens - hits * B;
+  for (size_t i = static_cast<size_t>(hits); i < blocks.size(); ++i) {
+    blockFill_[blocks[i]] = std::min(left, B);
+    left -= blockFill_[blocks[i]];
+  }
+  liveTokens_ += totalTokens - hits * B;
+  it->second.tokens = totalTokens;
+  return hits * B;
+}
+
+void KVCache::cacheComputedBlocks(SeqId seq, std::span<const int32_t> tokens) {
+  if (!config_.prefixCaching) return;
+  const auto B = static_cast<size_t>(config_.blockSizeTokens);
+  std::lock_guard lock(mu_);
+  Sequence& s = find(seq);
+  if (tokens.size() > static_cast<size_t>(s.tokens)) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "cacheComputedBlocks: " + std::to_string(tokens.size()) + " tokens given, " +
+                      seqName(seq) + " holds " + std::to_string(s.tokens));
+  }
+  const size_t full = tokens.size() / B;
+  if (s.hashes.size() >= full) return;
+  s.hashes.reserve(full);
+  KVEvent* stored = nullptr;  // the event of the current run of newly registered blocks
+  for (size_t i = s.hashes.size(); i < full; ++i) {
+    const uint64_t parent = i == 0 ? hashRoot_ : s.hashes[i - 1];
+    const int32_t* blockTokens = tokens.data() + i * B;
+    const uint64_t h = chainHash(parent, blockTokens);
+    const BlockId b = s.blocks[i];
+    s.hashes.push_back(h);
+    // note: a block already holding this content elsewhere stays unhashed; it is freed as an
+    // empty block and the other copy serves later hits.
+    if (!pool_.setHash(b, h)) {
+      stored = nullptr;
+      continue;
+    }
+    std::copy(blockTokens, blockTokens + B, blockTokens_.begin() + static_cast<long>(b * B));
+    blockParent_[b] = parent;
+    if (!recordEvents_) continue;
+    if (stored == nullptr) {
+      stored = &events_.emplace_back();
+      stored->kind = KVEvent::Kind::BlockStored;
+      stored->blockSizeTokens = config_.blockSizeTokens;
+      if (i > 0) stored->parentHash = parent;
+    }
+    stored->blockHashes.push_back(h);
+    stored->tokenIds.insert(stored->tokenIds.end(), blockTokens, blockTokens + B);
+  }
+}
+
+int32_t KVCache::resetPrefixCache() {
+  std::lock_guard lock(mu_);
+  const int32_t evicted = pool_.evictAllCached(&evictedScratch_);
+  if (recordEvents_ && pool_.hashedBlocks() == 0 && evicted > 0) {
+    evictedScratch_.clear();
+    KVEvent& e = events_.emplace_back();
+    e.kind = KVEvent::Kind::AllBlocksCleared;
+    e.blockSizeTokens = config_.blockSizeTokens;
+  }
+  noteEvicted();
+  return evicted;
+}
+
+void KVCache::noteEvicted() {
+  if (evictedScratch_.empty()) return;
+  if (recordEvents_) {
+    KVEvent& e = events_.emplace_back();
+    e.kind = KVEvent::Kind::BlockRemoved;
+    e.blockSizeTokens = config_.blockSizeTokens;
+    e.blockHashes = evictedScratch_;
+  }
+  evictedScratch_.clear();
+}
+
+void KVCache::recordEvents(bool on) {
+  std::lock_guard lock(mu_);
+  recordEvents_ = on;
+  if (!on) events_.clear();
+}
+
+void KVCache::takeEvents(std::vector<KVEvent>& out) {
+  std::lock_guard lock(mu_);
+  for (KVEvent& e : events_) out.push_back(std::move(e));
+  events_.clear();
 }
 
 int32_t KVCache::usedTokens(SeqId seq) const {
@@ -442,6 +669,7 @@ KVCacheStats KVCache::statsLocked() const {
   st.usedBlocks = pool_.usedBlocks();
   st.freeBlocks = pool_.freeBlocks();
   st.sharedBlocks = pool_.sharedBlocks();
+  st.cachedBlocks = pool_.cachedBlocks();
   st.numSequences = static_cast<int32_t>(seqs_.size());
   st.liveTokens = liveTokens_;
   st.allocatedTokenSlots = static_cast<int64_t>(st.usedBlocks) * config_.blockSizeTokens;
@@ -492,7 +720,7 @@ void KVCache::dumpCacheStats(std::ostream& os) const {
      << " bytes)\n"
      << "Total blocks: " << st.totalBlocks << "\n"
      << "Used blocks: " << st.usedBlocks << " (" << st.sharedBlocks << " shared)\n"
-     << "Free blocks: " << st.freeBlocks << "\n"
+     << "Free blocks: " << st.freeBlocks << " (" << st.cachedBlocks << " of them cached)\n"
      << "Total memory: " << static_cast<double>(st.totalBytes) / kMiB << " MiB\n"
      << "Allocated: " << static_cast<double>(st.allocatedBytes) / kMiB << " MiB\n"
      << "Free: " << static_cast<double>(st.freeBytes) / kMiB << " MiB\n"
@@ -536,6 +764,20 @@ void KVCache::checkInvariants() const {
       const BlockId b = s.blocks[i];
       if (b < 0 || b >= numBlocks_) fail(seqName(id) + " holds invalid block " + std::to_string(b));
       ++owners[b];
+      if (i < s.hashes.size()) {
+        if (static_cast<int64_t>(i + 1) * B > s.tokens) {
+          fail(seqName(id) + " has a hash for its partly filled block " + std::to_string(i));
+        }
+        if (pool_.isHashed(b) &&
+            (pool_.blockHash(b) != s.hashes[i] ||
+             blockParent_[b] != (i == 0 ? hashRoot_ : s.hashes[i - 1]))) {
+          fail("block " + std::to_string(b) + "'s hash or parent is not " + seqName(id) +
+               "'s chain at block " + std::to_string(i));
+        }
+      } else if (pool_.isHashed(b)) {
+        fail(seqName(id) + " holds hashed block " + std::to_string(b) + " at unhashed position " +
+             std::to_string(i));
+      }
       const int32_t expectFill =
           i + 1 < s.blocks.size() ? B : s.tokens - static_cast<int32_t>(i) * B;
       if (blockFill_[b] != expectFill) {
@@ -546,11 +788,12 @@ void KVCache::checkInvariants() const {
   }
   int64_t live = 0;
   for (BlockId b = 0; b < numBlocks_; ++b) {
-    if (pool_.refCount(b) != owners[b]) {
+    if (pool_.refCount(b) != owners[b] + pendingCopyRefs_[b]) {
       fail("block " + std::to_string(b) + " has ref count " + std::to_string(pool_.refCount(b)) +
-           " but " + std::to_string(owners[b]) + " block tables hold it");
+           " but " + std::to_string(owners[b]) + " block tables and " +
+           std::to_string(pendingCopyRefs_[b]) + " copies hold it");
     }
-    if (owners[b] == 0 && blockFill_[b] != 0) {
+    if (pool_.refCount(b) == 0 && blockFill_[b] != 0) {
       fail("free block " + std::to_string(b) + " records " + std::to_string(blockFill_[b]) +
            " tokens");
     }

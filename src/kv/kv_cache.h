@@ -18,6 +18,15 @@
 // reserved. A view (and its block-table pointer) stays valid until the next bookkeeping call that
 // changes the same sequence (append/free); the engine calls those from one thread per sequence.
 //
+// Prefix caching (on unless config.prefixCaching is false): once the forward pass has written a
+// sequence's positions, cacheComputedBlocks gives each full block a hash chained from the hash of
+// the block before it and its own token ids (block i's hash covers tokens [0, (i + 1) * B)). A
+// later sequence whose first tokens are the same finds those blocks (cachedPrefixTokens) and is
+// created on them (tryAllocateWithPrefix) instead of computing them again. Freed hashed blocks
+// stay cached, evictable in LRU order (BlockPool); a sequence's blocks are freed last block first,
+// so a prefix's root is evicted last. A hit is verified against the block's stored token ids and
+// parent hash, so a hash collision can only mislead through a collision of the parent chain.
+//
 // Errors: every failure throws KVError (kv_error.h) and leaves the cache unchanged.
 #pragma once
 
@@ -33,6 +42,7 @@
 #include "kv/block_pool.h"
 #include "kv/kv_error.h"
 #include "kv/kv_config.h"
+#include "kv/kv_events.h"
 #include "kv/paged_view.h"
 #include "kv/spin_mutex.h"
 
@@ -51,6 +61,8 @@ struct KVCacheStats {
   int32_t usedBlocks = 0;
   int32_t freeBlocks = 0;
   int32_t sharedBlocks = 0;        // blocks with more than one owner
+  int32_t cachedBlocks = 0;        // no owner, holding a cached prefix: counted in freeBlocks too
+                                   // (an allocation may evict them)
   int32_t numSequences = 0;
   int64_t liveTokens = 0;          // token slots holding a token (each physical slot once)
   int64_t allocatedTokenSlots = 0; // usedBlocks * blockSizeTokens
@@ -100,7 +112,9 @@ class KVCache {
   // block). Throws UnknownSequence, InvalidArgument.
   int32_t blocksNeededToAppend(SeqId seq, int32_t n) const;
   // Makes `dst` a copy of `src` that shares all of src's blocks (ref counts +1, no bytes copied,
-  // no block taken). Throws UnknownSequence (src), SequenceExists (dst).
+  // no block taken). Throws UnknownSequence (src), SequenceExists (dst). The first append to
+  // either copies their shared, partly filled last block (copy on write); that copy of bytes runs
+  // outside the cache's lock.
   void fork(SeqId src, SeqId dst);
   // Keeps positions [0, tokens) of `seq` (1 <= tokens <= usedTokens) and releases the blocks past
   // them. Throws UnknownSequence, or InvalidArgument for a bad count or when the cut falls inside
@@ -109,6 +123,36 @@ class KVCache {
   // Releases `seq`'s blocks (shared blocks stay with their other owners). Unknown ids are
   // ignored: freeing twice is harmless. Returns whether the sequence existed.
   bool freeFor(SeqId seq);
+
+  // --- prefix caching --------------------------------------------------------------------------
+  bool prefixCaching() const { return config_.prefixCaching; }
+  // Tokens of the longest cached prefix of `tokens`: whole blocks only, so at most
+  // tokens.size() rounded down to a block. Looks, changes nothing. 0 when caching is off.
+  int32_t cachedPrefixTokens(std::span<const int32_t> tokens) const;
+  // Blocks that tryAllocateWithPrefix(seq, prefix, totalTokens) would take from the free queue:
+  // fresh blocks beyond the hit ones, plus hit blocks that are cached (they leave the queue).
+  int32_t blocksNeededToAllocate(std::span<const int32_t> prefix, int32_t totalTokens) const;
+  // Creates `seq` with positions [0, totalTokens) (>= 1), its first blocks being the cached
+  // prefix of `prefix` (as cachedPrefixTokens finds it, at most totalTokens - 1 tokens so one is
+  // left to compute) and the rest fresh, all or nothing. Returns the cached tokens (a multiple of
+  // the block size, possibly 0), or -1 with nothing changed when the pool is short. Throws
+  // SequenceExists, InvalidArgument.
+  int32_t tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefix, int32_t totalTokens);
+  // Records that positions [0, tokens.size()) of `seq` are computed (their K/V written), with
+  // their token ids: every full block among them not hashed yet gets its hash and can be hit. Only
+  // the tokens of newly full blocks are read. No-op when caching is off. Throws UnknownSequence,
+  // InvalidArgument (more tokens than the sequence holds).
+  void cacheComputedBlocks(SeqId seq, std::span<const int32_t> tokens);
+  // Evicts every cached block (blocks in use keep their hashes). Returns how many.
+  int32_t resetPrefixCache();
+  // Turns event recording on or off (off at construction); while on, every store, eviction and
+  // reset is recorded until takeEvents collects it.
+  void recordEvents(bool on);
+  // Moves the events recorded since the last call into `out` (appended, oldest first).
+  void takeEvents(std::vector<KVEvent>& out);
+  // The chained hash of `tokens`' full blocks, as this cache computes it (block i covers tokens
+  // [0, (i + 1) * B)). For tests and tools.
+  std::vector<uint64_t> blockHashes(std::span<const int32_t> tokens) const;
 
   int32_t usedTokens(SeqId seq) const;
   // Offset inside the last block where the next appended token goes (usedTokens % blockSize).
@@ -159,18 +203,29 @@ class KVCache {
   // Statistics (configuration, blocks, bytes, sequences, live tokens, utilization,
   // fragmentation), then every sequence's block table, one line each.
   void dumpCacheStats(std::ostream& os) const;
-  // The pool's block map ('.' free, 'X' used, 'S' shared).
+  // The pool's block map ('.' free, 'C' cached, 'X' used, 'S' shared).
   void dumpBlockMap(std::ostream& os) const;
 
   // Verifies: pool invariants; each block's ref count equals the number of block tables holding
   // it; each table has exactly blocksForTokens(usedTokens) blocks; per-block fill counts agree with
-  // every owner and sum to the live-token count; bytes allocated + free = arena. Throws
-  // KVError{InvariantViolated}.
+  // every owner and sum to the live-token count; bytes allocated + free = arena; a hashed block
+  // sits in every table that holds it at a position whose chained hash is its own, and stores
+  // the token ids of that position's block. Throws KVError{InvariantViolated}.
   void checkInvariants() const;
 
  private:
   struct Sequence {
     std::vector<BlockId> blocks;
+    int32_t tokens = 0;
+    // Chained hashes of the first hashes.size() blocks (full and computed). A block may hold its
+    // hash (BlockPool::isHashed) or not (another block registered the same content first).
+    std::vector<uint64_t> hashes;
+  };
+  // A copy on write planned under the lock and done outside it: the source block keeps the
+  // reference taken for it until the copy is over.
+  struct PendingCopy {
+    BlockId from = kNoBlock;
+    BlockId to = kNoBlock;
     int32_t tokens = 0;
   };
 
@@ -180,7 +235,15 @@ class KVCache {
   int32_t blocksNeededLocked(const Sequence& s, int32_t n) const;
   void copyBlock(BlockId from, BlockId to, int32_t tokens);
   int32_t allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfShort);
-  int32_t appendLocked(SeqId seq, int32_t n, bool throwIfShort);  // -1: too few free blocks
+  // -1: too few free blocks. A needed copy on write is left in `copy` for the caller to finish.
+  int32_t appendLocked(SeqId seq, int32_t n, bool throwIfShort, PendingCopy& copy);
+  int32_t appendAndCopy(SeqId seq, int32_t n, bool throwIfShort);
+  uint64_t chainHash(uint64_t parent, const int32_t* tokens) const;
+  // Hit blocks of `prefix` (at most maxBlocks), verified; appended to `out` when given.
+  int32_t lookupLocked(std::span<const int32_t> prefix, int32_t maxBlocks,
+                       std::vector<BlockId>* out, std::vector<uint64_t>* hashes) const;
+  void releaseBlocksLocked(const std::vector<BlockId>& blocks);  // last block first
+  void noteEvicted();  // turns evictedScratch_ into a BlockRemoved event
   void slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, std::span<TokenSlot> out) const;
   KVCacheStats statsLocked() const;
 
@@ -196,6 +259,13 @@ class KVCache {
   std::vector<int32_t> blockFill_;  // tokens stored in each physical block
   int64_t liveTokens_ = 0;
   std::unordered_map<SeqId, Sequence> seqs_;
+  uint64_t hashRoot_ = 0;               // parent hash of every sequence's first block
+  std::vector<int32_t> blockTokens_;    // token ids held by each hashed block (B per block)
+  std::vector<uint64_t> blockParent_;   // parent hash of each hashed block
+  std::vector<int32_t> pendingCopyRefs_;  // references held by copies on write in flight
+  bool recordEvents_ = false;
+  std::vector<KVEvent> events_;
+  std::vector<uint64_t> evictedScratch_;
 };
 
 }  // namespace cortex::kv

@@ -23,6 +23,12 @@ struct KVCacheConfig {
   uint64_t memoryBudgetBytes = 0;
   KVDType dtype = KVDType::F16;
   KVLayout layout = KVLayout::LayerMajor;
+  // Prefix caching: full blocks of computed tokens are kept, under a hash chained from the
+  // sequence's start, for later sequences with the same tokens (KVCache::cacheComputedBlocks).
+  bool prefixCaching = true;
+  // Mixed into every block hash with the storage format and block size: whatever else decides a
+  // block's content (the model). Caches with different seeds never share a hash.
+  uint64_t prefixHashSeed = 0;
 };
 
 // Bytes of K and V that one token takes across all layers, and that one block takes. The one
