@@ -7,7 +7,8 @@
 
 #include <algorithm>
 #include <iterator>
-#include <map>
+#include <list>
+#include <optional>
 #include <random>
 #include <sstream>
 
@@ -191,41 +192,109 @@ TEST(BlockPool, EvictAllCachedKeepsBlocksInUse) {
   pool.checkInvariants();
 }
 
-// The open-addressing table under many inserts and deletes that collide: every hash stays
-// findable after the backward-shift deletes around it.
-TEST(BlockPool, HashTableSurvivesChurn) {
-  constexpr int32_t kBlocks = 64;
+// Property test: random allocate / setHash / hit / free / evict sequences against a naive model of
+// the documented policy (a list for the free queue, linear scans for lookups). Keys share their low
+// bits, so the open-addressing table's probes collide and its backward-shift deletes are exercised.
+TEST(BlockPool, PrefixCachingMatchesANaiveModel) {
+  constexpr int32_t kBlocks = 48;
+  struct Naive {
+    std::vector<int32_t> refs = std::vector<int32_t>(kBlocks, 0);
+    std::vector<std::optional<uint64_t>> hash = std::vector<std::optional<uint64_t>>(kBlocks);
+    std::list<BlockId> queue;  // head first
+    BlockId find(uint64_t h) const {
+      for (BlockId b = 0; b < kBlocks; ++b) {
+        if (hash[b] == h) return b;
+      }
+      return kNoBlock;
+    }
+  } model;
+  for (BlockId b = 0; b < kBlocks; ++b) model.queue.push_back(b);
   BlockPool pool(kBlocks);
   std::mt19937_64 rng(7);
-  std::map<uint64_t, BlockId> reference;
-  for (int round = 0; round < 4000; ++round) {
-    if (pool.freeBlocks() > 0 && (rng() % 3 != 0 || reference.empty())) {
+  auto uniform = [&](uint64_t n) { return static_cast<size_t>(rng() % n); };
+  std::vector<BlockId> owned;  // one entry per reference this test holds
+  int evictions = 0, hits = 0, duplicates = 0;
+  for (int round = 0; round < 6000; ++round) {
+    const size_t op = uniform(10);
+    if (op < 3 && !model.queue.empty()) {  // allocate (may evict)
       std::vector<uint64_t> evicted;
       const BlockId b = pool.allocateOne(&evicted);
-      for (uint64_t h : evicted) reference.erase(h);
-      // Keys that share their low bits, so probes collide.
-      const uint64_t h = (rng() % 512) << 40;
-      if (pool.setHash(b, h)) {
-        EXPECT_EQ(reference.count(h), 0u);
-        reference[h] = b;
-      }
-      if (rng() % 2 == 0) pool.free(b);  // cached (or empty when unhashed)
-    } else {
-      auto it = reference.begin();
-      std::advance(it, static_cast<long>(rng() % reference.size()));
-      const BlockId b = it->second;
-      if (pool.refCount(b) > 0) {
-        pool.clearHash(b);
-        pool.free(b);
-        reference.erase(it);
+      const BlockId expect = model.queue.front();
+      model.queue.pop_front();
+      ASSERT_EQ(b, expect);
+      if (model.hash[b]) {
+        ASSERT_EQ(evicted, (std::vector<uint64_t>{*model.hash[b]}));
+        model.hash[b].reset();
+        ++evictions;
       } else {
-        pool.touch(b);
+        ASSERT_TRUE(evicted.empty());
       }
+      model.refs[b] = 1;
+      owned.push_back(b);
+    } else if (op < 5 && !owned.empty()) {  // give a held, unhashed block a hash
+      const BlockId b = owned[uniform(owned.size())];
+      if (model.hash[b]) continue;
+      const uint64_t h = uniform(256) << 40;
+      const bool fresh = model.find(h) == kNoBlock;
+      ASSERT_EQ(pool.setHash(b, h), fresh);
+      if (fresh) {
+        model.hash[b] = h;
+      } else {
+        ++duplicates;
+      }
+    } else if (op < 7) {  // look up a hash and hit it
+      const uint64_t h = uniform(256) << 40;
+      const BlockId b = pool.findCached(h);
+      ASSERT_EQ(b, model.find(h));
+      if (b == kNoBlock) continue;
+      pool.touch(b);
+      if (model.refs[b]++ == 0) model.queue.remove(b);
+      owned.push_back(b);
+      ++hits;
+    } else if (op < 9 && !owned.empty()) {  // free a few references, in a random order
+      std::shuffle(owned.begin(), owned.end(), rng);
+      const size_t n = 1 + uniform(std::min<size_t>(owned.size(), 4));
+      std::vector<BlockId> ids(owned.end() - static_cast<long>(n), owned.end());
+      owned.resize(owned.size() - n);
+      pool.free(ids);
+      for (BlockId b : ids) {
+        if (--model.refs[b] != 0 || std::find(model.queue.begin(), model.queue.end(), b) !=
+                                        model.queue.end()) {
+          continue;
+        }
+        if (model.hash[b]) {
+          model.queue.push_back(b);
+        } else {
+          model.queue.push_front(b);
+        }
+      }
+    } else if (uniform(20) == 0) {  // evict everything cached
+      std::vector<uint64_t> removed;
+      int32_t expect = 0;
+      for (BlockId b : std::vector<BlockId>(model.queue.begin(), model.queue.end())) {
+        if (!model.hash[b]) continue;
+        model.hash[b].reset();
+        model.queue.remove(b);
+        model.queue.push_front(b);
+        ++expect;
+      }
+      ASSERT_EQ(pool.evictAllCached(&removed), expect);
+      ASSERT_EQ(removed.size(), static_cast<size_t>(expect));
     }
-    for (const auto& [h, b] : reference) ASSERT_EQ(pool.findCached(h), b);
-    if (round % 97 == 0) pool.checkInvariants();
+    ASSERT_EQ(pool.freeListOrder(), std::vector<BlockId>(model.queue.begin(), model.queue.end()))
+        << "round " << round;
+    int32_t cached = 0;
+    for (BlockId b = 0; b < kBlocks; ++b) {
+      ASSERT_EQ(pool.refCount(b), model.refs[b]);
+      ASSERT_EQ(pool.isHashed(b), model.hash[b].has_value());
+      cached += model.refs[b] == 0 && model.hash[b] ? 1 : 0;
+    }
+    ASSERT_EQ(pool.cachedBlocks(), cached);
+    pool.checkInvariants();
   }
-  pool.checkInvariants();
+  EXPECT_GT(evictions, 15);
+  EXPECT_GT(hits, 50);
+  EXPECT_GT(duplicates, 10);
 }
 
 TEST(BlockPool, RejectsEmptyPool) {
