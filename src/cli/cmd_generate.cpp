@@ -128,8 +128,8 @@ void runChat(const ChatOptions& o) {
   std::cerr << "CortexStream chat: type a message; /reset clears the history, /exit or Ctrl-D "
                "quits.\n";
   engine::SamplingParams sampling = o.sampling;
-  // The conversation is one engine session: each turn reuses the KV of the turns before it.
-  uint64_t session = 1;
+  // Each turn sends the whole conversation; the prefix cache holds the turns before it, so only
+  // the new message (and the tail of the last block) is computed.
   std::string line;
   while (true) {
     std::cerr << "> " << std::flush;
@@ -137,12 +137,10 @@ void runChat(const ChatOptions& o) {
     if (line.empty()) continue;
     if (line == "/reset") {
       messages.resize(o.system.empty() ? 0 : 1);
-      ++session;
       continue;
     }
     messages.push_back({"user", line});
     engine::RequestParams req;
-    req.session = session;
     req.promptTokens = l.tokenizer->encode(model::applyChatTemplate(tmpl, messages, true), true,
                                            true);
     req.sampling = sampling;

@@ -97,7 +97,7 @@ std::optional<RequestEvent> RequestStream::next(std::chrono::milliseconds timeou
   if (!cv_.wait_for(lock, timeout, [&] { return !events_.empty(); })) return std::nullopt;
   RequestEvent e = std::move(events_.front());
   events_.pop_front();
-  if (e.finished) closed_ = true;
+  if (e.finished && --openChoices_ == 0) closed_ = true;
   return e;
 }
 
@@ -108,26 +108,49 @@ void RequestStream::cancel() {
 
 // ---------------------------------------------------------------------------------------------
 
+// What the choices of one request share: the client's stream and, for best_of, the finished
+// candidates waiting for the others.
+struct Engine::Group {
+  std::shared_ptr<RequestStream> stream;
+  int32_t n = 1;           // choices returned
+  int32_t candidates = 1;  // choices generated (best_of)
+  int32_t unfinished = 1;
+  int32_t cachedTokens = 0;
+  bool buffered() const { return candidates > n; }
+  struct Candidate {
+    double cumulativeLogprob = 0;
+    int32_t index = 0;
+    RequestEvent event;  // everything the candidate produced, finished
+  };
+  std::vector<Candidate> done;
+};
+
+namespace {
+
+SamplingParams choiceSampling(SamplingParams s, int32_t index) {
+  s.seed += static_cast<uint64_t>(index);  // each choice its own random stream
+  return s;
+}
+
+}  // namespace
+
 struct Engine::Request {
-  Request(uint64_t id_, RequestParams p, const model::Tokenizer& tok, int32_t vocab)
+  Request(uint64_t id_, RequestParams p, std::shared_ptr<Group> g, int32_t index_,
+          const model::Tokenizer& tok, int32_t vocab)
       : id(id_),
+        index(index_),
         params(std::move(p)),
-        stream(new RequestStream(id_)),
-        sampler(params.sampling, vocab, params.promptTokens),
+        group(std::move(g)),
+        sampler(choiceSampling(params.sampling, index_), vocab, params.promptTokens),
         decoder(tok),
-        stops(params.stop) {}
+        stops(params.stop),
+        context(params.promptTokens) {}
 
   int32_t promptSize() const { return static_cast<int32_t>(params.promptTokens.size()); }
-  int32_t contextTokens() const { return promptSize() + static_cast<int32_t>(generated.size()); }
+  int32_t contextTokens() const { return static_cast<int32_t>(context.size()); }
   // The context's tokens [first, first + n): prompt, then generated tokens.
   void tokens(int32_t first, int32_t n, std::vector<int32_t>& out) const {
-    out.resize(static_cast<size_t>(n));
-    for (int32_t i = 0; i < n; ++i) {
-      const int32_t pos = first + i;
-      out[static_cast<size_t>(i)] = pos < promptSize()
-                                        ? params.promptTokens[static_cast<size_t>(pos)]
-                                        : generated[static_cast<size_t>(pos - promptSize())];
-    }
+    out.assign(context.begin() + first, context.begin() + first + n);
   }
   // Logits for every new prompt position (prompt logprobs, or raw rows for returnLogits) until
   // the whole prompt has been seen once.
@@ -136,18 +159,45 @@ struct Engine::Request {
   }
   bool cancelRequested() {
     // note: a stream nobody holds any more (the client went away) counts as cancelled.
-    if (stream.use_count() == 1) return true;
-    std::lock_guard lock(stream->mu_);
-    return stream->cancelRequested_;
+    RequestStream& stream = *group->stream;
+    if (group->stream.use_count() == 1) return true;
+    std::lock_guard lock(stream.mu_);
+    return stream.cancelRequested_;
+  }
+  // Sends an event of this choice (held back until the end for best_of candidates).
+  void send(RequestEvent e) {
+    e.index = index;
+    e.cachedTokens = group->cachedTokens;
+    if (!group->buffered()) {
+      group->stream->push(std::move(e));
+      return;
+    }
+    held.text += e.text;
+    held.tokens.insert(held.tokens.end(), e.tokens.begin(), e.tokens.end());
+    for (auto& l : e.logprobs) held.logprobs.push_back(std::move(l));
+    if (!e.promptLogprobs.empty()) held.promptLogprobs = std::move(e.promptLogprobs);
+    if (!e.promptLogits.empty()) held.promptLogits = std::move(e.promptLogits);
+    held.logits.insert(held.logits.end(), e.logits.begin(), e.logits.end());
+    held.finished = e.finished;
+    held.finishReason = e.finishReason;
+    held.error = e.error;
+    held.promptTokens = e.promptTokens;
+    held.completionTokens = e.completionTokens;
   }
 
   uint64_t id;
+  int32_t index;  // the choice
   RequestParams params;
-  std::shared_ptr<RequestStream> stream;
+  std::shared_ptr<Group> group;
   Sampler sampler;
   model::StreamDecoder decoder;
   StopMatcher stops;
+  std::vector<int32_t> context;    // prompt, then generated tokens (the scheduler reads it)
   std::vector<int32_t> generated;
+  bool forked = false;             // choice 0 of n > 1: the other choices exist
+  int32_t cachedTokens = -1;       // prompt tokens its first admission found cached
+  double cumulativeLogprob = 0;    // of the sampled tokens (best_of)
+  RequestEvent held;               // best_of: the events so far, merged
   bool running = false;  // admitted by the scheduler (not waiting)
   bool finished = false;
   std::vector<TokenLogprob> promptLogprobs;
@@ -174,13 +224,16 @@ Engine::Engine(model::LlamaModel& model, const model::Tokenizer& tokenizer,
   const uint64_t bytes =
       config_.kvCacheBytes ? config_.kvCacheBytes : defaultKvCacheBytes(model_, config_);
   config_.kvCacheBytes = bytes;
-  cache_ = std::make_unique<kv::KVCache>(
-      model_.kvCacheConfig(config_.blockSizeTokens, bytes, config_.kvDtype));
+  kv::KVCacheConfig kvConfig = model_.kvCacheConfig(config_.blockSizeTokens, bytes, config_.kvDtype);
+  kvConfig.prefixCaching = config_.prefixCaching;
+  cache_ = std::make_unique<kv::KVCache>(kvConfig);
   cache_->warmup();
+  cache_->recordEvents(static_cast<bool>(config_.kvEventListener));
   budget_ = std::make_unique<PagedBlockBudget>(*cache_);
   SchedulerConfig sc;
   sc.maxBatchedTokens = config_.maxBatchedTokens;
   sc.maxNumSeqs = config_.maxNumSeqs;
+  sc.policy = config_.schedulePolicy;
   scheduler_ = std::make_unique<Scheduler>(sc, *budget_);
   runner_ = std::make_unique<ModelRunner>(model_, *cache_, config_.numThreads);
   stats_.blockSizeTokens = config_.blockSizeTokens;
@@ -200,6 +253,8 @@ Engine::~Engine() {
   for (auto& r : incoming_) finish(*r, FinishReason::Cancelled);
   for (auto& [id, r] : requests_) finish(*r, FinishReason::Cancelled);
 }
+
+int32_t Engine::resetPrefixCache() { return cache_->resetPrefixCache(); }
 
 int32_t Engine::maxContextTokens() const {
   return static_cast<int32_t>(
@@ -233,6 +288,20 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
   if (const std::string bad = params.sampling.validate(); !bad.empty()) {
     throw EngineError(Kind::InvalidRequest, bad);
   }
+  constexpr int32_t kMaxChoices = 128;
+  if (params.n < 1 || params.n > kMaxChoices) {
+    throw EngineError(Kind::InvalidRequest,
+                      "n must be in [1, " + std::to_string(kMaxChoices) + "], got " +
+                          std::to_string(params.n),
+                      "n");
+  }
+  if (params.bestOf == 0) params.bestOf = params.n;
+  if (params.bestOf < params.n || params.bestOf > kMaxChoices) {
+    throw EngineError(Kind::InvalidRequest,
+                      "best_of must be in [n, " + std::to_string(kMaxChoices) + "] (n is " +
+                          std::to_string(params.n) + "), got " + std::to_string(params.bestOf),
+                      "best_of");
+  }
   const int64_t prompt = static_cast<int64_t>(params.promptTokens.size());
   if (prompt + params.maxTokens > maxContextTokens()) {
     throw EngineError(Kind::TooLong,
@@ -252,8 +321,14 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
                                            std::to_string(config_.maxQueuedRequests) +
                                            "); retry later");
   }
-  auto r = std::make_unique<Request>(nextId_++, std::move(params), tokenizer_, vocab);
-  std::shared_ptr<RequestStream> stream = r->stream;
+  const uint64_t id = nextId_++;
+  auto group = std::make_shared<Group>();
+  group->stream.reset(new RequestStream(id, params.n));
+  group->n = params.n;
+  group->candidates = params.bestOf;
+  group->unfinished = params.bestOf;
+  std::shared_ptr<RequestStream> stream = group->stream;
+  auto r = std::make_unique<Request>(id, std::move(params), std::move(group), 0, tokenizer_, vocab);
   incoming_.push_back(std::move(r));
   ++queued_;
   stats_.waiting = queued_;
@@ -285,15 +360,10 @@ void Engine::admitNewRequests() {
   for (auto& r : arrived) {
     const kv::SeqId id = r->id;
     try {
-      const int32_t maxContext = r->promptSize() + r->params.maxTokens;
-      const int32_t reuse = reusableTokens(*r);
-      if (reuse > 0) {
-        scheduler_->addReusing(id, r->promptSize(), maxContext, sessions_.at(r->params.session).seq,
-                               reuse);
-        sessions_.erase(r->params.session);
-      } else {
-        scheduler_->add(id, r->promptSize(), maxContext);
-      }
+      // Requests that want every prompt row compute their whole prompt.
+      const bool lookUp = cache_->prefixCaching() && !r->wantsPromptRows();
+      scheduler_->add(id, r->promptSize(), r->promptSize() + r->params.maxTokens,
+                      lookUp ? &r->context : nullptr);
     } catch (const std::exception& e) {
       // submit() checked the size against the same limits; this is a safety net, not a path.
       finish(*r, FinishReason::Error, e.what());
@@ -303,37 +373,13 @@ void Engine::admitNewRequests() {
   }
 }
 
-int32_t Engine::reusableTokens(const Request& r) {
-  if (r.params.session == 0) return 0;
-  auto it = sessions_.find(r.params.session);
-  if (it == sessions_.end()) return 0;
-  const KeptSession& kept = it->second;
-  const auto& prompt = r.params.promptTokens;
-  size_t common = 0;
-  if (scheduler_->isParked(kept.seq) && !r.wantsPromptRows()) {
-    while (common < kept.tokens.size() && common < prompt.size() &&
-           kept.tokens[common] == prompt[common]) {
-      ++common;
-    }
-  }
-  // At least one prompt token is computed: its logits give the first new token.
-  const auto reuse = static_cast<int32_t>(std::min(common, prompt.size() - 1));
-  if (reuse == 0) {
-    scheduler_->remove(kept.seq);  // nothing to share: free it now
-    sessions_.erase(it);
-  }
-  return reuse;
-}
-
-void Engine::keepForSession(Request& r) {
-  const kv::SeqId seq = r.id;
-  const int32_t computed = scheduler_->computedTokens(seq);
-  KeptSession kept{seq, {}};
-  r.tokens(0, computed, kept.tokens);
-  scheduler_->park(seq);
-  auto [it, inserted] = sessions_.try_emplace(r.params.session);
-  if (!inserted) scheduler_->remove(it->second.seq);  // an older turn's KV: superseded
-  it->second = std::move(kept);
+void Engine::publishKVEvents() {
+  if (!config_.kvEventListener) return;
+  cache_->takeEvents(kvEvents_);
+  if (kvEvents_.empty()) return;
+  std::vector<kv::KVEvent> batch;
+  batch.swap(kvEvents_);
+  config_.kvEventListener(std::move(batch));
 }
 
 void Engine::loop() {
@@ -346,6 +392,7 @@ void Engine::loop() {
     try {
       admitNewRequests();
       worked = step();
+      publishKVEvents();
     } catch (const std::exception& e) {
       // note: step() handles the failures it expects per request; anything that still escapes
       // leaves the scheduler's state unknown, so every request in it ends with the error.
@@ -380,13 +427,7 @@ void Engine::finish(Request& r, FinishReason reason, const std::string& error) {
   // A request that finishes without sampling (scoring) carries its prompt rows here.
   e.promptLogprobs = std::move(r.promptLogprobs);
   e.promptLogits = std::move(r.promptLogits);
-  const bool keep = r.params.session != 0 && r.running &&
-                    (reason == FinishReason::Stop || reason == FinishReason::Length);
-  if (keep) {
-    keepForSession(r);
-  } else {
-    scheduler_->remove(r.id);  // its blocks go back to the pool
-  }
+  scheduler_->remove(r.id);  // its blocks go back to the pool (full ones stay cached)
   r.finished = true;
   {
     // Counted before the event goes out, so a client that sees it also sees it counted.
@@ -400,7 +441,47 @@ void Engine::finish(Request& r, FinishReason reason, const std::string& error) {
     }
     stats_.requestLatency.observe(seconds(Clock::now() - r.submitted));
   }
-  r.stream->push(std::move(e));
+  r.send(std::move(e));
+  Group& g = *r.group;
+  --g.unfinished;
+  if (g.buffered()) {
+    g.done.push_back({r.cumulativeLogprob, r.index, std::move(r.held)});
+    if (g.unfinished == 0) finishBestOf(g);
+  }
+  // note: the other choices of an n > 1 request that was never forked (it ended before its
+  // prompt was computed) will not come: their finished events are sent here.
+  if (r.index == 0 && !r.forked) {
+    for (int32_t i = 1; i < g.candidates; ++i) {
+      RequestEvent c;
+      c.index = i;
+      c.finished = true;
+      c.finishReason = reason;
+      c.error = error;
+      c.promptTokens = r.promptSize();
+      --g.unfinished;
+      if (g.buffered()) {
+        g.done.push_back({-INFINITY, i, std::move(c)});
+        if (g.unfinished == 0) finishBestOf(g);
+      } else {
+        g.stream->push(std::move(c));
+      }
+    }
+  }
+}
+
+void Engine::finishBestOf(Group& g) {
+  std::stable_sort(g.done.begin(), g.done.end(), [](const auto& a, const auto& b) {
+    return a.cumulativeLogprob > b.cumulativeLogprob ||
+           (a.cumulativeLogprob == b.cumulativeLogprob && a.index < b.index);
+  });
+  for (int32_t i = 0; i < g.n; ++i) {
+    RequestEvent e = std::move(g.done[static_cast<size_t>(i)].event);
+    e.index = i;
+    e.finished = true;
+    e.cachedTokens = g.cachedTokens;
+    g.stream->push(std::move(e));
+  }
+  g.done.clear();
 }
 
 void Engine::fail(kv::SeqId seq, const std::string& error) {
@@ -425,21 +506,23 @@ void Engine::updateCounts() {
 void Engine::emitToken(Request& r, int32_t token, const float* logits) {
   RequestEvent e;
   const int32_t V = model_.hparams().nVocab;
-  if (r.params.topLogprobs >= 0) {
+  if (r.params.topLogprobs >= 0 || r.group->buffered()) {
     std::vector<float> lp(static_cast<size_t>(V));
     kernels::logSoftmax(logits, V, lp.data());
-    e.logprobs.push_back(tokenLogprob(lp, token, r.params.topLogprobs));
+    r.cumulativeLogprob += lp[static_cast<size_t>(token)];
+    if (r.params.topLogprobs >= 0) e.logprobs.push_back(tokenLogprob(lp, token, r.params.topLogprobs));
   }
   if (r.params.returnLogits) e.logits.assign(logits, logits + V);
   r.sampler.accept(token);
   r.generated.push_back(token);
+  r.context.push_back(token);
   e.tokens.push_back(token);
   const Clock::time_point now = Clock::now();
   {
     std::lock_guard lock(mu_);
     ++stats_.generationTokens;
     if (r.generated.size() == 1) {
-      stats_.timeToFirstToken.observe(seconds(now - r.submitted));
+      if (r.index == 0) stats_.timeToFirstToken.observe(seconds(now - r.submitted));
     } else {
       stats_.timePerOutputToken.observe(seconds(now - r.lastToken));
     }
@@ -462,7 +545,7 @@ void Engine::emitToken(Request& r, int32_t token, const float* logits) {
       done = FinishReason::Length;
     }
   }
-  r.stream->push(std::move(e));
+  r.send(std::move(e));
   if (done) {
     finish(r, *done);
   } else {
@@ -503,6 +586,7 @@ void Engine::process(Request& r, const ScheduledChunk& chunk, float* rows) {
     return;
   }
   const float* last = rows + static_cast<size_t>(allRows ? n - 1 : 0) * static_cast<size_t>(V);
+  if (r.group->candidates > 1 && r.index == 0 && !r.forked) forkChoices(r, last);
   if (hooks_.beforeSample) hooks_.beforeSample(r.id);
   // note: the sampler applies its penalties to the row in place; logprobs and returned logits
   // report the model's own distribution, so those requests sample from a copy.
@@ -513,6 +597,41 @@ void Engine::process(Request& r, const ScheduledChunk& chunk, float* rows) {
   }
   const int32_t token = r.sampler.sample(row);
   emitToken(r, token, last);
+}
+
+void Engine::forkChoices(Request& r, const float* row) {
+  r.forked = true;
+  Group& g = *r.group;
+  const int32_t V = model_.hparams().nVocab;
+  const std::vector<float> original(row, row + V);  // the parent's sampler changes its row
+  std::vector<float> sampleRow;
+  for (int32_t i = 1; i < g.candidates; ++i) {
+    RequestParams p = r.params;
+    p.promptLogprobs = false;  // the prompt's rows go with choice 0
+    uint64_t id = 0;
+    {
+      std::lock_guard lock(mu_);
+      id = nextId_++;
+      ++queued_;
+    }
+    auto child = std::make_unique<Request>(id, std::move(p), r.group, i, tokenizer_, V);
+    child->promptRowsDone = true;
+    child->forked = true;
+    child->submitted = r.submitted;
+    Request& c = *child;
+    requests_.emplace(id, std::move(child));
+    try {
+      // The prompt's KV is shared, not copied: the first token each choice appends copies only
+      // the partly filled last block.
+      scheduler_->addFork(r.id, id, cache_->prefixCaching() ? &c.context : nullptr);
+      if (hooks_.beforeSample) hooks_.beforeSample(id);
+      sampleRow = original;
+      emitToken(c, c.sampler.sample(sampleRow.data()), original.data());
+    } catch (const std::exception& e) {
+      finish(c, FinishReason::Error, std::string("forking choice ") + std::to_string(i) +
+                                         " failed: " + e.what());
+    }
+  }
 }
 
 void Engine::dropCancelled() {
@@ -550,9 +669,14 @@ bool Engine::step() {
       if (!r.running) {
         r.running = true;
         --queued_;
-        // Admitted past position 0: it starts on a session's kept positions (the scheduler may
-        // have had to give them back while it waited, and then it starts at 0).
-        stats_.reusedPromptTokens += static_cast<uint64_t>(c.firstPos);
+      }
+      if (c.admitted && cache_->prefixCaching() && !r.wantsPromptRows()) {
+        stats_.prefixCacheQueries += static_cast<uint64_t>(r.contextTokens());
+        stats_.prefixCacheHits += static_cast<uint64_t>(c.firstPos);
+        if (r.cachedTokens < 0) {
+          r.cachedTokens = c.firstPos;
+          if (r.index == 0) r.group->cachedTokens = c.firstPos;
+        }
       }
     }
     stats_.running = scheduler_->numRunning();
@@ -588,6 +712,13 @@ bool Engine::step() {
     std::lock_guard lock(mu_);
     ++stats_.steps;
     stats_.promptTokens += promptTokensThisStep;
+  }
+  // The step's K/V are written: their full blocks can be hit from now on (not before, or a request
+  // admitted in the same step could read blocks still being computed).
+  for (const ScheduledChunk& c : plan.chunks) {
+    const Request& r = *requests_.at(c.seq);
+    cache_->cacheComputedBlocks(
+        c.seq, std::span<const int32_t>(r.context).first(static_cast<size_t>(c.firstPos + c.numTokens)));
   }
 
   // Consume the logits rows in batch order; a failure here concerns one request.

@@ -50,6 +50,7 @@ struct EngineConfig {
   kv::KVDType kvDtype = kv::KVDType::F16;
   int32_t numThreads = 0;          // kernel threads, the step loop's included; 0: one per core
   bool prefixCaching = true;       // keep and reuse the KV blocks of prompts already computed
+  SchedulePolicy schedulePolicy = SchedulePolicy::Fcfs;
   // Called on the step loop after each step that changed the prefix cache, with what changed, in
   // order. It must not block (hand the events to another thread).
   std::function<void(std::vector<kv::KVEvent>&&)> kvEventListener;
@@ -82,11 +83,12 @@ struct RequestParams {
                                       // that many alternatives
   bool promptLogprobs = false;        // log-probabilities of the prompt tokens (echo)
   bool returnLogits = false;          // raw float32 logits rows in the events (tests, debugging)
-  // A conversation this request continues (0: none). When a request of a session finishes with
-  // stop or length, its KV stays in the cache (evictable: released first whenever memory is short),
-  // and the session's next request reuses the longest common prefix of its tokens instead of
-  // computing it again. Requests that ask for prompt logprobs or logits compute their whole prompt.
-  uint64_t session = 0;
+  // Choices to return, >= 1: the prompt is computed once and its KV shared by all of them (each
+  // samples with its own random stream: seed + index). With bestOf > n, bestOf candidates are
+  // generated and the n with the highest cumulative log-probability are returned, each in one
+  // event when it is complete (no streaming). bestOf 0 means n.
+  int32_t n = 1;
+  int32_t bestOf = 0;
 };
 
 struct TokenLogprob {
@@ -95,9 +97,11 @@ struct TokenLogprob {
   std::vector<std::pair<int32_t, float>> top;  // (token, logprob), most likely first
 };
 
-// One event of a request's stream. Text is UTF-8-complete and never contains any part of a stop
-// string. The last event of every stream has finished = true.
+// One event of a request's stream, for one of its choices. Text is UTF-8-complete and never
+// contains any part of a stop string. Each choice's last event has finished = true; the stream ends
+// after every choice's.
 struct RequestEvent {
+  int32_t index = 0;                    // the choice, in [0, n)
   std::string text;                     // new text since the previous event
   std::vector<int32_t> tokens;          // tokens sampled since the previous event
   std::vector<TokenLogprob> logprobs;   // one per token when topLogprobs >= 0
@@ -110,7 +114,8 @@ struct RequestEvent {
   FinishReason finishReason = FinishReason::Stop;
   std::string error;                    // for FinishReason::Error
   int32_t promptTokens = 0;
-  int32_t completionTokens = 0;
+  int32_t completionTokens = 0;             // of this choice
+  int32_t cachedTokens = 0;                 // prompt tokens found in the prefix cache
 };
 
 // Why submit() refused a request: the caller maps these to HTTP 400 / 503.
@@ -132,8 +137,8 @@ class EngineError : public std::runtime_error {
 class RequestStream {
  public:
   uint64_t id() const { return id_; }
-  // Waits up to `timeout` for the next event; nullopt on timeout. After the finished event,
-  // returns nullopt at once.
+  // Waits up to `timeout` for the next event; nullopt on timeout. After every choice's finished
+  // event, returns nullopt at once.
   std::optional<RequestEvent> next(std::chrono::milliseconds timeout);
   // Asks the engine to stop the request; its blocks are freed within one step and a final event
   // with FinishReason::Cancelled follows (unless it had already finished).
@@ -141,14 +146,15 @@ class RequestStream {
 
  private:
   friend class Engine;
-  explicit RequestStream(uint64_t id) : id_(id) {}
+  RequestStream(uint64_t id, int32_t choices) : id_(id), openChoices_(choices) {}
   void push(RequestEvent event);
 
   uint64_t id_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<RequestEvent> events_;
-  bool closed_ = false;        // finished event consumed
+  int32_t openChoices_;        // choices whose finished event is not consumed yet
+  bool closed_ = false;        // every finished event consumed
   bool cancelRequested_ = false;
 };
 
@@ -169,7 +175,9 @@ struct EngineStats {
   int32_t peakStepSequences = 0;  // most sequences one forward step has carried
   uint64_t preemptions = 0;
   uint64_t promptTokens = 0;      // prompt tokens prefilled (recomputation included)
-  uint64_t reusedPromptTokens = 0;  // prompt tokens a session's kept KV spared computing
+  // Prefix cache, in tokens (as vLLM counts them): looked up at admission, and found.
+  uint64_t prefixCacheQueries = 0;
+  uint64_t prefixCacheHits = 0;
   uint64_t generationTokens = 0;  // tokens sampled
   uint64_t steps = 0;
   uint64_t finishedStop = 0, finishedLength = 0, finishedCancelled = 0, finishedError = 0;
@@ -198,12 +206,16 @@ class Engine {
 
   // Stops admitting new requests; running and waiting ones run to completion. Returns at once.
   void drain();
+  // Evicts every cached prefix block (blocks of running requests keep their content). Returns how
+  // many. Thread-safe.
+  int32_t resetPrefixCache();
   EngineStats stats() const;
   const EngineConfig& config() const { return config_; }
   int32_t maxContextTokens() const;  // longest prompt + completion a request may ask for
 
  private:
   struct Request;
+  struct Group;
   void loop();
   bool step();  // false when there was nothing to do
   void admitNewRequests();
@@ -213,8 +225,9 @@ class Engine {
   void emitToken(Request& r, int32_t token, const float* logits);
   void process(Request& r, const ScheduledChunk& chunk, float* rows);
   void updateCounts();
-  int32_t reusableTokens(const Request& r);  // positions of the session's kept KV to reuse
-  void keepForSession(Request& r);
+  void forkChoices(Request& r, const float* row);  // an n > 1 request's prompt is computed
+  void finishBestOf(Group& g);                     // every candidate done: send the best n
+  void publishKVEvents();
 
   model::LlamaModel& model_;
   const model::Tokenizer& tokenizer_;
@@ -231,16 +244,13 @@ class Engine {
   bool stopping_ = false;
   bool draining_ = false;
   int32_t queued_ = 0;  // submitted and not running: incoming_ + the scheduler's waiting queue
+
   EngineStats stats_;
   uint64_t nextId_ = 1;
 
   // Loop-thread state.
   std::unordered_map<kv::SeqId, std::unique_ptr<Request>> requests_;  // in the scheduler
-  struct KeptSession {
-    kv::SeqId seq = 0;            // parked in the scheduler (unless memory pressure released it)
-    std::vector<int32_t> tokens;  // the tokens of its computed positions
-  };
-  std::unordered_map<uint64_t, KeptSession> sessions_;
+  std::vector<kv::KVEvent> kvEvents_;
   std::vector<float> logits_;
   std::vector<float> sampleRow_;
   std::thread thread_;

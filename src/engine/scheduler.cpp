@@ -13,16 +13,29 @@ std::string seqName(kv::SeqId seq) { return "request " + std::to_string(seq); }
 
 }  // namespace
 
-void BlockBudget::transfer(kv::SeqId, kv::SeqId, int32_t) {
-  throw std::logic_error("this memory design cannot hand a sequence's positions over");
+const char* toString(SchedulePolicy policy) {
+  return policy == SchedulePolicy::Fcfs ? "fcfs" : "lpm";
 }
 
-void PagedBlockBudget::transfer(kv::SeqId from, kv::SeqId to, int32_t keepTokens) {
-  // note: fork + free leaves `to` the only owner of every block, so the cut below never falls in
-  // a shared block.
-  cache_.fork(from, to);
-  cache_.freeFor(from);
-  cache_.truncate(to, keepTokens);
+SchedulePolicy parseSchedulePolicy(const std::string& name) {
+  if (name == "fcfs") return SchedulePolicy::Fcfs;
+  if (name == "lpm") return SchedulePolicy::Lpm;
+  throw std::invalid_argument("unknown schedule policy '" + name + "' (choose fcfs or lpm)");
+}
+
+int32_t BlockBudget::cachedPrefixTokens(std::span<const int32_t>) const { return 0; }
+
+int32_t BlockBudget::blocksNeededToAllocate(std::span<const int32_t>, int32_t totalTokens) const {
+  return blocksForTokens(totalTokens);
+}
+
+int32_t BlockBudget::tryAllocateWithPrefix(kv::SeqId seq, std::span<const int32_t>,
+                                           int32_t totalTokens, int32_t maxContextTokens) {
+  return tryAllocate(seq, totalTokens, maxContextTokens) ? 0 : -1;
+}
+
+void BlockBudget::fork(kv::SeqId, kv::SeqId) {
+  throw std::logic_error("this memory design cannot share a sequence's positions");
 }
 
 Scheduler::Scheduler(const SchedulerConfig& config, BlockBudget& memory)
@@ -33,6 +46,7 @@ Scheduler::Scheduler(const SchedulerConfig& config, BlockBudget& memory)
   if (!(config_.watermarkFraction >= 0.0 && config_.watermarkFraction < 1.0)) {
     throw std::invalid_argument("the watermark fraction must be in [0, 1)");
   }
+  if (config_.maxOvertakes < 0) throw std::invalid_argument("max overtakes must be >= 0");
   watermarkBlocks_ = std::max(
       1, static_cast<int32_t>(std::floor(config_.watermarkFraction * memory_.totalBlocks())));
 }
@@ -53,7 +67,8 @@ const Scheduler::Entry& Scheduler::entry(kv::SeqId seq) const {
   return it->second;
 }
 
-void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens) {
+void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
+                    const std::vector<int32_t>* tokens) {
   if (contextTokens < 1 || maxContextTokens < contextTokens) {
     throw std::invalid_argument(seqName(seq) + ": needs 1 <= context <= max context tokens");
   }
@@ -63,7 +78,9 @@ void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextToke
                                 std::to_string(this->maxContextTokens()));
   }
   if (entries_.count(seq) != 0) throw std::invalid_argument(seqName(seq) + " is already scheduled");
-  auto [it, inserted] = entries_.emplace(seq, Entry{seq, contextTokens, 0, maxContextTokens});
+  Entry fresh{seq, contextTokens, 0, maxContextTokens};
+  fresh.tokens = tokens;
+  auto [it, inserted] = entries_.emplace(seq, fresh);
   (void)inserted;
   try {
     waiting_.push_back(&it->second);
@@ -73,56 +90,31 @@ void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextToke
   }
 }
 
-void Scheduler::addReusing(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
-                           kv::SeqId parked, int32_t reuseTokens) {
-  auto pit = entries_.find(parked);
-  if (pit == entries_.end() || pit->second.where != Entry::Where::Parked) {
-    throw std::invalid_argument(seqName(parked) + " is not parked");
+void Scheduler::addFork(kv::SeqId parent, kv::SeqId child, const std::vector<int32_t>* tokens) {
+  const Entry& p = entry(parent);
+  if (p.where != Entry::Where::Running || p.computedTokens != p.contextTokens) {
+    throw std::invalid_argument(seqName(parent) + " cannot be forked: it is not running with its "
+                                "context computed");
   }
-  if (reuseTokens < 1 || reuseTokens >= contextTokens ||
-      reuseTokens > pit->second.computedTokens) {
-    throw std::invalid_argument(seqName(seq) + ": cannot reuse " + std::to_string(reuseTokens) +
-                                " positions of " + seqName(parked));
-  }
-  add(seq, contextTokens, maxContextTokens);
-  Entry& e = entries_.at(seq);
+  if (entries_.count(child) != 0) throw std::invalid_argument(seqName(child) + " is already scheduled");
+  Entry e{child, p.contextTokens, p.computedTokens, p.maxContextTokens};
+  e.tokens = tokens;
+  e.holdsMemory = true;
+  auto [it, inserted] = entries_.emplace(child, e);
+  (void)inserted;
   try {
-    memory_.transfer(parked, seq, reuseTokens);
+    memory_.fork(parent, child);
+    waiting_.push_front(&it->second);
   } catch (...) {
-    remove(seq);
+    memory_.release(child);
+    entries_.erase(it);
     throw;
   }
-  std::erase(parked_, &pit->second);
-  entries_.erase(pit);
-  e.computedTokens = reuseTokens;
-  e.holdsMemory = true;
-}
-
-void Scheduler::park(kv::SeqId seq) {
-  Entry& e = entry(seq);
-  if (e.where != Entry::Where::Running) {
-    throw std::invalid_argument(seqName(seq) + " is not running");
-  }
-  std::erase(running_, &e);
-  e.where = Entry::Where::Parked;
-  parked_.push_back(&e);
-}
-
-bool Scheduler::isParked(kv::SeqId seq) const {
-  auto it = entries_.find(seq);
-  return it != entries_.end() && it->second.where == Entry::Where::Parked;
 }
 
 bool Scheduler::releaseIdleMemory(const Entry* keep) {
-  if (!parked_.empty()) {
-    const kv::SeqId seq = parked_.front()->seq;
-    parked_.pop_front();
-    memory_.release(seq);
-    entries_.erase(seq);
-    return true;
-  }
-  // note: a waiting request admitted with reused positions holds blocks while it waits; if they
-  // were never given back, the queue's head could wait forever behind it.
+  // note: a waiting request that holds memory (a forked choice) could otherwise keep the queue's
+  // next request waiting forever behind it.
   for (auto it = waiting_.rbegin(); it != waiting_.rend(); ++it) {
     Entry& e = **it;
     if (&e == keep || !e.holdsMemory) continue;
@@ -149,7 +141,6 @@ bool Scheduler::remove(kv::SeqId seq) {
   switch (e->where) {
     case Entry::Where::Running: std::erase(running_, e); break;
     case Entry::Where::Waiting: std::erase(waiting_, e); break;
-    case Entry::Where::Parked: std::erase(parked_, e); break;
   }
   memory_.release(seq);
   entries_.erase(it);
@@ -157,10 +148,43 @@ bool Scheduler::remove(kv::SeqId seq) {
 }
 
 bool Scheduler::isRunning(kv::SeqId seq) const {
-  return entry(seq).where == Entry::Where::Running;
+  auto it = entries_.find(seq);
+  return it != entries_.end() && it->second.where == Entry::Where::Running;
 }
 
 int32_t Scheduler::computedTokens(kv::SeqId seq) const { return entry(seq).computedTokens; }
+
+std::span<const int32_t> Scheduler::prefixOf(const Entry& e) const {
+  if (e.tokens == nullptr) return {};
+  if (e.tokens->size() < static_cast<size_t>(e.contextTokens)) {
+    throw std::logic_error(seqName(e.seq) + "'s token ids are shorter than its context");
+  }
+  return std::span<const int32_t>(*e.tokens).first(static_cast<size_t>(e.contextTokens));
+}
+
+std::deque<Scheduler::Entry*>::iterator Scheduler::nextToAdmit() {
+  if (config_.policy == SchedulePolicy::Fcfs || waiting_.size() == 1) return waiting_.begin();
+  // Lpm. A request overtaken too often goes first (the oldest such); otherwise the longest cached
+  // prefix among the first kWindow waiting requests, the oldest on a tie. The window bounds the
+  // lookups per admission.
+  constexpr size_t kWindow = 128;
+  for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
+    if ((*it)->overtaken >= config_.maxOvertakes) return it;
+  }
+  auto best = waiting_.begin();
+  int32_t bestTokens = -1;
+  size_t seen = 0;
+  for (auto it = waiting_.begin(); it != waiting_.end() && seen < kWindow; ++it, ++seen) {
+    const Entry& e = **it;
+    const int32_t cached =
+        e.holdsMemory ? e.computedTokens : memory_.cachedPrefixTokens(prefixOf(e));
+    if (cached > bestTokens) {
+      best = it;
+      bestTokens = cached;
+    }
+  }
+  return best;
+}
 
 void Scheduler::preemptNewest(StepPlan& plan) {
   Entry* victim = running_.back();
@@ -236,25 +260,46 @@ StepPlan Scheduler::schedule() {
       budget -= n;
     }
 
-    // 3. Admission in arrival order, no overtaking.
+    // 3. Admission, each request starting on its cached prefix.
     while (!waiting_.empty() && budget > 0 &&
            static_cast<int32_t>(running_.size()) < config_.maxNumSeqs) {
-      Entry& e = *waiting_.front();
-      const int32_t n = std::min(e.contextTokens - e.computedTokens, budget);
-      const int32_t need = e.holdsMemory ? memory_.blocksNeededToAppend(e.seq, n)
-                                         : memory_.blocksForTokens(n);
+      const auto pos = nextToAdmit();
+      Entry& e = **pos;
+      const std::span<const int32_t> prefix = prefixOf(e);
+      const bool fromCache = !e.holdsMemory;
+      int32_t total = 0;  // positions the request will hold after this step
+      int32_t need = 0;
+      if (e.holdsMemory) {
+        total = e.computedTokens + std::min(e.contextTokens - e.computedTokens, budget);
+        need = memory_.blocksNeededToAppend(e.seq, total - e.computedTokens);
+      } else {
+        const int32_t bs = memory_.blockSizeTokens();
+        const int32_t cached =
+            std::min(memory_.cachedPrefixTokens(prefix), (e.contextTokens - 1) / bs * bs);
+        total = cached + std::min(e.contextTokens - cached, budget);
+        need = memory_.blocksNeededToAllocate(prefix, total);
+      }
       const int32_t reserve = running_.empty() ? 0 : watermarkBlocks_;
       while (need + reserve > memory_.freeBlocks() && releaseIdleMemory(&e)) {
       }
       if (need + reserve > memory_.freeBlocks()) break;
-      const bool ok = e.holdsMemory ? memory_.tryAppend(e.seq, n)
-                                    : memory_.tryAllocate(e.seq, n, e.maxContextTokens);
-      if (!ok) break;
-      e.holdsMemory = true;
-      waiting_.pop_front();
+      if (e.holdsMemory) {
+        if (!memory_.tryAppend(e.seq, total - e.computedTokens)) break;
+      } else {
+        const int32_t cached =
+            memory_.tryAllocateWithPrefix(e.seq, prefix, total, e.maxContextTokens);
+        if (cached < 0) break;
+        e.computedTokens = cached;
+        e.holdsMemory = true;
+      }
+      for (auto it = waiting_.begin(); it != pos; ++it) ++(*it)->overtaken;
+      waiting_.erase(pos);
       e.where = Entry::Where::Running;
+      e.overtaken = 0;
       running_.push_back(&e);
+      const int32_t n = total - e.computedTokens;
       plan(out, e, n);
+      out.chunks.back().admitted = fromCache;
       budget -= n;
     }
 
@@ -268,7 +313,7 @@ StepPlan Scheduler::schedule() {
 
 void Scheduler::checkInvariants() const {
   auto fail = [](const std::string& what) { throw std::logic_error("scheduler: " + what); };
-  if (running_.size() + waiting_.size() + parked_.size() != entries_.size()) {
+  if (running_.size() + waiting_.size() != entries_.size()) {
     fail("queues and entries disagree");
   }
   if (static_cast<int32_t>(running_.size()) > config_.maxNumSeqs) fail("too many running");
@@ -290,7 +335,6 @@ void Scheduler::checkInvariants() const {
   };
   check(running_, Entry::Where::Running, "running");
   check(waiting_, Entry::Where::Waiting, "waiting");
-  check(parked_, Entry::Where::Parked, "parked");
   for (const auto& [seq, e] : entries_) {
     if (e.contextTokens > e.maxContextTokens) fail(seqName(seq) + " exceeds its max context");
   }

@@ -8,16 +8,21 @@
 //      block for one of them, the most recently admitted running request is preempted (its blocks
 //      are freed and it goes back to the front of the queue, to be recomputed from scratch);
 //   2. the next chunk of running requests still prefilling, as far as budget and blocks allow;
-//   3. waiting requests, first come first served and never overtaken: the queue's head is admitted
-//      with as much of its context as the budget allows, while the pool keeps a watermark of free
-//      blocks back for running requests to grow (the head may always take the last blocks when
-//      nothing runs), and admission stops at the first request that does not fit.
+//   3. waiting requests: the next one (see below) is admitted with as much of its context as the
+//      budget allows, while the pool keeps a watermark of free blocks back for running requests
+//      to grow (the next one may always take the last blocks when nothing runs), and admission
+//      stops at the first request that does not fit.
+// Admission starts a request on the longest prefix of its tokens that the KV cache already holds
+// (prefix caching): those positions count as computed, their blocks are taken out of the cache's
+// reach (they cannot be evicted under the request) and only the rest is prefilled. At least one
+// token is always computed, for its logits.
+// Which waiting request is next: the oldest (SchedulePolicy::Fcfs, never overtaken), or the one
+// with the longest cached prefix (SchedulePolicy::Lpm, which turns shared prefixes into hits before
+// the cache evicts them), except that a request overtaken maxOvertakes times goes first.
 // If nothing at all could be scheduled while requests run (prefills holding blocks each other
 // need), the newest running request is preempted and the step is planned again.
-// Parked sequences (the memory of finished requests kept for reuse, e.g. a conversation's next
-// turn) are the first to go when memory is short: least recently parked first, then the reused
-// positions of requests still waiting, before any running request is preempted and before
-// admission gives up.
+// Waiting requests that hold memory (the forked choices of an n > 1 request) give it back first
+// when memory is short, before any running request is preempted and before admission gives up.
 // Positions are reserved in KV memory as they are planned: after schedule() returns, every planned
 // chunk's positions exist in the cache, ready for the forward pass to write.
 #pragma once
@@ -25,6 +30,8 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <span>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -52,9 +59,21 @@ class BlockBudget {
   virtual int32_t blocksNeededToAppend(kv::SeqId seq, int32_t n) const = 0;
   // Releases everything `seq` holds (no-op for an unknown id).
   virtual void release(kv::SeqId seq) = 0;
-  // Hands positions [0, keepTokens) of `from` over to a new sequence `to` and releases the rest of
-  // `from`. Designs that cannot throw std::logic_error (the scheduler only calls it for reuse).
-  virtual void transfer(kv::SeqId from, kv::SeqId to, int32_t keepTokens);
+
+  // Prefix caching; designs without it find nothing and allocate plainly.
+  // Tokens of the longest cached prefix of `tokens` (whole blocks).
+  virtual int32_t cachedPrefixTokens(std::span<const int32_t> tokens) const;
+  // Blocks tryAllocateWithPrefix(seq, prefix, totalTokens, ...) would take.
+  virtual int32_t blocksNeededToAllocate(std::span<const int32_t> prefix,
+                                         int32_t totalTokens) const;
+  // Creates `seq` with positions [0, totalTokens), starting on the cached prefix of `prefix` (at
+  // most totalTokens - 1 tokens). The cached tokens, or -1 with nothing changed when memory is
+  // short.
+  virtual int32_t tryAllocateWithPrefix(kv::SeqId seq, std::span<const int32_t> prefix,
+                                        int32_t totalTokens, int32_t maxContextTokens);
+  // Makes `child` share all of `parent`'s positions (no memory taken). Designs that cannot share
+  // throw std::logic_error.
+  virtual void fork(kv::SeqId parent, kv::SeqId child);
 };
 
 // BlockBudget over the paged KVCache.
@@ -72,11 +91,27 @@ class PagedBlockBudget final : public BlockBudget {
     return cache_.blocksNeededToAppend(seq, n);
   }
   void release(kv::SeqId seq) override { cache_.freeFor(seq); }
-  void transfer(kv::SeqId from, kv::SeqId to, int32_t keepTokens) override;
+  int32_t cachedPrefixTokens(std::span<const int32_t> tokens) const override {
+    return cache_.cachedPrefixTokens(tokens);
+  }
+  int32_t blocksNeededToAllocate(std::span<const int32_t> prefix,
+                                 int32_t totalTokens) const override {
+    return cache_.blocksNeededToAllocate(prefix, totalTokens);
+  }
+  int32_t tryAllocateWithPrefix(kv::SeqId seq, std::span<const int32_t> prefix,
+                                int32_t totalTokens, int32_t) override {
+    return cache_.tryAllocateWithPrefix(seq, prefix, totalTokens);
+  }
+  void fork(kv::SeqId parent, kv::SeqId child) override { cache_.fork(parent, child); }
 
  private:
   kv::KVCache& cache_;
 };
+
+enum class SchedulePolicy { Fcfs, Lpm };
+const char* toString(SchedulePolicy policy);  // "fcfs", "lpm"
+// "fcfs" or "lpm"; throws std::invalid_argument naming the choices.
+SchedulePolicy parseSchedulePolicy(const std::string& name);
 
 struct SchedulerConfig {
   int32_t maxBatchedTokens = 512;  // tokens per step (decodes + prefill chunks), >= 1
@@ -84,6 +119,9 @@ struct SchedulerConfig {
   // Blocks kept free at admission so running requests can grow: this fraction of the pool, at
   // least one block (vLLM keeps 1%).
   double watermarkFraction = 0.01;
+  SchedulePolicy policy = SchedulePolicy::Fcfs;
+  // Lpm: how many later requests may be admitted before a waiting one, after which it goes first.
+  int32_t maxOvertakes = 32;
 };
 
 // One request's share of a step: positions [firstPos, firstPos + numTokens) of its context.
@@ -94,6 +132,9 @@ struct ScheduledChunk {
   // True when the chunk computes the last position of the request's context: the step's output
   // for it is the distribution of its next token.
   bool completesContext = false;
+  // Set on the chunk that admits a request without memory: the positions [0, firstPos) it starts
+  // on were found in the prefix cache.
+  bool admitted = false;
 };
 
 struct StepPlan {
@@ -115,41 +156,37 @@ class Scheduler {
   int64_t maxContextTokens() const;
 
   // Queues a new request at the back. contextTokens >= 1 (its prompt); maxContextTokens >=
-  // contextTokens is prompt + max new tokens. Throws std::invalid_argument for an id already
+  // contextTokens is prompt + max new tokens. `tokens`, when given, is the request's context
+  // (prompt, then each generated token before appendToken is called), owned by the caller and
+  // valid until the request is removed: admission looks its prefix up in the cache. Without it
+  // the request computes its whole context. Throws std::invalid_argument for an id already
   // known, bad counts, or a request that could never fit (maxContextTokens > maxContextTokens()).
-  void add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens);
-  // The same, reusing the first reuseTokens positions of the parked sequence `parked` (which must
-  // hold them and match this request's first tokens: the caller's business), 1 <= reuseTokens <
-  // contextTokens: they are handed over to `seq` and the rest of `parked` is released, so the
-  // request is admitted with those positions already computed. Throws std::invalid_argument as add
-  // does, or when `parked` is not parked or holds fewer tokens.
-  void addReusing(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
-                  kv::SeqId parked, int32_t reuseTokens);
+  void add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
+           const std::vector<int32_t>* tokens = nullptr);
+  // Adds `child`, a copy of the running `parent` whose context is complete: it shares all of
+  // parent's computed positions (forked memory, no bytes copied) and waits, at the front of the
+  // queue, for its context to grow by appendToken. `tokens` as in add. Throws
+  // std::invalid_argument for an unknown or busy parent or a known child.
+  void addFork(kv::SeqId parent, kv::SeqId child, const std::vector<int32_t>* tokens);
   // A token was sampled for `seq` (after a step whose chunk completed its context): the context
   // grows by one, to be computed in a later step. Throws std::invalid_argument for an unknown id.
   void appendToken(kv::SeqId seq);
   // Removes `seq` wherever it is (waiting or running) and releases its memory. False for an
   // unknown id (removing twice is harmless).
   bool remove(kv::SeqId seq);
-  // Takes a running request off the queues but keeps its memory (its computed positions) for a
-  // later addReusing; the blocks are released when memory runs short, or by remove(seq). Throws
-  // std::invalid_argument when `seq` is not running.
-  void park(kv::SeqId seq);
-  bool isParked(kv::SeqId seq) const;
 
   // Plans the next step (see the file comment). Empty when there is nothing to run.
   StepPlan schedule();
 
   int32_t numWaiting() const { return static_cast<int32_t>(waiting_.size()); }
   int32_t numRunning() const { return static_cast<int32_t>(running_.size()); }
-  int32_t numParked() const { return static_cast<int32_t>(parked_.size()); }
-  bool isRunning(kv::SeqId seq) const;
+  bool isRunning(kv::SeqId seq) const;  // false for unknown ids
   // Tokens of `seq` computed (or planned) so far; throws std::invalid_argument for unknown ids.
   int32_t computedTokens(kv::SeqId seq) const;
 
-  // Verifies: every request is in exactly one of the queues (waiting, running, parked); running
-  // and parked ones hold memory with 0 < computed <= context; waiting ones hold none (computed 0)
-  // unless admitted with reused positions; running count <= maxNumSeqs. Throws std::logic_error.
+  // Verifies: every request is in exactly one of the queues (waiting, running); running ones hold
+  // memory with 0 < computed <= context; waiting ones hold none (computed 0) unless forked;
+  // running count <= maxNumSeqs. Throws std::logic_error.
   void checkInvariants() const;
 
  private:
@@ -158,16 +195,21 @@ class Scheduler {
     int32_t contextTokens = 0;     // prompt + tokens generated so far
     int32_t computedTokens = 0;    // positions computed or planned (held in memory)
     int32_t maxContextTokens = 0;  // prompt + max new tokens
-    enum class Where : uint8_t { Waiting, Running, Parked } where = Where::Waiting;
+    enum class Where : uint8_t { Waiting, Running } where = Where::Waiting;
     bool holdsMemory = false;      // positions [0, computedTokens) are in memory
+    const std::vector<int32_t>* tokens = nullptr;  // the context's token ids, when known
+    int32_t overtaken = 0;         // later requests admitted before this one (Lpm)
   };
   Entry& entry(kv::SeqId seq);
   const Entry& entry(kv::SeqId seq) const;
   void preemptNewest(StepPlan& plan);
   void plan(StepPlan& plan, Entry& e, int32_t n);
-  // Gives back memory that no running request uses: the least recently parked sequence, else the
-  // positions a waiting request (other than `keep`) was admitted with. False when there is none.
+  // Gives back memory that no running request uses: the positions a waiting request (other than
+  // `keep`) holds. False when there is none.
   bool releaseIdleMemory(const Entry* keep);
+  // The waiting request to admit next (see the file comment).
+  std::deque<Entry*>::iterator nextToAdmit();
+  std::span<const int32_t> prefixOf(const Entry& e) const;
 
   SchedulerConfig config_;
   BlockBudget& memory_;
@@ -175,7 +217,6 @@ class Scheduler {
   std::unordered_map<kv::SeqId, Entry> entries_;
   std::deque<Entry*> waiting_;   // arrival order; preempted requests go back to the front
   std::vector<Entry*> running_;  // admission order
-  std::deque<Entry*> parked_;    // least recently parked first
 };
 
 }  // namespace cortex::engine

@@ -506,9 +506,10 @@ void KVCache::cacheComputedBlocks(SeqId seq, std::span<const int32_t> tokens) {
     const uint64_t h = chainHash(parent, blockTokens);
     const BlockId b = s.blocks[i];
     s.hashes.push_back(h);
-    // note: a block already holding this content elsewhere stays unhashed; it is freed as an
-    // empty block and the other copy serves later hits.
-    if (!pool_.setHash(b, h)) {
+    // note: a shared block may have been registered through another owner already. A block whose
+    // content another block already holds stays unhashed: it is freed as an empty block and the
+    // other copy serves later hits.
+    if (pool_.isHashed(b) || !pool_.setHash(b, h)) {
       stored = nullptr;
       continue;
     }

@@ -237,6 +237,22 @@ kv::KVCacheConfig LlamaModel::kvCacheConfig(int32_t blockSizeTokens, uint64_t me
   c.blockSizeTokens = blockSizeTokens;
   c.memoryBudgetBytes = memoryBudgetBytes;
   c.dtype = dtype;
+  // The prefix cache's hashes must differ between models and between precisions (each computes
+  // different K/V for the same tokens): a fingerprint of the file (its size, every tensor's name,
+  // type and first bytes) and the precision. FNV-1a: speed and collisions hardly matter here.
+  uint64_t h = 0xcbf29ce484222325ull;
+  auto mix = [&h](const void* p, size_t n) {
+    for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<const uint8_t*>(p)[i]) * 0x100000001b3ull;
+  };
+  const uint64_t size = file_.fileSizeBytes();
+  mix(&size, sizeof size);
+  mix(&precision_, sizeof precision_);
+  for (const GGUFTensorInfo& t : file_.tensors()) {
+    mix(t.name.data(), t.name.size());
+    mix(&t.type, sizeof t.type);
+    mix(t.data, std::min<size_t>(64, static_cast<size_t>(t.nBytes)));
+  }
+  c.prefixHashSeed = h;
   return c;
 }
 

@@ -7,7 +7,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <iostream>
 #include <filesystem>
 
 #include "engine/generate.h"
@@ -155,32 +157,178 @@ TEST_F(Fixture, AFailedSampleEndsOnlyThatRequest) {
   EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
 }
 
-TEST_F(Fixture, ASessionsNextTurnReusesItsKvAndAnswersTheSame) {
+TEST_F(Fixture, AConversationsNextTurnFindsItsHistoryCachedAndAnswersTheSame) {
   EngineConfig c;
   c.kvCacheBytes = 64ull << 20;
   Engine engine(*model, *tokenizer, c);
   RequestParams turn1 =
       greedy("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n", 12);
-  turn1.session = 7;
   const GenerateResult r1 = generate(engine, turn1);
-  EXPECT_GT(engine.stats().kv.usedBlocks, 0);  // kept for the session
+  EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
+  EXPECT_GT(engine.stats().kv.cachedBlocks, 0);  // kept, evictable
   // The next turn: the whole conversation so far, then a new user message.
   RequestParams turn2 = turn1;
   turn2.promptTokens.insert(turn2.promptTokens.end(), r1.tokens.begin(), r1.tokens.end());
   const std::vector<int32_t> more = tokenizer->encode(
       "\n<|im_start|>user\nAnd another?<|im_end|>\n<|im_start|>assistant\n", false, true);
   turn2.promptTokens.insert(turn2.promptTokens.end(), more.begin(), more.end());
-  const uint64_t promptBefore = engine.stats().promptTokens;
-  const GenerateResult r2 = generate(engine, turn2);
-  // Everything turn 1 computed was reused: its prompt and all its tokens but the last (sampled,
-  // never fed back).
-  const uint64_t reused = turn1.promptTokens.size() + r1.tokens.size() - 1;
-  EXPECT_EQ(engine.stats().reusedPromptTokens, reused);
-  EXPECT_EQ(engine.stats().promptTokens - promptBefore, turn2.promptTokens.size() - reused);
+  const EngineStats before = engine.stats();
+  auto stream = engine.submit(turn2);
+  auto [tokens, last] = collect(*stream);
+  // Every full block turn 1 computed (its prompt and all its tokens but the last, which was
+  // sampled and never fed back) is found; only the rest is computed.
+  const auto computed1 = static_cast<int32_t>(turn1.promptTokens.size() + r1.tokens.size() - 1);
+  const int32_t cached = computed1 / c.blockSizeTokens * c.blockSizeTokens;
+  EXPECT_EQ(last.cachedTokens, cached);
+  const EngineStats after = engine.stats();
+  EXPECT_EQ(after.prefixCacheHits - before.prefixCacheHits, static_cast<uint64_t>(cached));
+  EXPECT_EQ(after.prefixCacheQueries - before.prefixCacheQueries, turn2.promptTokens.size());
+  EXPECT_EQ(after.promptTokens - before.promptTokens, turn2.promptTokens.size() - cached);
   // The same answer as computing the whole conversation from scratch.
-  RequestParams fresh = turn2;
-  fresh.session = 0;
-  EXPECT_EQ(r2.tokens, alone(fresh));
+  EXPECT_EQ(tokens, alone(turn2));
+}
+
+TEST_F(Fixture, CachingOnAndOffGiveTheSameTokensUnderLoadAndPreemption) {
+  const std::string system =
+      "<|im_start|>system\nYou are a helpful assistant who answers in one short sentence, "
+      "names sources when asked, and never makes up facts.<|im_end|>\n<|im_start|>user\n";
+  const std::vector<std::string> questions = {
+      "Where is Paris?", "What is water?", "Name a planet.", "Who wrote Hamlet?",
+      "What is two plus two?", "Name a river.", "What colour is the sky?", "Name a fruit.",
+      "Where is Rome?", "What is fire?", "Name a metal.", "Name a bird."};
+  auto run = [&](bool caching, EngineStats& stats) {
+    EngineConfig c;
+    c.kvCacheBytes = 0;
+    c.prefixCaching = caching;
+    c.maxBatchedTokens = 64;
+    // A pool of 24 blocks of 16 tokens: 12 requests of ~60 tokens cannot all hold their blocks.
+    c.kvCacheBytes = 24 * kv::bytesPerBlock(model->kvCacheConfig(16, 1, c.kvDtype));
+    Engine engine(*model, *tokenizer, c);
+    std::vector<std::shared_ptr<RequestStream>> streams;
+    for (const auto& q : questions) {
+      streams.push_back(
+          engine.submit(greedy(system + q + "<|im_end|>\n<|im_start|>assistant\n", 16)));
+    }
+    std::vector<std::vector<int32_t>> out;
+    for (auto& s : streams) out.push_back(collect(*s).first);
+    stats = engine.stats();
+    EXPECT_EQ(stats.kv.usedBlocks, 0);
+    return out;
+  };
+  EngineStats on, off;
+  const auto withCache = run(true, on);
+  const auto without = run(false, off);
+  EXPECT_EQ(withCache, without);
+  EXPECT_GT(on.prefixCacheHits, 0u);
+  EXPECT_GT(on.preemptions + off.preemptions, 0u);
+  EXPECT_EQ(off.prefixCacheHits, 0u);
+  EXPECT_LT(on.promptTokens, off.promptTokens);
+}
+
+TEST_F(Fixture, NChoicesShareOnePrefillAndEachSamplesItsOwnStream) {
+  RequestParams p = greedy("Write a short poem about the sea:", 10);
+  p.sampling.temperature = 0.9f;
+  p.sampling.seed = 42;
+  p.n = 4;
+  EngineConfig c;
+  c.kvCacheBytes = 64ull << 20;
+  Engine engine(*model, *tokenizer, c);
+  auto stream = engine.submit(p);
+  std::vector<std::vector<int32_t>> choices(4);
+  int32_t finished = 0;
+  while (auto e = stream->next(std::chrono::seconds(120))) {
+    ASSERT_GE(e->index, 0);
+    ASSERT_LT(e->index, 4);
+    auto& t = choices[static_cast<size_t>(e->index)];
+    t.insert(t.end(), e->tokens.begin(), e->tokens.end());
+    finished += e->finished ? 1 : 0;
+  }
+  EXPECT_EQ(finished, 4);
+  EXPECT_EQ(engine.stats().promptTokens, p.promptTokens.size());  // prefilled once
+  EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
+  // Choice i is exactly the request alone with seed 42 + i (batch-invariant numerics).
+  for (int32_t i = 0; i < 4; ++i) {
+    RequestParams one = p;
+    one.n = 1;
+    one.sampling.seed = 42 + static_cast<uint64_t>(i);
+    EXPECT_EQ(choices[static_cast<size_t>(i)], alone(one)) << "choice " << i;
+  }
+  EXPECT_NE(choices[0], choices[1]);
+}
+
+// The KV blocks an n = 8 request holds at its peak, against 8 separate requests for the same
+// prompt submitted together (printed for the record; the shared prompt must make n = 8 smaller).
+TEST_F(Fixture, NEightHoldsFewerBlocksThanEightRequests) {
+  RequestParams p = greedy(
+      "Summarise the history of the printing press in Europe, from Gutenberg's workshop in "
+      "Mainz to the spread of presses across the continent, in a few sentences:", 24);
+  p.sampling.temperature = 0.8f;
+  auto peakBlocks = [&](int32_t n, int32_t requests) {
+    EngineConfig c;
+    c.kvCacheBytes = 64ull << 20;
+    std::atomic<int32_t> peak{0};
+    Engine* self = nullptr;
+    EngineHooks hooks;
+    hooks.beforeForward = [&](std::span<const kv::SeqId>) {
+      peak = std::max(peak.load(), self->stats().kv.usedBlocks);
+    };
+    Engine engine(*model, *tokenizer, c, hooks);
+    self = &engine;
+    std::vector<std::shared_ptr<RequestStream>> streams;
+    RequestParams q = p;
+    q.n = n;
+    for (int32_t i = 0; i < requests; ++i) streams.push_back(engine.submit(q));
+    for (auto& s : streams) {
+      while (s->next(std::chrono::seconds(120))) {
+      }
+    }
+    return peak.load();
+  };
+  const int32_t shared = peakBlocks(8, 1);
+  const int32_t separate = peakBlocks(1, 8);
+  std::cout << "peak KV blocks: n = 8: " << shared << ", 8 requests: " << separate << "\n";
+  EXPECT_LT(shared, separate);
+}
+
+TEST_F(Fixture, BestOfReturnsTheMostLikelyCandidates) {
+  RequestParams p = greedy("My favourite animal is", 6);
+  p.sampling.temperature = 1.0f;
+  p.sampling.seed = 7;
+  p.n = 2;
+  p.bestOf = 4;
+  EngineConfig c;
+  c.kvCacheBytes = 64ull << 20;
+  std::vector<std::vector<int32_t>> got(2);
+  {
+    Engine engine(*model, *tokenizer, c);
+    auto stream = engine.submit(p);
+    while (auto e = stream->next(std::chrono::seconds(120))) {
+      ASSERT_TRUE(e->finished);  // each choice comes whole
+      got[static_cast<size_t>(e->index)] = e->tokens;
+    }
+  }
+  // The candidates are the requests alone with seeds 7..10; rank them by cumulative logprob.
+  std::vector<std::pair<double, std::vector<int32_t>>> ranked;
+  for (int32_t i = 0; i < 4; ++i) {
+    RequestParams one = p;
+    one.n = 1;
+    one.bestOf = 0;
+    one.sampling.seed = 7 + static_cast<uint64_t>(i);
+    one.topLogprobs = 0;
+    Engine engine(*model, *tokenizer, c);
+    auto s = engine.submit(one);
+    double sum = 0;
+    std::vector<int32_t> tokens;
+    while (auto e = s->next(std::chrono::seconds(120))) {
+      for (const auto& l : e->logprobs) sum += l.logprob;
+      tokens.insert(tokens.end(), e->tokens.begin(), e->tokens.end());
+    }
+    ranked.emplace_back(sum, tokens);
+  }
+  std::stable_sort(ranked.begin(), ranked.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  EXPECT_EQ(got[0], ranked[0].second);
+  EXPECT_EQ(got[1], ranked[1].second);
 }
 
 TEST_F(Fixture, ScoringWithoutGeneratingGivesPromptLogprobsOnly) {

@@ -39,32 +39,49 @@ std::ostream& operator<<(std::ostream& os, const Chunk& c) {
 }
 
 // Plays the model: every chunk that completes a context yields one sampled token; a request
-// finishes (and leaves) once it has generated its quota.
+// finishes (and leaves) once it has generated its quota. With token ids (addTokens), computed
+// blocks go into the prefix cache after each step, as the engine does after its forward pass.
 struct FakeRunner {
   Scheduler& s;
+  kv::KVCache& cache;
   std::map<kv::SeqId, int32_t> quota;  // tokens each request generates
   std::map<kv::SeqId, int32_t> generated;
   std::vector<kv::SeqId> finished;
-  std::vector<kv::SeqId> parked;  // with parkFinished: finished requests parked, not removed
-  bool parkFinished = false;
+  std::map<kv::SeqId, std::vector<int32_t>> tokens;  // context token ids (stable addresses)
 
   void add(kv::SeqId seq, int32_t prompt, int32_t outputTokens) {
     s.add(seq, prompt, prompt + outputTokens);
     quota[seq] = outputTokens;
   }
+  void addTokens(kv::SeqId seq, std::vector<int32_t> prompt, int32_t outputTokens) {
+    const auto n = static_cast<int32_t>(prompt.size());
+    tokens[seq] = std::move(prompt);
+    s.add(seq, n, n + outputTokens, &tokens[seq]);
+    quota[seq] = outputTokens;
+  }
+  // A copy of running `parent` (whose context is complete) that generates `outputTokens`.
+  void fork(kv::SeqId parent, kv::SeqId child, int32_t outputTokens) {
+    tokens[child] = tokens[parent];
+    s.addFork(parent, child, &tokens[child]);
+    quota[child] = outputTokens;
+  }
   StepPlan step() {
     StepPlan p = s.schedule();
     for (const auto& c : p.chunks) {
+      auto t = tokens.find(c.seq);
+      if (t != tokens.end()) {
+        cache.cacheComputedBlocks(c.seq, std::span<const int32_t>(t->second)
+                                             .first(static_cast<size_t>(c.firstPos + c.numTokens)));
+      }
+    }
+    for (const auto& c : p.chunks) {
       if (!c.completesContext) continue;
       if (++generated[c.seq] == quota[c.seq]) {
-        if (parkFinished) {
-          s.park(c.seq);
-          parked.push_back(c.seq);
-        } else {
-          s.remove(c.seq);
-        }
+        s.remove(c.seq);
         finished.push_back(c.seq);
       } else {
+        auto t = tokens.find(c.seq);
+        if (t != tokens.end()) t->second.push_back(static_cast<int32_t>(c.seq % 7));
         s.appendToken(c.seq);
       }
     }
@@ -73,16 +90,25 @@ struct FakeRunner {
   }
 };
 
+std::vector<int32_t> iota(int32_t n, int32_t from = 100) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (int32_t i = 0; i < n; ++i) t[static_cast<size_t>(i)] = from + i;
+  return t;
+}
+
 struct SchedulerTest : ::testing::Test {
-  void make(int32_t numBlocks, int32_t budget, int32_t maxSeqs, double watermark = 0.0) {
+  void make(int32_t numBlocks, int32_t budget, int32_t maxSeqs, double watermark = 0.0,
+            SchedulePolicy policy = SchedulePolicy::Fcfs, int32_t maxOvertakes = 32) {
     cache = std::make_unique<kv::KVCache>(tinyPool(numBlocks));
     memory = std::make_unique<PagedBlockBudget>(*cache);
     SchedulerConfig c;
     c.maxBatchedTokens = budget;
     c.maxNumSeqs = maxSeqs;
     c.watermarkFraction = watermark;
+    c.policy = policy;
+    c.maxOvertakes = maxOvertakes;
     sched = std::make_unique<Scheduler>(c, *memory);
-    runner = std::make_unique<FakeRunner>(FakeRunner{*sched, {}, {}, {}, {}, false});
+    runner = std::make_unique<FakeRunner>(FakeRunner{*sched, *cache, {}, {}, {}, {}});
   }
   std::unique_ptr<kv::KVCache> cache;
   std::unique_ptr<PagedBlockBudget> memory;
@@ -219,60 +245,90 @@ TEST_F(SchedulerTest, CancellingAWaitingRequestLetsTheNextOneIn) {
   EXPECT_EQ(cache->usedBlocks(), 0);
 }
 
-TEST_F(SchedulerTest, AParkedSequenceIsReusedByTheNextTurn) {
-  make(8, 64, 8);
-  runner->add(1, 6, 10);
-  runner->step();  // prompt
-  runner->step();  // decode position 6
-  sched->park(1);  // the turn is over: positions 0..6 stay in memory
-  EXPECT_TRUE(sched->isParked(1));
-  EXPECT_EQ(sched->numRunning(), 0);
-  EXPECT_EQ(cache->usedTokens(1), 7);
-  // The next turn shares the first 5 tokens: only the rest of its 9-token prompt is computed.
-  sched->addReusing(2, 9, 12, 1, 5);
-  EXPECT_FALSE(sched->isParked(1));
-  EXPECT_EQ(cache->usedTokens(2), 5);
-  EXPECT_FALSE(cache->hasSequence(1));
-  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{2, 5, 4, true}}));
-  sched->checkInvariants();
-  cache->checkInvariants();
-  EXPECT_THROW(sched->addReusing(3, 9, 12, 1, 5), std::invalid_argument);  // no longer parked
-}
-
-TEST_F(SchedulerTest, ParkedSequencesGoFirstWhenMemoryIsShort) {
-  make(4, 64, 8);
-  runner->add(1, 8, 4);  // 2 blocks
-  runner->step();
-  sched->park(1);
-  runner->add(2, 8, 4);  // 2 blocks: fits beside the parked one (the head may use the last blocks)
-  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{2, 0, 8, true}}));
-  EXPECT_TRUE(sched->isParked(1));
-  // Request 2's next token needs a block: the parked sequence is released, nothing is preempted.
+TEST_F(SchedulerTest, ACachedPrefixIsNotComputedAgain) {
+  make(16, 64, 8);
+  runner->addTokens(1, iota(10), 1);
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{1, 0, 10, true}}));
+  EXPECT_EQ(runner->finished, (std::vector<kv::SeqId>{1}));
+  EXPECT_EQ(cache->stats().cachedBlocks, 2);  // positions [0, 8)
+  // The next turn starts with the same 10 tokens: it is admitted on the 2 cached blocks.
+  std::vector<int32_t> next = iota(10);
+  for (int32_t t : {7, 8, 9}) next.push_back(t);
+  runner->addTokens(2, next, 1);
   const StepPlan p = runner->step();
-  EXPECT_EQ(chunks(p), (std::vector<Chunk>{{2, 8, 1, true}}));
-  EXPECT_TRUE(p.preempted.empty());
-  EXPECT_FALSE(sched->isParked(1));
-  EXPECT_FALSE(cache->hasSequence(1));
-  sched->checkInvariants();
+  EXPECT_EQ(chunks(p), (std::vector<Chunk>{{2, 8, 5, true}}));
+  EXPECT_TRUE(p.chunks[0].admitted);
+  EXPECT_EQ(cache->stats().cachedBlocks, 3);  // request 2 finished too: its third block is cached
+  // A prompt that is all cached still computes its last token (for its logits).
+  runner->addTokens(3, iota(8), 1);
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{3, 4, 4, true}}));
+  cache->checkInvariants();
 }
 
-TEST_F(SchedulerTest, AWaitingRequestGivesBackReusedPositionsTheHeadNeeds) {
-  // 8 blocks. Request 1 (20 tokens, 5 blocks) finishes and is parked; request 2 (16 tokens) is
-  // queued, then request 3 reuses request 1's positions behind it. The head needs 4 blocks and
-  // only 3 are free: request 3's reused positions go back (it will compute from scratch), rather
-  // than the queue stalling behind blocks nobody is using.
-  make(8, 64, 8);
-  runner->parkFinished = true;
-  runner->add(1, 20, 1);
+TEST_F(SchedulerTest, HitsOnBlocksInUseCostNoMemoryAtAdmission) {
+  // 7 blocks. Request 1 (16 tokens) runs; request 2 starts with the same 16 tokens. After request
+  // 1's next decode takes a fifth block, 2 blocks are free: request 2 needs 5 blocks but shares
+  // the 4 of request 1's prompt, so 1 fresh block plus the watermark fits.
+  make(7, 64, 8);
+  runner->addTokens(1, iota(16), 8);
   runner->step();
-  runner->add(2, 16, 1);
-  sched->addReusing(3, 24, 25, 1, 20);
-  runner->quota[3] = 1;
-  EXPECT_EQ(cache->freeBlocks(), 3);
-  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{2, 0, 16, true}}));
-  EXPECT_EQ(sched->computedTokens(3), 0);
-  EXPECT_FALSE(cache->hasSequence(3));
-  sched->checkInvariants();
+  std::vector<int32_t> second = iota(16);
+  for (int32_t t : {1, 2, 3}) second.push_back(t);
+  runner->addTokens(2, second, 1);
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{1, 16, 1, true}, {2, 16, 3, true}}));
+  EXPECT_EQ(cache->stats().sharedBlocks, 0);  // request 2 finished at once
+  EXPECT_EQ(cache->stats().cachedBlocks, 0);
+  cache->checkInvariants();
+}
+
+TEST_F(SchedulerTest, LongestPrefixFirstWithBoundedOvertaking) {
+  // 6 blocks; one request at a time (maxNumSeqs 1). Request 9 leaves 8 tokens cached; then
+  // request 1 (no hit) and request 2 (hits) wait. Lpm admits 2 first; with maxOvertakes 1,
+  // request 1 then goes before request 3 although 3 hits too.
+  make(16, 64, 1, 0.0, SchedulePolicy::Lpm, 1);
+  runner->addTokens(9, iota(9), 1);
+  runner->step();
+  runner->addTokens(1, iota(9, 500), 1);
+  runner->addTokens(2, iota(9), 1);
+  runner->addTokens(3, iota(9), 1);
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{2, 8, 1, true}}));
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{1, 0, 9, true}}));
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{3, 8, 1, true}}));
+}
+
+TEST_F(SchedulerTest, FcfsNeverOvertakesEvenForAHit) {
+  make(16, 64, 1);
+  runner->addTokens(9, iota(9), 1);
+  runner->step();
+  runner->addTokens(1, iota(9, 500), 1);
+  runner->addTokens(2, iota(9), 1);
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{1, 0, 9, true}}));
+  EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{2, 8, 1, true}}));
+}
+
+TEST_F(SchedulerTest, ForkedChoicesShareThePromptAndCopyOnlyTheLastBlock) {
+  make(16, 64, 8);
+  runner->addTokens(1, iota(6), 3);
+  sched->schedule();  // prompt computed: 2 blocks; forked before its first token is appended
+  runner->fork(1, 2, 3);
+  runner->fork(1, 3, 3);
+  EXPECT_EQ(cache->usedBlocks(), 2);
+  EXPECT_EQ(cache->stats().sharedBlocks, 2);
+  EXPECT_EQ(sched->numWaiting(), 2);
+  // Each choice got its first token; the next step decodes all three. Two of them copy the shared,
+  // partly filled second block; the full first block stays shared.
+  for (kv::SeqId id : {1, 2, 3}) {
+    runner->tokens[id].push_back(static_cast<int32_t>(id));
+    runner->generated[id] = 1;
+    sched->appendToken(id);
+  }
+  EXPECT_EQ(chunks(runner->step()),
+            (std::vector<Chunk>{{1, 6, 1, true}, {3, 6, 1, true}, {2, 6, 1, true}}));
+  EXPECT_EQ(cache->usedBlocks(), 4);
+  EXPECT_EQ(cache->blockTable(2)[0], cache->blockTable(1)[0]);
+  EXPECT_NE(cache->blockTable(2)[1], cache->blockTable(1)[1]);
+  EXPECT_THROW(sched->addFork(1, 2, nullptr), std::invalid_argument);  // 2 exists
+  cache->checkInvariants();
 }
 
 TEST_F(SchedulerTest, RandomWorkloadsKeepInvariantsAndFinishEverything) {
@@ -280,9 +336,11 @@ TEST_F(SchedulerTest, RandomWorkloadsKeepInvariantsAndFinishEverything) {
   for (int round = 0; round < 400; ++round) {
     const int32_t blocks = 4 + static_cast<int32_t>(rng() % 28);
     make(blocks, 1 + static_cast<int32_t>(rng() % 32), 1 + static_cast<int32_t>(rng() % 6),
-         (rng() % 2) ? 0.0 : 0.05);
-    // Half the rounds park finished requests and let later ones reuse them (conversations).
-    runner->parkFinished = round % 2 == 1;
+         (rng() % 2) ? 0.0 : 0.05, (rng() % 2) ? SchedulePolicy::Fcfs : SchedulePolicy::Lpm,
+         static_cast<int32_t>(rng() % 4));
+    // Half the rounds give requests token ids from a few families with shared prefixes: prefix
+    // hits, and forks of running requests (n > 1).
+    const bool withTokens = round % 2 == 1;
     kv::SeqId next = 1;
     int32_t added = 0;
     for (int step = 0; step < 2000; ++step) {
@@ -292,17 +350,25 @@ TEST_F(SchedulerTest, RandomWorkloadsKeepInvariantsAndFinishEverything) {
         const int32_t out =
             1 + static_cast<int32_t>(rng() % std::min(maxCtx - static_cast<uint32_t>(prompt), 20u));
         const kv::SeqId id = next++;
-        std::erase_if(runner->parked, [&](kv::SeqId p) { return !sched->isParked(p); });
-        if (!runner->parked.empty() && prompt > 1 && rng() % 2 == 0) {
-          const kv::SeqId from = runner->parked.back();
-          runner->parked.pop_back();
-          const int32_t reuse = std::min(sched->computedTokens(from), prompt - 1);
-          sched->addReusing(id, prompt, prompt + out, from, reuse);
-          runner->quota[id] = out;
+        if (withTokens) {
+          std::vector<int32_t> t = iota(prompt, 100 * static_cast<int32_t>(rng() % 3));
+          if (rng() % 2 == 0) t.back() = static_cast<int32_t>(rng() % 5);
+          runner->addTokens(id, t, out);
         } else {
           runner->add(id, prompt, out);
         }
         ++added;
+      }
+      // Fork a running request whose context is complete (as the engine does for n > 1).
+      if (withTokens && added < 30 && rng() % 5 == 0) {
+        for (kv::SeqId id = 1; id < next; ++id) {
+          if (runner->tokens.count(id) == 0 || !sched->isRunning(id)) continue;
+          if (sched->computedTokens(id) != static_cast<int32_t>(runner->tokens[id].size())) continue;
+          const kv::SeqId child = next++;
+          runner->fork(id, child, 1 + static_cast<int32_t>(rng() % 4));
+          ++added;
+          break;
+        }
       }
       if (rng() % 50 == 0 && next > 1) sched->remove(1 + rng() % (next - 1));  // cancellations
       const StepPlan p = runner->step();
@@ -311,8 +377,6 @@ TEST_F(SchedulerTest, RandomWorkloadsKeepInvariantsAndFinishEverything) {
       if (added == 30 && sched->numRunning() == 0 && sched->numWaiting() == 0) break;
     }
     EXPECT_EQ(sched->numRunning() + sched->numWaiting(), 0) << "round " << round;
-    for (kv::SeqId id : runner->parked) sched->remove(id);  // parked ones may remain: release
-    EXPECT_EQ(sched->numParked(), 0);
     EXPECT_EQ(cache->usedBlocks(), 0);
   }
 }
