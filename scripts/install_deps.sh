@@ -11,6 +11,7 @@ apt_packages=(
   clang-14 libclang-rt-14-dev
   curl python3-pip
   libcpp-httplib-dev
+  libzmq3-dev cppzmq-dev libmsgpack-cxx-dev
 )
 missing=()
 for p in "${apt_packages[@]}"; do

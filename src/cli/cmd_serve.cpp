@@ -10,6 +10,8 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/model_options.h"
@@ -21,6 +23,7 @@
 #include "model/tokenizer.h"
 #include "server/byte_size.h"
 #include "server/http_server.h"
+#include "server/kv_event_publisher.h"
 
 namespace cortex::cli {
 
@@ -41,6 +44,9 @@ struct ServeOptions {
   std::string chatTemplate;
   int httpThreads = 0;
   double shutdownGraceSeconds = 30;
+  bool noPrefixCaching = false;
+  std::string kvEventsEndpoint;        // empty: no KV events
+  std::string kvEventsReplayEndpoint;  // empty: no replay
 };
 
 // Blocks SIGINT/SIGTERM in this thread and every thread started after it (OpenMP, the engine
@@ -83,6 +89,23 @@ void runServe(const ServeOptions& o) {
     if (ec.kvCacheBytes == 0) throw std::runtime_error("--kv-cache-memory must be > 0");
   }
   ec.numThreads = o.threads;
+  ec.prefixCaching = !o.noPrefixCaching;
+
+  // Bound before the model loads, so a bad endpoint fails at once; declared before the engine, so
+  // it outlives the step loop that calls it (the engine is destroyed first).
+  std::unique_ptr<server::KVEventPublisher> kvEvents;
+  if (o.kvEventsEndpoint.empty() && !o.kvEventsReplayEndpoint.empty()) {
+    throw std::runtime_error("--kv-events-replay-endpoint needs --kv-events-endpoint");
+  }
+  if (!o.kvEventsEndpoint.empty()) {
+    server::KVEventPublisherConfig pc;
+    pc.endpoint = o.kvEventsEndpoint;
+    pc.replayEndpoint = o.kvEventsReplayEndpoint;
+    kvEvents = std::make_unique<server::KVEventPublisher>(pc);
+    ec.kvEventListener = [p = kvEvents.get()](std::vector<kv::KVEvent>&& events) {
+      p->publish(std::move(events));
+    };
+  }
 
   const kernels::Isa isa = kernels::activeIsa();  // a bad CORTEXSTREAM_ISA fails here
   auto llama = model::LlamaModel::load(o.modelPath, o.precision);
@@ -114,6 +137,12 @@ void runServe(const ServeOptions& o) {
             << stats.kv.totalBytes / (1024 * 1024) << " MiB), max context "
             << engine.maxContextTokens() << " tokens; " << model::toString(o.precision)
             << " matmuls on " << kernels::toString(isa) << " kernels\n";
+  if (kvEvents) {
+    std::cerr << "publishing KV events on " << kvEvents->endpoint()
+              << (kvEvents->replayEndpoint().empty() ? ""
+                                                     : ", replay on " + kvEvents->replayEndpoint())
+              << (ec.prefixCaching ? "" : " (prefix caching is off: there will be none)") << "\n";
+  }
   std::cerr << "listening on http://" << o.host << ":" << server.port() << std::endl;
 
   std::atomic<bool> stopped{false};
@@ -173,6 +202,14 @@ void registerServeCommand(CLI::App& app) {
                   "seconds SIGINT/SIGTERM waits for running requests before cancelling them")
       ->check(CLI::Range(0.0, 3600.0))
       ->capture_default_str();
+  cmd->add_flag("--no-prefix-caching", o->noPrefixCaching,
+                "compute every prompt in full instead of reusing cached KV blocks of earlier ones");
+  cmd->add_option("--kv-events-endpoint", o->kvEventsEndpoint,
+                  "publish prefix-cache events (vLLM's ZeroMQ/msgpack format) on this PUB "
+                  "endpoint, e.g. tcp://*:5557 (default: off)");
+  cmd->add_option("--kv-events-replay-endpoint", o->kvEventsReplayEndpoint,
+                  "answer requests for missed KV event batches on this ROUTER endpoint, e.g. "
+                  "tcp://*:5558 (default: off)");
   cmd->callback([o] { runServe(*o); });
 }
 
