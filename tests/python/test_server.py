@@ -345,8 +345,8 @@ def test_too_long_prompt(server):
 
 def test_openai_client_sees_errors(server):
     with pytest.raises(openai.BadRequestError) as e:
-        server.client.completions.create(model="m", prompt="x", n=2)
-    assert "'n' must be 1" in str(e.value)
+        server.client.completions.create(model="m", prompt="x", n=2, best_of=1)
+    assert "'best_of' must be >= n" in str(e.value)
 
 
 def test_unknown_path_and_wrong_method(server):
