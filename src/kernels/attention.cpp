@@ -251,7 +251,24 @@ void softmaxChunk(float* s, size_t sStride, int32_t a, int32_t b, float* m, doub
   for (int g = 0; g < G; ++g) {
     float* sg = s + g * sStride;
     float mx = sg[a];
-    for (int32_t j = a + 1; j < b; ++j) mx = std::max(mx, sg[j]);
+    int32_t j = a + 1;
+#if CS_KERNELS_AVX2
+    if constexpr (kSimd) {
+      // note: a max is exact whatever the order, so the lanes give the scalar loop's result; one
+      // scalar chain would wait on each vmaxss's latency.
+      if (b - j >= 16) {
+        __m256 m0 = _mm256_loadu_ps(sg + j), m1 = _mm256_loadu_ps(sg + j + 8);
+        for (j += 16; j + 16 <= b; j += 16) {
+          m0 = _mm256_max_ps(m0, _mm256_loadu_ps(sg + j));
+          m1 = _mm256_max_ps(m1, _mm256_loadu_ps(sg + j + 8));
+        }
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, _mm256_max_ps(m0, m1));
+        for (float v : lanes) mx = std::max(mx, v);
+      }
+    }
+#endif
+    for (; j < b; ++j) mx = std::max(mx, sg[j]);
     m[g] = mx;
     int32_t e = a;
     double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
