@@ -1,5 +1,6 @@
 // Embedding CortexStream in a C++ program: load a model, start the engine, submit two requests
-// at once and print their streams as the tokens arrive.
+// at once and print their streams as the tokens arrive; then a follow-up turn that finds the first
+// conversation in the prefix cache and asks for two choices of one prompt (n = 2).
 //
 //   build/examples/embed [models/SmolLM2-135M-Instruct.Q4_1.gguf]
 #include <iostream>
@@ -25,7 +26,8 @@ int main(int argc, char** argv) {
     engine::Engine engine(*model, tokenizer, config);
 
     std::vector<std::shared_ptr<engine::RequestStream>> streams;
-    for (const char* question : {"What is a cache?", "Name a prime number."}) {
+    const std::vector<std::string> questions = {"What is a cache?", "Name a prime number."};
+    for (const std::string& question : questions) {
       const std::vector<model::ChatMessage> messages = {{"user", question}};
       engine::RequestParams params;
       params.promptTokens =
@@ -47,6 +49,28 @@ int main(int argc, char** argv) {
             --open;
           }
         }
+      }
+    }
+    // The next turn sends the whole conversation; its first turn is already in the prefix cache,
+    // and the prompt is computed once for both choices.
+    const std::vector<model::ChatMessage> followUp = {
+        {"user", questions[0]}, {"assistant", answers[0]}, {"user", "Now in five words."}};
+    engine::RequestParams params;
+    params.promptTokens =
+        tokenizer.encode(model::applyChatTemplate(chat, followUp, true), true, true);
+    params.sampling.temperature = 0.7f;
+    params.sampling.seed = 1;  // choice i samples with seed + i
+    params.maxTokens = 24;
+    params.n = 2;
+    auto stream = engine.submit(std::move(params));
+    std::vector<std::string> choices(2);
+    while (auto event = stream->next(std::chrono::seconds(60))) {
+      choices[static_cast<size_t>(event->index)] += event->text;
+      if (event->finished) {
+        std::cout << "[follow-up, choice " << event->index << "] "
+                  << choices[static_cast<size_t>(event->index)] << "\n    ("
+                  << event->cachedTokens << " of " << event->promptTokens
+                  << " prompt tokens were cached)\n";
       }
     }
     const engine::EngineStats stats = engine.stats();

@@ -44,6 +44,7 @@ struct ServeOptions {
   std::string chatTemplate;
   int httpThreads = 0;
   double shutdownGraceSeconds = 30;
+  std::string schedulePolicy = "fcfs";
   bool noPrefixCaching = false;
   std::string kvEventsEndpoint;        // empty: no KV events
   std::string kvEventsReplayEndpoint;  // empty: no replay
@@ -90,6 +91,7 @@ void runServe(const ServeOptions& o) {
   }
   ec.numThreads = o.threads;
   ec.prefixCaching = !o.noPrefixCaching;
+  ec.schedulePolicy = engine::parseSchedulePolicy(o.schedulePolicy);
 
   // Bound before the model loads, so a bad endpoint fails at once; declared before the engine, so
   // it outlives the step loop that calls it (the engine is destroyed first).
@@ -204,6 +206,11 @@ void registerServeCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--no-prefix-caching", o->noPrefixCaching,
                 "compute every prompt in full instead of reusing cached KV blocks of earlier ones");
+  cmd->add_option("--schedule-policy", o->schedulePolicy,
+                  "order of admission: fcfs (arrival order) or lpm (longest cached prefix first; "
+                  "a request overtaken 32 times goes first)")
+      ->check(CLI::IsMember({"fcfs", "lpm"}))
+      ->capture_default_str();
   cmd->add_option("--kv-events-endpoint", o->kvEventsEndpoint,
                   "publish prefix-cache events (vLLM's ZeroMQ/msgpack format) on this PUB "
                   "endpoint, e.g. tcp://*:5557 (default: off)");

@@ -326,39 +326,6 @@ void KVCache::fork(SeqId src, SeqId dst) {
   for (BlockId b : s.blocks) pool_.addRef(b);
 }
 
-void KVCache::truncate(SeqId seq, int32_t tokens) {
-  std::lock_guard lock(mu_);
-  Sequence& s = find(seq);
-  if (tokens < 1 || tokens > s.tokens) {
-    throw KVError(KVErrc::InvalidArgument, "truncate: " + seqName(seq) + " has " +
-                                               std::to_string(s.tokens) + " tokens, cannot keep " +
-                                               std::to_string(tokens));
-  }
-  const int32_t B = config_.blockSizeTokens;
-  const auto keepBlocks = static_cast<size_t>(blocksForTokens(tokens));
-  const BlockId last = s.blocks[keepBlocks - 1];
-  const int32_t lastFill = tokens - static_cast<int32_t>(keepBlocks - 1) * B;
-  if (lastFill != blockFill_[last] && pool_.refCount(last) > 1) {
-    throw KVError(KVErrc::InvalidArgument,
-                  "truncate: " + seqName(seq) + " would cut inside a shared block");
-  }
-  releaseBlocksLocked(std::vector<BlockId>(s.blocks.begin() + static_cast<long>(keepBlocks),
-                                           s.blocks.end()));
-  s.blocks.resize(keepBlocks);
-  s.hashes.resize(std::min(s.hashes.size(), static_cast<size_t>(tokens / B)));
-  if (pool_.refCount(last) == 1) {
-    liveTokens_ -= blockFill_[last] - lastFill;
-    blockFill_[last] = lastFill;
-    if (lastFill < B && pool_.isHashed(last)) {
-      // The block will be written again: its content no longer matches its hash.
-      evictedScratch_.push_back(pool_.blockHash(last));
-      pool_.clearHash(last);
-      noteEvicted();
-    }
-  }
-  s.tokens = tokens;
-}
-
 void KVCache::releaseBlocksLocked(const std::vector<BlockId>& blocks) {
   for (BlockId b : blocks) {
     if (pool_.refCount(b) == 1) {

@@ -116,10 +116,6 @@ class KVCache {
   // either copies their shared, partly filled last block (copy on write); that copy of bytes runs
   // outside the cache's lock.
   void fork(SeqId src, SeqId dst);
-  // Keeps positions [0, tokens) of `seq` (1 <= tokens <= usedTokens) and releases the blocks past
-  // them. Throws UnknownSequence, or InvalidArgument for a bad count or when the cut falls inside
-  // a block shared with another sequence (its other owners still hold those tokens).
-  void truncate(SeqId seq, int32_t tokens);
   // Releases `seq`'s blocks (shared blocks stay with their other owners). Unknown ids are
   // ignored: freeing twice is harmless. Returns whether the sequence existed.
   bool freeFor(SeqId seq);

@@ -42,10 +42,12 @@ std::string newId(const char* prefix) {
   return id;
 }
 
-json usageJson(const engine::RequestEvent& last) {
+// completionTokens: summed over the choices.
+json usageJson(const engine::RequestEvent& last, int64_t completionTokens) {
   return {{"prompt_tokens", last.promptTokens},
-          {"completion_tokens", last.completionTokens},
-          {"total_tokens", last.promptTokens + last.completionTokens}};
+          {"completion_tokens", completionTokens},
+          {"total_tokens", last.promptTokens + completionTokens},
+          {"prompt_tokens_details", {{"cached_tokens", last.cachedTokens}}}};
 }
 
 void setJson(httplib::Response& res, int status, const json& body) {
@@ -65,6 +67,7 @@ struct GenerationInfo {
   std::string echoText;                 // prompt text, prepended to the first text when echo
   std::vector<int32_t> promptTokens;    // for echo logprobs
   bool includeUsage = false;
+  int32_t n = 1;                        // choices
 };
 
 // Prompt logprobs as the engine sent them, with an entry for the first prompt token (which has
@@ -83,9 +86,12 @@ struct HttpServer::StreamState {
   GenerationInfo info;
   std::shared_ptr<engine::RequestStream> stream;
   std::optional<ConnectionProbe> probe;
-  bool first = true;      // nothing written yet
-  bool finished = false;  // the finished event (and [DONE]) was written
-  int64_t textOffset = 0;
+  bool finished = false;  // every choice's finished event (and [DONE]) was written
+  // Per choice: nothing written yet; the legacy logprobs' text offset.
+  std::vector<uint8_t> first;
+  std::vector<int64_t> textOffset;
+  int32_t open = 1;       // choices not finished
+  int64_t completionTokens = 0;
 };
 
 HttpServer::HttpServer(engine::Engine& engine, const model::Tokenizer& tokenizer,
@@ -269,6 +275,9 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
     info.topLogprobs = p.topLogprobs;
     info.echo = p.echo;
     info.includeUsage = p.includeUsage;
+    info.n = p.n;
+    params.n = p.n;
+    params.bestOf = p.bestOf;
 
     std::vector<int32_t> prompt;
     if (chat) {
@@ -335,11 +344,16 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
       ConnectionProbe::find(req.local_port, req.remote_addr, req.remote_port);
 
   if (!stream) {
-    std::string text = info.echo ? info.echoText : std::string();
-    std::vector<engine::TokenLogprob> promptLps, lps;
-    engine::RequestEvent last;
+    struct Choice {
+      std::string text;
+      std::vector<engine::TokenLogprob> promptLps, lps;
+      engine::RequestEvent last;
+    };
+    std::vector<Choice> choices(static_cast<size_t>(info.n));
+    for (Choice& c : choices) c.text = info.echo ? info.echoText : std::string();
+    int32_t open = info.n;
     bool cancelSent = false;
-    while (true) {
+    while (open > 0) {
       // note: nobody will read the answer of a client that went away; free its blocks now.
       if (!cancelSent && (aborting_ || (probe && probe->peerClosed()))) {
         rs->cancel();
@@ -347,52 +361,62 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
       }
       std::optional<engine::RequestEvent> ev = rs->next(kPollInterval);
       if (!ev) continue;
-      text += ev->text;
-      if (!ev->promptLogprobs.empty()) promptLps = std::move(ev->promptLogprobs);
-      lps.insert(lps.end(), ev->logprobs.begin(), ev->logprobs.end());
+      Choice& c = choices.at(static_cast<size_t>(ev->index));
+      c.text += ev->text;
+      if (!ev->promptLogprobs.empty()) c.promptLps = std::move(ev->promptLogprobs);
+      c.lps.insert(c.lps.end(), ev->logprobs.begin(), ev->logprobs.end());
       if (ev->finished) {
-        last = std::move(*ev);
-        break;
+        c.last = std::move(*ev);
+        --open;
       }
     }
     untrack(rs);
-    if (last.finishReason == engine::FinishReason::Error) {
-      respondError(res, 500, "generation failed: " + last.error, "server_error");
-      return;
-    }
-    if (last.finishReason == engine::FinishReason::Cancelled) {
-      respondError(res, 503, "the request was cancelled: the server is shutting down",
-                   "server_error", "", "shutting_down");
-      return;
-    }
-    json logprobs = nullptr;
-    if (info.topLogprobs >= 0) {
-      if (chat) {
-        logprobs = {{"content", chatLogprobContent(tokenizer_, lps)}};
-      } else {
-        std::vector<engine::TokenLogprob> all;
-        if (info.echo) all = promptEntries(info, std::move(promptLps));
-        const bool firstIsNull = info.echo && !all.empty();
-        all.insert(all.end(), lps.begin(), lps.end());
-        int64_t offset = 0;
-        logprobs = completionLogprobs(tokenizer_, all, firstIsNull, offset);
+    int64_t completionTokens = 0;
+    for (const Choice& c : choices) {
+      if (c.last.finishReason == engine::FinishReason::Error) {
+        respondError(res, 500, "generation failed: " + c.last.error, "server_error");
+        return;
       }
+      if (c.last.finishReason == engine::FinishReason::Cancelled) {
+        respondError(res, 503, "the request was cancelled: the server is shutting down",
+                     "server_error", "", "shutting_down");
+        return;
+      }
+      completionTokens += c.last.completionTokens;
     }
-    json choice = {{"index", 0},
-                   {"logprobs", logprobs},
-                   {"finish_reason", finishReasonString(last.finishReason)}};
-    if (chat) {
-      choice["message"] = {{"role", "assistant"}, {"content", text}};
-    } else {
-      choice["text"] = text;
+    json out = json::array();
+    for (size_t i = 0; i < choices.size(); ++i) {
+      Choice& c = choices[i];
+      json logprobs = nullptr;
+      if (info.topLogprobs >= 0) {
+        if (chat) {
+          logprobs = {{"content", chatLogprobContent(tokenizer_, c.lps)}};
+        } else {
+          std::vector<engine::TokenLogprob> all;
+          if (info.echo) all = promptEntries(info, std::move(c.promptLps));
+          const bool firstIsNull = info.echo && !all.empty();
+          all.insert(all.end(), c.lps.begin(), c.lps.end());
+          int64_t offset = 0;
+          logprobs = completionLogprobs(tokenizer_, all, firstIsNull, offset);
+        }
+      }
+      json choice = {{"index", i},
+                     {"logprobs", logprobs},
+                     {"finish_reason", finishReasonString(c.last.finishReason)}};
+      if (chat) {
+        choice["message"] = {{"role", "assistant"}, {"content", c.text}};
+      } else {
+        choice["text"] = c.text;
+      }
+      out.push_back(std::move(choice));
     }
     setJson(res, 200,
             {{"id", info.id},
              {"object", chat ? "chat.completion" : "text_completion"},
              {"created", info.created},
              {"model", info.model},
-             {"choices", json::array({choice})},
-             {"usage", usageJson(last)}});
+             {"choices", std::move(out)},
+             {"usage", usageJson(choices[0].last, completionTokens)}});
     return;
   }
 
@@ -400,6 +424,9 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
   st->info = std::move(info);
   st->stream = rs;
   st->probe = probe;
+  st->first.assign(static_cast<size_t>(st->info.n), 1);
+  st->textOffset.assign(static_cast<size_t>(st->info.n), 0);
+  st->open = st->info.n;
   res.set_header("Cache-Control", "no-cache");
   res.set_header("X-Accel-Buffering", "no");
 
@@ -422,13 +449,15 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
         }
         const GenerationInfo& g = st->info;
         std::string out;
-        if (st->first && g.chat) {
-          // OpenAI's first chat chunk carries the role before any content.
-          out += chunkOf(g, {{"index", 0},
-                             {"delta", {{"role", "assistant"}, {"content", ""}}},
-                             {"logprobs", nullptr},
-                             {"finish_reason", nullptr}});
-          st->first = false;
+        if (st->first[0] && g.chat) {
+          // OpenAI's first chat chunk of each choice carries the role before any content.
+          for (int32_t i = 0; i < g.n; ++i) {
+            out += chunkOf(g, {{"index", i},
+                               {"delta", {{"role", "assistant"}, {"content", ""}}},
+                               {"logprobs", nullptr},
+                               {"finish_reason", nullptr}});
+          }
+          std::fill(st->first.begin(), st->first.end(), 0);
         }
         if (st->probe && st->probe->peerClosed()) {
           // The client went away: free the request's blocks now (returning false ends the
@@ -444,6 +473,12 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
           }
           return true;
         }
+        const auto idx = static_cast<size_t>(ev->index);
+        if (ev->finished) {
+          --st->open;
+          st->completionTokens += ev->completionTokens;
+        }
+        const bool allDone = ev->finished && st->open == 0;
         if (ev->finished && ev->finishReason == engine::FinishReason::Error) {
           ApiError err;
           err.status = 500;
@@ -461,7 +496,7 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
           } else {
             std::vector<engine::TokenLogprob> entries;
             bool firstIsNull = false;
-            if (st->first && g.echo) {
+            if (st->first[idx] && g.echo) {
               text = g.echoText + text;
               if (g.topLogprobs >= 0) {
                 entries = promptEntries(g, std::move(ev->promptLogprobs));
@@ -470,10 +505,10 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
             }
             if (g.topLogprobs >= 0) {
               entries.insert(entries.end(), ev->logprobs.begin(), ev->logprobs.end());
-              logprobs = completionLogprobs(tokenizer_, entries, firstIsNull, st->textOffset);
+              logprobs = completionLogprobs(tokenizer_, entries, firstIsNull, st->textOffset[idx]);
             }
           }
-          json choice = {{"index", 0},
+          json choice = {{"index", ev->index},
                          {"logprobs", logprobs},
                          {"finish_reason", ev->finished ? json(finishReasonString(ev->finishReason))
                                                         : json(nullptr)}};
@@ -485,8 +520,8 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
           }
           out += chunkOf(g, std::move(choice));
         }
-        st->first = false;
-        if (ev->finished) {
+        st->first[idx] = 0;
+        if (allDone) {
           if (g.includeUsage) {
             out += "data: " +
                    dumpJson({{"id", g.id},
@@ -494,7 +529,7 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
                              {"created", g.created},
                              {"model", g.model},
                              {"choices", json::array()},
-                             {"usage", usageJson(*ev)}}) +
+                             {"usage", usageJson(*ev, st->completionTokens)}}) +
                    "\n\n";
           }
           out += "data: [DONE]\n\n";
@@ -504,7 +539,7 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
           st->stream->cancel();
           return false;
         }
-        if (ev->finished) {
+        if (allDone) {
           st->finished = true;
           sink.done();
         }

@@ -91,8 +91,17 @@ std::string renderPrometheus(const engine::EngineStats& s, const ServerCounters&
            totalBlocks);
   w.metric("cortexstream:kv_cache_blocks_used", "gauge", "KV cache blocks owned by sequences.",
            s.kv.usedBlocks);
-  w.metric("cortexstream:kv_cache_blocks_free", "gauge", "KV cache blocks on the free list.",
-           s.kv.freeBlocks);
+  w.metric("cortexstream:kv_cache_blocks_free", "gauge",
+           "KV cache blocks an allocation can take (cached ones included).", s.kv.freeBlocks);
+  w.metric("cortexstream:kv_cache_blocks_cached", "gauge",
+           "Free KV cache blocks holding a cached prefix (evicted least recently used first).",
+           s.kv.cachedBlocks);
+  w.metric("cortexstream:prefix_cache_queries_total", "counter",
+           "Prompt tokens looked up in the prefix cache at admission.",
+           static_cast<double>(s.prefixCacheQueries));
+  w.metric("cortexstream:prefix_cache_hits_total", "counter",
+           "Prompt tokens found in the prefix cache at admission (not computed again).",
+           static_cast<double>(s.prefixCacheHits));
   w.metric("cortexstream:kv_cache_live_tokens", "gauge", "Token slots holding a token.",
            static_cast<double>(s.kv.liveTokens));
   w.metric("cortexstream:kv_cache_block_size_tokens", "gauge", "Tokens per KV cache block.",

@@ -114,13 +114,7 @@ void parseCommon(const json& body, ParsedRequest& r) {
     if (!v->is_string()) wrongType("model", "a string", *v);
     r.model = v->get<std::string>();
   }
-  if (const auto n = getInt(body, "n", std::numeric_limits<int64_t>::min(),
-                            std::numeric_limits<int64_t>::max());
-      n && *n != 1) {
-    throwInvalid("n", "'n' must be 1: this server returns one choice per request (got " +
-                          std::to_string(*n) + "); send several requests instead",
-                 "unsupported");
-  }
+  if (const auto n = getInt(body, "n", 1, 128)) r.n = static_cast<int32_t>(*n);
   rejectUnsupported(body, "logit_bias", "send no logit_bias");
   rejectUnsupported(body, "tools", "function calling is not implemented");
   rejectUnsupported(body, "functions", "function calling is not implemented");
@@ -231,10 +225,16 @@ ParsedRequest parseCompletionRequest(const json& body) {
   ParsedRequest r;
   r.endpoint = Endpoint::Completions;
   parseCommon(body, r);
-  if (auto v = getInt(body, "best_of", std::numeric_limits<int64_t>::min(),
-                      std::numeric_limits<int64_t>::max());
-      v && *v != 1) {
-    throwInvalid("best_of", "'best_of' must be 1 (only one candidate per request)", "unsupported");
+  if (auto v = getInt(body, "best_of", 1, 128)) {
+    r.bestOf = static_cast<int32_t>(*v);
+    if (r.bestOf < r.n) {
+      throwInvalid("best_of", "'best_of' must be >= n (" + std::to_string(r.n) + "), got " +
+                                  std::to_string(r.bestOf));
+    }
+    if (r.bestOf > r.n && r.stream) {
+      throwInvalid("best_of", "'best_of' > n cannot be streamed: the best choices are known only "
+                              "when every candidate is finished");
+    }
   }
   rejectUnsupported(body, "suffix", "insertion is not implemented");
   if (auto v = getInt(body, "logprobs", 0, 5)) r.topLogprobs = static_cast<int32_t>(*v);

@@ -68,11 +68,13 @@ struct ParsedRequest {
   int32_t topLogprobs = -1;          // -1: no logprobs
   bool echo = false;                 // completions only
   bool ignoreEos = false;            // extension (as vLLM)
+  int32_t n = 1;                     // choices, [1, 128]
+  int32_t bestOf = 0;                // completions only: candidates (>= n; 0: n); no streaming
 };
 
 // Check a request body (already parsed as JSON). Throws ApiException (400) naming the first field
-// that is missing, of the wrong type, out of range or unsupported (n != 1, best_of, suffix,
-// logit_bias, tools, non-text content parts).
+// that is missing, of the wrong type, out of range or unsupported (suffix, logit_bias, tools,
+// non-text content parts, best_of with stream).
 ParsedRequest parseCompletionRequest(const nlohmann::json& body);
 ParsedRequest parseChatRequest(const nlohmann::json& body);
 

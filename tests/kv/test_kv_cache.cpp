@@ -141,30 +141,6 @@ TEST(KVCache, ForkSharesBlocksAndCopiesThePartialLastOnWrite) {
   k.checkInvariants();
 }
 
-TEST(KVCache, TruncateKeepsAPrefixAndReleasesTheRest) {
-  KVCache k(tiny(8));
-  k.allocateFor(1, 10);  // blocks of 4: 4 + 4 + 2
-  const std::vector<BlockId> table = k.blockTable(1);
-  k.truncate(1, 5);
-  EXPECT_EQ(k.usedTokens(1), 5);
-  EXPECT_EQ(k.blockTable(1), (std::vector<BlockId>{table[0], table[1]}));
-  EXPECT_EQ(k.usedBlocks(), 2);
-  EXPECT_EQ(k.stats().liveTokens, 5);
-  k.checkInvariants();
-  k.appendTokens(1, 3);  // fills the kept block again, no new block
-  EXPECT_EQ(k.usedBlocks(), 2);
-  k.checkInvariants();
-  EXPECT_EQ(errcOf([&] { k.truncate(1, 0); }), KVErrc::InvalidArgument);
-  EXPECT_EQ(errcOf([&] { k.truncate(1, 9); }), KVErrc::InvalidArgument);
-  EXPECT_EQ(errcOf([&] { k.truncate(2, 1); }), KVErrc::UnknownSequence);
-  // A shared block cannot be cut inside; at its end it can.
-  k.fork(1, 2);
-  EXPECT_EQ(errcOf([&] { k.truncate(2, 6); }), KVErrc::InvalidArgument);
-  k.truncate(2, 4);
-  EXPECT_EQ(k.usedTokens(1), 8);
-  k.checkInvariants();
-}
-
 TEST(KVCache, ForkAtBlockBoundaryNeedsNoCopy) {
   KVCache k(tiny(4));
   k.allocateFor(1, 4);

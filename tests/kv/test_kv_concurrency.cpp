@@ -78,5 +78,73 @@ TEST(KVConcurrency, ThreadsShareOnePoolSafely) {
   EXPECT_EQ(cache.getNumAllocatedSequences(), 0);
 }
 
+// Threads admit prompts from three shared families on the prefix cache: a hit may land on blocks
+// another thread computed (and published with cacheComputedBlocks after writing them) and still
+// holds, or on cached blocks nobody holds; every value read must be the one its position's prefix
+// gives.
+TEST(KVConcurrency, ThreadsHitEachOthersCachedPrefixes) {
+  KVCacheConfig c;
+  c.numLayers = 1;
+  c.numKVHeads = 1;
+  c.headDim = 2;
+  c.blockSizeTokens = 4;
+  c.numBlocks = 48;
+  c.dtype = KVDType::F32;
+  KVCache cache(c);
+  auto value = [](int family, int32_t pos) { return static_cast<float>(family * 1000 + pos); };
+  std::atomic<int64_t> hits{0};
+  std::atomic<int> mismatches{0};
+  std::atomic<bool> stop{false};
+  auto worker = [&](int tid) {
+    std::mt19937 rng(static_cast<uint32_t>(tid + 10));
+    for (int round = 0; round < 300; ++round) {
+      const SeqId s = static_cast<SeqId>(tid) * 1000000 + static_cast<SeqId>(round) * 2;
+      const int family = static_cast<int>(rng() % 3);
+      const auto n = static_cast<int32_t>(1 + rng() % 24);
+      std::vector<int32_t> tokens(static_cast<size_t>(n));
+      for (int32_t i = 0; i < n; ++i) tokens[static_cast<size_t>(i)] = family * 100 + i;
+      const int32_t cached = cache.tryAllocateWithPrefix(s, tokens, n);
+      if (cached < 0) continue;
+      hits += cached;
+      for (int32_t pos = cached; pos < n; ++pos) {
+        const float v[2] = {value(family, pos), 0};
+        cache.writeKV(cache.slotFor(s, pos), 0, v, v);
+      }
+      cache.cacheComputedBlocks(s, tokens);
+      if (rng() % 2 == 0) {
+        cache.fork(s, s + 1);
+        cache.appendToken(s + 1);  // copy on write of a shared partial block, outside the lock
+        std::vector<float> out(static_cast<size_t>(2 * (n + 1)));
+        gather(cache.getKView(s + 1, 0), out.data());
+        for (int32_t pos = 0; pos < n; ++pos) {
+          mismatches += out[static_cast<size_t>(2 * pos)] == value(family, pos) ? 0 : 1;
+        }
+        cache.freeFor(s + 1);
+      }
+      std::vector<float> out(static_cast<size_t>(2 * n));
+      gather(cache.getKView(s, 0), out.data());
+      for (int32_t pos = 0; pos < n; ++pos) {
+        mismatches += out[static_cast<size_t>(2 * pos)] == value(family, pos) ? 0 : 1;
+      }
+      cache.freeFor(s);
+    }
+  };
+  std::thread monitor([&] {
+    while (!stop.load()) {
+      (void)cache.stats();
+      cache.checkInvariants();
+    }
+  });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back(worker, t);
+  for (auto& t : threads) t.join();
+  stop = true;
+  monitor.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  EXPECT_GT(hits.load(), 0);
+  cache.checkInvariants();
+  EXPECT_EQ(cache.stats().usedBlocks, 0);
+}
+
 }  // namespace
 }  // namespace cortex::kv

@@ -159,16 +159,6 @@ TEST(PrefixCache, TheSameContentComputedTwiceIsRegisteredOnce) {
   k.checkInvariants();
 }
 
-TEST(PrefixCache, TruncatingIntoAHashedBlockDropsItsHash) {
-  KVCache k(tiny(8));
-  const Tokens t = iota(8);
-  k.allocateFor(1, 8);
-  k.cacheComputedBlocks(1, t);
-  k.truncate(1, 6);  // the second block is cut: it will be written again
-  EXPECT_EQ(k.cachedPrefixTokens(t), 4);
-  k.checkInvariants();
-}
-
 TEST(PrefixCache, OffMeansNoHashesAndNoHits) {
   KVCacheConfig c = tiny(8);
   c.prefixCaching = false;

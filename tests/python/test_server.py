@@ -307,13 +307,14 @@ def test_chat_logprobs(server):
     ("/v1/completions", '{"prompt": "x", "top_p": 1.5}', 400, "top_p", None),
     ("/v1/completions", '{"prompt": "x", "max_tokens": -1}', 400, "max_tokens", None),
     ("/v1/completions", '{"prompt": "x", "logprobs": 9}', 400, "logprobs", None),
-    ("/v1/completions", '{"prompt": "x", "n": 2}', 400, "n", "unsupported"),
+    ("/v1/completions", '{"prompt": "x", "n": 0}', 400, "n", None),
+    ("/v1/completions", '{"prompt": "x", "best_of": 2, "stream": true}', 400, "best_of", None),
     ("/v1/completions", '{"prompt": [99999999]}', 400, "prompt", None),
     ("/v1/completions", '{"max_tokens": 3}', 400, "prompt", None),
     ("/v1/completions", '{"prompt": "x", "max_tokens": 100000}', 400, "prompt",
      "context_length_exceeded"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "n": 3}', 400, "n",
-     "unsupported"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "n": 200}', 400,
+     "n", None),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": 5}]}', 400,
      "messages[0].content", "invalid_type"),
     ("/v1/chat/completions", '{"messages": []}', 400, "messages", None),
@@ -344,8 +345,8 @@ def test_too_long_prompt(server):
 
 def test_openai_client_sees_errors(server):
     with pytest.raises(openai.BadRequestError) as e:
-        server.client.completions.create(model="m", prompt="x", n=2)
-    assert "'n' must be 1" in str(e.value)
+        server.client.completions.create(model="m", prompt="x", n=2, best_of=1)
+    assert "'best_of' must be >= n" in str(e.value)
 
 
 def test_unknown_path_and_wrong_method(server):

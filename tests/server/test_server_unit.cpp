@@ -107,7 +107,7 @@ TEST(OpenAIProtocol, PromptForms) {
 }
 
 TEST(OpenAIProtocol, RejectsBadValuesNamingTheField) {
-  EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "n": 2})"), false), "n");
+  EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "n": 0})"), false), "n");
   EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "max_tokens": "5"})"), false), "max_tokens");
   EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "max_tokens": 0})"), false), "max_tokens");
   EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "max_tokens": 1.5})"), false), "max_tokens");
@@ -120,7 +120,11 @@ TEST(OpenAIProtocol, RejectsBadValuesNamingTheField) {
             "stop");
   EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "stop": 3})"), false), "stop");
   EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "stream": "yes"})"), false), "stream");
-  EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "best_of": 2})"), false), "best_of");
+  EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "n": 3, "best_of": 2})"), false), "best_of");
+  EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "n": 129})"), false), "n");
+  EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "best_of": 3, "stream": true})"), false),
+            "best_of");
+  EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "n": 2, "best_of": 3})"), false), "<ok>");
   EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "suffix": "y"})"), false), "suffix");
   EXPECT_EQ(paramOf(json::parse(R"({"prompt": "x", "logit_bias": {"1": 5}})"), false),
             "logit_bias");
