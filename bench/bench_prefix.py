@@ -15,7 +15,7 @@ Three scenarios, each run against every server (--scenarios; `cortex-nocache` ru
   a  shared-prefix TTFT. A cold request whose prompt is a ~--prefix-tokens (2,000) token document
      (prose sentences drawn with a per-repeat seed, opened by a unique tag so that not even its
      first KV block was seen before) plus a short question, then a warm request with the same
-     document and another question. Both streamed from /v1/completions, temperature 0,
+     document and another question. Both streamed from /v1/completions, temperature 0, ignore_eos,
      max_tokens --a-max-tokens (4). --repeats (3) times with a fresh document each time.
      Reported: cold and warm TTFT (median and every sample), speedup = cold / warm.
   b  shared system prompt under load. --clients (32) concurrent clients in a closed loop send
@@ -113,11 +113,13 @@ def question_text(i: int, rng: random.Random) -> str:
 
 async def stream(session: "aiohttp.ClientSession", url: str, body: dict, timeout_s: float) -> dict:
     """One streamed request to /v1/completions or /v1/chat/completions. TTFT is the time to the
-    first chunk with non-empty text (`text`, or `delta.content` for chat)."""
+    first chunk with non-empty text (`text`, or `delta.content` for chat); for an empty answer,
+    the time to the chunk with its finish_reason."""
     res = {"ok": False, "ttft_s": None, "latency_s": None, "text": "", "prompt_tokens": None,
            "completion_tokens": None, "cached_tokens": None, "llama_cache_n": None,
            "llama_prompt_n": None, "finish_reason": None, "error": None}
     t0 = time.perf_counter()
+    first_end = None
     try:
         async with session.post(url, json=body,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
@@ -152,6 +154,8 @@ async def stream(session: "aiohttp.ClientSession", url: str, body: dict, timeout
                             res["text"] += piece
                         if ch.get("finish_reason"):
                             res["finish_reason"] = ch["finish_reason"]
+                            if first_end is None:
+                                first_end = now
                     usage = obj.get("usage")
                     if usage:
                         res["completion_tokens"] = usage.get("completion_tokens")
@@ -164,6 +168,8 @@ async def stream(session: "aiohttp.ClientSession", url: str, body: dict, timeout
                         res["llama_cache_n"] = timings.get("cache_n", res["llama_cache_n"])
                         res["llama_prompt_n"] = timings.get("prompt_n", res["llama_prompt_n"])
             res["latency_s"] = time.perf_counter() - t0
+            if res["ttft_s"] is None and first_end is not None:
+                res["ttft_s"] = first_end - t0  # an empty answer: the time to its end
             if not done:
                 res["error"] = "stream ended without [DONE]"
             elif res["ttft_s"] is None:
@@ -228,9 +234,11 @@ async def scenario_a(cl: Client, args: argparse.Namespace) -> dict:
         rng = random.Random(f"a-{args.seed}-{rep}")
         doc = document(rng, args.prefix_tokens)
         cold = check(await cl.one("/v1/completions", cl.body(
-            args.a_max_tokens, prompt=doc + question_text(1, rng))), f"a: cold request {rep}")
+            args.a_max_tokens, prompt=doc + question_text(1, rng), ignore_eos=True)),
+            f"a: cold request {rep}")
         warm = check(await cl.one("/v1/completions", cl.body(
-            args.a_max_tokens, prompt=doc + question_text(2, rng))), f"a: warm request {rep}")
+            args.a_max_tokens, prompt=doc + question_text(2, rng), ignore_eos=True)),
+            f"a: warm request {rep}")
         s = {"cold": brief(cold), "warm": brief(warm),
              "speedup": rnd(cold["ttft_s"] / warm["ttft_s"], 2)}
         log(f"  a[{rep}]: cold TTFT {cold['ttft_s'] * 1e3:.1f} ms ({cold['prompt_tokens']} "
@@ -365,7 +373,8 @@ def run_server(name: str, cmd: list[str], scenarios: list[str], args: argparse.N
         # compiled shapes) lands in the cold sample of scenario a.
         rng = random.Random(f"warm-{args.seed}")
         check(asyncio.run(cl.one("/v1/completions", cl.body(
-            4, prompt=document(rng, args.prefix_tokens) + question_text(0, rng)))),
+            4, prompt=document(rng, args.prefix_tokens) + question_text(0, rng),
+            ignore_eos=True))),
             "long warm-up request")
         for sc in scenarios:
             log(f"{name}: scenario {sc} ({SCENARIOS[sc]})")
@@ -382,7 +391,30 @@ def run_server(name: str, cmd: list[str], scenarios: list[str], args: argparse.N
                 log(f"  b: {b['completed']} ok, {b['failed']} failed, {b['output_tokens_per_s']} "
                     f"output tok/s, TTFT p50 {b['ttft_s_p50']} s p99 {b['ttft_s_p99']} s, "
                     f"cached fraction {b['cached_fraction']}")
+        if name.startswith("cortex"):
+            out["prefix_cache_metrics"] = asyncio.run(prefix_metrics(base))
     out.update(facts)
+    return out
+
+
+async def prefix_metrics(base: str) -> dict:
+    """CortexStream's prefix-cache counters and gauges from /metrics, after the scenarios."""
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+                text = await r.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, _, value = line.rpartition(" ")
+        if "prefix_cache" in key or "blocks_cached" in key:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
     return out
 
 
