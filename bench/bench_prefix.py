@@ -27,6 +27,10 @@ Three scenarios, each run against every server (--scenarios; `cortex-nocache` ru
      appends the server's previous answer and a new user message (~--user-tokens (120) tokens of
      prose plus a question) to the messages, temperature 0, max_tokens --c-max-tokens (48),
      streamed. Reported: TTFT and prompt tokens per turn, and last-turn TTFT / first-turn TTFT.
+  d  (not in the default list) what a warm request costs per token it computes: a cold request of
+     --prefix-tokens + 1 random token ids (whole blocks of 16 for the default 2,000), then warm
+     requests of the same first --prefix-tokens ids plus k fresh ones, k in 1, 2, 4, 8, 16, 32
+     (3 each, median), max_tokens 1. Token-id prompts, so that exactly k tokens are new.
 
 Every request records the prompt tokens each server counted and the cached prompt tokens it
 reports: `usage.prompt_tokens_details.cached_tokens` (CortexStream, vLLM with
@@ -67,7 +71,8 @@ except ImportError:  # pragma: no cover - told to the user below
 # flag name -> JSON key
 SERVERS = {"cortex": "cortexstream", "cortex-nocache": "cortexstream-nocache", "llama": "llama",
            "vllm": "vllm"}
-SCENARIOS = {"a": "shared_prefix_ttft", "b": "system_prompt_load", "c": "chat_replay"}
+SCENARIOS = {"a": "shared_prefix_ttft", "b": "system_prompt_load", "c": "chat_replay",
+             "d": "computed_tokens_sweep"}
 
 QUESTIONS = [
     "Who kept the marks on the wall, and what did they record?",
@@ -334,6 +339,29 @@ async def scenario_c(cl: Client, args: argparse.Namespace) -> dict:
             "median_ttft_s_turns_2_on": rnd(percentile(ttft[1:], 50)) if len(ttft) > 1 else None}
 
 
+# ----------------------------------------------------------------------------- scenario d
+
+async def scenario_d(cl: Client, args: argparse.Namespace) -> dict:
+    rng = random.Random(f"d-{args.seed}")
+    prefix = [rng.randrange(300, 40000) for _ in range(args.prefix_tokens)]
+    cold = check(await cl.one("/v1/completions", cl.body(
+        1, prompt=prefix + [rng.randrange(300, 40000)], ignore_eos=True)), "d: cold request")
+    warm = {}
+    for k in (1, 2, 4, 8, 16, 32):
+        t = []
+        for _ in range(3):
+            r = check(await cl.one("/v1/completions", cl.body(
+                1, prompt=prefix + [rng.randrange(300, 40000) for _ in range(k)],
+                ignore_eos=True)), f"d: warm request, {k} new tokens")
+            t.append(r["ttft_s"])
+        warm[k] = {"ttft_s_median": rnd(percentile(t, 50), 5),
+                   "speedup": rnd(cold["ttft_s"] / percentile(t, 50), 1),
+                   "cached_tokens": cached_of(r)}
+        log(f"  d: {k} new tokens: TTFT {percentile(t, 50) * 1e3:.1f} ms, "
+            f"speedup {warm[k]['speedup']}, cached {cached_of(r)}")
+    return {"cold": brief(cold), "warm_by_new_tokens": warm}
+
+
 # ----------------------------------------------------------------------------- servers
 
 @contextmanager
@@ -379,7 +407,7 @@ def run_server(name: str, cmd: list[str], scenarios: list[str], args: argparse.N
         for sc in scenarios:
             log(f"{name}: scenario {sc} ({SCENARIOS[sc]})")
             t0 = time.perf_counter()
-            fn = {"a": scenario_a, "b": scenario_b, "c": scenario_c}[sc]
+            fn = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d}[sc]
             try:
                 out[SCENARIOS[sc]] = asyncio.run(fn(cl, args))
             except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as e:
