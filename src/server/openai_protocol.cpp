@@ -170,6 +170,18 @@ void parseCommon(const json& body, ParsedRequest& r) {
     std::erase_if(r.stop, [](const std::string& s) { return s.empty(); });
   }
   if (auto v = getBool(body, "stream")) r.stream = *v;
+  // note: after n and stream, which it is checked against. vLLM takes it on both endpoints.
+  if (auto v = getInt(body, "best_of", 1, 128)) {
+    r.bestOf = static_cast<int32_t>(*v);
+    if (r.bestOf < r.n) {
+      throwInvalid("best_of", "'best_of' must be >= n (" + std::to_string(r.n) + "), got " +
+                                  std::to_string(r.bestOf));
+    }
+    if (r.bestOf > r.n && r.stream) {
+      throwInvalid("best_of", "'best_of' > n cannot be streamed: the best choices are known only "
+                              "when every candidate is finished");
+    }
+  }
   if (const json* v = field(body, "stream_options")) {
     if (!v->is_object()) wrongType("stream_options", "an object", *v);
     if (auto u = getBool(*v, "include_usage")) r.includeUsage = *u;
@@ -225,17 +237,6 @@ ParsedRequest parseCompletionRequest(const json& body) {
   ParsedRequest r;
   r.endpoint = Endpoint::Completions;
   parseCommon(body, r);
-  if (auto v = getInt(body, "best_of", 1, 128)) {
-    r.bestOf = static_cast<int32_t>(*v);
-    if (r.bestOf < r.n) {
-      throwInvalid("best_of", "'best_of' must be >= n (" + std::to_string(r.n) + "), got " +
-                                  std::to_string(r.bestOf));
-    }
-    if (r.bestOf > r.n && r.stream) {
-      throwInvalid("best_of", "'best_of' > n cannot be streamed: the best choices are known only "
-                              "when every candidate is finished");
-    }
-  }
   rejectUnsupported(body, "suffix", "insertion is not implemented");
   if (auto v = getInt(body, "logprobs", 0, 5)) r.topLogprobs = static_cast<int32_t>(*v);
   if (auto v = getBool(body, "echo")) r.echo = *v;

@@ -69,7 +69,7 @@ struct ParsedRequest {
   bool echo = false;                 // completions only
   bool ignoreEos = false;            // extension (as vLLM)
   int32_t n = 1;                     // choices, [1, 128]
-  int32_t bestOf = 0;                // completions only: candidates (>= n; 0: n); no streaming
+  int32_t bestOf = 0;                // candidates (>= n; 0: n); no streaming when > n
 };
 
 // Check a request body (already parsed as JSON). Throws ApiException (400) naming the first field

@@ -188,7 +188,7 @@ TEST_F(Fixture, AConversationsNextTurnFindsItsHistoryCachedAndAnswersTheSame) {
   EXPECT_EQ(tokens, alone(turn2));
 }
 
-TEST_F(Fixture, CachingOnAndOffGiveTheSameTokensUnderLoadAndPreemption) {
+TEST_F(Fixture, CachingOnAndOffGiveTheSameTokensUnder32RequestsAndPreemption) {
   const std::string system =
       "<|im_start|>system\nYou are a helpful assistant who answers in one short sentence, "
       "names sources when asked, and never makes up facts.<|im_end|>\n<|im_start|>user\n";
@@ -201,11 +201,15 @@ TEST_F(Fixture, CachingOnAndOffGiveTheSameTokensUnderLoadAndPreemption) {
     c.kvCacheBytes = 0;
     c.prefixCaching = caching;
     c.maxBatchedTokens = 64;
-    // A pool of 24 blocks of 16 tokens: 12 requests of ~60 tokens cannot all hold their blocks.
+    // A pool of 24 blocks of 16 tokens: 32 requests of ~60 tokens cannot all hold their blocks.
     c.kvCacheBytes = 24 * kv::bytesPerBlock(model->kvCacheConfig(16, 1, c.kvDtype));
     Engine engine(*model, *tokenizer, c);
+    // 32 requests at once (as 32 clients would send them): each question, then most of them
+    // again with a number, so the second ones can hit the first ones' blocks.
     std::vector<std::shared_ptr<RequestStream>> streams;
-    for (const auto& q : questions) {
+    for (size_t i = 0; i < 32; ++i) {
+      std::string q = questions[i % questions.size()];
+      if (i >= questions.size()) q += " (" + std::to_string(i) + ")";
       streams.push_back(
           engine.submit(greedy(system + q + "<|im_end|>\n<|im_start|>assistant\n", 16)));
     }

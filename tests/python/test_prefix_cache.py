@@ -142,6 +142,10 @@ def test_best_of_returns_n_whole_choices(server):
                    best_of=4, seed=7)
     assert [c["index"] for c in r["choices"]] == [0, 1]
     assert all(c["finish_reason"] in ("stop", "length") for c in r["choices"])
+    chat = server.client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6, n=1,
+        temperature=1.0, seed=2, extra_body={"best_of": 3})
+    assert len(chat.choices) == 1 and chat.choices[0].message.content
 
 
 def test_kv_events_reach_a_zmq_subscriber():
