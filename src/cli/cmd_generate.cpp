@@ -69,14 +69,14 @@ struct GenerateOptions {
 
 void runGenerate(const GenerateOptions& o) {
   Loaded l = loadModel(o.model);
-  std::string text = o.prompt;
+  engine::RequestParams req;
   if (o.chat) {
     const model::ChatMessage msg{"user", o.prompt};
-    text = model::applyChatTemplate(chatTemplateFor(o.model, *l.tokenizer),
-                                    std::span<const model::ChatMessage>(&msg, 1), true);
+    req.promptTokens = model::encodeChat(*l.tokenizer, chatTemplateFor(o.model, *l.tokenizer),
+                                         std::span<const model::ChatMessage>(&msg, 1), true);
+  } else {
+    req.promptTokens = l.tokenizer->encode(o.prompt, true, true);
   }
-  engine::RequestParams req;
-  req.promptTokens = l.tokenizer->encode(text, true, true);
   req.sampling = o.sampling;
   req.maxTokens = o.maxTokens;
   req.stop = o.stop;
@@ -141,8 +141,7 @@ void runChat(const ChatOptions& o) {
     }
     messages.push_back({"user", line});
     engine::RequestParams req;
-    req.promptTokens = l.tokenizer->encode(model::applyChatTemplate(tmpl, messages, true), true,
-                                           true);
+    req.promptTokens = model::encodeChat(*l.tokenizer, tmpl, messages, true);
     req.sampling = sampling;
     req.maxTokens = std::min<int32_t>(
         o.maxTokens, engine->maxContextTokens() - static_cast<int32_t>(req.promptTokens.size()));

@@ -18,7 +18,6 @@
 #include "engine/engine.h"
 #include "kernels/isa.h"
 #include "model/chat_template.h"
-#include "model/default_model.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
 #include "server/byte_size.h"
@@ -30,7 +29,7 @@ namespace cortex::cli {
 namespace {
 
 struct ServeOptions {
-  std::string modelPath = model::kDefaultModelPath;
+  std::string modelPath;  // empty: the default model (resolveModelPath)
   std::string host = "127.0.0.1";
   int port = 8080;
   int32_t maxBatchedTokens = 512;
@@ -71,11 +70,7 @@ int waitSignal(const sigset_t& set, long ms) {
 
 void runServe(const ServeOptions& o) {
   const sigset_t signals = blockShutdownSignals();
-  if (!std::filesystem::exists(o.modelPath)) {
-    throw std::runtime_error(o.modelPath +
-                             ": model file not found; run scripts/fetch_model.sh for the default "
-                             "model or pass --model PATH");
-  }
+  const std::string modelPath = resolveModelPath(o.modelPath);
   engine::EngineConfig ec;
   ec.maxBatchedTokens = o.maxBatchedTokens;
   ec.maxNumSeqs = o.maxNumSeqs;
@@ -110,7 +105,7 @@ void runServe(const ServeOptions& o) {
   }
 
   const kernels::Isa isa = kernels::activeIsa();  // a bad CORTEXSTREAM_ISA fails here
-  auto llama = model::LlamaModel::load(o.modelPath, o.precision);
+  auto llama = model::LlamaModel::load(modelPath, o.precision);
   const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(llama->file());
 
   server::ServerConfig sc;
@@ -118,7 +113,7 @@ void runServe(const ServeOptions& o) {
   sc.port = o.port;
   sc.httpThreads = o.httpThreads;
   sc.servedModelName = o.servedModelName.empty()
-                           ? std::filesystem::path(o.modelPath).filename().string()
+                           ? std::filesystem::path(modelPath).filename().string()
                            : o.servedModelName;
   try {
     sc.chatTemplate = o.chatTemplate.empty() ? model::detectChatTemplate(tokenizer.chatTemplate())
@@ -170,7 +165,7 @@ void registerServeCommand(CLI::App& app) {
   auto o = std::make_shared<ServeOptions>();
   CLI::App* cmd = app.add_subcommand(
       "serve", "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)");
-  cmd->add_option("--model,-m", o->modelPath, "GGUF model file")->capture_default_str();
+  cmd->add_option("--model,-m", o->modelPath, kModelOptionHelp);
   cmd->add_option("--host", o->host, "address to listen on")->capture_default_str();
   cmd->add_option("--port", o->port, "TCP port (0 = any free port)")
       ->check(CLI::Range(0, 65535))

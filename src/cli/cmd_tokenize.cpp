@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
-#include "model/default_model.h"
+#include "cli/model_options.h"
 #include "model/gguf.h"
 #include "model/tokenizer.h"
 
@@ -17,19 +17,14 @@ namespace cortex::cli {
 namespace {
 
 struct TokenizeOptions {
-  std::string modelPath = model::kDefaultModelPath;
+  std::string modelPath;  // empty: the default model (resolveModelPath)
   std::string text;
   bool noSpecial = false;
   bool linesJson = false;
 };
 
 void runTokenize(const TokenizeOptions& opts) {
-  if (!std::filesystem::exists(opts.modelPath)) {
-    throw std::runtime_error(opts.modelPath +
-                             ": model file not found; run scripts/fetch_model.sh for the default "
-                             "model or pass --model PATH");
-  }
-  const model::GGUFFile file = model::GGUFFile::open(opts.modelPath);
+  const model::GGUFFile file = model::GGUFFile::open(resolveModelPath(opts.modelPath));
   const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(file);
   const bool parseSpecial = !opts.noSpecial;
   if (!opts.linesJson) {
@@ -54,7 +49,7 @@ void runTokenize(const TokenizeOptions& opts) {
 void registerTokenizeCommand(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("tokenize", "Print the token ids of TEXT as a JSON array");
   auto opts = std::make_shared<TokenizeOptions>();
-  cmd->add_option("--model,-m", opts->modelPath, "GGUF model file")->capture_default_str();
+  cmd->add_option("--model,-m", opts->modelPath, kModelOptionHelp);
   CLI::Option* textOption = cmd->add_option("text", opts->text, "Text to tokenize (UTF-8)");
   cmd->add_flag("--no-special", opts->noSpecial,
                 "Treat control-token text such as <|im_start|> as plain text");

@@ -1,5 +1,6 @@
 #include "cli/model_options.h"
 
+#include <cstdlib>
 #include <filesystem>
 #include <stdexcept>
 #include <vector>
@@ -30,22 +31,64 @@ void addPrecisionOption(CLI::App* cmd, model::Precision& precision) {
 }
 
 void addModelOptions(CLI::App* cmd, ModelOptions& o) {
-  cmd->add_option("--model,-m", o.modelPath, "GGUF model file")->capture_default_str();
+  cmd->add_option("--model,-m", o.modelPath, kModelOptionHelp);
   cmd->add_option("--threads,-t", o.threads, "CPU threads (0 = all cores)")
       ->check(CLI::Range(0, 1024));
   addKvDtypeOption(cmd, o.kvDtype);
   addPrecisionOption(cmd, o.precision);
 }
 
-Loaded loadModel(const ModelOptions& o) {
-  if (!std::filesystem::exists(o.modelPath)) {
-    throw std::runtime_error(o.modelPath +
-                             ": model file not found; run scripts/fetch_model.sh for the default "
-                             "model or pass --model PATH");
+std::string resolveModelPath(const std::string& given) {
+  namespace fs = std::filesystem;
+  if (!given.empty()) {
+    if (!fs::exists(given)) {
+      throw std::runtime_error(given + ": model file not found; pass --model PATH, or leave it "
+                                       "out for the default model (scripts/fetch_model.sh)");
+    }
+    return given;
   }
+  if (const char* env = std::getenv("CORTEXSTREAM_MODEL"); env != nullptr && *env != '\0') {
+    if (!fs::exists(env)) {
+      throw std::runtime_error(std::string(env) +
+                               ": model file not found (named by CORTEXSTREAM_MODEL)");
+    }
+    return env;
+  }
+  std::vector<fs::path> places;
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0') {
+    places.push_back(fs::path(xdg) / "cortexstream" / "models");
+  } else if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0') {
+    places.push_back(fs::path(home) / ".cache" / "cortexstream" / "models");
+  }
+  // The checkout: the executable is built a few folders below it (build/src/cli/cortexstream).
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (fs::path dir = exe.parent_path(); !dir.empty() && dir != dir.root_path();
+         dir = dir.parent_path()) {
+      if (fs::exists(dir / "models" / model::kDefaultModelFile)) {
+        places.push_back(dir / "models");
+        break;
+      }
+    }
+  }
+  places.push_back(fs::current_path(ec) / "models");
+  std::string looked;
+  for (const fs::path& dir : places) {
+    const fs::path file = dir / model::kDefaultModelFile;
+    if (fs::exists(file)) return file.string();
+    looked += "\n  " + file.string();
+  }
+  throw std::runtime_error(std::string("the default model ") + model::kDefaultModelFile +
+                           " was not found; looked in (CORTEXSTREAM_MODEL unset):" + looked +
+                           "\nrun scripts/fetch_model.sh, or pass --model PATH");
+}
+
+Loaded loadModel(const ModelOptions& o) {
+  const std::string path = resolveModelPath(o.modelPath);
   kernels::activeIsa();  // a bad CORTEXSTREAM_ISA fails here, before any work
   Loaded l;
-  l.model = model::LlamaModel::load(o.modelPath, o.precision);
+  l.model = model::LlamaModel::load(path, o.precision);
   l.tokenizer = std::make_unique<model::Tokenizer>(model::Tokenizer::fromGGUF(l.model->file()));
   return l;
 }

@@ -16,7 +16,7 @@
 namespace cortex::cli {
 
 struct ModelOptions {
-  std::string modelPath = model::kDefaultModelPath;
+  std::string modelPath;      // empty: the default model (resolveModelPath)
   int threads = 0;           // 0: all cores
   std::string chatTemplate;  // empty: detect from the model
   kv::KVDType kvDtype = kv::KVDType::F16;
@@ -34,6 +34,18 @@ void addPrecisionOption(CLI::App* cmd, model::Precision& precision);
 // Adds --model/-m, --threads/-t, --kv-dtype and --precision to `cmd`, writing into `o` (which must outlive
 // parsing). --chat-template is left to the commands that use a template.
 void addModelOptions(CLI::App* cmd, ModelOptions& o);
+
+// The model file to load: `given` (--model) when not empty; else the default model, the first of
+// $CORTEXSTREAM_MODEL (a path), $XDG_CACHE_HOME/cortexstream/models/ (default
+// ~/.cache/cortexstream/models/, which scripts/fetch_model.sh fills), the models/ folder of the
+// checkout this binary was built in (found above the executable), ./models/. Throws
+// std::runtime_error naming the file and, for the default model, every place it looked.
+std::string resolveModelPath(const std::string& given);
+
+// The help text of --model.
+inline constexpr const char* kModelOptionHelp =
+    "GGUF model file (default: the default model from $CORTEXSTREAM_MODEL, "
+    "~/.cache/cortexstream/models or the checkout's models/)";
 
 struct Loaded {
   std::unique_ptr<model::LlamaModel> model;

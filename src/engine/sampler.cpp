@@ -60,7 +60,7 @@ void Sampler::applyPenalties(float* logits) const {
 
 int32_t Sampler::sample(float* logits) {
   applyPenalties(logits);
-  if (params_.temperature == 0.0f) {
+  if (params_.temperature < kGreedyBelowTemperature) {
     // Greedy: the first maximum, NaNs skipped.
     int32_t best = 0;
     for (int32_t t = 1; t < vocabSize_; ++t) {

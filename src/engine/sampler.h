@@ -2,7 +2,8 @@
 //
 // Each request owns one Sampler (its own RNG, seeded from the request's seed), so its output does
 // not depend on what else runs. Order of operations (as vLLM): repetition / presence / frequency
-// penalties on the logits, then temperature 0 -> greedy argmax; else divide by temperature,
+// penalties on the logits, then temperature below kGreedyBelowTemperature -> greedy argmax (as
+// vLLM: dividing by a tinier temperature would overflow to inf and NaN); else divide by temperature,
 // softmax, keep the top-k, then the smallest set whose probability reaches top-p, then drop tokens
 // below min-p times the largest probability, renormalise and draw.
 #pragma once
@@ -16,8 +17,11 @@
 
 namespace cortex::engine {
 
+// Temperatures below this sample greedily.
+inline constexpr float kGreedyBelowTemperature = 1e-5f;
+
 struct SamplingParams {
-  float temperature = 1.0f;        // 0 = greedy; must be >= 0
+  float temperature = 1.0f;        // 0 (or below kGreedyBelowTemperature) = greedy; must be >= 0
   int32_t topK = 0;                // 0 = off (all tokens)
   float topP = 1.0f;               // (0, 1]
   float minP = 0.0f;               // [0, 1]

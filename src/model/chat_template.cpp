@@ -1,6 +1,7 @@
 #include "model/chat_template.h"
 
 #include "model/errors.h"
+#include "model/tokenizer.h"
 
 namespace cortex::model {
 
@@ -86,16 +87,21 @@ ChatTemplate parseChatTemplateName(std::string_view name) {
 }
 
 std::string applyChatTemplate(const ChatTemplate& chatTemplate,
-                              std::span<const ChatMessage> messages, bool addGenerationPrompt) {
+                              std::span<const ChatMessage> messages, bool addGenerationPrompt,
+                              std::vector<size_t>* markerOffsets) {
   std::string out;
+  auto marker = [&out, markerOffsets](std::string_view text) {
+    if (markerOffsets != nullptr) markerOffsets->push_back(out.size());
+    out += text;
+  };
   switch (chatTemplate.family) {
     case ChatTemplateFamily::ChatML: {
-      auto turn = [&out](std::string_view role, std::string_view content) {
-        out += kImStart;
+      auto turn = [&out, &marker](std::string_view role, std::string_view content) {
+        marker(kImStart);
         out += role;
         out += '\n';
         out += content;
-        out += kImEnd;
+        marker(kImEnd);
         out += '\n';
       };
       if (!messages.empty() && messages.front().role != "system" &&
@@ -104,13 +110,20 @@ std::string applyChatTemplate(const ChatTemplate& chatTemplate,
       }
       for (const ChatMessage& m : messages) turn(m.role, m.content);
       if (addGenerationPrompt) {
-        out += kImStart;
+        marker(kImStart);
         out += "assistant\n";
       }
       break;
     }
   }
   return out;
+}
+
+std::vector<int32_t> encodeChat(const Tokenizer& tokenizer, const ChatTemplate& chatTemplate,
+                                std::span<const ChatMessage> messages, bool addGenerationPrompt) {
+  std::vector<size_t> markers;
+  const std::string text = applyChatTemplate(chatTemplate, messages, addGenerationPrompt, &markers);
+  return tokenizer.encode(text, true, markers);
 }
 
 }  // namespace cortex::model

@@ -7,6 +7,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace cortex::model {
 
@@ -36,9 +37,20 @@ ChatTemplate detectChatTemplate(const std::optional<std::string>& jinjaTemplate)
 // no default system prompt. Throws ModelError for an unknown name, listing the known ones.
 ChatTemplate parseChatTemplateName(std::string_view name);
 
+class Tokenizer;
+
 // The prompt text for `messages`. addGenerationPrompt appends the opening of an assistant turn so
-// the model answers next. With no messages the result is only that opening (or empty).
+// the model answers next. With no messages the result is only that opening (or empty). When
+// markerOffsets is given, the byte offsets where the template itself wrote a control token
+// ("<|im_start|>", "<|im_end|>") are appended to it, ascending.
 std::string applyChatTemplate(const ChatTemplate& chatTemplate,
-                              std::span<const ChatMessage> messages, bool addGenerationPrompt);
+                              std::span<const ChatMessage> messages, bool addGenerationPrompt,
+                              std::vector<size_t>* markerOffsets = nullptr);
+
+// The prompt's token ids (BOS as the model asks): the template's own markers are control tokens,
+// while control-token text inside a message's content stays plain text, so a message cannot
+// close its turn and forge another role's.
+std::vector<int32_t> encodeChat(const Tokenizer& tokenizer, const ChatTemplate& chatTemplate,
+                                std::span<const ChatMessage> messages, bool addGenerationPrompt);
 
 }  // namespace cortex::model

@@ -3,8 +3,11 @@
 
 namespace cortex::model {
 
-// Path of the default model (SmolLM2-135M-Instruct, Q4_1), relative to the current directory;
-// scripts/fetch_model.sh puts it there.
+// File name of the default model (SmolLM2-135M-Instruct, Q4_1); scripts/fetch_model.sh puts it in
+// the checkout's models/ folder and in the per-user models folder (cli/model_options.h says where
+// the CLI looks for it).
+inline constexpr const char* kDefaultModelFile = "SmolLM2-135M-Instruct.Q4_1.gguf";
+// Where it is relative to the checkout.
 inline constexpr const char* kDefaultModelPath = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 }  // namespace cortex::model

@@ -256,6 +256,10 @@ struct Tokenizer::Impl {
   std::vector<bool> endOfGeneration;
   std::vector<std::unique_ptr<Regex>> regexes;
 
+  // Tokenizer::encode; controlAt, when given, lists where control tokens may start.
+  std::vector<int32_t> encode(std::string_view text, bool addSpecial, bool parseSpecial,
+                              const std::span<const size_t>* controlAt) const;
+
   void checkId(int32_t id) const {
     if (id < 0 || static_cast<size_t>(id) >= data.tokens.size()) {
       throw ModelError("token id " + std::to_string(id) + " is out of range [0, " +
@@ -491,7 +495,18 @@ void Tokenizer::Impl::bpe(std::string_view word, std::vector<int32_t>& out) cons
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool addSpecial,
                                        bool parseSpecial) const {
-  const Impl& m = *impl_;
+  return impl_->encode(text, addSpecial, parseSpecial, nullptr);
+}
+
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool addSpecial,
+                                       std::span<const size_t> controlOffsets) const {
+  return impl_->encode(text, addSpecial, true, &controlOffsets);
+}
+
+std::vector<int32_t> Tokenizer::Impl::encode(std::string_view text, bool addSpecial,
+                                             bool parseSpecial,
+                                             const std::span<const size_t>* controlAt) const {
+  const Impl& m = *this;
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 2);
   if (addSpecial && m.data.addBos) out.push_back(m.data.bos);
@@ -512,9 +527,14 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool addSpecial,
         continue;
       }
       const std::string_view raw = text.substr(f.span.offset, f.span.length);
+      const bool control = m.types[static_cast<size_t>(id)] == TokenType::Control;
       size_t pos = 0;
       for (size_t hit = raw.find(special); hit != std::string_view::npos;
-           hit = raw.find(special, pos)) {
+           hit = raw.find(special, std::max(pos, hit + 1))) {
+        if (control && controlAt != nullptr &&
+            !std::binary_search(controlAt->begin(), controlAt->end(), f.span.offset + hit)) {
+          continue;  // not where the template put one: plain text
+        }
         if (hit > pos) next.push_back({-1, {f.span.offset + pos, hit - pos}});
         next.push_back({id, {f.span.offset + hit, special.size()}});
         pos = hit + special.size();

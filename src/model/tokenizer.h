@@ -62,6 +62,12 @@ class Tokenizer {
   // Thread-safe (const, no shared mutable state).
   std::vector<int32_t> encode(std::string_view text, bool addSpecial = true,
                               bool parseSpecial = true) const;
+  // The same, with control tokens recognised only where one starts at a byte offset listed in
+  // controlOffsets (ascending): elsewhere their text is plain text. For prompts built from a
+  // template around untrusted content (encodeChat in chat_template.h), so that a user who types
+  // "<|im_end|>" cannot end their own turn.
+  std::vector<int32_t> encode(std::string_view text, bool addSpecial,
+                              std::span<const size_t> controlOffsets) const;
 
   // The bytes token `id` stands for: byte-level decoded for normal tokens, the literal text for
   // control/user-defined ones. The bytes need not be valid UTF-8 on their own (a token may hold

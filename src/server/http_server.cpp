@@ -42,6 +42,15 @@ std::string newId(const char* prefix) {
   return id;
 }
 
+// At most ~200 bytes of `text`, cut on a UTF-8 character boundary, saying how much was left out.
+std::string excerpt(const std::string& text) {
+  constexpr size_t kMax = 200;
+  if (text.size() <= kMax) return text;
+  size_t cut = kMax;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  return text.substr(0, cut) + "... (" + std::to_string(text.size() - cut) + " more bytes)";
+}
+
 // completionTokens: summed over the choices.
 json usageJson(const engine::RequestEvent& last, int64_t completionTokens) {
   return {{"prompt_tokens", last.promptTokens},
@@ -230,11 +239,16 @@ void HttpServer::routes() {
     s.Delete(path, methodNotAllowed("POST"));
     s.Patch(path, methodNotAllowed("POST"));
   }
-  for (const char* path : {"/v1/models", "/health", "/metrics"}) {
+  for (const char* path : {"/v1/models", R"(/v1/models/(.+))", "/health", "/metrics"}) {
     s.Post(path, methodNotAllowed("GET"));
     s.Put(path, methodNotAllowed("GET"));
     s.Delete(path, methodNotAllowed("GET"));
     s.Patch(path, methodNotAllowed("GET"));
+    s.Options(path, methodNotAllowed("GET"));
+  }
+  for (const char* path : {"/v1/completions", "/v1/chat/completions", "/completions",
+                           "/chat/completions"}) {
+    s.Options(path, methodNotAllowed("POST"));
   }
 }
 
@@ -262,9 +276,10 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
     json body;
     try {
       body = json::parse(req.body);
-    } catch (const json::parse_error& e) {
-      throwInvalid("", std::string("the request body is not valid JSON: ") + e.what(),
-                   "invalid_json");
+    } catch (const json::exception& e) {
+      // Syntax errors and numbers out of range (1e400) alike. The parser's message quotes the
+      // offending token whole, which may be megabytes long: only an excerpt goes back.
+      throwInvalid("", "the request body is not valid JSON: " + excerpt(e.what()), "invalid_json");
     }
     const ParsedRequest p = chat ? parseChatRequest(body) : parseCompletionRequest(body);
     stream = p.stream;
@@ -282,8 +297,8 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
     std::vector<int32_t> prompt;
     if (chat) {
       if (!config_.chatTemplate) throwInvalid("messages", config_.chatTemplateError);
-      const std::string text = model::applyChatTemplate(*config_.chatTemplate, p.messages, true);
-      prompt = tokenizer_.encode(text, true, true);
+      // Control-token text typed inside a message stays text (no forged turns).
+      prompt = model::encodeChat(tokenizer_, *config_.chatTemplate, p.messages, true);
     } else if (p.promptText) {
       prompt = tokenizer_.encode(*p.promptText, true, true);
       info.echoText = *p.promptText;

@@ -1,5 +1,6 @@
 #include "server/openai_protocol.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -75,13 +76,18 @@ std::optional<double> getNumber(const json& body, const char* name, double lo, d
   return x;
 }
 
+// A value accepted in a range open at 0, as a float that is still > 0 (1e-300 would round to 0).
+float positiveFloat(double x) {
+  return std::max(static_cast<float>(x), std::numeric_limits<float>::min());
+}
+
 std::optional<int64_t> getInt(const json& body, const char* name, int64_t lo, int64_t hi) {
   const json* v = field(body, name);
   if (!v) return std::nullopt;
   if (!v->is_number_integer()) wrongType(name, "an integer", *v);
   if (v->is_number_unsigned() && v->get<uint64_t>() > static_cast<uint64_t>(hi)) {
     throwInvalid(name, "'" + std::string(name) + "' must be in [" + std::to_string(lo) + ", " +
-                           std::to_string(hi) + "]");
+                           std::to_string(hi) + "], got " + std::to_string(v->get<uint64_t>()));
   }
   const int64_t x = v->get<int64_t>();
   if (x < lo || x > hi) {
@@ -135,7 +141,7 @@ void parseCommon(const json& body, ParsedRequest& r) {
     r.maxTokens = static_cast<int32_t>(*v);
   }
   if (auto v = getNumber(body, "temperature", 0, 2)) r.sampling.temperature = static_cast<float>(*v);
-  if (auto v = getNumber(body, "top_p", 0, 1, true)) r.sampling.topP = static_cast<float>(*v);
+  if (auto v = getNumber(body, "top_p", 0, 1, true)) r.sampling.topP = positiveFloat(*v);
   if (auto v = getInt(body, "top_k", -1, std::numeric_limits<int32_t>::max())) {
     r.sampling.topK = *v <= 0 ? 0 : static_cast<int32_t>(*v);  // -1 and 0: off (vLLM: -1)
   }
@@ -147,7 +153,7 @@ void parseCommon(const json& body, ParsedRequest& r) {
     r.sampling.frequencyPenalty = static_cast<float>(*v);
   }
   if (auto v = getNumber(body, "repetition_penalty", 0, 100, true)) {
-    r.sampling.repetitionPenalty = static_cast<float>(*v);
+    r.sampling.repetitionPenalty = positiveFloat(*v);
   }
   if (const json* v = field(body, "seed")) {
     if (!v->is_number_integer()) wrongType("seed", "an integer", *v);

@@ -23,6 +23,17 @@ TEST(Sampler, TemperatureZeroIsArgmaxFirstOnTies) {
   EXPECT_EQ(once(p, logitsOf({NAN, -1, -2})), 1);
 }
 
+TEST(Sampler, TemperaturesBelowTheThresholdAreGreedy) {
+  SamplingParams p;
+  for (float t : {1e-45f, 1e-30f, 5e-6f}) {
+    p.temperature = t;
+    for (uint64_t seed = 0; seed < 20; ++seed) {
+      p.seed = seed;
+      EXPECT_EQ(once(p, logitsOf({1, 3, 2.9f, 3.5f, 0})), 3) << t;
+    }
+  }
+}
+
 TEST(Sampler, TopKOneAndTinyTopPAreGreedy) {
   SamplingParams p;
   p.topK = 1;
