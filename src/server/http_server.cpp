@@ -455,9 +455,48 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
            "\n\n";
   };
 
+  // One event's choice chunk: its text (with the echo in front of a choice's first chunk),
+  // logprobs and finish reason.
+  auto choiceChunk = [this, chunkOf](StreamState& state, engine::RequestEvent& ev) -> std::string {
+    const GenerationInfo& g = state.info;
+    const auto idx = static_cast<size_t>(ev.index);
+    std::string text = ev.text;
+    json logprobs = nullptr;
+    if (g.chat) {
+      if (g.topLogprobs >= 0) {
+        logprobs = {{"content", chatLogprobContent(tokenizer_, ev.logprobs)}};
+      }
+    } else {
+      std::vector<engine::TokenLogprob> entries;
+      bool firstIsNull = false;
+      if (state.first[idx] && g.echo) {
+        text = g.echoText + text;
+        if (g.topLogprobs >= 0) {
+          entries = promptEntries(g, std::move(ev.promptLogprobs));
+          firstIsNull = !entries.empty();
+        }
+      }
+      if (g.topLogprobs >= 0) {
+        entries.insert(entries.end(), ev.logprobs.begin(), ev.logprobs.end());
+        logprobs = completionLogprobs(tokenizer_, entries, firstIsNull, state.textOffset[idx]);
+      }
+    }
+    json choice = {{"index", ev.index},
+                   {"logprobs", logprobs},
+                   {"finish_reason", ev.finished ? json(finishReasonString(ev.finishReason))
+                                                  : json(nullptr)}};
+    if (g.chat) {
+      choice["delta"] = ev.finished && text.empty() ? json::object()
+                                                     : json{{"content", text}};
+    } else {
+      choice["text"] = text;
+    }
+    return chunkOf(g, std::move(choice));
+  };
+
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, st, chunkOf](size_t, httplib::DataSink& sink) {
+      [this, st, chunkOf, choiceChunk](size_t, httplib::DataSink& sink) {
         if (st->finished) {
           sink.done();
           return true;
@@ -494,46 +533,32 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
           st->completionTokens += ev->completionTokens;
         }
         const bool allDone = ev->finished && st->open == 0;
+        const bool cancelled = ev->finished && ev->finishReason == engine::FinishReason::Cancelled;
+        if (cancelled && !ev->text.empty()) {
+          // The text held back until the cut is real output: send it before saying so.
+          engine::RequestEvent text = *ev;
+          text.finished = false;
+          out += choiceChunk(*st, text);
+          st->first[idx] = 0;
+        }
         if (ev->finished && ev->finishReason == engine::FinishReason::Error) {
           ApiError err;
           err.status = 500;
           err.type = "server_error";
           err.message = "generation failed: " + ev->error;
           out += "data: " + dumpJson(errorJson(err)) + "\n\n";
-        } else if (!(ev->finished && ev->finishReason == engine::FinishReason::Cancelled &&
-                     ev->text.empty())) {
-          std::string text = ev->text;
-          json logprobs = nullptr;
-          if (g.chat) {
-            if (g.topLogprobs >= 0) {
-              logprobs = {{"content", chatLogprobContent(tokenizer_, ev->logprobs)}};
-            }
-          } else {
-            std::vector<engine::TokenLogprob> entries;
-            bool firstIsNull = false;
-            if (st->first[idx] && g.echo) {
-              text = g.echoText + text;
-              if (g.topLogprobs >= 0) {
-                entries = promptEntries(g, std::move(ev->promptLogprobs));
-                firstIsNull = !entries.empty();
-              }
-            }
-            if (g.topLogprobs >= 0) {
-              entries.insert(entries.end(), ev->logprobs.begin(), ev->logprobs.end());
-              logprobs = completionLogprobs(tokenizer_, entries, firstIsNull, st->textOffset[idx]);
-            }
-          }
-          json choice = {{"index", ev->index},
-                         {"logprobs", logprobs},
-                         {"finish_reason", ev->finished ? json(finishReasonString(ev->finishReason))
-                                                        : json(nullptr)}};
-          if (g.chat) {
-            choice["delta"] = ev->finished && text.empty() ? json::object()
-                                                           : json{{"content", text}};
-          } else {
-            choice["text"] = text;
-          }
-          out += chunkOf(g, std::move(choice));
+        } else if (cancelled) {
+          // A cut response must not look complete: the error frame says why it ended, and no
+          // choice chunk carries a normal finish reason.
+          ApiError err;
+          err.status = 503;
+          err.type = "server_error";
+          err.code = "shutting_down";
+          err.message = "the response was cut: the server is shutting down (choice " +
+                        std::to_string(ev->index) + ")";
+          out += "data: " + dumpJson(errorJson(err)) + "\n\n";
+        } else {
+          out += choiceChunk(*st, *ev);
         }
         st->first[idx] = 0;
         if (allDone) {

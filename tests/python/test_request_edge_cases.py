@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 
 import pytest
 
-from test_server import BIN, MODEL, REPO, Server, curl
+from test_server import BIN, MODEL, Server, curl, sse_events
 
 pytestmark = pytest.mark.skipif(not BIN.exists() or not MODEL.exists(),
                                 reason="needs the cortexstream binary and the default model")
@@ -135,3 +136,24 @@ def test_default_model_is_found_from_any_folder():
         r = subprocess.run([str(BIN), "tokenize", "Hello"], cwd=cwd, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and user in r.stderr
+
+
+def test_a_stream_cut_at_shutdown_says_so():
+    s = Server("--kv-cache-memory", "64MiB", "--shutdown-grace", "0.5")
+    try:
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 2800, "temperature": 0,
+                           "stream": True, "ignore_eos": True})
+        proc = subprocess.Popen(["curl", "-sS", "-N", s.url + "/v1/completions",
+                                 "-H", "Content-Type: application/json", "--data-binary", body],
+                                stdout=subprocess.PIPE, text=True)
+        first = proc.stdout.readline()
+        assert first.startswith("data: ")
+        s.proc.send_signal(signal.SIGTERM)  # the grace runs out long before 2,800 tokens
+        rest = proc.stdout.read()
+        proc.wait(30)
+        events = sse_events(first + rest)
+        assert events[-1]["error"]["code"] == "shutting_down", events[-1]
+        assert all(e.get("choices", [{}])[0].get("finish_reason") is None for e in events[:-1])
+        assert s.proc.wait(30) == 0
+    finally:
+        s.stop()
