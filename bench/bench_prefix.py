@@ -58,8 +58,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench_serve import (DEFAULT_BIN, DEFAULT_LLAMA_BIN, DEFAULT_MODEL, OUT_DIR, ROOT, SENTENCES,
-                         TOKENS_PER_WORD, free_port, loadavg, percentile, rnd, stop_server,
-                         wait_health, warm_up)
+                         TOKENS_PER_WORD, free_port, loadavg, percentile, rnd, sse_payloads,
+                         stop_server, wait_health, warm_up)
 from llama_cpp_build import build_llama_tool, cpu_name, git_commit, llama_info
 import vllm_peer
 
@@ -132,46 +132,36 @@ async def stream(session: "aiohttp.ClientSession", url: str, body: dict, timeout
                 res["error"] = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return res
             done = False
-            buf = b""
-            async for data in resp.content.iter_any():
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    line = line.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        continue
-                    now = time.perf_counter()
-                    obj = json.loads(payload)
-                    if "error" in obj:
-                        res["error"] = f"stream error: {json.dumps(obj['error'])[:300]}"
-                        return res
-                    for ch in obj.get("choices") or []:
-                        piece = ch.get("text")
-                        if piece is None:
-                            piece = (ch.get("delta") or {}).get("content")
-                        if piece:
-                            if res["ttft_s"] is None:
-                                res["ttft_s"] = now - t0
-                            res["text"] += piece
-                        if ch.get("finish_reason"):
-                            res["finish_reason"] = ch["finish_reason"]
-                            if first_end is None:
-                                first_end = now
-                    usage = obj.get("usage")
-                    if usage:
-                        res["completion_tokens"] = usage.get("completion_tokens")
-                        res["prompt_tokens"] = usage.get("prompt_tokens")
-                        details = usage.get("prompt_tokens_details") or {}
-                        if details.get("cached_tokens") is not None:
-                            res["cached_tokens"] = details["cached_tokens"]
-                    timings = obj.get("timings")  # llama-server
-                    if isinstance(timings, dict):
-                        res["llama_cache_n"] = timings.get("cache_n", res["llama_cache_n"])
-                        res["llama_prompt_n"] = timings.get("prompt_n", res["llama_prompt_n"])
+            async for now, obj in sse_payloads(resp):
+                if obj is None:
+                    done = True
+                    continue
+                if "error" in obj:
+                    res["error"] = f"stream error: {json.dumps(obj['error'])[:300]}"
+                    return res
+                for ch in obj.get("choices") or []:
+                    piece = ch.get("text")
+                    if piece is None:
+                        piece = (ch.get("delta") or {}).get("content")
+                    if piece:
+                        if res["ttft_s"] is None:
+                            res["ttft_s"] = now - t0
+                        res["text"] += piece
+                    if ch.get("finish_reason"):
+                        res["finish_reason"] = ch["finish_reason"]
+                        if first_end is None:
+                            first_end = now
+                usage = obj.get("usage")
+                if usage:
+                    res["completion_tokens"] = usage.get("completion_tokens")
+                    res["prompt_tokens"] = usage.get("prompt_tokens")
+                    details = usage.get("prompt_tokens_details") or {}
+                    if details.get("cached_tokens") is not None:
+                        res["cached_tokens"] = details["cached_tokens"]
+                timings = obj.get("timings")  # llama-server
+                if isinstance(timings, dict):
+                    res["llama_cache_n"] = timings.get("cache_n", res["llama_cache_n"])
+                    res["llama_prompt_n"] = timings.get("prompt_n", res["llama_prompt_n"])
             res["latency_s"] = time.perf_counter() - t0
             if res["ttft_s"] is None and first_end is not None:
                 res["ttft_s"] = first_end - t0  # an empty answer: the time to its end

@@ -187,6 +187,22 @@ def rnd(x: float | None, nd: int = 4):
 
 # ----------------------------------------------------------------------------- load generator
 
+async def sse_payloads(resp: "aiohttp.ClientResponse"):
+    """The `data:` payloads of a streamed OpenAI response as they arrive: (arrival time, parsed
+    JSON), and (arrival time, None) for `data: [DONE]`."""
+    buf = b""
+    async for data in resp.content.iter_any():
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            now = time.perf_counter()
+            yield now, None if payload == b"[DONE]" else json.loads(payload)
+
+
 async def one_request(session: "aiohttp.ClientSession", url: str, body: dict,
                       timeout_s: float) -> dict:
     res = {"ok": False, "ttft_s": None, "latency_s": None, "completion_tokens": None,
@@ -201,37 +217,27 @@ async def one_request(session: "aiohttp.ClientSession", url: str, body: dict,
                 res["error"] = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return res
             done = False
-            buf = b""
-            async for data in resp.content.iter_any():
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    line = line.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        continue
-                    now = time.perf_counter()
-                    obj = json.loads(payload)
-                    if "error" in obj:
-                        res["error"] = f"stream error: {json.dumps(obj['error'])[:300]}"
-                        return res
-                    for ch in obj.get("choices") or []:
-                        res["chunks"] += 1
-                        if first_any is None:
-                            first_any = now
-                        if res["ttft_s"] is None and ch.get("text"):
-                            res["ttft_s"] = now - t0
-                        if ch.get("finish_reason"):
-                            res["finish_reason"] = ch["finish_reason"]
-                    usage = obj.get("usage")
-                    if usage:
-                        res["completion_tokens"] = usage.get("completion_tokens")
-                        res["prompt_tokens"] = usage.get("prompt_tokens")
-                        details = usage.get("prompt_tokens_details") or {}
-                        res["cached_tokens"] = details.get("cached_tokens")
+            async for now, obj in sse_payloads(resp):
+                if obj is None:
+                    done = True
+                    continue
+                if "error" in obj:
+                    res["error"] = f"stream error: {json.dumps(obj['error'])[:300]}"
+                    return res
+                for ch in obj.get("choices") or []:
+                    res["chunks"] += 1
+                    if first_any is None:
+                        first_any = now
+                    if res["ttft_s"] is None and ch.get("text"):
+                        res["ttft_s"] = now - t0
+                    if ch.get("finish_reason"):
+                        res["finish_reason"] = ch["finish_reason"]
+                usage = obj.get("usage")
+                if usage:
+                    res["completion_tokens"] = usage.get("completion_tokens")
+                    res["prompt_tokens"] = usage.get("prompt_tokens")
+                    details = usage.get("prompt_tokens_details") or {}
+                    res["cached_tokens"] = details.get("cached_tokens")
             res["latency_s"] = time.perf_counter() - t0
             if res["ttft_s"] is None and first_any is not None:
                 res["ttft_s"] = first_any - t0  # only empty-text chunks (should not happen)
