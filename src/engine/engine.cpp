@@ -148,6 +148,7 @@ struct Engine::Request {
 
   int32_t promptSize() const { return static_cast<int32_t>(params.promptTokens.size()); }
   int32_t contextTokens() const { return static_cast<int32_t>(context.size()); }
+  int32_t generatedTokens() const { return contextTokens() - promptSize(); }
   // The context's tokens [first, first + n): prompt, then generated tokens.
   void tokens(int32_t first, int32_t n, std::vector<int32_t>& out) const {
     out.assign(context.begin() + first, context.begin() + first + n);
@@ -193,7 +194,6 @@ struct Engine::Request {
   model::StreamDecoder decoder;
   StopMatcher stops;
   std::vector<int32_t> context;    // prompt, then generated tokens (the scheduler reads it)
-  std::vector<int32_t> generated;
   bool forked = false;             // choice 0 of n > 1: the other choices exist
   int32_t cachedTokens = -1;       // prompt tokens its first admission found cached
   double cumulativeLogprob = 0;    // of the sampled tokens (best_of)
@@ -423,7 +423,7 @@ void Engine::finish(Request& r, FinishReason reason, const std::string& error) {
     }
   }
   e.promptTokens = r.promptSize();
-  e.completionTokens = static_cast<int32_t>(r.generated.size());
+  e.completionTokens = r.generatedTokens();
   // A request that finishes without sampling (scoring) carries its prompt rows here.
   e.promptLogprobs = std::move(r.promptLogprobs);
   e.promptLogits = std::move(r.promptLogits);
@@ -514,26 +514,25 @@ void Engine::emitToken(Request& r, int32_t token, const float* logits) {
   }
   if (r.params.returnLogits) e.logits.assign(logits, logits + V);
   r.sampler.accept(token);
-  r.generated.push_back(token);
   r.context.push_back(token);
   e.tokens.push_back(token);
   const Clock::time_point now = Clock::now();
   {
     std::lock_guard lock(mu_);
     ++stats_.generationTokens;
-    if (r.generated.size() == 1) {
+    if (r.generatedTokens() == 1) {
       if (r.index == 0) stats_.timeToFirstToken.observe(seconds(now - r.submitted));
     } else {
       stats_.timePerOutputToken.observe(seconds(now - r.lastToken));
     }
   }
   r.lastToken = now;
-  if (r.generated.size() == 1) {
+  if (r.generatedTokens() == 1) {
     e.promptLogprobs = std::move(r.promptLogprobs);
     e.promptLogits = std::move(r.promptLogits);
   }
   e.promptTokens = r.promptSize();
-  e.completionTokens = static_cast<int32_t>(r.generated.size());
+  e.completionTokens = r.generatedTokens();
   std::optional<FinishReason> done;
   if (!r.params.ignoreEos && tokenizer_.isEndOfGeneration(token)) {
     done = FinishReason::Stop;
@@ -541,7 +540,7 @@ void Engine::emitToken(Request& r, int32_t token, const float* logits) {
     e.text = r.stops.push(r.decoder.push(token));
     if (r.stops.stopped()) {
       done = FinishReason::Stop;
-    } else if (static_cast<int32_t>(r.generated.size()) >= r.params.maxTokens) {
+    } else if (r.generatedTokens() >= r.params.maxTokens) {
       done = FinishReason::Length;
     }
   }
@@ -696,7 +695,7 @@ bool Engine::step() {
     r.tokens(c.firstPos, c.numTokens, tokens);
     runner_->add(c.seq, c.firstPos, tokens, r.wantsPromptRows());
     batch.push_back(c.seq);
-    if (c.numTokens > 1 || r.generated.empty()) {
+    if (c.numTokens > 1 || r.generatedTokens() == 0) {
       promptTokensThisStep += static_cast<uint64_t>(c.numTokens);
     }
   }
