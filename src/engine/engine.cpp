@@ -288,7 +288,6 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
   if (const std::string bad = params.sampling.validate(); !bad.empty()) {
     throw EngineError(Kind::InvalidRequest, bad);
   }
-  constexpr int32_t kMaxChoices = 128;
   if (params.n < 1 || params.n > kMaxChoices) {
     throw EngineError(Kind::InvalidRequest,
                       "n must be in [1, " + std::to_string(kMaxChoices) + "], got " +

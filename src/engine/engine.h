@@ -91,6 +91,9 @@ struct RequestParams {
   int32_t bestOf = 0;
 };
 
+// The most choices (n, and best_of candidates) one request may ask for.
+inline constexpr int32_t kMaxChoices = 128;
+
 struct TokenLogprob {
   int32_t token = 0;
   float logprob = 0;

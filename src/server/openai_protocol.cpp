@@ -120,7 +120,7 @@ void parseCommon(const json& body, ParsedRequest& r) {
     if (!v->is_string()) wrongType("model", "a string", *v);
     r.model = v->get<std::string>();
   }
-  if (const auto n = getInt(body, "n", 1, 128)) r.n = static_cast<int32_t>(*n);
+  if (const auto n = getInt(body, "n", 1, engine::kMaxChoices)) r.n = static_cast<int32_t>(*n);
   rejectUnsupported(body, "logit_bias", "send no logit_bias");
   rejectUnsupported(body, "tools", "function calling is not implemented");
   rejectUnsupported(body, "functions", "function calling is not implemented");
@@ -177,7 +177,7 @@ void parseCommon(const json& body, ParsedRequest& r) {
   }
   if (auto v = getBool(body, "stream")) r.stream = *v;
   // note: after n and stream, which it is checked against. vLLM takes it on both endpoints.
-  if (auto v = getInt(body, "best_of", 1, 128)) {
+  if (auto v = getInt(body, "best_of", 1, engine::kMaxChoices)) {
     r.bestOf = static_cast<int32_t>(*v);
     if (r.bestOf < r.n) {
       throwInvalid("best_of", "'best_of' must be >= n (" + std::to_string(r.n) + "), got " +
