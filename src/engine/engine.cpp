@@ -713,10 +713,14 @@ bool Engine::step() {
   }
   // The step's K/V are written: their full blocks can be hit from now on (not before, or a request
   // admitted in the same step could read blocks still being computed).
+  // Only chunks that fill a block have anything to register (1 decode step in 16).
+  const int32_t B = config_.blockSizeTokens;
   for (const ScheduledChunk& c : plan.chunks) {
+    const int32_t end = c.firstPos + c.numTokens;
+    if (!cache_->prefixCaching() || end / B == c.firstPos / B) continue;
     const Request& r = *requests_.at(c.seq);
     cache_->cacheComputedBlocks(
-        c.seq, std::span<const int32_t>(r.context).first(static_cast<size_t>(c.firstPos + c.numTokens)));
+        c.seq, std::span<const int32_t>(r.context).first(static_cast<size_t>(end)));
   }
 
   // Consume the logits rows in batch order; a failure here concerns one request.
