@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from test_server import BIN, MODEL, Server, curl, sse_events
+from test_server import BIN, MODEL, Server, curl, curl_stream, sse_events
 
 pytestmark = pytest.mark.skipif(not BIN.exists() or not MODEL.exists(),
                                 reason="needs the cortexstream binary and the default model")
@@ -143,9 +143,7 @@ def test_a_stream_cut_at_shutdown_says_so():
     try:
         body = json.dumps({"prompt": "Once upon a time", "max_tokens": 2800, "temperature": 0,
                            "stream": True, "ignore_eos": True})
-        proc = subprocess.Popen(["curl", "-sS", "-N", s.url + "/v1/completions",
-                                 "-H", "Content-Type: application/json", "--data-binary", body],
-                                stdout=subprocess.PIPE, text=True)
+        proc = curl_stream(s.url + "/v1/completions", body)
         first = proc.stdout.readline()
         assert first.startswith("data: ")
         s.proc.send_signal(signal.SIGTERM)  # the grace runs out long before 2,800 tokens

@@ -109,6 +109,12 @@ def curl(url: str, *args: str, data: str | None = None) -> tuple[int, str]:
     return int(status), body
 
 
+def curl_stream(url: str, body: str) -> subprocess.Popen:
+    """A streamed POST by curl, its stdout readable line by line as the server writes it."""
+    return subprocess.Popen(["curl", "-sS", "-N", url, "-H", "Content-Type: application/json",
+                             "--data-binary", body], stdout=subprocess.PIPE, text=True)
+
+
 def sse_events(body: str) -> list:
     """The data payloads of an SSE body, checking OpenAI's framing on the way."""
     assert body.endswith("data: [DONE]\n\n"), body[-200:]
@@ -489,9 +495,7 @@ def test_sigterm_finishes_running_request_then_exits_0():
         # one arrives, however fast decoding is.
         body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0,
                            "stream": True, "ignore_eos": True})
-        proc = subprocess.Popen(["curl", "-sS", "-N", s.url + "/v1/completions",
-                                 "-H", "Content-Type: application/json", "--data-binary", body],
-                                stdout=subprocess.PIPE, text=True)
+        proc = curl_stream(s.url + "/v1/completions", body)
         first = proc.stdout.readline()
         assert first.startswith("data: ")
         s.proc.send_signal(signal.SIGTERM)
