@@ -10,7 +10,7 @@ apt_packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   clang-14 libclang-rt-14-dev
   curl python3-pip
-  libcpp-httplib-dev
+  libboost-dev libssl-dev openssl
   libzmq3-dev cppzmq-dev libmsgpack-cxx-dev
 )
 missing=()

@@ -1,9 +1,11 @@
 // `cortexstream serve`: the OpenAI-compatible HTTP server (src/server) over the engine.
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <memory>
@@ -41,7 +43,13 @@ struct ServeOptions {
   std::string servedModelName;
   int threads = 0;
   std::string chatTemplate;
-  int httpThreads = 0;
+  int httpThreads = 2;
+  int maxConnections = 4096;
+  double readTimeoutSeconds = 30;
+  double keepAliveTimeoutSeconds = 5;
+  std::string apiKey;  // empty: $CORTEXSTREAM_API_KEY, else none
+  bool metricsRequireKey = false;
+  std::string sslCertFile, sslKeyFile;
   double shutdownGraceSeconds = 30;
   std::string schedulePolicy = "fcfs";
   bool noPrefixCaching = false;
@@ -50,7 +58,7 @@ struct ServeOptions {
 };
 
 // Blocks SIGINT/SIGTERM in this thread and every thread started after it (OpenMP, the engine
-// loop, httplib's pool), so only the waiter thread receives them, with sigtimedwait.
+// loop, the HTTP I/O threads), so only the waiter thread receives them, with sigtimedwait.
 sigset_t blockShutdownSignals() {
   sigset_t set;
   sigemptyset(&set);
@@ -66,6 +74,26 @@ int waitSignal(const sigset_t& set, long ms) {
   timespec ts{ms / 1000, (ms % 1000) * 1000000L};
   const int sig = sigtimedwait(&set, nullptr, &ts);
   return sig > 0 ? sig : 0;
+}
+
+// Each connection is a file descriptor: raise the soft limit to the hard one, and keep the
+// connection cap under what is left (the model file, the engine and ZeroMQ need a few).
+int fitConnectionsToFdLimit(int maxConnections) {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return maxConnections;
+  if (lim.rlim_cur < lim.rlim_max) {
+    lim.rlim_cur = lim.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &lim);
+    getrlimit(RLIMIT_NOFILE, &lim);
+  }
+  constexpr rlim_t kReserved = 64;
+  if (lim.rlim_cur == RLIM_INFINITY || lim.rlim_cur >= static_cast<rlim_t>(maxConnections) + kReserved) {
+    return maxConnections;
+  }
+  const int fit = static_cast<int>(std::max<rlim_t>(lim.rlim_cur, 2 * kReserved) - kReserved);
+  std::cerr << "warning: --max-connections " << maxConnections << " lowered to " << fit
+            << " (open-file limit " << lim.rlim_cur << ")\n";
+  return fit;
 }
 
 void runServe(const ServeOptions& o) {
@@ -111,7 +139,22 @@ void runServe(const ServeOptions& o) {
   server::ServerConfig sc;
   sc.host = o.host;
   sc.port = o.port;
-  sc.httpThreads = o.httpThreads;
+  sc.ioThreads = o.httpThreads;
+  sc.maxConnections = fitConnectionsToFdLimit(o.maxConnections);
+  sc.readTimeout = std::chrono::milliseconds(static_cast<int64_t>(o.readTimeoutSeconds * 1000));
+  sc.keepAliveTimeout =
+      std::chrono::milliseconds(static_cast<int64_t>(o.keepAliveTimeoutSeconds * 1000));
+  sc.apiKey = o.apiKey;
+  if (sc.apiKey.empty()) {
+    if (const char* env = std::getenv("CORTEXSTREAM_API_KEY")) sc.apiKey = env;
+  }
+  if (o.metricsRequireKey && sc.apiKey.empty()) {
+    throw std::runtime_error("--metrics-require-key needs an API key (--api-key or "
+                             "CORTEXSTREAM_API_KEY)");
+  }
+  sc.metricsRequireKey = o.metricsRequireKey;
+  sc.sslCertFile = o.sslCertFile;
+  sc.sslKeyFile = o.sslKeyFile;
   sc.servedModelName = o.servedModelName.empty()
                            ? std::filesystem::path(modelPath).filename().string()
                            : o.servedModelName;
@@ -140,7 +183,7 @@ void runServe(const ServeOptions& o) {
                                                      : ", replay on " + kvEvents->replayEndpoint())
               << (ec.prefixCaching ? "" : " (prefix caching is off: there will be none)") << "\n";
   }
-  std::cerr << "listening on http://" << o.host << ":" << server.port() << std::endl;
+  std::cerr << "listening on " << (sc.sslCertFile.empty() ? "http" : "https") << "://" << o.host << ":" << server.port() << std::endl;
 
   std::atomic<bool> stopped{false};
   std::thread waiter([&] {
@@ -192,9 +235,33 @@ void registerServeCommand(CLI::App& app) {
   cmd->add_option("--chat-template", o->chatTemplate,
                   "override the model's chat template (chatml)");
   cmd->add_option("--http-threads", o->httpThreads,
-                  "HTTP worker threads (0 = 2 x max-num-seqs + 16); each streaming request holds "
-                  "one")
-      ->check(CLI::Range(0, 65536));
+                  "HTTP I/O threads; every connection (idle, slow or streaming) is served by "
+                  "them without holding one")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  cmd->add_option("--max-connections", o->maxConnections,
+                  "open connections beyond which a new one gets 503 and is closed")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  cmd->add_option("--http-read-timeout", o->readTimeoutSeconds,
+                  "seconds a request's head and body may take to arrive after its first byte "
+                  "(then 408)")
+      ->check(CLI::Range(0.1, 3600.0))
+      ->capture_default_str();
+  cmd->add_option("--http-keep-alive-timeout", o->keepAliveTimeoutSeconds,
+                  "seconds an idle keep-alive connection stays open")
+      ->check(CLI::Range(0.1, 3600.0))
+      ->capture_default_str();
+  cmd->add_option("--api-key", o->apiKey,
+                  "require 'Authorization: Bearer KEY' on every path but /health (and /metrics); "
+                  "default: $CORTEXSTREAM_API_KEY, else no key");
+  cmd->add_flag("--metrics-require-key", o->metricsRequireKey,
+                "/metrics needs the API key too");
+  cmd->add_option("--ssl-cert-file", o->sslCertFile,
+                  "serve HTTPS with this PEM certificate (chain); needs --ssl-key-file")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--ssl-key-file", o->sslKeyFile, "the PEM private key of --ssl-cert-file")
+      ->check(CLI::ExistingFile);
   cmd->add_option("--shutdown-grace", o->shutdownGraceSeconds,
                   "seconds SIGINT/SIGTERM waits for running requests before cancelling them")
       ->check(CLI::Range(0.0, 3600.0))

@@ -87,8 +87,14 @@ void RequestStream::push(RequestEvent event) {
   {
     std::lock_guard lock(mu_);
     events_.push_back(std::move(event));
+    if (notify_) notify_();
   }
   cv_.notify_all();
+}
+
+void RequestStream::setNotify(std::function<void()> notify) {
+  std::lock_guard lock(mu_);
+  notify_ = std::move(notify);
 }
 
 std::optional<RequestEvent> RequestStream::next(std::chrono::milliseconds timeout) {

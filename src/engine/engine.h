@@ -146,6 +146,11 @@ class RequestStream {
   // Asks the engine to stop the request; its blocks are freed within one step and a final event
   // with FinishReason::Cancelled follows (unless it had already finished).
   void cancel();
+  // Called by the engine's thread after each new event (with the stream's lock held, so it must
+  // only signal, e.g. post work to an event loop, and never call back into this stream). Once
+  // setNotify returns, the previous callback is no longer running and is never called again;
+  // events pushed before the callback was set are not announced (read them with next(0)).
+  void setNotify(std::function<void()> notify);
 
  private:
   friend class Engine;
@@ -159,6 +164,7 @@ class RequestStream {
   int32_t openChoices_;        // choices whose finished event is not consumed yet
   bool closed_ = false;        // every finished event consumed
   bool cancelRequested_ = false;
+  std::function<void()> notify_;
 };
 
 // Counters and gauges for /metrics. Histograms are cumulative bucket counts over fixed bounds.

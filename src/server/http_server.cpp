@@ -1,26 +1,57 @@
 #include "server/http_server.h"
 
-#include <httplib.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <sys/socket.h>
 
-#include <chrono>
-#include <cmath>
+#include <array>
+#include <atomic>
+#include <condition_variable>
 #include <ctime>
 #include <iostream>
+#include <mutex>
 #include <random>
+#include <set>
+#include <sstream>
 #include <stdexcept>
+#include <thread>
+#include <type_traits>
+#include <utility>  // before Asio: its awaitable.hpp uses std::exchange
+#include <vector>
 
+#include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <nlohmann/json.hpp>
 
-#include "server/connection_probe.h"
+#include "server/generation.h"
+#include "server/metrics.h"
 #include "server/openai_protocol.h"
 
 namespace cortex::server {
 
+namespace net = boost::asio;
+namespace ssl = boost::asio::ssl;
+namespace beast = boost::beast;
+namespace http = boost::beast::http;
+using tcp = boost::asio::ip::tcp;
 using nlohmann::json;
 
 namespace {
 
-constexpr auto kPollInterval = std::chrono::milliseconds(100);
+using Request = http::request<http::string_body>;
+using Response = http::response<http::string_body>;
+using Digest = std::array<unsigned char, 32>;
+
+constexpr auto kWriteTimeout = std::chrono::seconds(30);
+constexpr auto kLingerTimeout = std::chrono::seconds(1);
+// Bytes of the next pipelined request read ahead while a response is being generated; beyond it
+// the connection stops reading (and noticing a disconnect) until the response is written.
+constexpr size_t kMaxReadAhead = 1u << 20;
 
 int64_t unixNow() {
   return std::chrono::duration_cast<std::chrono::seconds>(
@@ -51,242 +82,280 @@ std::string excerpt(const std::string& text) {
   return text.substr(0, cut) + "... (" + std::to_string(text.size() - cut) + " more bytes)";
 }
 
-// completionTokens: summed over the choices.
-json usageJson(const engine::RequestEvent& last, int64_t completionTokens) {
-  return {{"prompt_tokens", last.promptTokens},
-          {"completion_tokens", completionTokens},
-          {"total_tokens", last.promptTokens + completionTokens},
-          {"prompt_tokens_details", {{"cached_tokens", last.cachedTokens}}}};
+Digest sha256(std::string_view text) {
+  Digest d{};
+  unsigned int len = 0;
+  EVP_Digest(text.data(), text.size(), d.data(), &len, EVP_sha256(), nullptr);
+  return d;
 }
 
-void setJson(httplib::Response& res, int status, const json& body) {
-  res.status = status;
-  res.set_content(dumpJson(body), "application/json");
+Response jsonResponse(int status, const json& body) {
+  Response res{static_cast<http::status>(status), 11};
+  res.set(http::field::content_type, "application/json");
+  res.body() = dumpJson(body);
+  return res;
 }
 
-// What a generation needs besides the engine stream: the response's identity and what to add
-// around the engine's events (echo, logprobs, usage).
-struct GenerationInfo {
-  bool chat = false;
-  std::string id;
-  int64_t created = 0;
-  std::string model;
-  int32_t topLogprobs = -1;
-  bool echo = false;
-  std::string echoText;                 // prompt text, prepended to the first text when echo
-  std::vector<int32_t> promptTokens;    // for echo logprobs
-  bool includeUsage = false;
-  int32_t n = 1;                        // choices
-};
-
-// Prompt logprobs as the engine sent them, with an entry for the first prompt token (which has
-// no logprob) in front if the engine left it out.
-std::vector<engine::TokenLogprob> promptEntries(const GenerationInfo& g,
-                                                std::vector<engine::TokenLogprob> entries) {
-  if (entries.size() + 1 == g.promptTokens.size()) {
-    entries.insert(entries.begin(), engine::TokenLogprob{g.promptTokens[0], NAN, {}});
-  }
-  return entries;
-}
-
-}  // namespace
-
-struct HttpServer::StreamState {
-  GenerationInfo info;
-  std::shared_ptr<engine::RequestStream> stream;
-  std::optional<ConnectionProbe> probe;
-  bool finished = false;  // every choice's finished event (and [DONE]) was written
-  // Per choice: nothing written yet; the legacy logprobs' text offset.
-  std::vector<uint8_t> first;
-  std::vector<int64_t> textOffset;
-  int32_t open = 1;       // choices not finished
-  int64_t completionTokens = 0;
-};
-
-HttpServer::HttpServer(engine::Engine& engine, const model::Tokenizer& tokenizer,
-                       ServerConfig config)
-    : engine_(engine), tokenizer_(tokenizer), config_(std::move(config)),
-      http_(std::make_unique<httplib::Server>()), startedUnix_(unixNow()) {
-  int threads = config_.httpThreads;
-  if (threads <= 0) threads = engine_.config().maxNumSeqs * 2 + 16;
-  const auto poolSize = static_cast<size_t>(threads);
-  http_->new_task_queue = [poolSize] { return new httplib::ThreadPool(poolSize); };
-  http_->set_payload_max_length(config_.maxBodyBytes);
-  http_->set_keep_alive_timeout(5);
-  http_->set_read_timeout(30, 0);
-  http_->set_write_timeout(30, 0);
-  routes();
-}
-
-HttpServer::~HttpServer() = default;
-
-void HttpServer::respondError(httplib::Response& res, int status, const std::string& message,
-                              const std::string& type, const std::string& param,
-                              const std::string& code) {
+Response errorResponse(int status, const std::string& message, const std::string& type,
+                       const std::string& param = {}, const std::string& code = {}) {
   ApiError e;
   e.status = status;
   e.message = message;
   e.type = type;
   e.param = param;
   e.code = code;
-  setJson(res, status, errorJson(e));
+  return jsonResponse(status, errorJson(e));
 }
 
-void HttpServer::routes() {
-  httplib::Server& s = *http_;
+// The bytes of `res` as sent for a request of HTTP `version` (11 or 10).
+std::string serialize(Response& res, unsigned version, bool keepAlive) {
+  res.version(version);
+  res.set(http::field::server, "cortexstream");
+  res.keep_alive(keepAlive);
+  res.prepare_payload();
+  std::ostringstream out;
+  out << res;
+  return std::move(out).str();
+}
 
-  // Errors httplib produces itself (404 unknown path, 413 body too large, 400 bad request line)
-  // get an OpenAI-style body; responses our handlers already filled are left alone.
-  s.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
-    ++httpErrors_;
-    if (!res.body.empty()) return;
-    switch (res.status) {
-      case 404:
-        respondError(res, 404, "no route for " + req.method + " " + req.path +
-                                   " (endpoints: POST /v1/completions, POST /v1/chat/completions, "
-                                   "GET /v1/models, GET /health, GET /metrics)",
-                     "invalid_request_error", "", "not_found");
-        break;
-      case 413:
-        respondError(res, 413,
-                     "request body is larger than " + std::to_string(config_.maxBodyBytes) +
-                         " bytes",
-                     "invalid_request_error", "", "payload_too_large");
-        break;
-      default:
-        respondError(res, res.status, "HTTP error " + std::to_string(res.status),
-                     res.status >= 500 ? "server_error" : "invalid_request_error");
+std::string chunk(const std::string& data) {
+  std::ostringstream out;
+  out << std::hex << data.size() << "\r\n" << data << "\r\n";
+  return std::move(out).str();
+}
+
+// The state of the TCP connection under `fd`: TCP_CLOSE once the peer reset it.
+bool tcpClosed(int fd) {
+  tcp_info info{};
+  socklen_t len = sizeof info;
+  if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0) return true;
+  return info.tcpi_state == TCP_CLOSE;
+}
+
+// "30", "2.5": a duration in seconds as people write it.
+std::string seconds(std::chrono::milliseconds d) {
+  std::ostringstream out;
+  out << static_cast<double>(d.count()) / 1000;
+  return std::move(out).str();
+}
+
+std::string pathOf(std::string_view target) {
+  const size_t q = target.find('?');
+  return std::string(target.substr(0, q));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+struct HttpServer::Impl {
+  Impl(engine::Engine& e, const model::Tokenizer& t, ServerConfig c);
+
+  // What a request gets: an answer now, or a generation whose answer the engine produces.
+  struct Routed {
+    Response response;
+    std::unique_ptr<Generation> generation;
+  };
+  Routed route(const Request& req);
+  Routed generate(const Request& req, bool chat);
+  bool authorized(const Request& req) const;
+
+  // A generation starts (false: the server is stopping and it was cancelled) and ends.
+  bool track(const std::shared_ptr<engine::RequestStream>& s, std::function<void()> notify);
+  void untrack(const std::shared_ptr<engine::RequestStream>& s);
+
+  void accept();
+  template <class Stream>
+  void startConnection(tcp::socket socket);
+
+  engine::Engine& engine;
+  const model::Tokenizer& tokenizer;
+  const ServerConfig config;
+  const int64_t startedUnix;
+  Digest apiKeyDigest{};
+
+  std::atomic<int64_t> inFlight{0};
+  std::atomic<int64_t> connections{0};
+  std::atomic<bool> draining{false};  // shutdown() began: /health says so
+  std::atomic<uint64_t> httpRequests{0}, httpErrors{0}, rejectedQueueFull{0},
+      rejectedConnections{0};
+
+  std::mutex mu;  // guards active, stopping, runDone
+  std::condition_variable cv;
+  std::set<std::shared_ptr<engine::RequestStream>> active;
+  bool stopping = false;  // no engine event is announced to the event loop any more
+  bool runDone = false;
+
+  // The event loop last: destroying it destroys the connections, whose generations untrack
+  // themselves above.
+  std::optional<ssl::context> tls;
+  net::io_context ioc;
+  tcp::acceptor acceptor{ioc};
+  net::steady_timer acceptRetry{ioc};
+  int port = 0;
+};
+
+HttpServer::Impl::Impl(engine::Engine& e, const model::Tokenizer& t, ServerConfig c)
+    : engine(e), tokenizer(t), config(std::move(c)), startedUnix(unixNow()) {
+  if (!config.apiKey.empty()) apiKeyDigest = sha256(config.apiKey);
+  if (config.sslCertFile.empty() != config.sslKeyFile.empty()) {
+    throw std::runtime_error("TLS needs both a certificate (--ssl-cert-file) and a key "
+                             "(--ssl-key-file)");
+  }
+  if (!config.sslCertFile.empty()) {
+    tls.emplace(ssl::context::tls_server);
+    tls->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
+                     ssl::context::no_sslv3 | ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1 |
+                     ssl::context::single_dh_use);
+    try {
+      tls->use_certificate_chain_file(config.sslCertFile);
+    } catch (const std::exception& ex) {
+      throw std::runtime_error("cannot use the TLS certificate '" + config.sslCertFile +
+                               "': " + ex.what());
     }
-  });
-  s.set_exception_handler(
-      [this](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
-        std::string what = "unknown error";
-        try {
-          if (ep) std::rethrow_exception(ep);
-        } catch (const std::exception& e) {
-          what = e.what();
-        } catch (...) {
-        }
-        respondError(res, 500, "internal error: " + what, "server_error");
-      });
+    try {
+      tls->use_private_key_file(config.sslKeyFile, ssl::context::pem);
+    } catch (const std::exception& ex) {
+      throw std::runtime_error("cannot use the TLS key '" + config.sslKeyFile + "': " + ex.what());
+    }
+  }
+}
 
-  s.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    handleGenerate(req, res, false);
-  });
-  s.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    handleGenerate(req, res, true);
-  });
-  // Some clients use the paths without /v1.
-  s.Post("/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    handleGenerate(req, res, false);
-  });
-  s.Post("/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    handleGenerate(req, res, true);
-  });
+bool HttpServer::Impl::authorized(const Request& req) const {
+  if (config.apiKey.empty()) return true;
+  const auto it = req.find(http::field::authorization);
+  if (it == req.end()) return false;
+  std::string_view value(it->value().data(), it->value().size());
+  constexpr std::string_view kBearer = "Bearer ";
+  if (value.size() < kBearer.size() ||
+      !beast::iequals(beast::string_view(value.data(), kBearer.size()),
+                      beast::string_view(kBearer.data(), kBearer.size()))) {
+    return false;
+  }
+  // Digests of equal length compared in constant time: neither the key's bytes nor its length
+  // leak through timing.
+  const Digest given = sha256(value.substr(kBearer.size()));
+  return CRYPTO_memcmp(given.data(), apiKeyDigest.data(), given.size()) == 0;
+}
+
+bool HttpServer::Impl::track(const std::shared_ptr<engine::RequestStream>& s,
+                             std::function<void()> notify) {
+  std::lock_guard lock(mu);
+  if (stopping) return false;
+  s->setNotify(std::move(notify));
+  active.insert(s);
+  ++inFlight;
+  return true;
+}
+
+void HttpServer::Impl::untrack(const std::shared_ptr<engine::RequestStream>& s) {
+  s->setNotify({});
+  {
+    std::lock_guard lock(mu);
+    if (active.erase(s) == 0) return;
+    --inFlight;
+  }
+  cv.notify_all();
+}
+
+HttpServer::Impl::Routed HttpServer::Impl::route(const Request& req) {
+  ++httpRequests;
+  const std::string path = pathOf({req.target().data(), req.target().size()});
+  const http::verb method = req.method();
+
+  const bool open = path == "/health" || (path == "/metrics" && !config.metricsRequireKey);
+  if (!open && !authorized(req)) {
+    Response res = errorResponse(401,
+                                 req.find(http::field::authorization) == req.end()
+                                     ? "this server needs an API key: send the header "
+                                       "'Authorization: Bearer <key>'"
+                                     : "incorrect API key provided",
+                                 "invalid_request_error", "", "invalid_api_key");
+    res.set(http::field::www_authenticate, "Bearer");
+    return {std::move(res), nullptr};
+  }
 
   auto modelJson = [this] {
-    return json{{"id", config_.servedModelName},
+    return json{{"id", config.servedModelName},
                 {"object", "model"},
-                {"created", startedUnix_},
+                {"created", startedUnix},
                 {"owned_by", "cortexstream"},
-                {"max_model_len", engine_.maxContextTokens()}};
+                {"max_model_len", engine.maxContextTokens()}};
   };
-  s.Get("/v1/models", [this, modelJson](const httplib::Request&, httplib::Response& res) {
-    ++httpRequests_;
-    setJson(res, 200, {{"object", "list"}, {"data", json::array({modelJson()})}});
-  });
-  s.Get(R"(/v1/models/(.+))",
-        [this, modelJson](const httplib::Request& req, httplib::Response& res) {
-          ++httpRequests_;
-          if (req.matches[1] != config_.servedModelName) {
-            respondError(res, 404, "model '" + std::string(req.matches[1]) + "' does not exist",
-                         "invalid_request_error", "model", "model_not_found");
-            return;
-          }
-          setJson(res, 200, modelJson());
-        });
-  s.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
-    ++httpRequests_;
-    if (draining_) {
-      setJson(res, 503, {{"status", "shutting_down"}});
-    } else {
-      setJson(res, 200, {{"status", "ok"}});
+  const bool isGenerate = path == "/v1/completions" || path == "/completions" ||
+                          path == "/v1/chat/completions" || path == "/chat/completions";
+  const bool isModel = path.rfind("/v1/models/", 0) == 0 && path.size() > 11;
+  const bool isGet = path == "/v1/models" || isModel || path == "/health" || path == "/metrics";
+  if (isGenerate && method == http::verb::post) {
+    return generate(req, path.find("chat") != std::string::npos);
+  }
+  if (isGet && method == http::verb::get) {
+    if (path == "/health") {
+      return {draining ? jsonResponse(503, {{"status", "shutting_down"}})
+                       : jsonResponse(200, {{"status", "ok"}}),
+              nullptr};
     }
-  });
-  s.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    ++httpRequests_;
-    ServerCounters c;
-    c.httpRequests = httpRequests_.load();
-    c.httpErrors = httpErrors_.load();
-    c.rejectedQueueFull = rejectedQueueFull_.load();
-    res.set_content(renderPrometheus(engine_.stats(), c, config_.servedModelName),
-                    "text/plain; version=0.0.4; charset=utf-8");
-  });
-
-  // Known paths with the wrong method: 405 with Allow (httplib alone would say 404).
-  auto methodNotAllowed = [this](const char* allow) {
-    return [this, allow](const httplib::Request& req, httplib::Response& res) {
-      res.set_header("Allow", allow);
-      respondError(res, 405, "method " + req.method + " is not allowed on " + req.path +
-                                 " (allowed: " + allow + ")",
-                   "invalid_request_error", "", "method_not_allowed");
-    };
-  };
-  for (const char* path : {"/v1/completions", "/v1/chat/completions", "/completions",
-                           "/chat/completions"}) {
-    s.Get(path, methodNotAllowed("POST"));
-    s.Put(path, methodNotAllowed("POST"));
-    s.Delete(path, methodNotAllowed("POST"));
-    s.Patch(path, methodNotAllowed("POST"));
+    if (path == "/metrics") {
+      ServerCounters c;
+      c.httpRequests = httpRequests.load();
+      c.httpErrors = httpErrors.load();
+      c.rejectedQueueFull = rejectedQueueFull.load();
+      c.openConnections = connections.load();
+      c.rejectedConnections = rejectedConnections.load();
+      Response res{http::status::ok, 11};
+      res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+      res.body() = renderPrometheus(engine.stats(), c, config.servedModelName);
+      return {std::move(res), nullptr};
+    }
+    if (isModel) {
+      const std::string id = path.substr(11);
+      if (id != config.servedModelName) {
+        return {errorResponse(404, "model '" + excerpt(id) + "' does not exist",
+                              "invalid_request_error", "model", "model_not_found"),
+                nullptr};
+      }
+      return {jsonResponse(200, modelJson()), nullptr};
+    }
+    return {jsonResponse(200, {{"object", "list"}, {"data", json::array({modelJson()})}}),
+            nullptr};
   }
-  for (const char* path : {"/v1/models", R"(/v1/models/(.+))", "/health", "/metrics"}) {
-    s.Post(path, methodNotAllowed("GET"));
-    s.Put(path, methodNotAllowed("GET"));
-    s.Delete(path, methodNotAllowed("GET"));
-    s.Patch(path, methodNotAllowed("GET"));
-    s.Options(path, methodNotAllowed("GET"));
+  if (isGenerate || isGet) {
+    // A known path with the wrong method.
+    const char* allow = isGenerate ? "POST" : "GET";
+    Response res = errorResponse(405,
+                                 "method " + std::string(req.method_string()) +
+                                     " is not allowed on " + excerpt(path) + " (allowed: " +
+                                     allow + ")",
+                                 "invalid_request_error", "", "method_not_allowed");
+    res.set(http::field::allow, allow);
+    return {std::move(res), nullptr};
   }
-  for (const char* path : {"/v1/completions", "/v1/chat/completions", "/completions",
-                           "/chat/completions"}) {
-    s.Options(path, methodNotAllowed("POST"));
-  }
+  return {errorResponse(404,
+                        "no route for " + std::string(req.method_string()) + " " + excerpt(path) +
+                            " (endpoints: POST /v1/completions, POST /v1/chat/completions, "
+                            "GET /v1/models, GET /health, GET /metrics)",
+                        "invalid_request_error", "", "not_found"),
+          nullptr};
 }
 
-void HttpServer::track(const std::shared_ptr<engine::RequestStream>& s) {
-  std::lock_guard lock(mu_);
-  active_.insert(s);
-  ++inFlight_;
-}
-
-void HttpServer::untrack(const std::shared_ptr<engine::RequestStream>& s) {
-  {
-    std::lock_guard lock(mu_);
-    active_.erase(s);
-    --inFlight_;
-  }
-  cv_.notify_all();
-}
-
-void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& res, bool chat) {
-  ++httpRequests_;
+HttpServer::Impl::Routed HttpServer::Impl::generate(const Request& req, bool chat) {
   GenerationInfo info;
   engine::RequestParams params;
-  bool stream = false;
   try {
     json body;
     try {
-      body = json::parse(req.body);
+      body = json::parse(req.body());
     } catch (const json::exception& e) {
       // Syntax errors and numbers out of range (1e400) alike. The parser's message quotes the
       // offending token whole, which may be megabytes long: only an excerpt goes back.
       throwInvalid("", "the request body is not valid JSON: " + excerpt(e.what()), "invalid_json");
     }
     const ParsedRequest p = chat ? parseChatRequest(body) : parseCompletionRequest(body);
-    stream = p.stream;
     info.chat = chat;
+    info.stream = p.stream;
     info.id = newId(chat ? "chatcmpl-" : "cmpl-");
     info.created = unixNow();
-    info.model = config_.servedModelName;
+    info.model = config.servedModelName;
     info.topLogprobs = p.topLogprobs;
     info.echo = p.echo;
     info.includeUsage = p.includeUsage;
@@ -296,20 +365,20 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
 
     std::vector<int32_t> prompt;
     if (chat) {
-      if (!config_.chatTemplate) throwInvalid("messages", config_.chatTemplateError);
+      if (!config.chatTemplate) throwInvalid("messages", config.chatTemplateError);
       // Control-token text typed inside a message stays text (no forged turns).
-      prompt = model::encodeChat(tokenizer_, *config_.chatTemplate, p.messages, true);
+      prompt = model::encodeChat(tokenizer, *config.chatTemplate, p.messages, true);
     } else if (p.promptText) {
-      prompt = tokenizer_.encode(*p.promptText, true, true);
+      prompt = tokenizer.encode(*p.promptText, true, true);
       info.echoText = *p.promptText;
     } else {
       prompt = p.promptTokenIds;
-      if (p.echo) info.echoText = tokenizer_.decode(prompt);
+      if (p.echo) info.echoText = tokenizer.decode(prompt);
     }
     // Defaults: 16 for completions (OpenAI's legacy default), the rest of the context for chat.
     // The engine judges whether the request fits (its TooLong error says by how much).
     const int64_t room = std::max<int64_t>(
-        1, engine_.maxContextTokens() - static_cast<int64_t>(prompt.size()));
+        1, engine.maxContextTokens() - static_cast<int64_t>(prompt.size()));
     const int64_t maxTokens =
         p.maxTokens ? *p.maxTokens : chat ? room : std::min<int64_t>(16, room);
     params.sampling = p.sampling;
@@ -323,330 +392,552 @@ void HttpServer::handleGenerate(const httplib::Request& req, httplib::Response& 
     params.promptTokens = std::move(prompt);
   } catch (const ApiException& e) {
     const ApiError& err = e.error();
-    respondError(res, err.status, err.message, err.type, err.param, err.code);
-    return;
+    return {errorResponse(err.status, err.message, err.type, err.param, err.code), nullptr};
   }
 
-  std::shared_ptr<engine::RequestStream> rs;
   try {
-    rs = engine_.submit(std::move(params));
+    auto rs = engine.submit(std::move(params));
+    return {{}, std::make_unique<Generation>(std::move(info), std::move(rs), tokenizer)};
   } catch (const engine::EngineError& e) {
     using Kind = engine::EngineError::Kind;
     switch (e.kind()) {
       case Kind::InvalidRequest: {
         // The engine names the request field; a chat request's prompt is its messages.
         const std::string param = e.param() == "prompt" && chat ? "messages" : e.param();
-        respondError(res, 400, e.what(), "invalid_request_error", param);
-        break;
+        return {errorResponse(400, e.what(), "invalid_request_error", param), nullptr};
       }
       case Kind::TooLong:
-        respondError(res, 400, e.what(), "invalid_request_error", chat ? "messages" : "prompt",
-                     "context_length_exceeded");
-        break;
-      case Kind::QueueFull:
-        ++rejectedQueueFull_;
-        res.set_header("Retry-After", "1");
-        respondError(res, 503, e.what(), "server_error", "", "queue_full");
-        break;
+        return {errorResponse(400, e.what(), "invalid_request_error",
+                              chat ? "messages" : "prompt", "context_length_exceeded"),
+                nullptr};
+      case Kind::QueueFull: {
+        ++rejectedQueueFull;
+        Response res = errorResponse(503, e.what(), "server_error", "", "queue_full");
+        res.set(http::field::retry_after, "1");
+        return {std::move(res), nullptr};
+      }
       case Kind::ShuttingDown:
-        respondError(res, 503, e.what(), "server_error", "", "shutting_down");
         break;
     }
-    return;
+    return {errorResponse(503, e.what(), "server_error", "", "shutting_down"), nullptr};
   }
-  track(rs);
-  std::optional<ConnectionProbe> probe =
-      ConnectionProbe::find(req.local_port, req.remote_addr, req.remote_port);
-
-  if (!stream) {
-    struct Choice {
-      std::string text;
-      std::vector<engine::TokenLogprob> promptLps, lps;
-      engine::RequestEvent last;
-    };
-    std::vector<Choice> choices(static_cast<size_t>(info.n));
-    for (Choice& c : choices) c.text = info.echo ? info.echoText : std::string();
-    int32_t open = info.n;
-    bool cancelSent = false;
-    while (open > 0) {
-      // note: nobody will read the answer of a client that went away; free its blocks now.
-      if (!cancelSent && (aborting_ || (probe && probe->peerClosed()))) {
-        rs->cancel();
-        cancelSent = true;
-      }
-      std::optional<engine::RequestEvent> ev = rs->next(kPollInterval);
-      if (!ev) continue;
-      Choice& c = choices.at(static_cast<size_t>(ev->index));
-      c.text += ev->text;
-      if (!ev->promptLogprobs.empty()) c.promptLps = std::move(ev->promptLogprobs);
-      c.lps.insert(c.lps.end(), ev->logprobs.begin(), ev->logprobs.end());
-      if (ev->finished) {
-        c.last = std::move(*ev);
-        --open;
-      }
-    }
-    untrack(rs);
-    int64_t completionTokens = 0;
-    for (const Choice& c : choices) {
-      if (c.last.finishReason == engine::FinishReason::Error) {
-        respondError(res, 500, "generation failed: " + c.last.error, "server_error");
-        return;
-      }
-      if (c.last.finishReason == engine::FinishReason::Cancelled) {
-        respondError(res, 503, "the request was cancelled: the server is shutting down",
-                     "server_error", "", "shutting_down");
-        return;
-      }
-      completionTokens += c.last.completionTokens;
-    }
-    json out = json::array();
-    for (size_t i = 0; i < choices.size(); ++i) {
-      Choice& c = choices[i];
-      json logprobs = nullptr;
-      if (info.topLogprobs >= 0) {
-        if (chat) {
-          logprobs = {{"content", chatLogprobContent(tokenizer_, c.lps)}};
-        } else {
-          std::vector<engine::TokenLogprob> all;
-          if (info.echo) all = promptEntries(info, std::move(c.promptLps));
-          const bool firstIsNull = info.echo && !all.empty();
-          all.insert(all.end(), c.lps.begin(), c.lps.end());
-          int64_t offset = 0;
-          logprobs = completionLogprobs(tokenizer_, all, firstIsNull, offset);
-        }
-      }
-      json choice = {{"index", i},
-                     {"logprobs", logprobs},
-                     {"finish_reason", finishReasonString(c.last.finishReason)}};
-      if (chat) {
-        choice["message"] = {{"role", "assistant"}, {"content", c.text}};
-      } else {
-        choice["text"] = c.text;
-      }
-      out.push_back(std::move(choice));
-    }
-    setJson(res, 200,
-            {{"id", info.id},
-             {"object", chat ? "chat.completion" : "text_completion"},
-             {"created", info.created},
-             {"model", info.model},
-             {"choices", std::move(out)},
-             {"usage", usageJson(choices[0].last, completionTokens)}});
-    return;
-  }
-
-  auto st = std::make_shared<StreamState>();
-  st->info = std::move(info);
-  st->stream = rs;
-  st->probe = probe;
-  st->first.assign(static_cast<size_t>(st->info.n), 1);
-  st->textOffset.assign(static_cast<size_t>(st->info.n), 0);
-  st->open = st->info.n;
-  res.set_header("Cache-Control", "no-cache");
-  res.set_header("X-Accel-Buffering", "no");
-
-  auto chunkOf = [](const GenerationInfo& g, json choice) {
-    return "data: " +
-           dumpJson({{"id", g.id},
-                     {"object", g.chat ? "chat.completion.chunk" : "text_completion"},
-                     {"created", g.created},
-                     {"model", g.model},
-                     {"choices", json::array({std::move(choice)})}}) +
-           "\n\n";
-  };
-
-  // One event's choice chunk: its text (with the echo in front of a choice's first chunk),
-  // logprobs and finish reason.
-  auto choiceChunk = [this, chunkOf](StreamState& state, engine::RequestEvent& ev) -> std::string {
-    const GenerationInfo& g = state.info;
-    const auto idx = static_cast<size_t>(ev.index);
-    std::string text = ev.text;
-    json logprobs = nullptr;
-    if (g.chat) {
-      if (g.topLogprobs >= 0) {
-        logprobs = {{"content", chatLogprobContent(tokenizer_, ev.logprobs)}};
-      }
-    } else {
-      std::vector<engine::TokenLogprob> entries;
-      bool firstIsNull = false;
-      if (state.first[idx] && g.echo) {
-        text = g.echoText + text;
-        if (g.topLogprobs >= 0) {
-          entries = promptEntries(g, std::move(ev.promptLogprobs));
-          firstIsNull = !entries.empty();
-        }
-      }
-      if (g.topLogprobs >= 0) {
-        entries.insert(entries.end(), ev.logprobs.begin(), ev.logprobs.end());
-        logprobs = completionLogprobs(tokenizer_, entries, firstIsNull, state.textOffset[idx]);
-      }
-    }
-    json choice = {{"index", ev.index},
-                   {"logprobs", logprobs},
-                   {"finish_reason", ev.finished ? json(finishReasonString(ev.finishReason))
-                                                  : json(nullptr)}};
-    if (g.chat) {
-      choice["delta"] = ev.finished && text.empty() ? json::object()
-                                                     : json{{"content", text}};
-    } else {
-      choice["text"] = text;
-    }
-    return chunkOf(g, std::move(choice));
-  };
-
-  res.set_chunked_content_provider(
-      "text/event-stream",
-      [this, st, chunkOf, choiceChunk](size_t, httplib::DataSink& sink) {
-        if (st->finished) {
-          sink.done();
-          return true;
-        }
-        const GenerationInfo& g = st->info;
-        std::string out;
-        if (st->first[0] && g.chat) {
-          // OpenAI's first chat chunk of each choice carries the role before any content.
-          for (int32_t i = 0; i < g.n; ++i) {
-            out += chunkOf(g, {{"index", i},
-                               {"delta", {{"role", "assistant"}, {"content", ""}}},
-                               {"logprobs", nullptr},
-                               {"finish_reason", nullptr}});
-          }
-          std::fill(st->first.begin(), st->first.end(), 0);
-        }
-        if (st->probe && st->probe->peerClosed()) {
-          // The client went away: free the request's blocks now (returning false ends the
-          // response; the releaser below cancels the request).
-          return false;
-        }
-        std::optional<engine::RequestEvent> ev = st->stream->next(kPollInterval);
-        if (!ev) {
-          if (aborting_) st->stream->cancel();
-          if (!out.empty() && !sink.write(out.data(), out.size())) {
-            st->stream->cancel();
-            return false;
-          }
-          return true;
-        }
-        const auto idx = static_cast<size_t>(ev->index);
-        if (ev->finished) {
-          --st->open;
-          st->completionTokens += ev->completionTokens;
-        }
-        const bool allDone = ev->finished && st->open == 0;
-        const bool cancelled = ev->finished && ev->finishReason == engine::FinishReason::Cancelled;
-        if (cancelled && !ev->text.empty()) {
-          // The text held back until the cut is real output: send it before saying so.
-          engine::RequestEvent text = *ev;
-          text.finished = false;
-          out += choiceChunk(*st, text);
-          st->first[idx] = 0;
-        }
-        if (ev->finished && ev->finishReason == engine::FinishReason::Error) {
-          ApiError err;
-          err.status = 500;
-          err.type = "server_error";
-          err.message = "generation failed: " + ev->error;
-          out += "data: " + dumpJson(errorJson(err)) + "\n\n";
-        } else if (cancelled) {
-          // A cut response must not look complete: the error frame says why it ended, and no
-          // choice chunk carries a normal finish reason.
-          ApiError err;
-          err.status = 503;
-          err.type = "server_error";
-          err.code = "shutting_down";
-          err.message = "the response was cut: the server is shutting down (choice " +
-                        std::to_string(ev->index) + ")";
-          out += "data: " + dumpJson(errorJson(err)) + "\n\n";
-        } else {
-          out += choiceChunk(*st, *ev);
-        }
-        st->first[idx] = 0;
-        if (allDone) {
-          if (g.includeUsage) {
-            out += "data: " +
-                   dumpJson({{"id", g.id},
-                             {"object", g.chat ? "chat.completion.chunk" : "text_completion"},
-                             {"created", g.created},
-                             {"model", g.model},
-                             {"choices", json::array()},
-                             {"usage", usageJson(*ev, st->completionTokens)}}) +
-                   "\n\n";
-          }
-          out += "data: [DONE]\n\n";
-        }
-        if (!sink.write(out.data(), out.size())) {
-          // The client went away: free the request's blocks now.
-          st->stream->cancel();
-          return false;
-        }
-        if (allDone) {
-          st->finished = true;
-          sink.done();
-        }
-        return true;
-      },
-      [this, st](bool) {
-        if (!st->finished) st->stream->cancel();
-        untrack(st->stream);
-      });
 }
 
-void HttpServer::bind() {
-  if (config_.port < 0 || config_.port > 65535) {
-    throw std::runtime_error("invalid port " + std::to_string(config_.port));
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// One client connection, plain (beast::tcp_stream) or TLS (beast::ssl_stream over it): a state
+// machine on its own strand.
+//
+//   read a request (idle wait, then head and body within the read timeout)
+//     -> answer at once, or start a generation: the engine posts each new event to the strand,
+//        which writes it (streamed) or keeps it (plain) while a read of the socket watches for
+//        the client going away (and keeps bytes of a pipelined next request)
+//     -> the response is written -> the next request (keep-alive), or a lingering close.
+template <class Stream>
+class Connection : public std::enable_shared_from_this<Connection<Stream>> {
+ public:
+  static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
+
+  Connection(HttpServer::Impl& server, Stream stream, bool refused)
+      : srv_(server), stream_(std::move(stream)), refused_(refused),
+        readTimer_(stream_.get_executor()), probeTimer_(stream_.get_executor()) {
+    ++srv_.connections;
   }
-  if (config_.port == 0) {
-    port_ = http_->bind_to_any_port(config_.host);
-    if (port_ < 0) throw std::runtime_error("cannot bind to " + config_.host);
-  } else {
-    if (!http_->bind_to_port(config_.host, config_.port)) {
-      throw std::runtime_error("cannot listen on " + config_.host + ":" +
-                               std::to_string(config_.port) +
-                               " (address in use, or not an address of this machine?)");
+  ~Connection() {
+    // Only pending handlers keep a connection alive, so none is left here: release the
+    // generation without touching the socket.
+    if (gen_) {
+      if (!gen_->finished()) gen_->stream().cancel();
+      if (tracked_) srv_.untrack(gen_->streamPtr());
     }
-    port_ = config_.port;
+    --srv_.connections;
   }
+
+  void start() {
+    if constexpr (kTls) {
+      lowest().expires_after(srv_.config.readTimeout);
+      stream_.async_handshake(ssl::stream_base::server,
+                              [self = this->shared_from_this()](beast::error_code ec) {
+                                if (ec) return self->closeNow();
+                                self->begin();
+                              });
+    } else {
+      begin();
+    }
+  }
+
+ private:
+  beast::tcp_stream& lowest() { return beast::get_lowest_layer(stream_); }
+
+  void begin() {
+    if (refused_) {
+      Response res = errorResponse(
+          503,
+          "too many connections are open (" + std::to_string(srv_.config.maxConnections) +
+              "): try again later",
+          "server_error", "", "too_many_connections");
+      res.set(http::field::retry_after, "1");
+      respond(std::move(res), true);
+      return;
+    }
+    readRequest();
+  }
+
+  // ---- reading a request
+
+  void readRequest() {
+    if (closed_) return;
+    if (watching_) {
+      // The watch read of the last response is still being cancelled; it calls back here.
+      readAfterWatch_ = true;
+      return;
+    }
+    parser_.emplace();
+    parser_->header_limit(static_cast<uint32_t>(srv_.config.maxHeaderBytes));
+    parser_->body_limit(srv_.config.maxBodyBytes);
+    if (buffer_.size() > 0) return readHead();
+    if (peerEof_) return lingerClose();
+    // Idle: wait for the first byte of the next request.
+    lowest().expires_after(requests_ == 0 ? srv_.config.readTimeout
+                                          : srv_.config.keepAliveTimeout);
+    stream_.async_read_some(buffer_.prepare(4096), [self = this->shared_from_this()](
+                                                       beast::error_code ec, size_t n) {
+      self->buffer_.commit(n);
+      if (ec || n == 0) return self->closeNow();  // idle timeout, or the client closed: no answer
+      self->readHead();
+    });
+  }
+
+  // The head and body must arrive within the read timeout of the request's first byte. The
+  // deadline is our own timer rather than the stream's (which closes the socket when it fires),
+  // so that the client can still be told 408.
+  void readHead() {
+    lowest().expires_never();
+    timedOut_ = false;
+    readTimer_.expires_after(srv_.config.readTimeout);
+    readTimer_.async_wait([self = this->shared_from_this()](beast::error_code ec) {
+      if (ec || self->closed_ || !self->parser_) return;  // done reading meanwhile
+      self->timedOut_ = true;
+      self->lowest().socket().cancel(ec);
+    });
+    http::async_read_header(stream_, buffer_, *parser_,
+                            [self = this->shared_from_this()](beast::error_code ec, size_t) {
+                              if (ec) return self->onReadError(ec);
+                              self->onHead();
+                            });
+  }
+
+  void onHead() {
+    const Request& req = parser_->get();
+    const auto expect = req.find(http::field::expect);
+    if (expect != req.end() && beast::iequals(expect->value(), "100-continue")) {
+      const auto length = parser_->content_length();
+      if (length && *length > srv_.config.maxBodyBytes) return onReadError(http::error::body_limit);
+      if (req.version() >= 11) send("HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    if (parser_->is_done()) return onRequest();
+    http::async_read(stream_, buffer_, *parser_,
+                     [self = this->shared_from_this()](beast::error_code ec, size_t) {
+                       if (ec) return self->onReadError(ec);
+                       self->onRequest();
+                     });
+  }
+
+  void onReadError(beast::error_code ec) {
+    readTimer_.cancel();
+    if (timedOut_) {
+      return respond(errorResponse(408,
+                                   "the request did not arrive within " +
+                                       seconds(srv_.config.readTimeout) +
+                                       " s of its first byte",
+                                   "invalid_request_error", "", "request_timeout"),
+                     true);
+    }
+    if (ec == http::error::end_of_stream || ec == net::error::eof ||
+        ec == net::error::connection_reset || ec == net::error::operation_aborted ||
+        ec == ssl::error::stream_truncated || ec == http::error::partial_message) {
+      return closeNow();  // the client left mid-request: nobody to answer
+    }
+    if (ec == http::error::body_limit) {
+      return respond(errorResponse(413,
+                                   "request body is larger than " +
+                                       std::to_string(srv_.config.maxBodyBytes) + " bytes",
+                                   "invalid_request_error", "", "payload_too_large"),
+                     true);
+    }
+    if (ec == http::error::header_limit) {
+      return respond(errorResponse(431,
+                                   "request head is larger than " +
+                                       std::to_string(srv_.config.maxHeaderBytes) + " bytes",
+                                   "invalid_request_error", "", "header_too_large"),
+                     true);
+    }
+    respond(errorResponse(400, "malformed HTTP request: " + ec.message(), "invalid_request_error",
+                          "", "bad_request"),
+            true);
+  }
+
+  void onRequest() {
+    readTimer_.cancel();
+    Request req = parser_->release();
+    parser_.reset();
+    ++requests_;
+    version_ = req.version();
+    HttpServer::Impl::Routed r;
+    try {
+      r = srv_.route(req);
+    } catch (const std::exception& e) {
+      r.response = errorResponse(500, std::string("internal error: ") + e.what(), "server_error");
+    }
+    if (!r.generation) return respond(std::move(r.response), !req.keep_alive());
+    closeAfter_ = !req.keep_alive();
+    startGeneration(std::move(r.generation));
+  }
+
+  // ---- answering
+
+  // Queues a whole response; after it the connection reads the next request or closes.
+  void respond(Response res, bool close) {
+    if (res.result_int() >= 400) ++srv_.httpErrors;
+    closeAfter_ = closeAfter_ || close;
+    send(serialize(res, version_, !closeAfter_));
+    responseDone_ = true;
+    flush();
+  }
+
+  void send(std::string bytes) {
+    pending_ += bytes;
+    flush();
+  }
+
+  void flush() {
+    if (writing_ || closed_) return;
+    if (pending_.empty()) {
+      if (responseDone_) {
+        responseDone_ = false;
+        closeAfter_ ? lingerClose() : readRequest();
+      }
+      return;
+    }
+    writing_ = true;
+    outgoing_.swap(pending_);
+    pending_.clear();
+    lowest().expires_after(kWriteTimeout);
+    net::async_write(stream_, net::buffer(outgoing_),
+                     [self = this->shared_from_this()](beast::error_code ec, size_t) {
+                       self->writing_ = false;
+                       self->outgoing_.clear();
+                       if (self->closed_) return;
+                       if (ec) return self->onDisconnect();
+                       self->flush();
+                     });
+  }
+
+  // ---- generating
+
+  void startGeneration(std::unique_ptr<Generation> gen) {
+    gen_ = std::move(gen);
+    auto flag = notifyPending_;
+    auto notify = [weak = this->weak_from_this(), flag, ex = stream_.get_executor()] {
+      if (flag->exchange(true)) return;  // a drain is already on its way
+      net::post(ex, [weak, flag] {
+        flag->store(false);
+        if (auto self = weak.lock()) self->onEvents();
+      });
+    };
+    if (!srv_.track(gen_->streamPtr(), std::move(notify))) {
+      // Stopping: nothing will be announced any more.
+      gen_->stream().cancel();
+      gen_.reset();
+      return respond(errorResponse(503, "the server is shutting down", "server_error", "",
+                                   "shutting_down"),
+                     true);
+    }
+    tracked_ = true;
+    if (gen_->info().stream) {
+      chunked_ = version_ >= 11;
+      if (!chunked_) closeAfter_ = true;  // HTTP/1.0: the body ends with the connection
+      std::string head = "HTTP/1.1 200 OK\r\nServer: cortexstream\r\n"
+                         "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                         "X-Accel-Buffering: no\r\n";
+      if (version_ < 11) head[7] = '0';
+      head += chunked_ ? "Transfer-Encoding: chunked\r\n" : "";
+      head += closeAfter_ ? "Connection: close\r\n\r\n" : "\r\n";
+      send(std::move(head));
+    }
+    watch();
+    onEvents();  // events pushed before the callback was set
+  }
+
+  void onEvents() {
+    if (!gen_ || closed_) return;
+    const std::string out = gen_->drain();
+    if (gen_->info().stream) {
+      if (!out.empty()) send(chunked_ ? chunk(out) : out);
+      if (gen_->finished()) {
+        endGeneration();
+        if (chunked_) pending_ += "0\r\n\r\n";
+        responseDone_ = true;
+        flush();
+      }
+      return;
+    }
+    if (gen_->finished()) {
+      auto [status, body] = gen_->plainBody();
+      endGeneration();
+      respond(jsonResponse(status, body), false);
+    }
+  }
+
+  void endGeneration() {
+    if (!gen_) return;
+    probeTimer_.cancel();
+    if (!gen_->finished()) gen_->stream().cancel();
+    if (tracked_) srv_.untrack(gen_->streamPtr());
+    tracked_ = false;
+    gen_.reset();
+    if (watching_) {
+      beast::error_code ec;
+      lowest().socket().cancel(ec);  // ends the watch read (it resumes reading if asked to)
+    }
+  }
+
+  // While a response is generated: read the socket, keeping what arrives (a pipelined next
+  // request) and noticing when the client goes away.
+  void watch() {
+    if (watching_ || peerEof_ || closed_ || buffer_.size() >= kMaxReadAhead) return;
+    watching_ = true;
+    lowest().expires_never();
+    stream_.async_read_some(buffer_.prepare(16384), [self = this->shared_from_this()](
+                                                        beast::error_code ec, size_t n) {
+      self->watching_ = false;
+      self->buffer_.commit(n);
+      if (self->closed_) return;
+      if (!ec) {
+        if (self->gen_) return self->watch();
+      } else if (ec == net::error::eof || ec == ssl::error::stream_truncated) {
+        self->peerEof_ = true;
+        if (self->gen_) self->probePeer();
+      } else if (ec != net::error::operation_aborted) {
+        return self->onDisconnect();  // reset
+      }
+      if (self->readAfterWatch_) {
+        self->readAfterWatch_ = false;
+        self->readRequest();
+      }
+    });
+  }
+
+  // The client shut down its sending side. That is a valid HTTP/1.1 client still waiting for its
+  // response (a half-close) or one that went away: only a write tells them apart, as the peer of
+  // a closed socket answers data with a reset. So write something every client ignores (an SSE
+  // comment in a stream; an interim 100 Continue before a plain response) and look for the reset.
+  void probePeer() {
+    if (gen_->info().stream) {
+      send(chunked_ ? chunk(":\n\n") : std::string(":\n\n"));
+    } else if (version_ >= 11) {
+      send("HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    checkPeer(std::chrono::milliseconds(20));
+  }
+
+  void checkPeer(std::chrono::milliseconds after) {
+    probeTimer_.expires_after(after);
+    probeTimer_.async_wait([self = this->shared_from_this()](beast::error_code ec) {
+      if (ec || self->closed_ || !self->gen_) return;
+      if (tcpClosed(self->lowest().socket().native_handle())) return self->onDisconnect();
+      self->checkPeer(std::chrono::milliseconds(200));
+    });
+  }
+
+  // ---- closing
+
+  // The client went away: cancel what it asked for and drop the connection.
+  void onDisconnect() {
+    endGeneration();
+    closeNow();
+  }
+
+  void closeNow() {
+    if (closed_) return;
+    closed_ = true;
+    readTimer_.cancel();
+    probeTimer_.cancel();
+    endGeneration();
+    beast::error_code ec;
+    lowest().socket().shutdown(tcp::socket::shutdown_both, ec);
+    lowest().close();
+  }
+
+  // After a last response: stop sending, then read (and drop) whatever the client is still
+  // sending for a moment, so that closing does not reset the connection before the client has
+  // read the response (a client still uploading a refused body would lose it).
+  void lingerClose() {
+    if (closed_) return;
+    beast::error_code ec;
+    lowest().socket().shutdown(tcp::socket::shutdown_send, ec);
+    if (ec || peerEof_) return closeNow();
+    lowest().expires_after(kLingerTimeout);
+    drainUntilClosed();
+  }
+
+  void drainUntilClosed() {
+    lowest().async_read_some(net::buffer(scratch_), [self = this->shared_from_this()](
+                                                        beast::error_code ec, size_t) {
+      if (ec) return self->closeNow();
+      self->drainUntilClosed();
+    });
+  }
+
+  HttpServer::Impl& srv_;
+  Stream stream_;
+  const bool refused_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  net::steady_timer readTimer_;
+  bool timedOut_ = false;
+  unsigned version_ = 11;
+  uint64_t requests_ = 0;
+
+  std::string pending_, outgoing_;
+  bool writing_ = false;
+  bool responseDone_ = false;  // the response's last bytes are queued
+  bool closeAfter_ = false;    // close once the response is written
+  bool closed_ = false;
+
+  std::unique_ptr<Generation> gen_;
+  bool tracked_ = false;
+  bool chunked_ = true;
+  std::shared_ptr<std::atomic<bool>> notifyPending_ = std::make_shared<std::atomic<bool>>(false);
+  bool watching_ = false;
+  bool readAfterWatch_ = false;
+  bool peerEof_ = false;  // the client shut down its sending side
+  net::steady_timer probeTimer_;
+  std::array<char, 16384> scratch_{};
+};
+
+}  // namespace
+
+template <class Stream>
+void HttpServer::Impl::startConnection(tcp::socket socket) {
+  const bool refused = connections.load() >= config.maxConnections;
+  if (refused) ++rejectedConnections;
+  beast::error_code ec;
+  socket.set_option(tcp::no_delay(true), ec);
+  if constexpr (std::is_same_v<Stream, beast::tcp_stream>) {
+    std::make_shared<Connection<Stream>>(*this, Stream(std::move(socket)), refused)->start();
+  } else {
+    std::make_shared<Connection<Stream>>(*this, Stream(beast::tcp_stream(std::move(socket)), *tls),
+                                         refused)
+        ->start();
+  }
+}
+
+void HttpServer::Impl::accept() {
+  acceptor.async_accept(net::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
+    if (ec == net::error::operation_aborted || !acceptor.is_open()) return;
+    if (ec) {
+      // Out of file descriptors (or a connection that died in the backlog): try again soon
+      // rather than spinning.
+      std::cerr << "accept: " << ec.message() << "\n";
+      acceptRetry.expires_after(std::chrono::milliseconds(100));
+      acceptRetry.async_wait([this](beast::error_code) { accept(); });
+      return;
+    }
+    if (tls) {
+      startConnection<beast::ssl_stream<beast::tcp_stream>>(std::move(socket));
+    } else {
+      startConnection<beast::tcp_stream>(std::move(socket));
+    }
+    accept();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+HttpServer::HttpServer(engine::Engine& engine, const model::Tokenizer& tokenizer,
+                       ServerConfig config)
+    : impl_(std::make_unique<Impl>(engine, tokenizer, std::move(config))) {}
+
+HttpServer::~HttpServer() {
+  // Nothing may announce events into the event loop while it is destroyed.
+  std::lock_guard lock(impl_->mu);
+  impl_->stopping = true;
+  for (const auto& s : impl_->active) s->setNotify({});
+}
+
+int HttpServer::port() const { return impl_->port; }
+int64_t HttpServer::inFlight() const { return impl_->inFlight.load(); }
+
+void HttpServer::bind() {
+  Impl& m = *impl_;
+  if (m.config.port < 0 || m.config.port > 65535) {
+    throw std::runtime_error("invalid port " + std::to_string(m.config.port));
+  }
+  const std::string where = m.config.host + ":" + std::to_string(m.config.port);
+  beast::error_code ec;
+  const auto address = net::ip::make_address(m.config.host, ec);
+  if (ec) throw std::runtime_error("cannot listen on " + where + ": not an IP address");
+  const tcp::endpoint endpoint(address, static_cast<uint16_t>(m.config.port));
+  m.acceptor.open(endpoint.protocol(), ec);
+  // SO_REUSEADDR only (no SO_REUSEPORT): a restarted server binds at once, but a second server
+  // on a port in use fails instead of silently sharing it.
+  if (!ec) m.acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
+  if (!ec) m.acceptor.bind(endpoint, ec);
+  if (!ec) m.acceptor.listen(net::socket_base::max_listen_connections, ec);
+  if (ec) {
+    throw std::runtime_error("cannot listen on " + where + ": " + ec.message() +
+                             (ec == net::error::address_in_use
+                                  ? " (another process is listening there)"
+                                  : ""));
+  }
+  m.port = m.acceptor.local_endpoint().port();
 }
 
 void HttpServer::run() {
-  http_->listen_after_bind();
-  {
-    std::lock_guard lock(mu_);
-    runDone_ = true;
+  Impl& m = *impl_;
+  m.accept();
+  std::vector<std::thread> threads;
+  for (int i = 1; i < std::max(1, m.config.ioThreads); ++i) {
+    threads.emplace_back([&m] { m.ioc.run(); });
   }
-  cv_.notify_all();
+  m.ioc.run();
+  for (std::thread& t : threads) t.join();
+  {
+    std::lock_guard lock(m.mu);
+    m.runDone = true;
+  }
+  m.cv.notify_all();
 }
 
 void HttpServer::shutdown(std::chrono::milliseconds grace,
                           const std::function<bool()>& interrupted) {
-  // note: the listener stays open while requests finish, answering 503 to new ones: httplib stops
-  // writing streamed responses once stop() is called, which would cut off the requests we are
-  // waiting for.
-  draining_ = true;
-  engine_.drain();
+  Impl& m = *impl_;
+  // The listener stays open while requests finish, so new ones get a clear 503 and /health says
+  // shutting_down (routers stop sending here).
+  m.draining = true;
+  m.engine.drain();
   const auto deadline = std::chrono::steady_clock::now() + grace;
-  {
-    std::unique_lock lock(mu_);
-    while (inFlight_.load() > 0 && std::chrono::steady_clock::now() < deadline &&
-           !(interrupted && interrupted())) {
-      cv_.wait_for(lock, kPollInterval);
-    }
-    if (inFlight_.load() > 0) {
-      std::cerr << "shutdown: cancelling " << inFlight_.load() << " unfinished request(s)\n";
-    }
-    aborting_ = true;
-    for (const auto& s : active_) s->cancel();
-    // Cancelled streams end within one engine step; give their handlers a moment to write.
-    cv_.wait_for(lock, std::chrono::seconds(2), [this] { return inFlight_.load() == 0; });
+  std::unique_lock lock(m.mu);
+  while (m.inFlight.load() > 0 && std::chrono::steady_clock::now() < deadline &&
+         !(interrupted && interrupted())) {
+    m.cv.wait_for(lock, std::chrono::milliseconds(100));
   }
-  // stop() only takes effect once listening has begun, so repeat it until run() returns.
-  std::unique_lock lock(mu_);
-  while (!runDone_) {
-    lock.unlock();
-    http_->stop();
-    lock.lock();
-    cv_.wait_for(lock, std::chrono::milliseconds(50));
+  if (m.inFlight.load() > 0) {
+    std::cerr << "shutdown: cancelling " << m.inFlight.load() << " unfinished request(s)\n";
   }
+  for (const auto& s : m.active) s->cancel();
+  // Cancelled requests end within one engine step; give their connections a moment to write
+  // that they were cut.
+  m.cv.wait_for(lock, std::chrono::seconds(2), [&m] { return m.inFlight.load() == 0; });
+  m.stopping = true;
+  for (const auto& s : m.active) s->setNotify({});
+  lock.unlock();
+  m.ioc.stop();
+  lock.lock();
+  m.cv.wait(lock, [&m] { return m.runDone; });
 }
 
 }  // namespace cortex::server

@@ -1,34 +1,25 @@
 // The OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (plain and streamed as
 // server-sent events), /v1/models, /health and /metrics, on top of one engine::Engine.
 //
-// Threads: cpp-httplib runs each connection on a pool thread. A handler checks the request,
-// submits it to the engine and then either waits for the last event (plain) or hands httplib a
-// chunked content provider that writes each engine event as soon as it arrives (stream). When a
-// streaming client goes away the write fails and the request is cancelled, so its KV blocks are
-// freed within one engine step.
+// Threads: a few I/O threads run every connection as a state machine (Boost.Beast over Asio), so
+// an idle, slow or streaming client costs a socket and a buffer, never a thread. A request is
+// checked and submitted to the engine on an I/O thread; the engine's thread announces each new
+// event by posting to the connection, which writes it (streamed) or keeps it for the final body
+// (plain). While a request runs the connection keeps reading its socket, so a client that goes
+// away is noticed at once and its request cancelled: its KV blocks are freed within one engine
+// step.
 #pragma once
 
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
-#include <set>
 #include <string>
 
 #include "engine/engine.h"
 #include "model/chat_template.h"
 #include "model/tokenizer.h"
-#include "server/metrics.h"
-
-namespace httplib {
-class Server;
-struct Request;
-struct Response;
-}  // namespace httplib
 
 namespace cortex::server {
 
@@ -40,60 +31,51 @@ struct ServerConfig {
   // (chatTemplateError).
   std::optional<model::ChatTemplate> chatTemplate;
   std::string chatTemplateError;
-  size_t maxBodyBytes = 16u << 20;  // larger request bodies get 413
-  int httpThreads = 0;              // 0: maxNumSeqs * 2 + 16 (a streaming request holds a thread)
+  size_t maxBodyBytes = 16u << 20;  // larger request bodies get 413, whatever their framing
+  size_t maxHeaderBytes = 64u << 10;  // larger request heads get 431
+  int ioThreads = 2;
+  int maxConnections = 4096;        // open connections; past it a new one gets 503 and is closed
+  // A request's head and body must arrive within readTimeout of its first byte (else 408); an
+  // idle keep-alive connection is closed after keepAliveTimeout.
+  std::chrono::milliseconds readTimeout{30000};
+  std::chrono::milliseconds keepAliveTimeout{5000};
+  // Nonempty: every path but /health (and /metrics unless metricsRequireKey) needs
+  // "Authorization: Bearer <apiKey>".
+  std::string apiKey;
+  bool metricsRequireKey = false;
+  // Both set: HTTPS only (PEM files).
+  std::string sslCertFile, sslKeyFile;
 };
 
 class HttpServer {
  public:
-  // The engine and tokenizer must outlive the server.
+  // The engine and tokenizer must outlive the server. Throws std::runtime_error for a bad TLS
+  // certificate or key.
   HttpServer(engine::Engine& engine, const model::Tokenizer& tokenizer, ServerConfig config);
   ~HttpServer();
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
 
-  // Binds the listening socket; throws std::runtime_error when the address cannot be bound.
+  // Binds the listening socket; throws std::runtime_error when the address cannot be bound
+  // (in use by another process included).
   void bind();
-  int port() const { return port_; }
+  int port() const;
   // Serves until shutdown() (blocking). Call after bind().
   void run();
 
   // Graceful shutdown, callable from any thread (a signal-handling one): stops admitting requests
-  // (new ones get 503), lets those in flight finish for up to `grace`, cancels what is left, then
-  // stops the listener so run() returns. `interrupted`, polled while waiting, cuts the wait short
-  // (a second Ctrl-C).
+  // (new ones get 503, /health says shutting_down), lets those in flight finish for up to `grace`,
+  // cancels what is left (their responses say so), then closes every connection so run()
+  // returns. `interrupted`, polled while waiting, cuts the wait short (a second Ctrl-C).
   void shutdown(std::chrono::milliseconds grace, const std::function<bool()>& interrupted = {});
 
   // Requests being generated (submitted and not yet fully answered).
-  int64_t inFlight() const { return inFlight_.load(); }
+  int64_t inFlight() const;
+
+  struct Impl;
 
  private:
-  struct StreamState;
-  void routes();
-  void handleGenerate(const httplib::Request& req, httplib::Response& res, bool chat);
-  void respondError(httplib::Response& res, int status, const std::string& message,
-                    const std::string& type, const std::string& param = {},
-                    const std::string& code = {});
-
-  void track(const std::shared_ptr<engine::RequestStream>& s);
-  void untrack(const std::shared_ptr<engine::RequestStream>& s);
-
-  engine::Engine& engine_;
-  const model::Tokenizer& tokenizer_;
-  ServerConfig config_;
-  std::unique_ptr<httplib::Server> http_;
-  int port_ = 0;
-  int64_t startedUnix_ = 0;
-
-  std::atomic<int64_t> inFlight_{0};
-  std::atomic<bool> draining_{false};  // shutdown() began: /health says so
-  std::atomic<bool> aborting_{false};  // grace period over: cancel instead of waiting
-  std::atomic<uint64_t> httpRequests_{0}, httpErrors_{0}, rejectedQueueFull_{0};
-
-  std::mutex mu_;  // guards active_, runDone_
-  std::condition_variable cv_;
-  std::set<std::shared_ptr<engine::RequestStream>> active_;
-  bool runDone_ = false;
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace cortex::server

@@ -141,6 +141,11 @@ std::string renderPrometheus(const engine::EngineStats& s, const ServerCounters&
   w.metric("cortexstream:requests_rejected_queue_full_total", "counter",
            "Requests refused because the waiting queue was full.",
            static_cast<double>(c.rejectedQueueFull));
+  w.metric("cortexstream:http_connections", "gauge", "HTTP connections open.",
+           static_cast<double>(c.openConnections));
+  w.metric("cortexstream:http_connections_rejected_total", "counter",
+           "Connections refused (503) because --max-connections were open.",
+           static_cast<double>(c.rejectedConnections));
   return w.str();
 }
 

@@ -13,6 +13,8 @@ struct ServerCounters {
   uint64_t httpRequests = 0;       // requests routed to a handler
   uint64_t httpErrors = 0;         // responses with status >= 400
   uint64_t rejectedQueueFull = 0;  // submissions refused because the queue was full
+  int64_t openConnections = 0;     // HTTP connections open now
+  uint64_t rejectedConnections = 0;  // connections refused past the connection cap
 };
 
 // The exposition text (ends with a newline). servedModel labels the model_name of each sample.
