@@ -160,7 +160,8 @@ struct HttpServer::Impl {
   Routed generate(const Request& req, bool chat);
   bool authorized(const Request& req) const;
 
-  // A generation starts (false: the server is stopping and it was cancelled) and ends.
+  // A generation starts (false: the server is stopping and it was cancelled), and its response
+  // is written (or its connection closed).
   bool track(const std::shared_ptr<engine::RequestStream>& s, std::function<void()> notify);
   void untrack(const std::shared_ptr<engine::RequestStream>& s);
 
@@ -448,10 +449,8 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
   ~Connection() {
     // Only pending handlers keep a connection alive, so none is left here: release the
     // generation without touching the socket.
-    if (gen_) {
-      if (!gen_->finished()) gen_->stream().cancel();
-      if (tracked_) srv_.untrack(gen_->streamPtr());
-    }
+    if (gen_ && !gen_->finished()) gen_->stream().cancel();
+    untrack();
     --srv_.connections;
   }
 
@@ -617,6 +616,7 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
     if (pending_.empty()) {
       if (responseDone_) {
         responseDone_ = false;
+        untrack();
         closeAfter_ ? lingerClose() : readRequest();
       }
       return;
@@ -655,7 +655,7 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
                                    "shutting_down"),
                      true);
     }
-    tracked_ = true;
+    tracked_ = gen_->streamPtr();
     if (gen_->info().stream) {
       chunked_ = version_ >= 11;
       if (!chunked_) closeAfter_ = true;  // HTTP/1.0: the body ends with the connection
@@ -695,8 +695,7 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
     if (!gen_) return;
     probeTimer_.cancel();
     if (!gen_->finished()) gen_->stream().cancel();
-    if (tracked_) srv_.untrack(gen_->streamPtr());
-    tracked_ = false;
+    gen_->stream().setNotify({});
     gen_.reset();
     if (watching_) {
       beast::error_code ec;
@@ -752,6 +751,11 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
     });
   }
 
+  void untrack() {
+    if (tracked_) srv_.untrack(tracked_);
+    tracked_.reset();
+  }
+
   // ---- closing
 
   // The client went away: cancel what it asked for and drop the connection.
@@ -766,6 +770,7 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
     readTimer_.cancel();
     probeTimer_.cancel();
     endGeneration();
+    untrack();
     beast::error_code ec;
     lowest().socket().shutdown(tcp::socket::shutdown_both, ec);
     lowest().close();
@@ -808,7 +813,9 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
   bool closed_ = false;
 
   std::unique_ptr<Generation> gen_;
-  bool tracked_ = false;
+  // The generation's stream while its response is being answered: counted in flight from its
+  // start until its last byte is written (or the connection is closed).
+  std::shared_ptr<engine::RequestStream> tracked_;
   bool chunked_ = true;
   std::shared_ptr<std::atomic<bool>> notifyPending_ = std::make_shared<std::atomic<bool>>(false);
   bool watching_ = false;
@@ -899,11 +906,20 @@ void HttpServer::bind() {
 void HttpServer::run() {
   Impl& m = *impl_;
   m.accept();
+  // A handler that throws loses its connection (closed as it is destroyed), never the server.
+  auto loop = [&m] {
+    for (;;) {
+      try {
+        m.ioc.run();
+        return;
+      } catch (const std::exception& e) {
+        std::cerr << "http: a connection failed: " << e.what() << "\n";
+      }
+    }
+  };
   std::vector<std::thread> threads;
-  for (int i = 1; i < std::max(1, m.config.ioThreads); ++i) {
-    threads.emplace_back([&m] { m.ioc.run(); });
-  }
-  m.ioc.run();
+  for (int i = 1; i < std::max(1, m.config.ioThreads); ++i) threads.emplace_back(loop);
+  loop();
   for (std::thread& t : threads) t.join();
   {
     std::lock_guard lock(m.mu);

@@ -148,7 +148,8 @@ def test_a_stream_cut_at_shutdown_says_so():
         assert first.startswith("data: ")
         s.proc.send_signal(signal.SIGTERM)  # the grace runs out long before 2,800 tokens
         rest = proc.stdout.read()
-        proc.wait(30)
+        # 0: the chunked response ended properly (18 would be a connection closed mid-body)
+        assert proc.wait(30) == 0
         events = sse_events(first + rest)
         assert events[-1]["error"]["code"] == "shutting_down", events[-1]
         assert all(e.get("choices", [{}])[0].get("finish_reason") is None for e in events[:-1])
