@@ -391,6 +391,40 @@ TEST_F(Fixture, CancelFreesBlocks) {
   EXPECT_EQ(engine.stats().finishedCancelled, 1u);
 }
 
+// The HTTP front end learns of events through the stream's callback instead of waiting on it:
+// events pushed after it is set are announced, and nothing is announced once the callback is
+// cleared (the server clears it before its event loop goes away).
+TEST_F(Fixture, NotifyAnnouncesEventsUntilCleared) {
+  EngineConfig c;
+  c.kvCacheBytes = 64ull << 20;
+  Engine engine(*model, *tokenizer, c);
+  RequestParams p = greedy("Tell me a long story about a dragon.", 24);
+  p.ignoreEos = true;
+  auto s = engine.submit(p);
+  auto first = s->next(std::chrono::seconds(60));  // the callback is set after this event
+  ASSERT_TRUE(first.has_value());
+  std::atomic<int> announced{0};
+  s->setNotify([&announced] { ++announced; });
+  int events = 1;
+  for (;;) {
+    auto e = s->next(std::chrono::seconds(60));
+    ASSERT_TRUE(e.has_value());
+    ++events;
+    if (e->finished) break;
+  }
+  EXPECT_GE(announced.load(), 1);
+  EXPECT_LE(announced.load(), events - 1);
+
+  auto s2 = engine.submit(p);
+  std::atomic<int> late{0};
+  s2->setNotify([&late] { ++late; });
+  s2->setNotify({});
+  const int atClear = late.load();
+  auto [tokens, last] = collect(*s2);
+  EXPECT_EQ(last.finishReason, FinishReason::Length);
+  EXPECT_EQ(late.load(), atClear);
+}
+
 TEST_F(Fixture, RefusesWhatCanNeverRun) {
   EngineConfig c;
   c.kvCacheBytes = 8ull << 20;
