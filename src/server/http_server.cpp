@@ -530,10 +530,9 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
 
   void onHead() {
     const Request& req = parser_->get();
+    // (A Content-Length over the limit already failed the head with body_limit: 413.)
     const auto expect = req.find(http::field::expect);
     if (expect != req.end() && beast::iequals(expect->value(), "100-continue")) {
-      const auto length = parser_->content_length();
-      if (length && *length > srv_.config.maxBodyBytes) return onReadError(http::error::body_limit);
       if (req.version() >= 11) send("HTTP/1.1 100 Continue\r\n\r\n");
     }
     if (parser_->is_done()) return onRequest();
