@@ -139,6 +139,11 @@ void runServe(const ServeOptions& o) {
   server::ServerConfig sc;
   sc.host = o.host;
   sc.port = o.port;
+  sc.modelPath = std::filesystem::absolute(modelPath).string();
+  if (kvEvents) {
+    sc.kvEventsEndpoint = kvEvents->endpoint();
+    sc.kvEventsReplayEndpoint = kvEvents->replayEndpoint();
+  }
   sc.ioThreads = o.httpThreads;
   sc.maxConnections = fitConnectionsToFdLimit(o.maxConnections);
   sc.readTimeout = std::chrono::milliseconds(static_cast<int64_t>(o.readTimeoutSeconds * 1000));

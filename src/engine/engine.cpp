@@ -148,7 +148,7 @@ struct Engine::Request {
         params(std::move(p)),
         group(std::move(g)),
         sampler(choiceSampling(params.sampling, index_), vocab, params.promptTokens),
-        decoder(tok),
+        decoder(tok, !params.skipSpecialTokens),
         stops(params.stop),
         context(params.promptTokens) {}
 

@@ -83,6 +83,9 @@ struct RequestParams {
                                       // that many alternatives
   bool promptLogprobs = false;        // log-probabilities of the prompt tokens (echo)
   bool returnLogits = false;          // raw float32 logits rows in the events (tests, debugging)
+  // Leave control tokens (<|im_end|>, <|endoftext|>, ...) out of the text (as vLLM's
+  // skip_special_tokens, default true); their ids are still in the events' tokens.
+  bool skipSpecialTokens = true;
   // Choices to return, >= 1: the prompt is computed once and its KV shared by all of them (each
   // samples with its own random stream: seed + index). With bestOf > n, bestOf candidates are
   // generated and the n with the highest cumulative log-probability are returned, each in one

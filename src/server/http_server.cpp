@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <ctime>
 #include <iostream>
+#include <map>
 #include <mutex>
 #include <random>
 #include <set>
@@ -47,6 +48,7 @@ using Request = http::request<http::string_body>;
 using Response = http::response<http::string_body>;
 using Digest = std::array<unsigned char, 32>;
 
+constexpr const char* kVersion = CS_VERSION;
 constexpr auto kWriteTimeout = std::chrono::seconds(30);
 constexpr auto kLingerTimeout = std::chrono::seconds(1);
 // Bytes of the next pipelined request read ahead while a response is being generated; beyond it
@@ -157,8 +159,33 @@ struct HttpServer::Impl {
     std::unique_ptr<Generation> generation;
   };
   Routed route(const Request& req);
-  Routed generate(const Request& req, bool chat);
   bool authorized(const Request& req) const;
+
+  // Handlers (they may throw ApiException: its error is the answer).
+  Routed generate(const Request& req, bool chat);
+  Routed render(const Request& req, bool chat);
+  Routed tokenize(const Request& req);
+  Routed detokenize(const Request& req);
+  Routed health(const Request& req);
+  Routed metrics(const Request& req);
+  Routed models(const Request& req);
+  Routed serverInfo(const Request& req);
+  Routed modelInfo(const Request& req);
+  Routed load(const Request& req);
+  Routed kvEventSources(const Request& req);
+  Routed flushCache(const Request& req);
+
+  // A request's checked body and its prompt (token ids; echoText: the prompt as text).
+  ParsedRequest parse(const Request& req, bool chat) const;
+  std::vector<int32_t> prompt(const ParsedRequest& p, bool chat, std::string* echoText) const;
+  nlohmann::json modelJson() const;
+
+  // Every path but /v1/models/{id}, with its one method.
+  struct Route {
+    http::verb method;
+    std::function<Routed(Impl&, const Request&)> handler;
+  };
+  std::map<std::string, Route> routes;
 
   // A generation starts (false: the server is stopping and it was cancelled), and its response
   // is written (or its connection closed).
@@ -198,6 +225,37 @@ struct HttpServer::Impl {
 
 HttpServer::Impl::Impl(engine::Engine& e, const model::Tokenizer& t, ServerConfig c)
     : engine(e), tokenizer(t), config(std::move(c)), startedUnix(unixNow()) {
+  using V = http::verb;
+  auto gen = [](bool chat) {
+    return [chat](Impl& m, const Request& r) { return m.generate(r, chat); };
+  };
+  auto ren = [](bool chat) {
+    return [chat](Impl& m, const Request& r) { return m.render(r, chat); };
+  };
+  routes = {
+      // OpenAI (some clients leave out /v1)
+      {"/v1/completions", {V::post, gen(false)}},
+      {"/v1/chat/completions", {V::post, gen(true)}},
+      {"/completions", {V::post, gen(false)}},
+      {"/chat/completions", {V::post, gen(true)}},
+      {"/v1/models", {V::get, &Impl::models}},
+      // vLLM's and SGLang's worker endpoints, which routers call
+      {"/v1/completions/render", {V::post, ren(false)}},
+      {"/v1/chat/completions/render", {V::post, ren(true)}},
+      {"/tokenize", {V::post, &Impl::tokenize}},
+      {"/detokenize", {V::post, &Impl::detokenize}},
+      {"/get_server_info", {V::get, &Impl::serverInfo}},
+      {"/server_info", {V::get, &Impl::serverInfo}},
+      {"/get_model_info", {V::get, &Impl::modelInfo}},
+      {"/model_info", {V::get, &Impl::modelInfo}},
+      {"/get_load", {V::get, &Impl::load}},
+      {"/kv_event_sources", {V::get, &Impl::kvEventSources}},
+      {"/flush_cache", {V::post, &Impl::flushCache}},
+      {"/reset_prefix_cache", {V::post, &Impl::flushCache}},
+      // operations
+      {"/health", {V::get, &Impl::health}},
+      {"/metrics", {V::get, &Impl::metrics}},
+  };
   if (!config.apiKey.empty()) apiKeyDigest = sha256(config.apiKey);
   if (config.sslCertFile.empty() != config.sslKeyFile.empty()) {
     throw std::runtime_error("TLS needs both a certificate (--ssl-cert-file) and a key "
@@ -276,38 +334,31 @@ HttpServer::Impl::Routed HttpServer::Impl::route(const Request& req) {
     return {std::move(res), nullptr};
   }
 
-  auto modelJson = [this] {
-    return json{{"id", config.servedModelName},
-                {"object", "model"},
-                {"created", startedUnix},
-                {"owned_by", "cortexstream"},
-                {"max_model_len", engine.maxContextTokens()}};
-  };
-  const bool isGenerate = path == "/v1/completions" || path == "/completions" ||
-                          path == "/v1/chat/completions" || path == "/chat/completions";
-  const bool isModel = path.rfind("/v1/models/", 0) == 0 && path.size() > 11;
-  const bool isGet = path == "/v1/models" || isModel || path == "/health" || path == "/metrics";
-  if (isGenerate && method == http::verb::post) {
-    return generate(req, path.find("chat") != std::string::npos);
+  const auto it = routes.find(path);
+  const bool isModel = it == routes.end() && path.rfind("/v1/models/", 0) == 0 && path.size() > 11;
+  if (it == routes.end() && !isModel) {
+    std::string known;
+    for (const auto& [p, r] : routes) {
+      known += (known.empty() ? "" : ", ") + std::string(http::to_string(r.method)) + " " + p;
+    }
+    return {errorResponse(404,
+                          "no route for " + std::string(req.method_string()) + " " +
+                              excerpt(path) + " (endpoints: " + known + ", GET /v1/models/{id})",
+                          "invalid_request_error", "", "not_found"),
+            nullptr};
   }
-  if (isGet && method == http::verb::get) {
-    if (path == "/health") {
-      return {draining ? jsonResponse(503, {{"status", "shutting_down"}})
-                       : jsonResponse(200, {{"status", "ok"}}),
-              nullptr};
-    }
-    if (path == "/metrics") {
-      ServerCounters c;
-      c.httpRequests = httpRequests.load();
-      c.httpErrors = httpErrors.load();
-      c.rejectedQueueFull = rejectedQueueFull.load();
-      c.openConnections = connections.load();
-      c.rejectedConnections = rejectedConnections.load();
-      Response res{http::status::ok, 11};
-      res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
-      res.body() = renderPrometheus(engine.stats(), c, config.servedModelName);
-      return {std::move(res), nullptr};
-    }
+  const http::verb allowed = isModel ? http::verb::get : it->second.method;
+  if (method != allowed) {
+    const std::string allow(http::to_string(allowed));
+    Response res = errorResponse(405,
+                                 "method " + std::string(req.method_string()) +
+                                     " is not allowed on " + excerpt(path) + " (allowed: " +
+                                     allow + ")",
+                                 "invalid_request_error", "", "method_not_allowed");
+    res.set(http::field::allow, allow);
+    return {std::move(res), nullptr};
+  }
+  try {
     if (isModel) {
       const std::string id = path.substr(11);
       if (id != config.servedModelName) {
@@ -317,41 +368,216 @@ HttpServer::Impl::Routed HttpServer::Impl::route(const Request& req) {
       }
       return {jsonResponse(200, modelJson()), nullptr};
     }
-    return {jsonResponse(200, {{"object", "list"}, {"data", json::array({modelJson()})}}),
-            nullptr};
+    return it->second.handler(*this, req);
+  } catch (const ApiException& e) {
+    const ApiError& err = e.error();
+    return {errorResponse(err.status, err.message, err.type, err.param, err.code), nullptr};
   }
-  if (isGenerate || isGet) {
-    // A known path with the wrong method.
-    const char* allow = isGenerate ? "POST" : "GET";
-    Response res = errorResponse(405,
-                                 "method " + std::string(req.method_string()) +
-                                     " is not allowed on " + excerpt(path) + " (allowed: " +
-                                     allow + ")",
-                                 "invalid_request_error", "", "method_not_allowed");
-    res.set(http::field::allow, allow);
-    return {std::move(res), nullptr};
-  }
-  return {errorResponse(404,
-                        "no route for " + std::string(req.method_string()) + " " + excerpt(path) +
-                            " (endpoints: POST /v1/completions, POST /v1/chat/completions, "
-                            "GET /v1/models, GET /health, GET /metrics)",
-                        "invalid_request_error", "", "not_found"),
+}
+
+json HttpServer::Impl::modelJson() const {
+  return json{{"id", config.servedModelName},
+              {"object", "model"},
+              {"created", startedUnix},
+              {"owned_by", "cortexstream"},
+              {"max_model_len", engine.maxContextTokens()}};
+}
+
+HttpServer::Impl::Routed HttpServer::Impl::models(const Request&) {
+  return {jsonResponse(200, {{"object", "list"}, {"data", json::array({modelJson()})}}), nullptr};
+}
+
+HttpServer::Impl::Routed HttpServer::Impl::health(const Request&) {
+  return {draining ? jsonResponse(503, {{"status", "shutting_down"}})
+                   : jsonResponse(200, {{"status", "ok"}}),
           nullptr};
+}
+
+HttpServer::Impl::Routed HttpServer::Impl::metrics(const Request&) {
+  ServerCounters c;
+  c.httpRequests = httpRequests.load();
+  c.httpErrors = httpErrors.load();
+  c.rejectedQueueFull = rejectedQueueFull.load();
+  c.openConnections = connections.load();
+  c.rejectedConnections = rejectedConnections.load();
+  Response res{http::status::ok, 11};
+  res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+  res.body() = renderPrometheus(engine.stats(), c, config.servedModelName);
+  return {std::move(res), nullptr};
+}
+
+namespace {
+
+json parseJsonBody(const Request& req) {
+  try {
+    return json::parse(req.body());
+  } catch (const json::exception& e) {
+    // Syntax errors and numbers out of range (1e400) alike. The parser's message quotes the
+    // offending token whole, which may be megabytes long: only an excerpt goes back.
+    throwInvalid("", "the request body is not valid JSON: " + excerpt(e.what()), "invalid_json");
+  }
+}
+
+}  // namespace
+
+ParsedRequest HttpServer::Impl::parse(const Request& req, bool chat) const {
+  const json body = parseJsonBody(req);
+  return chat ? parseChatRequest(body) : parseCompletionRequest(body);
+}
+
+std::vector<int32_t> HttpServer::Impl::prompt(const ParsedRequest& p, bool chat,
+                                              std::string* echoText) const {
+  if (chat) {
+    if (!config.chatTemplate) throwInvalid("messages", config.chatTemplateError);
+    // Control-token text typed inside a message stays text (no forged turns).
+    return model::encodeChat(tokenizer, *config.chatTemplate, p.messages, true);
+  }
+  if (p.promptText) {
+    if (echoText) *echoText = *p.promptText;
+    return tokenizer.encode(*p.promptText, true, true);
+  }
+  if (echoText && p.echo) *echoText = tokenizer.decode(p.promptTokenIds);
+  return p.promptTokenIds;
+}
+
+// The prompt's token ids as the generation endpoint would compute them (vLLM's render; routers
+// match them against the prefixes each server holds).
+HttpServer::Impl::Routed HttpServer::Impl::render(const Request& req, bool chat) {
+  const ParsedRequest p = parse(req, chat);
+  return {jsonResponse(200, {{"model", config.servedModelName},
+                             {"token_ids", prompt(p, chat, nullptr)}}),
+          nullptr};
+}
+
+// vLLM's /tokenize: {"prompt": text} or {"messages": [...]}, "add_special_tokens" (default: true
+// for a prompt, the template's own for messages).
+HttpServer::Impl::Routed HttpServer::Impl::tokenize(const Request& req) {
+  const json body = parseJsonBody(req);
+  if (!body.is_object()) throwInvalid("", "the request body must be a JSON object");
+  std::vector<int32_t> tokens;
+  if (body.contains("messages")) {
+    tokens = prompt(parseChatRequest(body), true, nullptr);
+  } else {
+    const ParsedRequest p = parseCompletionRequest(body);
+    bool addSpecial = true;
+    if (const auto it = body.find("add_special_tokens"); it != body.end() && !it->is_null()) {
+      if (!it->is_boolean()) throwInvalid("add_special_tokens", "'add_special_tokens' must be a boolean");
+      addSpecial = it->get<bool>();
+    }
+    tokens = p.promptText ? tokenizer.encode(*p.promptText, addSpecial, true) : p.promptTokenIds;
+  }
+  return {jsonResponse(200, {{"count", tokens.size()},
+                             {"max_model_len", engine.maxContextTokens()},
+                             {"tokens", tokens}}),
+          nullptr};
+}
+
+HttpServer::Impl::Routed HttpServer::Impl::detokenize(const Request& req) {
+  const json body = parseJsonBody(req);
+  const auto it = body.is_object() ? body.find("tokens") : body.end();
+  if (it == body.end() || !it->is_array()) {
+    throwInvalid("tokens", "'tokens' (an array of token ids) is required");
+  }
+  std::vector<int32_t> ids;
+  for (const json& v : *it) {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 ||
+        v.get<int64_t>() >= tokenizer.vocabSize()) {
+      throwInvalid("tokens", "token ids must be integers in [0, " +
+                                 std::to_string(tokenizer.vocabSize()) + "), got " +
+                                 excerpt(v.dump()));
+    }
+    ids.push_back(v.get<int32_t>());
+  }
+  return {jsonResponse(200, {{"prompt", tokenizer.decode(ids)}}), nullptr};
+}
+
+// What routers ask a worker about itself: vLLM's /get_server_info (model_id names the cache
+// identity, kv_block_size the granularity of its KV events) and SGLang's /server_info
+// (served_model_name names the model in the router's /v1/models).
+HttpServer::Impl::Routed HttpServer::Impl::serverInfo(const Request&) {
+  const engine::EngineConfig& ec = engine.config();
+  return {jsonResponse(200, {{"model_id", config.servedModelName},
+                             {"served_model_name", config.servedModelName},
+                             {"model_path", config.modelPath},
+                             {"tokenizer_path", config.modelPath},
+                             {"kv_block_size", engine.stats().blockSizeTokens},
+                             {"max_model_len", engine.maxContextTokens()},
+                             {"max_num_seqs", ec.maxNumSeqs},
+                             {"max_batched_tokens", ec.maxBatchedTokens},
+                             {"prefix_caching", ec.prefixCaching},
+                             {"kv_events", !config.kvEventsEndpoint.empty()},
+                             {"version", kVersion}}),
+          nullptr};
+}
+
+HttpServer::Impl::Routed HttpServer::Impl::modelInfo(const Request&) {
+  return {jsonResponse(200, {{"model_path", config.modelPath},
+                             {"tokenizer_path", config.modelPath},
+                             {"served_model_name", config.servedModelName},
+                             {"is_generation", true},
+                             {"max_model_len", engine.maxContextTokens()}}),
+          nullptr};
+}
+
+// vllm-router's shape: "load" is the requests this server holds (running and waiting).
+HttpServer::Impl::Routed HttpServer::Impl::load(const Request&) {
+  const engine::EngineStats st = engine.stats();
+  const double usage = st.kv.totalBlocks > 0 ? static_cast<double>(st.kv.usedBlocks) /
+                                                   static_cast<double>(st.kv.totalBlocks)
+                                             : 0.0;
+  return {jsonResponse(200, {{"load", st.running + st.waiting},
+                             {"num_requests_running", st.running},
+                             {"num_requests_waiting", st.waiting},
+                             {"kv_cache_usage_perc", usage}}),
+          nullptr};
+}
+
+namespace {
+
+// A bound ZeroMQ endpoint as a router should connect to it: a wildcard host becomes "*", which
+// the router replaces with the host it reaches this server at.
+std::string routerEndpoint(const std::string& bound) {
+  for (const char* any : {"tcp://0.0.0.0:", "tcp://[::]:", "tcp://*:"}) {
+    const std::string prefix = any;
+    if (bound.rfind(prefix, 0) == 0) return "tcp://*:" + bound.substr(prefix.size());
+  }
+  return bound;
+}
+
+}  // namespace
+
+// Where KV-aware routers subscribe to this server's KV events: one source (data-parallel rank 0)
+// in vllm-router's shape; {} when the server publishes none.
+HttpServer::Impl::Routed HttpServer::Impl::kvEventSources(const Request&) {
+  json sources = json::object();
+  if (!config.kvEventsEndpoint.empty()) {
+    json source = {{"endpoint", routerEndpoint(config.kvEventsEndpoint)},
+                   {"topic", ""},
+                   {"publisher", "zmq"},
+                   {"encoding", "msgpack"},
+                   {"schema_version", 1},
+                   {"enable_kv_cache_events", true},
+                   {"hwm", 100000},
+                   {"buffer_steps", 10000}};
+    if (!config.kvEventsReplayEndpoint.empty()) {
+      source["replay_endpoint"] = routerEndpoint(config.kvEventsReplayEndpoint);
+    }
+    sources["0"] = std::move(source);
+  }
+  return {jsonResponse(200, sources), nullptr};
+}
+
+// Drops every cached prefix block; blocks of running requests are never touched.
+HttpServer::Impl::Routed HttpServer::Impl::flushCache(const Request&) {
+  const int32_t dropped = engine.resetPrefixCache();
+  return {jsonResponse(200, {{"status", "ok"}, {"blocks_dropped", dropped}}), nullptr};
 }
 
 HttpServer::Impl::Routed HttpServer::Impl::generate(const Request& req, bool chat) {
   GenerationInfo info;
   engine::RequestParams params;
-  try {
-    json body;
-    try {
-      body = json::parse(req.body());
-    } catch (const json::exception& e) {
-      // Syntax errors and numbers out of range (1e400) alike. The parser's message quotes the
-      // offending token whole, which may be megabytes long: only an excerpt goes back.
-      throwInvalid("", "the request body is not valid JSON: " + excerpt(e.what()), "invalid_json");
-    }
-    const ParsedRequest p = chat ? parseChatRequest(body) : parseCompletionRequest(body);
+  {
+    const ParsedRequest p = parse(req, chat);
     info.chat = chat;
     info.stream = p.stream;
     info.id = newId(chat ? "chatcmpl-" : "cmpl-");
@@ -363,19 +589,7 @@ HttpServer::Impl::Routed HttpServer::Impl::generate(const Request& req, bool cha
     info.n = p.n;
     params.n = p.n;
     params.bestOf = p.bestOf;
-
-    std::vector<int32_t> prompt;
-    if (chat) {
-      if (!config.chatTemplate) throwInvalid("messages", config.chatTemplateError);
-      // Control-token text typed inside a message stays text (no forged turns).
-      prompt = model::encodeChat(tokenizer, *config.chatTemplate, p.messages, true);
-    } else if (p.promptText) {
-      prompt = tokenizer.encode(*p.promptText, true, true);
-      info.echoText = *p.promptText;
-    } else {
-      prompt = p.promptTokenIds;
-      if (p.echo) info.echoText = tokenizer.decode(prompt);
-    }
+    std::vector<int32_t> prompt = this->prompt(p, chat, &info.echoText);
     // Defaults: 16 for completions (OpenAI's legacy default), the rest of the context for chat.
     // The engine judges whether the request fits (its TooLong error says by how much).
     const int64_t room = std::max<int64_t>(
@@ -387,13 +601,11 @@ HttpServer::Impl::Routed HttpServer::Impl::generate(const Request& req, bool cha
     params.maxTokens = static_cast<int32_t>(maxTokens);
     params.stop = p.stop;
     params.ignoreEos = p.ignoreEos;
+    params.skipSpecialTokens = p.skipSpecialTokens;
     params.topLogprobs = p.topLogprobs;
     params.promptLogprobs = !chat && p.echo && p.topLogprobs >= 0;
     if (params.promptLogprobs) info.promptTokens = prompt;
     params.promptTokens = std::move(prompt);
-  } catch (const ApiException& e) {
-    const ApiError& err = e.error();
-    return {errorResponse(err.status, err.message, err.type, err.param, err.code), nullptr};
   }
 
   try {

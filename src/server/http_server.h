@@ -27,6 +27,9 @@ struct ServerConfig {
   std::string host = "127.0.0.1";
   int port = 8080;                  // 0: any free port (see port())
   std::string servedModelName;      // echoed as "model" in every response
+  std::string modelPath;            // the GGUF file (absolute), for routers' /server_info
+  // The KV events publisher's endpoints as bound (empty: none), for /kv_event_sources.
+  std::string kvEventsEndpoint, kvEventsReplayEndpoint;
   // Template for /v1/chat/completions; nullopt: chat requests get a 400 saying why
   // (chatTemplateError).
   std::optional<model::ChatTemplate> chatTemplate;

@@ -193,6 +193,7 @@ void parseCommon(const json& body, ParsedRequest& r) {
     if (auto u = getBool(*v, "include_usage")) r.includeUsage = *u;
   }
   if (auto v = getBool(body, "ignore_eos")) r.ignoreEos = *v;
+  if (auto v = getBool(body, "skip_special_tokens")) r.skipSpecialTokens = *v;
   const std::string bad = r.sampling.validate();
   if (!bad.empty()) throwInvalid("", bad);
 }

@@ -68,6 +68,7 @@ struct ParsedRequest {
   int32_t topLogprobs = -1;          // -1: no logprobs
   bool echo = false;                 // completions only
   bool ignoreEos = false;            // extension (as vLLM)
+  bool skipSpecialTokens = true;     // extension (as vLLM): control tokens left out of the text
   int32_t n = 1;                     // choices, [1, 128]
   int32_t bestOf = 0;                // candidates (>= n; 0: n); no streaming when > n
 };
