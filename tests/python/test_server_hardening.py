@@ -373,20 +373,21 @@ def test_long_streams_do_not_starve_health_and_metrics(server):
     wait_until_released(server, base, within_s=3)
 
 
-def test_flood_past_the_queue_is_refused_fast(server):
-    """Past --max-queue a request is refused at once: 503, code queue_full, with Retry-After, and
-    within 2 s (not after waiting for a worker)."""
+def flood(server, clients: int) -> None:
+    """`clients` simultaneous non-streamed requests: some must be refused at once (503, code
+    queue_full, with Retry-After, within 2 s rather than after waiting for a worker), the rest
+    answered."""
     body = json.dumps({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0,
                        "ignore_eos": True})
-    barrier = threading.Barrier(16)
+    barrier = threading.Barrier(clients)
 
     def one(_):
         barrier.wait(10)
         t = time.monotonic()
-        status, headers, out = request(server, "POST", "/v1/completions", body, timeout=60)
+        status, headers, out = request(server, "POST", "/v1/completions", body, timeout=120)
         return status, headers, out, time.monotonic() - t
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(16)))
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients)))
     refused = [r for r in results if r[0] == 503]
     assert refused, [r[0] for r in results]
     for status, headers, out, seconds in refused:
@@ -394,6 +395,22 @@ def test_flood_past_the_queue_is_refused_fast(server):
         assert "retry-after" in headers, headers
         assert seconds < 2.0, seconds
     assert all(r[0] in (200, 503) for r in results), [r[0] for r in results]
+
+
+def test_flood_past_the_queue_is_refused_fast(server):
+    """2 running + 4 waiting: 16 simultaneous requests overflow the queue."""
+    flood(server, 16)
+
+
+def test_queue_limit_is_reachable_past_any_thread_count():
+    """A queue longer than a thread-per-connection server's pool (2 x max-num-seqs + 16 = 20
+    threads here) still fills: every request reaches the engine, so the 27th of 40 simultaneous
+    ones is refused with queue_full instead of waiting for a thread."""
+    s = HardServer("--kv-cache-memory", "64MiB", "--max-num-seqs", "2", "--max-queue", "24")
+    try:
+        flood(s, 40)
+    finally:
+        assert s.stop() == 0
 
 
 def test_body_shorter_than_content_length_times_out(server):
