@@ -11,7 +11,9 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,18 +50,34 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    """`cortexstream serve` on a loopback port, healthy once constructed. `args` are extra serve
+    flags; `port` a fixed port (default: a free one, so that a restart can reuse it); `env` extra
+    environment variables; `cafile`: the server speaks HTTPS (the args name its certificate) and
+    clients trust this file; `new_session`: the server gets a process group of its own. Its
+    stderr is read as it comes (so a chatty server never blocks on a full pipe): stderr()."""
+
+    def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None,
+                 cafile: Path | None = None, api_key: str = "unused", new_session: bool = False):
+        self.args, self.env, self.api_key, self.new_session = args, env, api_key, new_session
+        self.port = port or free_port()
+        self.ssl_context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
+        self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--model", str(MODEL), "--port", str(self.port), *args],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [str(BIN), "serve", "--model", str(MODEL), "--port", str(self.port), *self.args],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(self.env or {})}, start_new_session=self.new_session)
+        self.stderr_lines: list[str] = []
+        self._pump = threading.Thread(target=self._read_stderr, daemon=True)
+        self._pump.start()
         deadline = time.time() + 60
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+                raise RuntimeError(f"server exited: {self.stderr()}")
             try:
-                if get(self.url + "/health")[0] == 200:
+                if get(self.url + "/health", self.ssl_context)[0] == 200:
                     break
             except OSError:
                 pass
@@ -67,12 +85,28 @@ class Server:
                 self.stop()
                 raise RuntimeError("server did not become healthy")
             time.sleep(0.1)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+        http_client = openai.DefaultHttpxClient(verify=self.ssl_context) if self.ssl_context \
+            else None
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key,
+                                    max_retries=0, http_client=http_client)
+
+    def _read_stderr(self) -> None:
+        try:
+            for line in self.proc.stderr:
+                self.stderr_lines.append(line)
+        except (OSError, ValueError):
+            pass
+
+    def stderr(self) -> str:
+        """What the server wrote to stderr so far (all of it once it exited)."""
+        if self.proc.poll() is not None:
+            self._pump.join(5)
+        return "".join(self.stderr_lines)
 
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics by name (labels other than model_name kept in the key)."""
         out = {}
-        for line in get(self.url + "/metrics")[1].splitlines():
+        for line in get(self.url + "/metrics", self.ssl_context)[1].splitlines():
             if not line or line.startswith("#"):
                 continue
             name, value = line.rsplit(" ", 1)
@@ -91,9 +125,9 @@ class Server:
         return self.proc.returncode
 
 
-def get(url: str) -> tuple[int, str]:
+def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(url, timeout=30, context=context) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -509,6 +543,6 @@ def test_sigterm_finishes_running_request_then_exits_0():
         assert events[-1]["choices"][0]["finish_reason"] == "length"
         assert sum(len(e["choices"][0]["text"]) > 0 for e in events) >= 30
         assert s.proc.wait(30) == 0
-        assert "listening on http://127.0.0.1:" in s.proc.stderr.read()
+        assert "listening on http://127.0.0.1:" in s.stderr()
     finally:
         s.stop()

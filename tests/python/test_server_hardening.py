@@ -12,10 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
-import os
 import select
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -37,54 +35,6 @@ MiB = 1 << 20
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-def drain_output(proc: subprocess.Popen) -> list[str]:
-    """Reads the server's stderr in the background (returned list fills as lines arrive), so a
-    server that logs a lot under load never blocks on a full pipe."""
-    lines: list[str] = []
-
-    def pump():
-        try:
-            for line in proc.stderr:
-                lines.append(line)
-        except (OSError, ValueError):
-            pass
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
-class HardServer(Server):
-    """`Server` with extra environment variables, TLS (an https URL trusted through `cafile`),
-    and its stderr drained into `self.stderr_lines`."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 cafile: Path | None = None, api_key: str = "unused"):
-        self.port = free_port()
-        self.ssl_context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
-        self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--model", str(MODEL), "--port", str(self.port), *args],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(env or {})})
-        self.stderr_lines = drain_output(self.proc)
-        deadline = time.time() + 60
-        while True:
-            if self.proc.poll() is not None:
-                time.sleep(0.2)  # let the pump read the last lines
-                raise RuntimeError(f"server exited: {''.join(self.stderr_lines)}")
-            try:
-                if request(self, "GET", "/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError("server did not become healthy")
-            time.sleep(0.1)
-        http_client = openai.DefaultHttpxClient(verify=self.ssl_context) if cafile else None
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0,
-                                    http_client=http_client)
-
 
 def request(server, method: str, path: str, body: str | bytes | None = None,
             headers: dict[str, str] | None = None, timeout: float = 30):
@@ -250,7 +200,7 @@ class SlowHeaders:
 
 @pytest.fixture(scope="module")
 def server():
-    s = HardServer("--kv-cache-memory", "64MiB", "--max-num-seqs", "2", "--max-queue", "4",
+    s = Server("--kv-cache-memory", "64MiB", "--max-num-seqs", "2", "--max-queue", "4",
                    "--http-read-timeout", "3", "--http-keep-alive-timeout", "2")
     yield s
     assert s.stop() == 0
@@ -406,7 +356,7 @@ def test_queue_limit_is_reachable_past_any_thread_count():
     """A queue longer than a thread-per-connection server's pool (2 x max-num-seqs + 16 = 20
     threads here) still fills: every request reaches the engine, so the 27th of 40 simultaneous
     ones is refused with queue_full instead of waiting for a thread."""
-    s = HardServer("--kv-cache-memory", "64MiB", "--max-num-seqs", "2", "--max-queue", "24")
+    s = Server("--kv-cache-memory", "64MiB", "--max-num-seqs", "2", "--max-queue", "24")
     try:
         flood(s, 40)
     finally:
@@ -537,10 +487,10 @@ def test_full_close_still_cancels_a_plain_request(server):
 def test_connection_cap_refuses_the_extra_connection_with_503():
     """With --max-connections 8, a 9th connection gets an HTTP 503 (code too_many_connections) and
     is closed, instead of waiting unanswered; once the 8 close, requests work again."""
-    s = HardServer("--kv-cache-memory", "64MiB", "--max-connections", "8")
+    s = Server("--kv-cache-memory", "64MiB", "--max-connections", "8")
     idle = []
     try:
-        # note: the health poll of HardServer may still hold a kept-alive connection for a moment.
+        # note: the health poll of Server may still hold a kept-alive connection for a moment.
         time.sleep(0.5)
         idle = [connect(s) for _ in range(8)]
         time.sleep(0.5)  # the server has accepted them all
@@ -574,7 +524,7 @@ def test_connection_cap_refuses_the_extra_connection_with_503():
 
 @pytest.fixture(scope="module")
 def key_server():
-    s = HardServer("--kv-cache-memory", "64MiB", "--api-key", "sekret", api_key="sekret")
+    s = Server("--kv-cache-memory", "64MiB", "--api-key", "sekret", api_key="sekret")
     yield s
     assert s.stop() == 0
 
@@ -618,7 +568,7 @@ def test_api_key_is_required_on_api_routes(key_server):
 def test_api_key_from_environment_and_metrics_require_key():
     """CORTEXSTREAM_API_KEY sets the key like --api-key; --metrics-require-key puts /metrics
     behind it too, while /health stays open (for load balancers)."""
-    s = HardServer("--kv-cache-memory", "64MiB", "--metrics-require-key",
+    s = Server("--kv-cache-memory", "64MiB", "--metrics-require-key",
                    env={"CORTEXSTREAM_API_KEY": "envkey"})
     try:
         status, _, body = request(s, "GET", "/metrics")
@@ -649,7 +599,7 @@ def test_tls(tls_files):
     """--ssl-cert-file/--ssl-key-file serve HTTPS: curl and the official client (plain and
     streamed) work over it, and a plain-HTTP client on the TLS port does not hurt the server."""
     cert, key = tls_files
-    s = HardServer("--kv-cache-memory", "64MiB", "--ssl-cert-file", str(cert), "--ssl-key-file",
+    s = Server("--kv-cache-memory", "64MiB", "--ssl-cert-file", str(cert), "--ssl-key-file",
                    str(key), cafile=cert)
     try:
         status, body = curl(s.url + "/health", "--cacert", str(cert))
