@@ -1,6 +1,7 @@
 """Regression tests of requests that used to get wrong answers: tiny temperatures, numbers out of
-range, methods on known paths, huge parse errors, control tokens typed into chat messages, and
-finding the default model from any folder.
+range, methods on known paths, huge parse errors, control tokens typed into chat messages or
+written into the output, finding the default model from any folder, and a second server on a port
+in use.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import tempfile
 
 import pytest
 
-from test_server import BIN, MODEL, Server, curl, curl_stream, sse_events
+from test_server import BIN, MODEL, Server, curl, curl_stream, get, sse_events
 
 pytestmark = pytest.mark.skipif(not BIN.exists() or not MODEL.exists(),
                                 reason="needs the cortexstream binary and the default model")
@@ -156,3 +157,22 @@ def test_a_stream_cut_at_shutdown_says_so():
         assert s.proc.wait(30) == 0
     finally:
         s.stop()
+
+
+def test_special_tokens_are_left_out_of_the_text_unless_asked_for(server):
+    # Greedy past the end of the turn: the model closes it and opens another with control tokens.
+    body = {"prompt": "Hi", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    plain = completion(server, **body)[1]["choices"][0]["text"]
+    raw = completion(server, skip_special_tokens=False, **body)[1]["choices"][0]["text"]
+    assert "<|im_end|>" in raw, raw
+    assert "<|im_" not in plain, plain
+    assert raw.replace("<|im_end|>", "").replace("<|im_start|>", "") == plain
+
+
+def test_a_second_server_on_a_port_in_use_fails_at_start(server):
+    r = subprocess.run([str(BIN), "serve", "--model", str(MODEL), "--port", str(server.port),
+                        "--kv-cache-memory", "16MiB"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Address already in use" in r.stderr, r.stderr
+    assert get(server.url + "/health")[0] == 200  # the first one is untouched
