@@ -48,7 +48,7 @@ from pathlib import Path
 
 from bench_prefix import document, question_text
 from bench_serve import (DEFAULT_BIN, DEFAULT_MODEL, OUT_DIR, ROOT, free_port, loadavg,
-                         one_request, request_body, stop_server, summarize, wait_health, warm_up)
+                         run_load, stop_server, summarize, wait_health, warm_up)
 from llama_cpp_build import cpu_name, git_commit
 
 try:
@@ -110,34 +110,6 @@ def make_requests(args: argparse.Namespace) -> list[dict]:
             reqs.append({"index": len(reqs), "group": g, "max_tokens": args.max_tokens,
                          "prompt": docs[g] + question_text(q, rng)})
     return reqs
-
-
-async def run_load(base: str, model_name: str, reqs: list[dict], clients: int,
-                   timeout_s: float) -> tuple[list[dict], float]:
-    """bench_serve.py's closed loop, through the router."""
-    queue: asyncio.Queue = asyncio.Queue()
-    for r in reqs:
-        queue.put_nowait(r)
-    results: list = [None] * len(reqs)
-    conn = aiohttp.TCPConnector(limit=clients, force_close=True)
-    async with aiohttp.ClientSession(connector=conn) as session:
-        async def worker() -> None:
-            while True:
-                try:
-                    r = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                out = await one_request(session, base + "/v1/completions",
-                                        request_body(r, model_name), timeout_s)
-                out.update(index=r["index"], group=r["group"], max_tokens=r["max_tokens"])
-                results[r["index"]] = out
-                if not out["ok"]:
-                    log(f"  request {r['index']} failed: {out['error']}")
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    return [r for r in results if r is not None], wall
 
 
 # ----------------------------------------------------------------------------- processes
