@@ -24,8 +24,8 @@ import time
 
 import pytest
 
-from test_server import BIN, MODEL, PROMPTS, sse_events
-from test_server_hardening import (HardServer, SlowHeaders, iter_chunks, post_bytes, read_body,
+from test_server import BIN, MODEL, PROMPTS, Server, sse_events
+from test_server_hardening import (SlowHeaders, iter_chunks, post_bytes, read_body,
                                    read_head, request, rss_kib, strip_sse_comments, timed_get)
 
 pytestmark = pytest.mark.skipif(not BIN.exists() or not MODEL.exists(),
@@ -125,7 +125,7 @@ def stream_once(port: int, i: int, reference: str, abort_after: int | None,
 def test_soak():
     # note: --shutdown-grace 1 so that the SIGTERM at the end really cuts queued streams (and the
     # cut path is exercised), not only waits for them.
-    server = HardServer("--kv-cache-memory", "4MiB", "--max-num-seqs", "8", "--max-queue", "24",
+    server = Server("--kv-cache-memory", "4MiB", "--max-num-seqs", "8", "--max-queue", "24",
                         "--http-read-timeout", "5", "--shutdown-grace", "1")
     slow = None
     try:
