@@ -31,6 +31,14 @@ std::vector<engine::TokenLogprob> promptEntries(const GenerationInfo& g,
 
 std::string sseFrame(const json& j) { return "data: " + dumpJson(j) + "\n\n"; }
 
+// How a request that did not finish normally ends: the engine failed it, or the shutdown cut it.
+ApiError failed(const std::string& why) {
+  return {500, "generation failed: " + why, "server_error", "", ""};
+}
+ApiError cut(const std::string& what) {
+  return {503, what + ": the server is shutting down", "server_error", "", "shutting_down"};
+}
+
 }  // namespace
 
 Generation::Generation(GenerationInfo info, std::shared_ptr<engine::RequestStream> stream,
@@ -85,19 +93,10 @@ void Generation::keepEvent(engine::RequestEvent ev) {
 std::pair<int, json> Generation::plainBody() const {
   for (const Choice& c : choices_) {
     if (c.last.finishReason == engine::FinishReason::Error) {
-      ApiError e;
-      e.status = 500;
-      e.type = "server_error";
-      e.message = "generation failed: " + c.last.error;
-      return {500, errorJson(e)};
+      return {500, errorJson(failed(c.last.error))};
     }
     if (c.last.finishReason == engine::FinishReason::Cancelled) {
-      ApiError e;
-      e.status = 503;
-      e.type = "server_error";
-      e.code = "shutting_down";
-      e.message = "the request was cancelled: the server is shutting down";
-      return {503, errorJson(e)};
+      return {503, errorJson(cut("the request was cancelled"))};
     }
   }
   json out = json::array();
@@ -191,21 +190,12 @@ std::string Generation::streamEvent(engine::RequestEvent ev) {
     out += choiceChunk(text);
   }
   if (ev.finished && ev.finishReason == engine::FinishReason::Error) {
-    ApiError err;
-    err.status = 500;
-    err.type = "server_error";
-    err.message = "generation failed: " + ev.error;
-    out += sseFrame(errorJson(err));
+    out += sseFrame(errorJson(failed(ev.error)));
   } else if (cancelled) {
     // A cut response must not look complete: the error frame says why it ended, and no choice
     // chunk carries a normal finish reason.
-    ApiError err;
-    err.status = 503;
-    err.type = "server_error";
-    err.code = "shutting_down";
-    err.message = "the response was cut: the server is shutting down (choice " +
-                  std::to_string(ev.index) + ")";
-    out += sseFrame(errorJson(err));
+    out += sseFrame(
+        errorJson(cut("the response of choice " + std::to_string(ev.index) + " was cut")));
   } else {
     out += choiceChunk(ev);
   }

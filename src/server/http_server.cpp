@@ -100,13 +100,7 @@ Response jsonResponse(int status, const json& body) {
 
 Response errorResponse(int status, const std::string& message, const std::string& type,
                        const std::string& param = {}, const std::string& code = {}) {
-  ApiError e;
-  e.status = status;
-  e.message = message;
-  e.type = type;
-  e.param = param;
-  e.code = code;
-  return jsonResponse(status, errorJson(e));
+  return jsonResponse(status, errorJson({status, message, type, param, code}));
 }
 
 // The bytes of `res` as sent for a request of HTTP `version` (11 or 10).
