@@ -58,7 +58,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench_serve import (DEFAULT_BIN, DEFAULT_LLAMA_BIN, DEFAULT_MODEL, OUT_DIR, ROOT, SENTENCES,
-                         TOKENS_PER_WORD, free_port, loadavg, percentile, rnd, sse_payloads,
+                         TOKENS_PER_WORD, free_port, loadavg, one_request, percentile, rnd,
                          stop_server, wait_health, warm_up)
 from llama_cpp_build import build_llama_tool, cpu_name, git_commit, llama_info
 import vllm_peer
@@ -114,70 +114,6 @@ def question_text(i: int, rng: random.Random) -> str:
     return f"\n\nQuestion {i}: {rng.choice(QUESTIONS)}\nAnswer:"
 
 
-# ----------------------------------------------------------------------------- one request
-
-async def stream(session: "aiohttp.ClientSession", url: str, body: dict, timeout_s: float) -> dict:
-    """One streamed request to /v1/completions or /v1/chat/completions. TTFT is the time to the
-    first chunk with non-empty text (`text`, or `delta.content` for chat); for an empty answer,
-    the time to the chunk with its finish_reason."""
-    res = {"ok": False, "ttft_s": None, "latency_s": None, "text": "", "prompt_tokens": None,
-           "completion_tokens": None, "cached_tokens": None, "llama_cache_n": None,
-           "llama_prompt_n": None, "finish_reason": None, "error": None}
-    t0 = time.perf_counter()
-    first_end = None
-    try:
-        async with session.post(url, json=body,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            if resp.status != 200:
-                res["error"] = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                return res
-            done = False
-            async for now, obj in sse_payloads(resp):
-                if obj is None:
-                    done = True
-                    continue
-                if "error" in obj:
-                    res["error"] = f"stream error: {json.dumps(obj['error'])[:300]}"
-                    return res
-                for ch in obj.get("choices") or []:
-                    piece = ch.get("text")
-                    if piece is None:
-                        piece = (ch.get("delta") or {}).get("content")
-                    if piece:
-                        if res["ttft_s"] is None:
-                            res["ttft_s"] = now - t0
-                        res["text"] += piece
-                    if ch.get("finish_reason"):
-                        res["finish_reason"] = ch["finish_reason"]
-                        if first_end is None:
-                            first_end = now
-                usage = obj.get("usage")
-                if usage:
-                    res["completion_tokens"] = usage.get("completion_tokens")
-                    res["prompt_tokens"] = usage.get("prompt_tokens")
-                    details = usage.get("prompt_tokens_details") or {}
-                    if details.get("cached_tokens") is not None:
-                        res["cached_tokens"] = details["cached_tokens"]
-                timings = obj.get("timings")  # llama-server
-                if isinstance(timings, dict):
-                    res["llama_cache_n"] = timings.get("cache_n", res["llama_cache_n"])
-                    res["llama_prompt_n"] = timings.get("prompt_n", res["llama_prompt_n"])
-            res["latency_s"] = time.perf_counter() - t0
-            if res["ttft_s"] is None and first_end is not None:
-                res["ttft_s"] = first_end - t0  # an empty answer: the time to its end
-            if not done:
-                res["error"] = "stream ended without [DONE]"
-            elif res["ttft_s"] is None:
-                res["error"] = "no text in the stream"
-            else:
-                res["ok"] = True
-    except asyncio.TimeoutError:
-        res["error"] = f"timeout after {timeout_s} s"
-    except Exception as e:  # noqa: BLE001 - a failed request is reported, not fatal
-        res["error"] = f"{type(e).__name__}: {e}"
-    return res
-
-
 def cached_of(r: dict):
     """The cached prompt tokens a server reported: usage's cached_tokens, else llama's cache_n."""
     return r["cached_tokens"] if r["cached_tokens"] is not None else r["llama_cache_n"]
@@ -206,7 +142,8 @@ class Client:
 
     async def one(self, path: str, body: dict) -> dict:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            return await stream(s, self.base + path, body, self.timeout_s)
+            return await one_request(s, self.base + path, body, self.timeout_s,
+                                     need_usage=False)
 
 
 def brief(r: dict) -> dict:
@@ -268,9 +205,9 @@ async def scenario_b(cl: Client, args: argparse.Namespace) -> dict:
                     i, p = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                r = await stream(session, cl.base + "/v1/completions",
-                                 cl.body(args.b_max_tokens, prompt=p, ignore_eos=True),
-                                 cl.timeout_s)
+                r = await one_request(session, cl.base + "/v1/completions",
+                                      cl.body(args.b_max_tokens, prompt=p, ignore_eos=True),
+                                      cl.timeout_s, need_usage=False)
                 results[i] = r
                 if not r["ok"]:
                     log(f"  b: request {i} failed: {r['error']}")

@@ -204,12 +204,16 @@ async def sse_payloads(resp: "aiohttp.ClientResponse"):
 
 
 async def one_request(session: "aiohttp.ClientSession", url: str, body: dict,
-                      timeout_s: float) -> dict:
-    res = {"ok": False, "ttft_s": None, "latency_s": None, "completion_tokens": None,
-           "prompt_tokens": None, "cached_tokens": None, "chunks": 0, "error": None,
-           "finish_reason": None}
+                      timeout_s: float, need_usage: bool = True) -> dict:
+    """One streamed request to /v1/completions or /v1/chat/completions. TTFT is the time to the
+    first chunk with non-empty text (`text`, or `delta.content` for chat); for an empty answer,
+    the time to the chunk with its finish_reason. need_usage: a stream without a usage chunk
+    (stream_options.include_usage) counts as failed."""
+    res = {"ok": False, "ttft_s": None, "latency_s": None, "text": "", "chunks": 0,
+           "prompt_tokens": None, "completion_tokens": None, "cached_tokens": None,
+           "llama_cache_n": None, "llama_prompt_n": None, "finish_reason": None, "error": None}
     t0 = time.perf_counter()
-    first_any = None
+    first_end = None
     try:
         async with session.post(url, json=body,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
@@ -226,24 +230,34 @@ async def one_request(session: "aiohttp.ClientSession", url: str, body: dict,
                     return res
                 for ch in obj.get("choices") or []:
                     res["chunks"] += 1
-                    if first_any is None:
-                        first_any = now
-                    if res["ttft_s"] is None and ch.get("text"):
-                        res["ttft_s"] = now - t0
+                    piece = ch.get("text")
+                    if piece is None:
+                        piece = (ch.get("delta") or {}).get("content")
+                    if piece:
+                        if res["ttft_s"] is None:
+                            res["ttft_s"] = now - t0
+                        res["text"] += piece
                     if ch.get("finish_reason"):
                         res["finish_reason"] = ch["finish_reason"]
+                        if first_end is None:
+                            first_end = now
                 usage = obj.get("usage")
                 if usage:
                     res["completion_tokens"] = usage.get("completion_tokens")
                     res["prompt_tokens"] = usage.get("prompt_tokens")
                     details = usage.get("prompt_tokens_details") or {}
-                    res["cached_tokens"] = details.get("cached_tokens")
+                    if details.get("cached_tokens") is not None:
+                        res["cached_tokens"] = details["cached_tokens"]
+                timings = obj.get("timings")  # llama-server
+                if isinstance(timings, dict):
+                    res["llama_cache_n"] = timings.get("cache_n", res["llama_cache_n"])
+                    res["llama_prompt_n"] = timings.get("prompt_n", res["llama_prompt_n"])
             res["latency_s"] = time.perf_counter() - t0
-            if res["ttft_s"] is None and first_any is not None:
-                res["ttft_s"] = first_any - t0  # only empty-text chunks (should not happen)
+            if res["ttft_s"] is None and first_end is not None:
+                res["ttft_s"] = first_end - t0  # an empty answer: the time to its end
             if not done:
                 res["error"] = "stream ended without [DONE]"
-            elif res["completion_tokens"] is None:
+            elif need_usage and res["completion_tokens"] is None:
                 res["error"] = "no usage in the stream"
             elif res["ttft_s"] is None:
                 res["error"] = "no completion chunk"
