@@ -9,7 +9,7 @@
 
 #include "engine/engine.h"
 #include "model/chat_template.h"
-#include "model/llama.h"
+#include "model/transformer.h"
 #include "model/tokenizer.h"
 
 using namespace cortex;
@@ -17,7 +17,7 @@ using namespace cortex;
 int main(int argc, char** argv) {
   const std::string path = argc > 1 ? argv[1] : "models/SmolLM2-135M-Instruct.Q4_1.gguf";
   try {
-    auto model = model::LlamaModel::load(path);
+    auto model = model::TransformerModel::load(path);
     const auto tokenizer = model::Tokenizer::fromGGUF(model->file());
     const auto chat = model::detectChatTemplate(tokenizer.chatTemplate());
 

@@ -13,7 +13,7 @@
 #include "cli/model_options.h"
 #include "engine/generate.h"
 #include "model/chat_template.h"
-#include "model/llama.h"
+#include "model/transformer.h"
 #include "model/tokenizer.h"
 
 namespace cortex::cli {

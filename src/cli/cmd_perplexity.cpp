@@ -143,7 +143,7 @@ void runPerplexity(const PerplexityOptions& o) {
   if (!in) throw std::runtime_error(o.file + ": cannot open the text file");
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   Loaded l = loadModel(o.model);
-  const model::LlamaHParams& hp = l.model->hparams();
+  const model::HParams& hp = l.model->hparams();
   // A llama.cpp chunk of 2 tokens would score none (its second half starts at its last token).
   const int32_t minCtx = method == Method::LlamaCpp ? 3 : 2;
   const int32_t maxCtx = hp.nCtxTrain - kScoreMaxTokens;

@@ -20,7 +20,7 @@
 #include "engine/engine.h"
 #include "kernels/isa.h"
 #include "model/chat_template.h"
-#include "model/llama.h"
+#include "model/transformer.h"
 #include "model/tokenizer.h"
 #include "server/byte_size.h"
 #include "server/http_server.h"
@@ -133,7 +133,7 @@ void runServe(const ServeOptions& o) {
   }
 
   const kernels::Isa isa = kernels::activeIsa();  // a bad CORTEXSTREAM_ISA fails here
-  auto llama = model::LlamaModel::load(modelPath, o.precision);
+  auto llama = model::TransformerModel::load(modelPath, o.precision);
   const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(llama->file());
 
   server::ServerConfig sc;

@@ -88,7 +88,7 @@ Loaded loadModel(const ModelOptions& o) {
   const std::string path = resolveModelPath(o.modelPath);
   kernels::activeIsa();  // a bad CORTEXSTREAM_ISA fails here, before any work
   Loaded l;
-  l.model = model::LlamaModel::load(path, o.precision);
+  l.model = model::TransformerModel::load(path, o.precision);
   l.tokenizer = std::make_unique<model::Tokenizer>(model::Tokenizer::fromGGUF(l.model->file()));
   return l;
 }

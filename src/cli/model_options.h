@@ -10,7 +10,7 @@
 #include "kv/paged_view.h"
 #include "model/chat_template.h"
 #include "model/default_model.h"
-#include "model/llama.h"
+#include "model/transformer.h"
 #include "model/tokenizer.h"
 
 namespace cortex::cli {
@@ -48,7 +48,7 @@ inline constexpr const char* kModelOptionHelp =
     "~/.cache/cortexstream/models or the checkout's models/)";
 
 struct Loaded {
-  std::unique_ptr<model::LlamaModel> model;
+  std::unique_ptr<model::TransformerModel> model;
   std::unique_ptr<model::Tokenizer> tokenizer;
 };
 

@@ -71,7 +71,7 @@ void Histogram::observe(double value) {
   ++count;
 }
 
-uint64_t defaultKvCacheBytes(const model::LlamaModel& model, const EngineConfig& config) {
+uint64_t defaultKvCacheBytes(const model::TransformerModel& model, const EngineConfig& config) {
   const uint64_t perToken =
       kv::bytesPerToken(model.kvCacheConfig(config.blockSizeTokens, 1, config.kvDtype));
   const uint64_t oneContext =
@@ -213,7 +213,7 @@ struct Engine::Request {
   Clock::time_point lastToken;
 };
 
-Engine::Engine(model::LlamaModel& model, const model::Tokenizer& tokenizer,
+Engine::Engine(model::TransformerModel& model, const model::Tokenizer& tokenizer,
                const EngineConfig& config, EngineHooks hooks)
     : model_(model), tokenizer_(tokenizer), config_(config), hooks_(std::move(hooks)) {
   using Kind = EngineError::Kind;

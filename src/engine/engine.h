@@ -36,7 +36,7 @@
 #include "engine/scheduler.h"
 #include "kv/kv_cache.h"
 #include "kv/kv_events.h"
-#include "model/llama.h"
+#include "model/transformer.h"
 #include "model/tokenizer.h"
 
 namespace cortex::engine {
@@ -66,7 +66,7 @@ struct EngineHooks {
 
 // KV memory when none is configured: a quarter of the memory available now, at most 4 GiB and at
 // least enough for one full-context sequence.
-uint64_t defaultKvCacheBytes(const model::LlamaModel& model, const EngineConfig& config);
+uint64_t defaultKvCacheBytes(const model::TransformerModel& model, const EngineConfig& config);
 
 enum class FinishReason { Stop, Length, Cancelled, Error };
 const char* toString(FinishReason reason);  // "stop", "length", "cancelled", "error"
@@ -203,7 +203,7 @@ class Engine {
   // Builds the KV cache (config.kvCacheBytes or the default share) and starts the step loop.
   // Throws EngineError{InvalidRequest} for a bad config, or when the tokenizer's vocabulary has
   // ids the model has no output row for.
-  Engine(model::LlamaModel& model, const model::Tokenizer& tokenizer, const EngineConfig& config,
+  Engine(model::TransformerModel& model, const model::Tokenizer& tokenizer, const EngineConfig& config,
          EngineHooks hooks = {});
   // Cancels everything still running and joins the loop.
   ~Engine();
@@ -241,7 +241,7 @@ class Engine {
   void finishBestOf(Group& g);                     // every candidate done: send the best n
   void publishKVEvents();
 
-  model::LlamaModel& model_;
+  model::TransformerModel& model_;
   const model::Tokenizer& tokenizer_;
   EngineConfig config_;
   EngineHooks hooks_;

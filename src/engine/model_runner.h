@@ -10,14 +10,14 @@
 #include "kernels/thread_pool.h"
 #include "kv/kv_cache.h"
 #include "model/forward_batch.h"
-#include "model/llama.h"
+#include "model/transformer.h"
 
 namespace cortex::engine {
 
 class ModelRunner {
  public:
   // threads: the kernel threads of the runner's own pool (the caller's included); 0: one per core.
-  ModelRunner(model::LlamaModel& model, kv::KVCache& cache, int threads)
+  ModelRunner(model::TransformerModel& model, kv::KVCache& cache, int threads)
       : model_(model), cache_(cache), pool_(threads) {}
 
   // Starts a new step (forgets the previous one's input).
@@ -32,7 +32,7 @@ class ModelRunner {
   int32_t numSequences() const { return static_cast<int32_t>(step_.size()); }
 
  private:
-  model::LlamaModel& model_;
+  model::TransformerModel& model_;
   kv::KVCache& cache_;
   kernels::ThreadPool pool_;
   std::vector<kv::StepSequence> step_;

@@ -22,7 +22,7 @@ const std::string kModel = std::string(CS_SOURCE_DIR) + "/models/SmolLM2-135M-In
 struct Fixture : ::testing::Test {
   static void SetUpTestSuite() {
     ASSERT_TRUE(std::filesystem::exists(kModel)) << kModel << " missing: run scripts/fetch_model.sh";
-    model = model::LlamaModel::load(kModel).release();
+    model = model::TransformerModel::load(kModel).release();
     tokenizer = new model::Tokenizer(model::Tokenizer::fromGGUF(model->file()));
   }
   static void TearDownTestSuite() {
@@ -55,7 +55,7 @@ struct Fixture : ::testing::Test {
       if (e->finished) return {tokens, *e};
     }
   }
-  static inline model::LlamaModel* model = nullptr;
+  static inline model::TransformerModel* model = nullptr;
   static inline model::Tokenizer* tokenizer = nullptr;
 };
 

@@ -32,7 +32,7 @@ class Invariance : public ::testing::TestWithParam<model::Precision> {
     }
     ASSERT_TRUE(std::filesystem::exists(kModel)) << kModel << " missing: run scripts/fetch_model.sh";
     for (model::Precision p : {model::Precision::Int8, model::Precision::F32}) {
-      models[static_cast<int>(p)] = model::LlamaModel::load(kModel, p).release();
+      models[static_cast<int>(p)] = model::TransformerModel::load(kModel, p).release();
     }
     const auto tok = model::Tokenizer::fromGGUF(models[0]->file());
     promptA = tok.encode("The history of the river is long. It rises in the mountains and runs "
@@ -48,18 +48,18 @@ class Invariance : public ::testing::TestWithParam<model::Precision> {
   void SetUp() override {
     if (models[0] == nullptr) GTEST_SKIP() << "this CPU lacks the requested kernel level";
   }
-  model::LlamaModel& model() { return *models[static_cast<int>(GetParam())]; }
+  model::TransformerModel& model() { return *models[static_cast<int>(GetParam())]; }
   std::unique_ptr<kv::KVCache> newCache() {
     return std::make_unique<kv::KVCache>(model().kvCacheConfig(16, 64ull << 20));
   }
   size_t vocab() { return static_cast<size_t>(model().hparams().nVocab); }
 
-  static inline model::LlamaModel* models[2] = {nullptr, nullptr};
+  static inline model::TransformerModel* models[2] = {nullptr, nullptr};
   static inline std::vector<int32_t> promptA, promptB;
 };
 
 // Rows of every prompt position of `prompt`, prefilled in chunks of `chunk` on `threads` threads.
-std::vector<float> prefillRows(model::LlamaModel& m, kv::KVCache& cache,
+std::vector<float> prefillRows(model::TransformerModel& m, kv::KVCache& cache,
                                const std::vector<int32_t>& prompt, int32_t chunk, int threads) {
   ModelRunner runner(m, cache, threads);
   cache.allocateFor(0, static_cast<int32_t>(prompt.size()));

@@ -21,7 +21,7 @@
 
 #include "engine/engine.h"
 #include "model/chat_template.h"
-#include "model/llama.h"
+#include "model/transformer.h"
 #include "model/tokenizer.h"
 
 namespace cortex::server {
@@ -86,7 +86,7 @@ size_t count(const std::string& text, const std::string& what) {
 struct Fixture : ::testing::Test {
   static void SetUpTestSuite() {
     ASSERT_TRUE(std::filesystem::exists(kModel)) << kModel << " missing: run scripts/fetch_model.sh";
-    model = model::LlamaModel::load(kModel).release();
+    model = model::TransformerModel::load(kModel).release();
     tokenizer = new model::Tokenizer(model::Tokenizer::fromGGUF(model->file()));
   }
   static void TearDownTestSuite() {
@@ -116,7 +116,7 @@ struct Fixture : ::testing::Test {
     engine_.reset();
   }
 
-  static inline model::LlamaModel* model = nullptr;
+  static inline model::TransformerModel* model = nullptr;
   static inline model::Tokenizer* tokenizer = nullptr;
   std::unique_ptr<engine::Engine> engine_;
   std::unique_ptr<HttpServer> server_;

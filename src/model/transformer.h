@@ -24,7 +24,7 @@ class ThreadPool;
 
 namespace cortex::model {
 
-struct LlamaHParams {
+struct HParams {
   int32_t nLayers = 0;
   int32_t nEmbd = 0;      // hidden size
   int32_t nHead = 0;      // query heads
@@ -50,16 +50,16 @@ const char* toString(Precision p);
 // "int8" or "f32"; throws std::invalid_argument naming the accepted values otherwise.
 Precision parsePrecision(const std::string& name);
 
-class LlamaModel {
+class TransformerModel {
  public:
   // Maps the GGUF file and checks everything the forward pass relies on: architecture "llama",
   // hyperparameters present and consistent, every tensor present with the expected shape and a
   // supported type. Throws ModelError naming the file and the problem. With Precision::Int8 the
   // quantized matrices are repacked here (a copy of their size in memory, made once).
-  static std::unique_ptr<LlamaModel> load(const std::string& path,
+  static std::unique_ptr<TransformerModel> load(const std::string& path,
                                           Precision precision = Precision::Int8);
 
-  const LlamaHParams& hparams() const { return hp_; }
+  const HParams& hparams() const { return hp_; }
   const GGUFFile& file() const { return file_; }
   Precision precision() const { return precision_; }
 
@@ -74,12 +74,12 @@ class LlamaModel {
   // shape. The kernels run on `pool`'s threads. Not reentrant: one forward at a time per model (it
   // reuses internal buffers).
   void forward(const ForwardBatch& batch, kernels::ThreadPool& pool, std::vector<float>& logits);
-  ~LlamaModel();
+  ~TransformerModel();
 
  private:
   struct Weights;  // the weight matrices and RoPE table (kernel types stay out of this header)
 
-  LlamaModel(GGUFFile file, Precision precision);
+  TransformerModel(GGUFFile file, Precision precision);
   void resize(int64_t nTokens, int32_t maxContext, const kernels::ThreadPool& pool);
   // Repacks the Q4_0/Q4_1/Q8_0 matrices for the integer path (Precision::Int8).
   void packWeights();
@@ -87,7 +87,7 @@ class LlamaModel {
 
   GGUFFile file_;
   Precision precision_;
-  LlamaHParams hp_;
+  HParams hp_;
   std::unique_ptr<Weights> w_;
 
   // Activation buffers, grown on demand and reused (no allocation in steady state).

@@ -1,4 +1,4 @@
-#include "model/llama.h"
+#include "model/transformer.h"
 
 #include <algorithm>
 #include <cmath>
@@ -74,7 +74,7 @@ Precision parsePrecision(const std::string& name) {
   throw std::invalid_argument("precision '" + name + "' is not one of: int8, f32");
 }
 
-struct LlamaModel::Weights {
+struct TransformerModel::Weights {
   struct Layer {
     const float* attnNorm = nullptr;
     Linear wq, wk, wv, wo;
@@ -89,13 +89,13 @@ struct LlamaModel::Weights {
   std::unique_ptr<kernels::RopeTable> rope;
 };
 
-LlamaModel::LlamaModel(GGUFFile file, Precision precision)
+TransformerModel::TransformerModel(GGUFFile file, Precision precision)
     : file_(std::move(file)), precision_(precision), w_(std::make_unique<Weights>()) {}
 
-LlamaModel::~LlamaModel() = default;
+TransformerModel::~TransformerModel() = default;
 
-std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, Precision precision) {
-  std::unique_ptr<LlamaModel> m(new LlamaModel(GGUFFile::open(path), precision));
+std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path, Precision precision) {
+  std::unique_ptr<TransformerModel> m(new TransformerModel(GGUFFile::open(path), precision));
   const GGUFFile& f = m->file_;
   const std::string where = "model " + path + ": ";
   const std::string arch = f.getString("general.architecture");
@@ -110,7 +110,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, Precision 
     }
     return static_cast<int32_t>(v);
   };
-  LlamaHParams& hp = m->hp_;
+  HParams& hp = m->hp_;
   hp.nLayers = u32("llama.block_count");
   hp.nEmbd = u32("llama.embedding_length");
   hp.nHead = u32("llama.attention.head_count");
@@ -202,7 +202,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, Precision 
   return m;
 }
 
-void LlamaModel::packWeights() {
+void TransformerModel::packWeights() {
   // Every packable matrix in the order the forward pass reads them, once (tied embeddings share
   // one copy between the layers' head and the lookup), into one allocation.
   std::vector<Linear*> all;
@@ -228,7 +228,7 @@ void LlamaModel::packWeights() {
   }
 }
 
-kv::KVCacheConfig LlamaModel::kvCacheConfig(int32_t blockSizeTokens, uint64_t memoryBudgetBytes,
+kv::KVCacheConfig TransformerModel::kvCacheConfig(int32_t blockSizeTokens, uint64_t memoryBudgetBytes,
                                             kv::KVDType dtype) const {
   kv::KVCacheConfig c;
   c.numLayers = hp_.nLayers;
@@ -256,7 +256,7 @@ kv::KVCacheConfig LlamaModel::kvCacheConfig(int32_t blockSizeTokens, uint64_t me
   return c;
 }
 
-void LlamaModel::resize(int64_t nTokens, int32_t maxContext, const kernels::ThreadPool& pool) {
+void TransformerModel::resize(int64_t nTokens, int32_t maxContext, const kernels::ThreadPool& pool) {
   auto grow = [](std::vector<float>& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   };
@@ -275,9 +275,9 @@ void LlamaModel::resize(int64_t nTokens, int32_t maxContext, const kernels::Thre
   grow(scratch_, static_cast<int64_t>(kernels::pagedAttentionScratchFloats(pool, maxContext)));
 }
 
-void LlamaModel::validate(const ForwardBatch& batch, int64_t& nOutRows,
+void TransformerModel::validate(const ForwardBatch& batch, int64_t& nOutRows,
                           int32_t& maxContext) const {
-  const LlamaHParams& hp = hp_;
+  const HParams& hp = hp_;
   const kv::KVArena& a = batch.arena;
   if (a.numLayers != hp.nLayers || a.numKVHeads != hp.nHeadKV || a.headDim != hp.headDim) {
     throw ModelError("forward: the KV arena has " + std::to_string(a.numLayers) + " layers x " +
@@ -324,9 +324,9 @@ void LlamaModel::validate(const ForwardBatch& batch, int64_t& nOutRows,
   }
 }
 
-void LlamaModel::forward(const ForwardBatch& batch, kernels::ThreadPool& pool,
+void TransformerModel::forward(const ForwardBatch& batch, kernels::ThreadPool& pool,
                          std::vector<float>& logits) {
-  const LlamaHParams& hp = hp_;
+  const HParams& hp = hp_;
   const Weights& w = *w_;
   // Validate the whole batch before touching the arena.
   int64_t nOutRows = 0;
