@@ -242,10 +242,11 @@ void scoreRows(const float* const* qs, int nv, int32_t a, int32_t b, int32_t kvh
   });
 }
 
-// For G score rows over one chunk of keys [a, b) (a a multiple of 8): m[g] = the chunk's largest
-// score, scores replaced by exp(score - m[g]) (the canonical polynomial), and l[g] = their sum,
-// taken in double over 8 lanes (lane l adds keys j = l mod 8 in increasing j, then the fixed
-// hsum8 order) so that it is not one long dependent chain.
+// For G score rows over one chunk of keys [a, b): m[g] = the chunk's largest score, scores
+// replaced by exp(score - m[g]) (the canonical polynomial), and l[g] = their sum, taken in double
+// over 8 lanes (lane l adds keys j = l mod 8 in increasing j, then the fixed hsum8 order) so that
+// it is not one long dependent chain. (a is a multiple of 8 unless a sliding window starts the
+// chunk; the keys before the next multiple of 8 then go through the scalar loop.)
 template <bool kSimd, int G>
 void softmaxChunk(float* s, size_t sStride, int32_t a, int32_t b, float* m, double* l) {
   for (int g = 0; g < G; ++g) {
@@ -272,10 +273,15 @@ void softmaxChunk(float* s, size_t sStride, int32_t a, int32_t b, float* m, doub
     m[g] = mx;
     int32_t e = a;
     double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (; e < b && (e & 7) != 0; ++e) {
+      sg[e] = expNonPositive(sg[e] - mx);
+      lanes[e & 7] += sg[e];
+    }
 #if CS_KERNELS_AVX2
     if constexpr (kSimd) {
       const __m256 mv = _mm256_set1_ps(mx);
-      __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+      // note: the lanes go on from the scalar head's sums, key after key as in the scalar loop.
+      __m256d lo = _mm256_loadu_pd(lanes), hi = _mm256_loadu_pd(lanes + 4);
       for (; e + 8 <= b; e += 8) {
         const __m256 p = expNonPositive(_mm256_sub_ps(_mm256_loadu_ps(sg + e), mv));
         _mm256_storeu_ps(sg + e, p);
@@ -389,14 +395,15 @@ void mergeChunks(int32_t nChunks, int count, int32_t D, const float* m, const do
   }
 }
 
-// Chunk partials for keys [c * kChunk, min(n, (c + 1) * kChunk)), c in [c0, c1), into the
-// partial buffers (indexed by c - c0).
+// Chunk partials for keys [max(lo, c * kChunk), min(n, (c + 1) * kChunk)), c in [c0, c1), into
+// the partial buffers (indexed by c - c0).
 template <KVDType VT, bool kSimd>
-void chunkPartials(int count, float* s, size_t sStride, int32_t n, int32_t c0, int32_t c1,
-                   int32_t kvh, const PagedKVView& V, float* m, double* l, float* o) {
+void chunkPartials(int count, float* s, size_t sStride, int32_t lo, int32_t n, int32_t c0,
+                   int32_t c1, int32_t kvh, const PagedKVView& V, float* m, double* l, float* o) {
   const int32_t D = V.headDim;
   for (int32_t c = c0; c < c1; ++c) {
-    const int32_t a = c * kAttentionChunkKeys, b = std::min(n, a + kAttentionChunkKeys);
+    const int32_t a = std::max(lo, c * kAttentionChunkKeys);
+    const int32_t b = std::min(n, c * kAttentionChunkKeys + kAttentionChunkKeys);
     const size_t i = static_cast<size_t>(c - c0) * count;
     float* mc = m + i;
     double* lc = l + i;
@@ -429,8 +436,10 @@ constexpr int kTileTokens = kAttentionTileTokens;
 template <KVDType KT, KVDType VT, bool kSimd>
 void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads,
                 const PagedKVView& K, const PagedKVView& V, float scale, float* out,
-                float* scratch) {
+                float* scratch, int32_t window) {
   const int32_t D = K.headDim;
+  // The first key position a query at position p sees.
+  const auto firstKey = [window](int32_t p) { return window > 0 ? std::max(0, p - window + 1) : 0; };
   const int32_t nKV = K.numKVHeads;
   const int32_t group = nHeads / nKV;
   const size_t stride = scoreStride(firstPos + nQ);
@@ -463,7 +472,10 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
   // One decode token over several chunks of keys: the (head group, chunk) pieces are spread over
   // the threads, then each head's chunks are merged in chunk order, the same arithmetic as the
   // sequential path below, so the result does not depend on the thread count.
-  const int32_t nChunksDecode = (firstPos + nQ + kAttentionChunkKeys - 1) / kAttentionChunkKeys;
+  const int32_t decodeLo = firstKey(firstPos);
+  const int32_t decodeC0 = decodeLo / kAttentionChunkKeys;
+  const int32_t nChunksDecode =
+      (firstPos + nQ + kAttentionChunkKeys - 1) / kAttentionChunkKeys - decodeC0;
   if (nQ == 1 && parallel && nChunksDecode > 1) {
     const int width = std::min(group, kMaxGroup);
     const int32_t subs = (group + width - 1) / width;
@@ -477,15 +489,18 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
       int32_t kvh, h0;
       int count;
       subGroup(static_cast<int32_t>(it / nChunksDecode), subs, width, kvh, h0, count);
-      const auto c = static_cast<int32_t>(it % nChunksDecode);
-      const int32_t a = c * kAttentionChunkKeys, b = std::min(n, a + kAttentionChunkKeys);
+      const auto ci = static_cast<int32_t>(it % nChunksDecode);  // chunk decodeC0 + ci
+      const int32_t c = decodeC0 + ci;
+      const int32_t a = std::max(decodeLo, c * kAttentionChunkKeys);
+      const int32_t b = std::min(n, c * kAttentionChunkKeys + kAttentionChunkKeys);
       float* s = scratch + static_cast<size_t>(tid) * kMaxGroup * kTileTokens * stride;
       const float* qs[kMaxGroup];
       for (int g = 0; g < count; ++g) qs[g] = Q + static_cast<int64_t>(h0 + g) * D;
       scoreRows<KT, kSimd>(qs, count, a, b, kvh, K, scale, s, stride, ensureKt());
-      const size_t at = static_cast<size_t>(h0) * nChunksDecode + static_cast<size_t>(c) * count;
-      chunkPartials<VT, kSimd>(count, s, stride, n, c, c + 1, kvh, V, shared.m.data() + at,
-                               shared.l.data() + at, shared.o.data() + at * D);
+      const size_t at = static_cast<size_t>(h0) * nChunksDecode + static_cast<size_t>(ci) * count;
+      chunkPartials<VT, kSimd>(count, s, stride, decodeLo, n, c, c + 1, kvh, V,
+                               shared.m.data() + at, shared.l.data() + at,
+                               shared.o.data() + at * D);
     });
     for (int32_t r = 0; r < nKV * subs; ++r) {
       int32_t kvh, h0;
@@ -512,16 +527,18 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
         qs[t * count + g] = Q + ((static_cast<int64_t>(i0 + t) * nHeads) + h0 + g) * D;
       }
     }
-    scoreRows<KT, kSimd>(qs, nt * count, 0, firstPos + i0 + nt, kvh, K, scale, s, stride,
-                         ensureKt());
+    scoreRows<KT, kSimd>(qs, nt * count, firstKey(firstPos + i0), firstPos + i0 + nt, kvh, K,
+                         scale, s, stride, ensureKt());
     thread_local Partials partials;
     for (int t = 0; t < nt; ++t) {
       float* st = s + static_cast<size_t>(t) * count * stride;
       const int32_t n = firstPos + i0 + t + 1;
-      const int32_t nChunks = (n + kAttentionChunkKeys - 1) / kAttentionChunkKeys;
+      const int32_t lo = firstKey(n - 1);
+      const int32_t c0 = lo / kAttentionChunkKeys;
+      const int32_t nChunks = (n + kAttentionChunkKeys - 1) / kAttentionChunkKeys - c0;
       partials.reserve(static_cast<size_t>(nChunks) * count, D);
-      chunkPartials<VT, kSimd>(count, st, stride, n, 0, nChunks, kvh, V, partials.m.data(),
-                               partials.l.data(), partials.o.data());
+      chunkPartials<VT, kSimd>(count, st, stride, lo, n, c0, c0 + nChunks, kvh, V,
+                               partials.m.data(), partials.l.data(), partials.o.data());
       mergeChunks(nChunks, count, D, partials.m.data(), partials.l.data(), partials.o.data(),
                   out + (static_cast<int64_t>(i0 + t) * nHeads + h0) * D);
     }
@@ -535,7 +552,8 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
 
 template <bool kSimd>
 void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads,
-              const PagedKVView& K, const PagedKVView& V, float scale, float* out, float* scratch) {
+              const PagedKVView& K, const PagedKVView& V, float scale, float* out, float* scratch,
+              int32_t window) {
   const auto fail = [](const std::string& what) {
     throw std::invalid_argument("pagedAttention: " + what);
   };
@@ -545,6 +563,7 @@ void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, in
     fail("K and V views disagree on numKVHeads/headDim");
   if (K.headDim <= 0 || K.headDim % 8 != 0) fail("headDim must be a positive multiple of 8");
   if (nHeads <= 0 || nHeads % K.numKVHeads != 0) fail("nHeads must be a multiple of numKVHeads");
+  if (window < 0) fail("negative windowTokens");
   if (K.numTokens < firstPos + nQ || V.numTokens < firstPos + nQ)
     fail("views hold " + std::to_string(std::min(K.numTokens, V.numTokens)) +
          " tokens, queries need " + std::to_string(firstPos + nQ));
@@ -552,13 +571,13 @@ void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, in
     switch (V.dtype) {
       case KVDType::F32:
         return attentionT<KT, KVDType::F32, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
-                                                    out, scratch);
+                                                    out, scratch, window);
       case KVDType::F16:
         return attentionT<KT, KVDType::F16, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
-                                                    out, scratch);
+                                                    out, scratch, window);
       case KVDType::BF16:
         return attentionT<KT, KVDType::BF16, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
-                                                     out, scratch);
+                                                     out, scratch, window);
     }
   };
   switch (K.dtype) {
@@ -572,11 +591,13 @@ void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, in
 
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
                     int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
-                    float scale, float* out, float* scratch) {
+                    float scale, float* out, float* scratch, int32_t windowTokens) {
 #if CS_KERNELS_AVX2
-  dispatch<true>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
+  dispatch<true>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch,
+                 windowTokens);
 #else
-  dispatch<false>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch);
+  dispatch<false>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch,
+                  windowTokens);
 #endif
 }
 

@@ -16,9 +16,11 @@ namespace cortex::kernels {
 // even on the same pool.
 size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens);
 
-// out[i][h][:] = sum_{j <= p_i} softmax_j(scale * Q[i][h] . K[j][kvh]) * V[j][kvh], where
-// p_i = firstQueryPos + i is the absolute position of query token i and kvh = h / (nHeads /
-// K.numKVHeads) (grouped-query attention).
+// out[i][h][:] = sum_{lo_i <= j <= p_i} softmax_j(scale * Q[i][h] . K[j][kvh]) * V[j][kvh], where
+// p_i = firstQueryPos + i is the absolute position of query token i, kvh = h / (nHeads /
+// K.numKVHeads) (grouped-query attention), and lo_i = 0, or with a sliding window of
+// windowTokens > 0 positions, lo_i = max(0, p_i - windowTokens + 1): a query sees itself and the
+// windowTokens - 1 keys before it. Keys before lo_i are never read, so their blocks may be gone.
 //   Q:   nQueryTokens x (nHeads * headDim) floats, head-major within a token.
 //   K,V: views of one layer of one sequence with numTokens >= firstQueryPos + nQueryTokens, same
 //        numKVHeads and headDim (a multiple of 8); dtype F32, F16 or BF16; any strides.
@@ -29,7 +31,8 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 // is only borrowed for the call.
 //
 // Numerics (batch-invariant): for each (token, head), with keys taken in chunks of 256 positions
-// from position 0 (the last one partial):
+// aligned from position 0 (the last one partial, and with a window the first one starts at lo_i;
+// chunks wholly before lo_i are skipped):
 //   score_j = (fma chain over d = 0, 1, ... of q[d] * k_j[d], from 0) * scale;
 //   per chunk c: m_c = its largest score, e_j = exp(score_j - m_c) (the canonical polynomial of
 //   simd.h, within 2 ulp), l_c = sum of its e_j in double (8 lanes by j mod 8, then a fixed
@@ -50,6 +53,6 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 // when there are at least ~16k multiply-adds.
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
                     int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
-                    float scale, float* out, float* scratch);
+                    float scale, float* out, float* scratch, int32_t windowTokens = 0);
 
 }  // namespace cortex::kernels

@@ -53,9 +53,9 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
                     int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
-                    float scale, float* out, float* scratch) {
+                    float scale, float* out, float* scratch, int32_t windowTokens) {
   detail::activeKernelSet().pagedAttention(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V,
-                                           scale, out, scratch);
+                                           scale, out, scratch, windowTokens);
 }
 
 }  // namespace cortex::kernels

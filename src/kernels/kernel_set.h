@@ -20,7 +20,8 @@ using MatmulFloatFn = void (*)(ThreadPool& pool, const WeightMatrix& W, const fl
                                int64_t nTokens, float* Y);
 using AttentionFn = void (*)(ThreadPool& pool, const float* Q, int32_t nQueryTokens,
                              int32_t firstQueryPos, int32_t nHeads, const kv::PagedKVView& K,
-                             const kv::PagedKVView& V, float scale, float* out, float* scratch);
+                             const kv::PagedKVView& V, float scale, float* out, float* scratch,
+                             int32_t windowTokens);
 // Quantizes rows [r0, r1) of X into out (already resized to X's shape).
 using QuantizeRowsFn = void (*)(const float* X, int64_t r0, int64_t r1, QuantizedActivations& out);
 // Row groups [g0, g1) of the integer matmul, for every token of X (shapes already checked).
@@ -31,8 +32,8 @@ using PackedGroupsFn = void (*)(const PackedWeights& W, const QuantizedActivatio
 // the padded length of a row of attention scores; pagedAttentionScratchFloats is built from them.
 inline constexpr int kAttentionMaxGroup = 4;
 inline constexpr int kAttentionTileTokens = 4;
-// Keys are attended in chunks of this many positions (from position 0): each chunk's softmax and
-// weighted values are computed on their own and merged in chunk order (attention.h), so one decode
+// Keys are attended in chunks of this many positions (aligned on multiples of it from position 0;
+// a sliding window clips the first one): each chunk's softmax and weighted values are computed on their own and merged in chunk order (attention.h), so one decode
 // token's chunks can run on different threads.
 inline constexpr int32_t kAttentionChunkKeys = 256;
 inline size_t scoreStride(int32_t maxKeyTokens) {
@@ -59,7 +60,8 @@ const KernelSet& activeKernelSet();
                    float* Y);                                                                  \
   void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens,                  \
                       int32_t firstQueryPos, int32_t nHeads, const kv::PagedKVView& K,         \
-                      const kv::PagedKVView& V, float scale, float* out, float* scratch);      \
+                      const kv::PagedKVView& V, float scale, float* out, float* scratch,       \
+                      int32_t windowTokens);                                                   \
   void quantizeRows(const float* X, int64_t r0, int64_t r1, QuantizedActivations& out);         \
   void packedGroups(const PackedWeights& W, const QuantizedActivations& X, float* Y, int64_t g0, \
                     int64_t g1);                                                               \

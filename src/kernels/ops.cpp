@@ -22,47 +22,60 @@ void rmsNorm(const float* x, const float* weight, int64_t nTokens, int64_t n, fl
   }
 }
 
-RopeTable::RopeTable(int32_t maxPositions, int32_t rotDim, double theta)
-    : maxPositions_(maxPositions), rotDim_(rotDim) {
-  if (maxPositions <= 0 || rotDim < 2 || rotDim % 2 != 0 || !(theta > 0)) {
-    throw std::invalid_argument("RopeTable: need maxPositions > 0, even rotDim >= 2, theta > 0");
+Rope::Rope(RopeStyle style, int32_t rotDim, double theta, double freqScale,
+           std::vector<float> freqFactors)
+    : style_(style), rotDim_(rotDim) {
+  if (rotDim < 2 || rotDim % 2 != 0 || !(theta > 0) || !(freqScale > 0)) {
+    throw std::invalid_argument("Rope: need an even rotDim >= 2, theta > 0 and freqScale > 0");
   }
   const int32_t half = rotDim / 2;
-  table_.resize(static_cast<size_t>(maxPositions) * static_cast<size_t>(rotDim));
-  for (int32_t p = 0; p < maxPositions; ++p) {
-    float* row = table_.data() + static_cast<size_t>(p) * rotDim;
+  if (!freqFactors.empty() && static_cast<int32_t>(freqFactors.size()) != half) {
+    throw std::invalid_argument("Rope: " + std::to_string(freqFactors.size()) +
+                                " frequency factors for " + std::to_string(half) + " frequencies");
+  }
+  freq_.resize(static_cast<size_t>(half));
+  for (int32_t i = 0; i < half; ++i) {
+    const double factor = freqFactors.empty() ? 1.0 : freqFactors[static_cast<size_t>(i)];
+    if (!(factor > 0)) throw std::invalid_argument("Rope: frequency factors must be positive");
+    freq_[static_cast<size_t>(i)] = freqScale * std::pow(theta, -2.0 * i / rotDim) / factor;
+  }
+}
+
+void Rope::angles(const int32_t* positions, int64_t nTokens, float* cs) const {
+  const int32_t half = rotDim_ / 2;
+  for (int64_t t = 0; t < nTokens; ++t) {
+    const int32_t pos = positions[t];
+    if (pos < 0) throw std::out_of_range("Rope: negative position " + std::to_string(pos));
+    float* row = cs + t * rotDim_;
     for (int32_t i = 0; i < half; ++i) {
-      const double freq = std::pow(theta, -2.0 * i / rotDim);
-      const double a = p * freq;
+      const double a = pos * freq_[static_cast<size_t>(i)];
       row[i] = static_cast<float>(std::cos(a));
       row[half + i] = static_cast<float>(std::sin(a));
     }
   }
 }
 
-void ropeInPlace(float* x, int64_t nTokens, int32_t nHeads, int32_t headDim,
-                 const int32_t* positions, const RopeTable& table) {
-  const int32_t half = table.rotDim() / 2;
-  if (table.rotDim() > headDim) {
-    throw std::invalid_argument("ropeInPlace: rotDim " + std::to_string(table.rotDim()) +
-                                " > headDim " + std::to_string(headDim));
+void ropeInPlace(float* x, int64_t nTokens, int32_t nHeads, int32_t headDim, const float* cs,
+                 int32_t rotDim, RopeStyle style) {
+  const int32_t half = rotDim / 2;
+  if (rotDim > headDim) {
+    throw std::invalid_argument("ropeInPlace: rotDim " + std::to_string(rotDim) + " > headDim " +
+                                std::to_string(headDim));
   }
+  // Pair i is (x[ia * i], x[ia * i + ib]): adjacent (2i, 2i + 1) or split (i, i + rotDim/2).
+  const int32_t ia = style == RopeStyle::Normal ? 2 : 1;
+  const int32_t ib = style == RopeStyle::Normal ? 1 : half;
   for (int64_t t = 0; t < nTokens; ++t) {
-    const int32_t pos = positions[t];
-    if (pos < 0 || pos >= table.maxPositions()) {
-      throw std::out_of_range("ropeInPlace: position " + std::to_string(pos) +
-                              " outside the RoPE table [0, " +
-                              std::to_string(table.maxPositions()) + ")");
-    }
-    const float* cs = table.at(pos);
-    const float* sn = cs + half;
+    const float* cs_t = cs + t * rotDim;
+    const float* sn = cs_t + half;
     float* row = x + t * static_cast<int64_t>(nHeads) * headDim;
     for (int32_t h = 0; h < nHeads; ++h) {
       float* v = row + static_cast<int64_t>(h) * headDim;
       for (int32_t i = 0; i < half; ++i) {
-        const float a = v[2 * i], b = v[2 * i + 1];
-        v[2 * i] = a * cs[i] - b * sn[i];
-        v[2 * i + 1] = a * sn[i] + b * cs[i];
+        float* p = v + ia * i;
+        const float a = p[0], b = p[ib];
+        p[0] = a * cs_t[i] - b * sn[i];
+        p[ib] = a * sn[i] + b * cs_t[i];
       }
     }
   }
@@ -88,6 +101,35 @@ void swiglu(const float* gate, const float* up, int64_t n, float* out) {
     const float g = gate[i];
     const float e = detail::expNonPositive(0.0f - std::fabs(g));
     const float t = g >= 0.0f ? 1.0f : e;
+    out[i] = (g * t) / (1.0f + e) * up[i];
+  }
+}
+
+// note: gelu(g) = g * sigmoid(z), z = 2 sqrt(2/pi) (g + 0.044715 g^3), computed like silu above
+// (exp of -|z| only), with the same operations in the AVX2 loop and the scalar tail.
+void geglu(const float* gate, const float* up, int64_t n, float* out) {
+  constexpr float kC0 = 2.0f * 0.7978845608028654f;  // 2 sqrt(2/pi)
+  constexpr float kC1 = 0.044715f;
+  int64_t i = 0;
+#if CS_KERNELS_AVX2
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 c0 = _mm256_set1_ps(kC0), c1 = _mm256_set1_ps(kC1);
+  const __m256 absMask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 g2 = _mm256_mul_ps(g, g);
+    const __m256 z = _mm256_mul_ps(_mm256_mul_ps(c0, g), _mm256_fmadd_ps(c1, g2, one));
+    const __m256 e = detail::expNonPositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_and_ps(z, absMask)));
+    const __m256 t = _mm256_blendv_ps(e, one, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
+    const __m256 gelu = _mm256_div_ps(_mm256_mul_ps(g, t), _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float g = gate[i];
+    const float z = (kC0 * g) * std::fma(kC1, g * g, 1.0f);
+    const float e = detail::expNonPositive(0.0f - std::fabs(z));
+    const float t = z >= 0.0f ? 1.0f : e;
     out[i] = (g * t) / (1.0f + e) * up[i];
   }
 }

@@ -1,4 +1,4 @@
-// Element-wise and per-row operations of the Llama forward pass (float32 activations).
+// Element-wise and per-row operations of the transformer forward pass (float32 activations).
 //
 // All are deterministic and batch-invariant: each output row depends only on its own input row
 // (and position), computed in an order fixed by the row length. None allocates, none threads
@@ -16,36 +16,51 @@ namespace cortex::kernels {
 void rmsNorm(const float* x, const float* weight, int64_t nTokens, int64_t n, float eps,
              float* out);
 
-// Cos/sin of RoPE angles pos * theta^(-2i/rotDim) for pos in [0, maxPositions), i in
-// [0, rotDim/2), computed in double and rounded to float once. Built once by the caller (the
-// model) and shared read-only by every layer and thread; ropeInPlace does no trigonometry.
-// rotDim even, >= 2. Memory: maxPositions * rotDim floats.
-class RopeTable {
+// How RoPE pairs a head's dimensions (ggml's names): Normal rotates adjacent pairs (x[2i],
+// x[2i+1]) (Llama as GGUF stores it); Neox rotates (x[i], x[i + rotDim/2]) (Qwen, Gemma).
+enum class RopeStyle { Normal, Neox };
+
+// The RoPE of one kind of attention layer: style, rotated dimensions and the frequency of each
+// pair i in [0, rotDim/2):
+//   freq_i = freqScale * theta^(-2i/rotDim) / factor_i
+// where factor_i comes from freqFactors (Llama 3's per-frequency scaling; empty means all 1) and
+// freqScale is linear position scaling (1 / the scaling factor). Frequencies are kept in double.
+class Rope {
  public:
-  RopeTable(int32_t maxPositions, int32_t rotDim, double theta);
-  int32_t maxPositions() const { return maxPositions_; }
+  // rotDim even, >= 2; theta > 0; freqScale > 0; freqFactors empty or rotDim/2 positive values.
+  // Throws std::invalid_argument otherwise.
+  Rope(RopeStyle style, int32_t rotDim, double theta, double freqScale = 1.0,
+       std::vector<float> freqFactors = {});
+  RopeStyle style() const { return style_; }
   int32_t rotDim() const { return rotDim_; }
-  // rotDim/2 cos values then rotDim/2 sin values of position pos.
-  const float* at(int32_t pos) const { return table_.data() + static_cast<size_t>(pos) * rotDim_; }
+  // For each of nTokens positions, rotDim/2 cos values then rotDim/2 sin values of the angles
+  // pos * freq_i (computed in double, rounded to float once) into cs (nTokens * rotDim floats).
+  // Called once per forward pass for the batch's positions; every layer of this kind reuses it.
+  // Throws std::out_of_range for a negative position.
+  void angles(const int32_t* positions, int64_t nTokens, float* cs) const;
 
  private:
-  int32_t maxPositions_;
+  RopeStyle style_;
   int32_t rotDim_;
-  std::vector<float> table_;
+  std::vector<double> freq_;
 };
 
-// Llama RoPE in GGUF ("normal", adjacent-pair) convention, in place. x holds nTokens rows of
-// nHeads * headDim floats (head-major within a row); token t is at position positions[t]. In each
-// head the pairs (x[2i], x[2i+1]), 2i < rotDim, are rotated by angle a = pos * theta^(-2i/rotDim):
-//   x'[2i] = x[2i] cos a - x[2i+1] sin a,  x'[2i+1] = x[2i] sin a + x[2i+1] cos a.
-// Dims >= table.rotDim() are left alone. Throws std::out_of_range when a position is outside
-// [0, table.maxPositions()) and std::invalid_argument when table.rotDim() > headDim.
-void ropeInPlace(float* x, int64_t nTokens, int32_t nHeads, int32_t headDim,
-                 const int32_t* positions, const RopeTable& table);
+// RoPE in place. x holds nTokens rows of nHeads * headDim floats (head-major within a row);
+// cs holds each token's angles from Rope::angles (rotDim/2 cos, then rotDim/2 sin). In each head,
+// pair i (see RopeStyle) (a, b) is rotated by its angle:
+//   a' = a cos - b sin,  b' = a sin + b cos.
+// Dims >= rotDim are left alone. Throws std::invalid_argument when rotDim > headDim.
+void ropeInPlace(float* x, int64_t nTokens, int32_t nHeads, int32_t headDim, const float* cs,
+                 int32_t rotDim, RopeStyle style);
 
 // out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i], i in [0, n).
 // out may alias gate or up.
 void swiglu(const float* gate, const float* up, int64_t n, float* out);
+
+// out[i] = gelu(gate[i]) * up[i] (GeGLU), gelu the tanh approximation:
+//   gelu(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3)).
+// out may alias gate or up.
+void geglu(const float* gate, const float* up, int64_t n, float* out);
 
 // y[i] += x[i], i in [0, n).
 void addInPlace(float* y, const float* x, int64_t n);

@@ -97,20 +97,22 @@ struct Shape {
   int32_t nHeads, nKVHeads, headDim, tokens, blockSize;
 };
 
-// Dense causal GQA attention in double.
+// Dense causal GQA attention in double; with window > 0 a query at position p sees keys
+// [max(0, p - window + 1), p].
 std::vector<double> reference(const std::vector<float>& q, int32_t nQ, int32_t firstPos,
                               const Shape& s, const PagedTensor& K, const PagedTensor& V,
-                              double scale) {
+                              double scale, int32_t window = 0) {
   const int32_t D = s.headDim, group = s.nHeads / s.nKVHeads;
   std::vector<double> out(static_cast<size_t>(nQ) * s.nHeads * D, 0);
   for (int32_t i = 0; i < nQ; ++i) {
     const int32_t n = firstPos + i + 1;
+    const int32_t lo = window > 0 ? std::max(0, n - window) : 0;
     for (int32_t h = 0; h < s.nHeads; ++h) {
       const int32_t kvh = h / group;
       const float* qv = q.data() + (static_cast<size_t>(i) * s.nHeads + h) * D;
-      std::vector<double> sc(n);
+      std::vector<double> sc(n, -1e300);
       double mx = -1e300;
-      for (int32_t j = 0; j < n; ++j) {
+      for (int32_t j = lo; j < n; ++j) {
         double dot = 0;
         for (int32_t d = 0; d < D; ++d) dot += qv[d] * K.at(j, kvh, d);
         sc[j] = dot * scale;
@@ -119,7 +121,7 @@ std::vector<double> reference(const std::vector<float>& q, int32_t nQ, int32_t f
       double sum = 0;
       for (auto& v : sc) sum += (v = std::exp(v - mx));
       double* o = out.data() + (static_cast<size_t>(i) * s.nHeads + h) * D;
-      for (int32_t j = 0; j < n; ++j)
+      for (int32_t j = lo; j < n; ++j)
         for (int32_t d = 0; d < D; ++d) o[d] += sc[j] / sum * V.at(j, kvh, d);
     }
   }
@@ -169,7 +171,7 @@ TEST(Attention, MatchesDenseReference) {
           for (Isa isa : supportedIsas()) {
             detail::kernelSet(isa).pagedAttention(pool, q.data(), nQ, firstPos, s.nHeads, K.view,
                                                   V.view, scale, outScalar.data(),
-                                                  scratch.data());
+                                                  scratch.data(), 0);
             ASSERT_EQ(std::memcmp(out.data(), outScalar.data(), 4 * out.size()), 0)
                 << "the " << toString(isa) << " level differs";
           }
@@ -213,7 +215,7 @@ TEST(Attention, BatchAndThreadInvariant) {
           for (Isa isa : supportedIsas()) {
             detail::kernelSet(isa).pagedAttention(pool, q.data() + t0 * rowFloats, n, t0,
                                                   s.nHeads, K.view, V.view, 0.125f,
-                                                  outScalar.data(), scratch.data());
+                                                  outScalar.data(), scratch.data(), 0);
             ASSERT_EQ(std::memcmp(outScalar.data(), full.data() + t0 * rowFloats,
                                   4 * n * rowFloats),
                       0)
@@ -221,6 +223,63 @@ TEST(Attention, BatchAndThreadInvariant) {
                 << " at " << t0;
           }
         }
+      }
+    }
+  }
+}
+
+// A sliding window: against the reference; every level, batch split and thread count gives the
+// bits of the whole-prompt call; and keys before the window are never read (their blocks are
+// poisoned with NaN, which would reach the output through any score or value read).
+TEST(Attention, SlidingWindowMatchesReferenceAndNeverReadsOutside) {
+  ThreadPool reference2(2);
+  ThreadPool pools[] = {ThreadPool(1), ThreadPool(3)};
+  const Shape shapes[] = {{3, 1, 64, 300, 16}, {6, 2, 64, 45, 16}, {4, 4, 16, 530, 8}};
+  for (const Shape& s : shapes) {
+    for (int32_t window : {1, 5, 16, 100, 260, 1000}) {
+      SCOPED_TRACE(testing::Message() << "tokens " << s.tokens << " window " << window);
+      PagedTensor K(false, KVDType::F16, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 31);
+      PagedTensor V(false, KVDType::F16, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 32);
+      const int64_t rowFloats = static_cast<int64_t>(s.nHeads) * s.headDim;
+      const auto q = testref::randomFloats(static_cast<size_t>(s.tokens * rowFloats), 33, -2, 2);
+      std::vector<float> scratch(pagedAttentionScratchFloats(pools[1], s.tokens));
+      std::vector<float> full(q.size());
+      pagedAttention(reference2, q.data(), s.tokens, 0, s.nHeads, K.view, V.view, 0.125f,
+                     full.data(), scratch.data(), window);
+      const auto ref = reference(q, s.tokens, 0, s, K, V, 0.125, window);
+      for (size_t e = 0; e < full.size(); ++e) ASSERT_NEAR(full[e], ref[e], 1e-5) << e;
+      for (ThreadPool& pool : pools) {
+        for (int32_t batch : {1, 7}) {
+          std::vector<float> out(static_cast<size_t>(batch * rowFloats));
+          for (int32_t t0 = 0; t0 < s.tokens; t0 += batch) {
+            const int32_t n = std::min(batch, s.tokens - t0);
+            for (Isa isa : supportedIsas()) {
+              detail::kernelSet(isa).pagedAttention(pool, q.data() + t0 * rowFloats, n, t0,
+                                                    s.nHeads, K.view, V.view, 0.125f, out.data(),
+                                                    scratch.data(), window);
+              ASSERT_EQ(std::memcmp(out.data(), full.data() + t0 * rowFloats, 4 * n * rowFloats), 0)
+                  << toString(isa) << " threads " << pool.size() << " batch " << batch << " at " << t0;
+            }
+          }
+        }
+      }
+      // Poison every block wholly before the last token's window, then decode the last token.
+      const int32_t last = s.tokens - 1;
+      const int32_t lo = std::max(0, last - window + 1);
+      for (int32_t t = 0; t < (lo / s.blockSize) * s.blockSize; ++t) {
+        for (int32_t h = 0; h < s.nKVHeads; ++h) {
+          for (int32_t d = 0; d < s.headDim; ++d) {
+            const uint16_t nan = 0x7e00;
+            std::memcpy(K.arena.data() + 2 * K.offset(t, h, d), &nan, 2);
+            std::memcpy(V.arena.data() + 2 * V.offset(t, h, d), &nan, 2);
+          }
+        }
+      }
+      std::vector<float> out(static_cast<size_t>(rowFloats));
+      for (ThreadPool& pool : pools) {
+        pagedAttention(pool, q.data() + last * rowFloats, 1, last, s.nHeads, K.view, V.view,
+                       0.125f, out.data(), scratch.data(), window);
+        ASSERT_EQ(std::memcmp(out.data(), full.data() + last * rowFloats, 4 * rowFloats), 0);
       }
     }
   }

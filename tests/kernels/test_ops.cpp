@@ -36,40 +36,73 @@ TEST(Ops, RmsNormMatchesReference) {
   EXPECT_EQ(std::memcmp(z.data(), y.data(), 4 * y.size()), 0);
 }
 
-// RoPE: adjacent pairs, angle pos * theta^(-2i/rotDim). The table holds cos/sin rounded once to
-// float and each output is two float products and a sum: error below 4 ulps of the operands'
-// magnitude (|x| <= 1), so 1e-6 absolute.
-TEST(Ops, RopeAdjacentPairsMatchesReference) {
+// RoPE: pair i is (2i, 2i+1) (Normal) or (i, i + rotDim/2) (Neox), rotated by pos * freq_i with
+// freq_i = scale * theta^(-2i/rotDim) / factor_i. cos/sin are rounded once to float and each output
+// is two float products and a sum: error below 4 ulps of the operands' magnitude (|x| <= 1), so
+// 1e-6 absolute.
+TEST(Ops, RopeMatchesReferenceInBothStyles) {
   const int32_t heads = 3, headDim = 16, tokens = 4;
   const double theta = 100000;
-  for (int32_t rotDim : {16, 8}) {
-    RopeTable table(64, rotDim, theta);
-    const int32_t pos[tokens] = {0, 1, 17, 63};
-    auto x = testref::randomFloats(tokens * heads * headDim, 3);
-    const auto orig = x;
-    ropeInPlace(x.data(), tokens, heads, headDim, pos, table);
-    for (int32_t t = 0; t < tokens; ++t) {
-      for (int32_t h = 0; h < heads; ++h) {
-        const size_t o = static_cast<size_t>((t * heads + h) * headDim);
-        for (int32_t i = 0; i < headDim / 2; ++i) {
-          const double a = orig[o + 2 * i], b = orig[o + 2 * i + 1];
-          double ra = a, rb = b;
-          if (2 * i < rotDim) {
-            const double ang = pos[t] * std::pow(theta, -2.0 * i / rotDim);
-            ra = a * std::cos(ang) - b * std::sin(ang);
-            rb = a * std::sin(ang) + b * std::cos(ang);
+  for (RopeStyle style : {RopeStyle::Normal, RopeStyle::Neox}) {
+    for (int32_t rotDim : {16, 8}) {
+      for (bool scaled : {false, true}) {
+        std::vector<float> factors;
+        if (scaled) {
+          for (int32_t i = 0; i < rotDim / 2; ++i) factors.push_back(1.0f + 0.5f * static_cast<float>(i));
+        }
+        const double freqScale = scaled ? 0.25 : 1.0;
+        Rope rope(style, rotDim, theta, freqScale, factors);
+        const int32_t pos[tokens] = {0, 1, 17, 63};
+        std::vector<float> cs(static_cast<size_t>(tokens * rotDim));
+        rope.angles(pos, tokens, cs.data());
+        auto x = testref::randomFloats(tokens * heads * headDim, 3);
+        const auto orig = x;
+        ropeInPlace(x.data(), tokens, heads, headDim, cs.data(), rotDim, style);
+        for (int32_t t = 0; t < tokens; ++t) {
+          for (int32_t h = 0; h < heads; ++h) {
+            const size_t o = static_cast<size_t>((t * heads + h) * headDim);
+            std::vector<double> want(orig.begin() + static_cast<std::ptrdiff_t>(o),
+                                     orig.begin() + static_cast<std::ptrdiff_t>(o) + headDim);
+            for (int32_t i = 0; i < rotDim / 2; ++i) {
+              const size_t ia = style == RopeStyle::Normal ? 2 * static_cast<size_t>(i) : static_cast<size_t>(i);
+              const size_t ib = style == RopeStyle::Normal ? ia + 1 : ia + static_cast<size_t>(rotDim / 2);
+              const double f = scaled ? factors[static_cast<size_t>(i)] : 1.0;
+              const double ang = pos[t] * freqScale * std::pow(theta, -2.0 * i / rotDim) / f;
+              const double a = orig[o + ia], b = orig[o + ib];
+              want[ia] = a * std::cos(ang) - b * std::sin(ang);
+              want[ib] = a * std::sin(ang) + b * std::cos(ang);
+            }
+            for (int32_t d = 0; d < headDim; ++d) {
+              ASSERT_NEAR(x[o + static_cast<size_t>(d)], want[static_cast<size_t>(d)], 1e-6)
+                  << "style " << static_cast<int>(style) << " rotDim " << rotDim << " d " << d;
+            }
           }
-          ASSERT_NEAR(x[o + 2 * i], ra, 1e-6);
-          ASSERT_NEAR(x[o + 2 * i + 1], rb, 1e-6);
         }
       }
     }
   }
-  RopeTable table(8, 16, theta);
-  std::vector<float> v(16);
-  const int32_t bad = 8;
-  EXPECT_THROW(ropeInPlace(v.data(), 1, 1, 16, &bad, table), std::out_of_range);
-  EXPECT_THROW(ropeInPlace(v.data(), 1, 1, 8, &bad, table), std::invalid_argument);
+  std::vector<float> v(16), cs(16);
+  const int32_t bad = -1;
+  EXPECT_THROW(Rope(RopeStyle::Normal, 16, theta).angles(&bad, 1, cs.data()), std::out_of_range);
+  EXPECT_THROW(ropeInPlace(v.data(), 1, 1, 8, cs.data(), 16, RopeStyle::Neox), std::invalid_argument);
+  EXPECT_THROW(Rope(RopeStyle::Normal, 16, theta, 1.0, {1.0f, 2.0f}), std::invalid_argument);
+}
+
+// GeGLU with the tanh GELU: against the formula in double, within float rounding of the inputs'
+// magnitude; the AVX2 body and the scalar tail agree to the bit (odd offsets and lengths).
+TEST(Ops, GegluMatchesTanhGeluAndIsBatchInvariant) {
+  const int64_t n = 1000;
+  const auto g = testref::randomFloats(n, 7, -8, 8);
+  const auto u = testref::randomFloats(n, 8);
+  std::vector<float> all(static_cast<size_t>(n)), part(static_cast<size_t>(n));
+  geglu(g.data(), u.data(), n, all.data());
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = g[static_cast<size_t>(i)];
+    const double gelu = 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+    ASSERT_NEAR(all[static_cast<size_t>(i)], gelu * u[static_cast<size_t>(i)], 2e-6 * (std::abs(x) + 1));
+  }
+  geglu(g.data() + 3, u.data() + 3, 101, part.data());
+  ASSERT_EQ(std::memcmp(part.data(), all.data() + 3, 4 * 101), 0);
 }
 
 // Each element depends only on itself: a row computed alone or inside a longer array, at any
