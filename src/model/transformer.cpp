@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <stdexcept>
 
 #include "kernels/attention.h"
@@ -64,6 +65,11 @@ class MatmulInput {
   bool quantized_ = false;
 };
 
+// y[t][i] += bias[i] for nTokens rows of n floats.
+void addRowBias(float* y, const float* bias, int64_t nTokens, int64_t n) {
+  for (int64_t t = 0; t < nTokens; ++t) kernels::addInPlace(y + t * n, bias, n);
+}
+
 }  // namespace
 
 const char* toString(Precision p) { return p == Precision::Int8 ? "int8" : "f32"; }
@@ -78,15 +84,23 @@ struct TransformerModel::Weights {
   struct Layer {
     const float* attnNorm = nullptr;
     Linear wq, wk, wv, wo;
+    const float* bq = nullptr;  // Q/K/V biases (qkvBias)
+    const float* bk = nullptr;
+    const float* bv = nullptr;
+    const float* qNorm = nullptr;  // per-head QK-norm weights, headDim each (qkNorm)
+    const float* kNorm = nullptr;
+    const float* postAttnNorm = nullptr;  // postNorms
     const float* ffnNorm = nullptr;
     Linear wGate, wUp, wDown;
+    const float* postFfnNorm = nullptr;  // postNorms
   };
   kernels::WeightMatrix tokenEmbd;
   Linear output;
   kernels::QuantizedActivations actQ;
   const float* outputNorm = nullptr;
   std::vector<Layer> layers;
-  std::unique_ptr<kernels::RopeTable> rope;
+  std::unique_ptr<kernels::Rope> ropeGlobal;
+  std::unique_ptr<kernels::Rope> ropeSwa;  // sliding-window layers, when the model has them
 };
 
 TransformerModel::TransformerModel(GGUFFile file, Precision precision)
@@ -94,15 +108,41 @@ TransformerModel::TransformerModel(GGUFFile file, Precision precision)
 
 TransformerModel::~TransformerModel() = default;
 
-std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path, Precision precision) {
+const char* toString(Architecture arch) {
+  switch (arch) {
+    case Architecture::Llama: return "llama";
+    case Architecture::Qwen2: return "qwen2";
+    case Architecture::Qwen3: return "qwen3";
+    case Architecture::Gemma3: return "gemma3";
+  }
+  return "?";
+}
+
+namespace {
+
+std::optional<Architecture> parseArchitecture(const std::string& name) {
+  for (Architecture a : {Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3,
+                         Architecture::Gemma3}) {
+    if (name == toString(a)) return a;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path,
+                                                         Precision precision) {
   std::unique_ptr<TransformerModel> m(new TransformerModel(GGUFFile::open(path), precision));
   const GGUFFile& f = m->file_;
   const std::string where = "model " + path + ": ";
-  const std::string arch = f.getString("general.architecture");
-  if (arch != "llama") {
-    throw ModelError(where + "architecture '" + arch +
-                     "' is not supported yet (supported: llama)");
+  const std::string archName = f.getString("general.architecture");
+  const std::optional<Architecture> arch = parseArchitecture(archName);
+  if (!arch) {
+    throw ModelError(where + "architecture '" + archName +
+                     "' is not supported yet (supported: llama, qwen2, qwen3, gemma3)");
   }
+  // Hyperparameters live under the architecture's name: "gemma3.block_count".
+  const std::string k = archName + ".";
   auto u32 = [&](const std::string& key) -> int32_t {
     const uint32_t v = f.getU32(key);
     if (v == 0 || v > (1u << 30)) {
@@ -111,18 +151,22 @@ std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path
     return static_cast<int32_t>(v);
   };
   HParams& hp = m->hp_;
-  hp.nLayers = u32("llama.block_count");
-  hp.nEmbd = u32("llama.embedding_length");
-  hp.nHead = u32("llama.attention.head_count");
-  hp.nHeadKV = f.has("llama.attention.head_count_kv") ? u32("llama.attention.head_count_kv")
-                                                      : hp.nHead;
-  hp.nFF = u32("llama.feed_forward_length");
-  hp.nCtxTrain = u32("llama.context_length");
-  hp.headDim = f.has("llama.attention.key_length") ? u32("llama.attention.key_length")
-                                                   : hp.nEmbd / hp.nHead;
-  hp.nRot = f.has("llama.rope.dimension_count") ? u32("llama.rope.dimension_count") : hp.headDim;
-  if (f.has("llama.rope.freq_base")) hp.ropeTheta = f.getF32("llama.rope.freq_base");
-  hp.rmsEps = f.getF32("llama.attention.layer_norm_rms_epsilon");
+  hp.arch = *arch;
+  hp.nLayers = u32(k + "block_count");
+  hp.nEmbd = u32(k + "embedding_length");
+  hp.nHead = u32(k + "attention.head_count");
+  hp.nHeadKV = f.has(k + "attention.head_count_kv") ? u32(k + "attention.head_count_kv")
+                                                     : hp.nHead;
+  hp.nFF = u32(k + "feed_forward_length");
+  hp.nCtxTrain = u32(k + "context_length");
+  hp.headDim = f.has(k + "attention.key_length") ? u32(k + "attention.key_length")
+                                                 : hp.nEmbd / hp.nHead;
+  if (f.has(k + "attention.value_length") && u32(k + "attention.value_length") != hp.headDim) {
+    throw ModelError(where + "key_length and value_length differ, which is not supported");
+  }
+  hp.nRot = f.has(k + "rope.dimension_count") ? u32(k + "rope.dimension_count") : hp.headDim;
+  if (f.has(k + "rope.freq_base")) hp.ropeTheta = f.getF32(k + "rope.freq_base");
+  hp.rmsEps = f.getF32(k + "attention.layer_norm_rms_epsilon");
   if (hp.nHead % hp.nHeadKV != 0) {
     throw ModelError(where + "head_count " + std::to_string(hp.nHead) +
                      " is not a multiple of head_count_kv " + std::to_string(hp.nHeadKV));
@@ -133,6 +177,56 @@ std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path
   }
   if (!(hp.rmsEps > 0.0f) || !(hp.ropeTheta > 0.0f)) {
     throw ModelError(where + "rms epsilon and rope freq_base must be positive");
+  }
+  // RoPE scaling: linear, or none. (YaRN and LongRoPE change attention itself.)
+  if (f.has(k + "rope.scaling.type")) {
+    const std::string type = f.getString(k + "rope.scaling.type");
+    if (type == "linear") {
+      const float factor = f.getF32(k + "rope.scaling.factor");
+      if (!(factor > 0.0f)) throw ModelError(where + "rope.scaling.factor must be positive");
+      hp.ropeFreqScale = 1.0f / factor;
+    } else if (type != "none") {
+      throw ModelError(where + "rope scaling '" + type + "' is not supported (supported: linear)");
+    }
+  }
+  hp.attnScale = 1.0f / std::sqrt(static_cast<float>(hp.headDim));
+  hp.ropeNeox = hp.arch != Architecture::Llama;
+  hp.qkvBias = hp.arch == Architecture::Qwen2;
+  hp.qkNorm = hp.arch == Architecture::Qwen3 || hp.arch == Architecture::Gemma3;
+  if (hp.arch == Architecture::Gemma3) {
+    hp.postNorms = true;
+    hp.geglu = true;
+    hp.embedScale = std::sqrt(static_cast<float>(hp.nEmbd));
+    // Gemma 3 27B (62 layers) scales queries by the hidden size per head instead.
+    if (hp.nLayers == 62) hp.attnScale = 1.0f / std::sqrt(static_cast<float>(hp.nEmbd / hp.nHead));
+    if (f.has(k + "final_logit_softcapping")) {
+      hp.finalLogitSoftcap = f.getF32(k + "final_logit_softcapping");
+    }
+    if (f.has(k + "attention.sliding_window")) {
+      hp.slidingWindow = static_cast<int32_t>(f.getU32(k + "attention.sliding_window"));
+    }
+    if (hp.slidingWindow > 0) {
+      // Which layers slide: an array of per-layer flags, or every layer but the last of each
+      // group of n (default 6).
+      hp.swaLayers.assign(static_cast<size_t>(hp.nLayers), 0);
+      const GGUFValue* pattern = f.find(k + "attention.sliding_window_pattern");
+      if (pattern != nullptr && pattern->isArray()) {
+        const std::vector<int32_t> flags = f.getI32Array(k + "attention.sliding_window_pattern");
+        if (flags.size() != hp.swaLayers.size()) {
+          throw ModelError(where + "sliding_window_pattern has " + std::to_string(flags.size()) +
+                           " entries for " + std::to_string(hp.nLayers) + " layers");
+        }
+        for (size_t l = 0; l < flags.size(); ++l) hp.swaLayers[l] = flags[l] != 0 ? 1 : 0;
+      } else {
+        const uint32_t n = pattern != nullptr ? f.getU32(k + "attention.sliding_window_pattern") : 6;
+        for (int32_t l = 0; l < hp.nLayers; ++l) {
+          hp.swaLayers[static_cast<size_t>(l)] =
+              n == 0 || static_cast<uint32_t>(l) % n < n - 1 ? 1 : 0;
+        }
+      }
+      if (f.has(k + "rope.freq_base_swa")) hp.ropeThetaSwa = f.getF32(k + "rope.freq_base_swa");
+      if (!(hp.ropeThetaSwa > 0.0f)) throw ModelError(where + "rope.freq_base_swa must be positive");
+    }
   }
 
   // A weight matrix with ggml dims {cols, rows}.
@@ -191,13 +285,41 @@ std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path
     layer.wk = linear(p + "attn_k.weight", hp.nEmbd, kvDim);
     layer.wv = linear(p + "attn_v.weight", hp.nEmbd, kvDim);
     layer.wo = linear(p + "attn_output.weight", qDim, hp.nEmbd);
+    if (hp.qkvBias) {
+      layer.bq = vector(p + "attn_q.bias", qDim);
+      layer.bk = vector(p + "attn_k.bias", kvDim);
+      layer.bv = vector(p + "attn_v.bias", kvDim);
+    }
+    if (hp.qkNorm) {
+      layer.qNorm = vector(p + "attn_q_norm.weight", hp.headDim);
+      layer.kNorm = vector(p + "attn_k_norm.weight", hp.headDim);
+    }
     layer.ffnNorm = vector(p + "ffn_norm.weight", hp.nEmbd);
     layer.wGate = linear(p + "ffn_gate.weight", hp.nEmbd, hp.nFF);
     layer.wUp = linear(p + "ffn_up.weight", hp.nEmbd, hp.nFF);
     layer.wDown = linear(p + "ffn_down.weight", hp.nFF, hp.nEmbd);
+    if (hp.postNorms) {
+      layer.postAttnNorm = vector(p + "post_attention_norm.weight", hp.nEmbd);
+      layer.postFfnNorm = vector(p + "post_ffw_norm.weight", hp.nEmbd);
+    }
     w.layers.push_back(layer);
   }
-  w.rope = std::make_unique<kernels::RopeTable>(hp.nCtxTrain, hp.nRot, hp.ropeTheta);
+  // Llama 3's frequency factors (rope_freqs.weight) apply to every layer that has them.
+  if (f.findTensor("rope_freqs.weight") != nullptr) {
+    const float* factors = vector("rope_freqs.weight", hp.nRot / 2);
+    hp.ropeFreqFactors.assign(factors, factors + hp.nRot / 2);
+  }
+  const kernels::RopeStyle style = hp.ropeNeox ? kernels::RopeStyle::Neox : kernels::RopeStyle::Normal;
+  try {
+    w.ropeGlobal = std::make_unique<kernels::Rope>(style, hp.nRot, hp.ropeTheta, hp.ropeFreqScale,
+                                                   hp.ropeFreqFactors);
+    if (hp.slidingWindow > 0) {
+      w.ropeSwa = std::make_unique<kernels::Rope>(style, hp.nRot, hp.ropeThetaSwa, 1.0,
+                                                  hp.ropeFreqFactors);
+    }
+  } catch (const std::invalid_argument& e) {
+    throw ModelError(where + e.what());
+  }
   if (precision == Precision::Int8) m->packWeights();
   return m;
 }
@@ -272,6 +394,8 @@ void TransformerModel::resize(int64_t nTokens, int32_t maxContext, const kernels
   grow(gate_, nTokens * hp_.nFF);
   grow(up_, nTokens * hp_.nFF);
   grow(lastRows_, nTokens * hp_.nEmbd);
+  grow(ropeGlobal_, nTokens * hp_.nRot);
+  if (w_->ropeSwa) grow(ropeSwa_, nTokens * hp_.nRot);
   grow(scratch_, static_cast<int64_t>(kernels::pagedAttentionScratchFloats(pool, maxContext)));
 }
 
@@ -342,7 +466,6 @@ void TransformerModel::forward(const ForwardBatch& batch, kernels::ThreadPool& p
   const int64_t E = hp.nEmbd;
   const int64_t qDim = static_cast<int64_t>(hp.nHead) * hp.headDim;
   const int64_t kvDim = static_cast<int64_t>(hp.nHeadKV) * hp.headDim;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hp.headDim));
   const kv::KVArena& arena = batch.arena;
   float* x = x_.data();
   float* xn = xn_.data();
@@ -350,6 +473,13 @@ void TransformerModel::forward(const ForwardBatch& batch, kernels::ThreadPool& p
   for (int64_t t = 0; t < nTokens; ++t) {
     kernels::dequantizeRow(w.tokenEmbd, batch.tokens[static_cast<size_t>(t)], x + t * E);
   }
+  if (hp.embedScale != 1.0f) {
+    for (int64_t i = 0; i < nTokens * E; ++i) x[i] *= hp.embedScale;
+  }
+  // The batch's RoPE angles, once per kind of layer.
+  w.ropeGlobal->angles(batch.positions.data(), nTokens, ropeGlobal_.data());
+  if (w.ropeSwa) w.ropeSwa->angles(batch.positions.data(), nTokens, ropeSwa_.data());
+  const kernels::RopeStyle ropeStyle = w.ropeGlobal->style();
 
   kernels::QuantizedActivations& actQ = w_->actQ;
   for (int32_t l = 0; l < hp.nLayers; ++l) {
@@ -362,8 +492,19 @@ void TransformerModel::forward(const ForwardBatch& batch, kernels::ThreadPool& p
       in.multiply(pool, L.wk, k_.data());
       in.multiply(pool, L.wv, v_.data());
     }
-    kernels::ropeInPlace(q_.data(), nTokens, hp.nHead, hp.headDim, batch.positions.data(), *w.rope);
-    kernels::ropeInPlace(k_.data(), nTokens, hp.nHeadKV, hp.headDim, batch.positions.data(), *w.rope);
+    if (hp.qkvBias) {
+      addRowBias(q_.data(), L.bq, nTokens, qDim);
+      addRowBias(k_.data(), L.bk, nTokens, kvDim);
+      addRowBias(v_.data(), L.bv, nTokens, kvDim);
+    }
+    if (hp.qkNorm) {
+      kernels::rmsNorm(q_.data(), L.qNorm, nTokens * hp.nHead, hp.headDim, hp.rmsEps, q_.data());
+      kernels::rmsNorm(k_.data(), L.kNorm, nTokens * hp.nHeadKV, hp.headDim, hp.rmsEps, k_.data());
+    }
+    const bool swa = hp.isSlidingWindowLayer(l);
+    const float* angles = swa ? ropeSwa_.data() : ropeGlobal_.data();
+    kernels::ropeInPlace(q_.data(), nTokens, hp.nHead, hp.headDim, angles, hp.nRot, ropeStyle);
+    kernels::ropeInPlace(k_.data(), nTokens, hp.nHeadKV, hp.headDim, angles, hp.nRot, ropeStyle);
     for (int64_t t = 0; t < nTokens; ++t) {
       kv::writeKV(arena, batch.slots[static_cast<size_t>(t)], l, k_.data() + t * kvDim,
                   v_.data() + t * kvDim);
@@ -374,21 +515,28 @@ void TransformerModel::forward(const ForwardBatch& batch, kernels::ThreadPool& p
       const int32_t n = s.firstPos + s.numTokens;
       kernels::pagedAttention(pool, q_.data() + t0 * qDim, s.numTokens, s.firstPos, hp.nHead,
                               arena.kView(l, table, s.numBlocks, n),
-                              arena.vView(l, table, s.numBlocks, n), scale,
-                              attn_.data() + t0 * qDim, scratch_.data());
+                              arena.vView(l, table, s.numBlocks, n), hp.attnScale,
+                              attn_.data() + t0 * qDim, scratch_.data(),
+                              swa ? hp.slidingWindow : 0);
       t0 += s.numTokens;
     }
     MatmulInput(attn_.data(), nTokens, qDim, actQ).multiply(pool, L.wo, tmp_.data());
+    if (hp.postNorms) kernels::rmsNorm(tmp_.data(), L.postAttnNorm, nTokens, E, hp.rmsEps, tmp_.data());
     kernels::addInPlace(x, tmp_.data(), nTokens * E);
-    // Feed-forward block (SwiGLU).
+    // Feed-forward block (SwiGLU or GeGLU).
     kernels::rmsNorm(x, L.ffnNorm, nTokens, E, hp.rmsEps, xn);
     {
       MatmulInput in(xn, nTokens, E, actQ);
       in.multiply(pool, L.wGate, gate_.data());
       in.multiply(pool, L.wUp, up_.data());
     }
-    kernels::swiglu(gate_.data(), up_.data(), nTokens * hp.nFF, gate_.data());
+    if (hp.geglu) {
+      kernels::geglu(gate_.data(), up_.data(), nTokens * hp.nFF, gate_.data());
+    } else {
+      kernels::swiglu(gate_.data(), up_.data(), nTokens * hp.nFF, gate_.data());
+    }
     MatmulInput(gate_.data(), nTokens, hp.nFF, actQ).multiply(pool, L.wDown, tmp_.data());
+    if (hp.postNorms) kernels::rmsNorm(tmp_.data(), L.postFfnNorm, nTokens, E, hp.rmsEps, tmp_.data());
     kernels::addInPlace(x, tmp_.data(), nTokens * E);
   }
 
@@ -412,6 +560,10 @@ void TransformerModel::forward(const ForwardBatch& batch, kernels::ThreadPool& p
   kernels::rmsNorm(rows, w.outputNorm, nOutRows, E, hp.rmsEps, rows);
   logits.resize(static_cast<size_t>(nOutRows * hp.nVocab));
   MatmulInput(rows, nOutRows, E, actQ).multiply(pool, w.output, logits.data());
+  if (hp.finalLogitSoftcap > 0.0f) {
+    const float cap = hp.finalLogitSoftcap;
+    for (float& v : logits) v = cap * std::tanh(v / cap);
+  }
 }
 
 }  // namespace cortex::model

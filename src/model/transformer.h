@@ -1,11 +1,13 @@
-// The Llama transformer: weights read in place from a GGUF file, a batch-first forward pass,
-// float32 activations.
-//
-// One forward() call advances a batch of sequences, each with its own number of new tokens
-// (prompt chunks and single decode tokens together), so every weight matrix is read once per step
-// for the whole batch. The batch arrives resolved (forward_batch.h): each new token's K/V are
-// written to its slot and attention reads each sequence's K/V in place through its block table,
-// with causal masking. The model never touches the KV cache's bookkeeping.
+// The decoder-only transformer: weights read in place from a GGUF file, a batch-first forward pass,
+// float32 activations. One implementation serves the architectures named by
+// general.architecture, which differ only in switches read from the file:
+//   llama   RMSNorm, SwiGLU, RoPE on adjacent pairs (optionally Llama 3's per-frequency factors
+//           from rope_freqs.weight, or linear scaling);
+//   qwen2   llama plus Q/K/V biases, RoPE on split halves (NeoX);
+//   qwen3   llama plus per-head RMSNorm of Q and K before RoPE (QK-norm), NeoX RoPE;
+//   gemma3  embeddings scaled by sqrt(hidden), QK-norm, RMSNorm after attention and after the
+//           FFN, GeGLU (tanh GELU), NeoX RoPE with its own base on sliding-window layers, and
+//           sliding-window attention on the layers the pattern marks (5 of every 6 by default).
 #pragma once
 
 #include <cstdint>
@@ -24,7 +26,12 @@ class ThreadPool;
 
 namespace cortex::model {
 
+enum class Architecture { Llama, Qwen2, Qwen3, Gemma3 };
+// general.architecture's name for it ("llama", "qwen2", "qwen3", "gemma3").
+const char* toString(Architecture arch);
+
 struct HParams {
+  Architecture arch = Architecture::Llama;
   int32_t nLayers = 0;
   int32_t nEmbd = 0;      // hidden size
   int32_t nHead = 0;      // query heads
@@ -36,6 +43,28 @@ struct HParams {
   int32_t nCtxTrain = 0;  // context length the model was trained for (tokens)
   float ropeTheta = 10000.0f;
   float rmsEps = 1e-5f;
+  // RoPE: NeoX pairing (i, i + nRot/2) instead of adjacent pairs; linear position scale (1 / the
+  // file's rope.scaling.factor) of the global layers; Llama 3's per-frequency divisors
+  // (rope_freqs.weight, nRot/2 values; empty when absent).
+  bool ropeNeox = false;
+  float ropeFreqScale = 1.0f;
+  std::vector<float> ropeFreqFactors;
+  // Sliding-window attention: a query at position p on a layer with swaLayers[l] sees keys
+  // (p - slidingWindow, p]. 0 means every layer is global.
+  int32_t slidingWindow = 0;
+  std::vector<uint8_t> swaLayers;  // per layer, 1 = sliding window
+  float ropeThetaSwa = 10000.0f;   // RoPE base of the sliding-window layers
+  float attnScale = 0.0f;          // query scale (1/sqrt(headDim) for most models)
+  float embedScale = 1.0f;         // token embeddings are multiplied by this (Gemma: sqrt(hidden))
+  float finalLogitSoftcap = 0.0f;  // logits = cap * tanh(logits / cap) when > 0
+  bool qkvBias = false;            // attn_{q,k,v}.bias
+  bool qkNorm = false;             // attn_{q,k}_norm.weight, per head
+  bool postNorms = false;          // post_attention_norm / post_ffw_norm
+  bool geglu = false;              // GELU(gate) * up instead of SiLU(gate) * up
+
+  bool isSlidingWindowLayer(int32_t layer) const {
+    return slidingWindow > 0 && swaLayers[static_cast<size_t>(layer)] != 0;
+  }
 };
 
 // How the weight matrices are multiplied (kernels/quant.h):
@@ -52,8 +81,8 @@ Precision parsePrecision(const std::string& name);
 
 class TransformerModel {
  public:
-  // Maps the GGUF file and checks everything the forward pass relies on: architecture "llama",
-  // hyperparameters present and consistent, every tensor present with the expected shape and a
+  // Maps the GGUF file and checks everything the forward pass relies on: a supported
+  // architecture (llama, qwen2, qwen3, gemma3), hyperparameters present and consistent, every tensor present with the expected shape and a
   // supported type. Throws ModelError naming the file and the problem. With Precision::Int8 the
   // quantized matrices are repacked here (a copy of their size in memory, made once).
   static std::unique_ptr<TransformerModel> load(const std::string& path,
@@ -92,6 +121,7 @@ class TransformerModel {
 
   // Activation buffers, grown on demand and reused (no allocation in steady state).
   std::vector<float> x_, xn_, q_, k_, v_, attn_, tmp_, gate_, up_, scratch_, lastRows_;
+  std::vector<float> ropeGlobal_, ropeSwa_;  // the batch's RoPE angles per kind of layer
 };
 
 }  // namespace cortex::model
