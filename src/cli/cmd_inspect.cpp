@@ -6,8 +6,10 @@
 #include <iostream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -15,6 +17,7 @@
 #include "cli/commands.h"
 #include "model/ggml_types.h"
 #include "model/gguf.h"
+#include "model/transformer.h"
 
 namespace cortex::cli {
 namespace {
@@ -146,6 +149,13 @@ Totals totalsOf(const GGUFFile& f) {
   return t;
 }
 
+// general.architecture, or "" when the file does not say.
+std::string architectureOf(const GGUFFile& f) {
+  const model::GGUFValue* v = f.find("general.architecture");
+  const std::optional<std::string_view> name = v != nullptr ? v->toString() : std::nullopt;
+  return name ? std::string(*name) : std::string();
+}
+
 void printJson(const GGUFFile& f, const InspectOptions& o) {
   Json j;
   j["file"] = f.path();
@@ -156,6 +166,8 @@ void printJson(const GGUFFile& f, const InspectOptions& o) {
   Json meta = Json::object();
   for (const model::GGUFKeyValue& kv : f.metadata()) meta[kv.key] = valueToJson(kv.value, o.maxItems);
   j["metadata"] = std::move(meta);
+  const std::string arch = architectureOf(f);
+  j["architecture"] = {{"name", arch}, {"supported", model::parseArchitecture(arch).has_value()}};
   Json tensors = Json::array();
   for (const GGUFTensorInfo& t : f.tensors()) {
     tensors.push_back({{"name", t.name},
@@ -217,6 +229,13 @@ void printText(const GGUFFile& f, const InspectOptions& o) {
   for (const auto& [name, p] : totals.byType) {
     out << "  " << std::left << std::setw(8) << name << std::right << std::setw(6) << p.tensors
         << " tensors " << std::setw(14) << p.bytes << " bytes\n";
+  }
+  const std::string arch = architectureOf(f);
+  if (model::parseArchitecture(arch)) {
+    out << "architecture '" << arch << "' is supported\n";
+  } else {
+    out << "architecture '" << arch << "' is not supported yet (supported: "
+        << model::supportedArchitectureNames() << ")\n";
   }
   if (totals.unsupported.empty()) {
     out << "all tensor types are supported by CortexStream\n";

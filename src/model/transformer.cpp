@@ -118,9 +118,7 @@ const char* toString(Architecture arch) {
   return "?";
 }
 
-namespace {
-
-std::optional<Architecture> parseArchitecture(const std::string& name) {
+std::optional<Architecture> parseArchitecture(std::string_view name) {
   for (Architecture a : {Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3,
                          Architecture::Gemma3}) {
     if (name == toString(a)) return a;
@@ -128,7 +126,7 @@ std::optional<Architecture> parseArchitecture(const std::string& name) {
   return std::nullopt;
 }
 
-}  // namespace
+std::string supportedArchitectureNames() { return "llama, qwen2, qwen3, gemma3"; }
 
 std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path,
                                                          Precision precision) {
@@ -139,7 +137,7 @@ std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path
   const std::optional<Architecture> arch = parseArchitecture(archName);
   if (!arch) {
     throw ModelError(where + "architecture '" + archName +
-                     "' is not supported yet (supported: llama, qwen2, qwen3, gemma3)");
+                     "' is not supported yet (supported: " + supportedArchitectureNames() + ")");
   }
   // Hyperparameters live under the architecture's name: "gemma3.block_count".
   const std::string k = archName + ".";

@@ -12,8 +12,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kv/kv_config.h"
@@ -29,6 +31,10 @@ namespace cortex::model {
 enum class Architecture { Llama, Qwen2, Qwen3, Gemma3 };
 // general.architecture's name for it ("llama", "qwen2", "qwen3", "gemma3").
 const char* toString(Architecture arch);
+// The architecture named `name`, or nullopt when CortexStream does not run it.
+std::optional<Architecture> parseArchitecture(std::string_view name);
+// "llama, qwen2, qwen3, gemma3", for messages.
+std::string supportedArchitectureNames();
 
 struct HParams {
   Architecture arch = Architecture::Llama;

@@ -89,9 +89,9 @@ def tensors_to_write(rng):
     for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
         q = gguf.quants.quantize(rng.standard_normal((4, 64)).astype(np.float32), qt)
         out[f"{qt.name.lower()}.mat"] = (q, qt, [64, 4], qt.name)
-    # Q5_K is not supported by CortexStream: reported, not rejected, by inspect.
-    out["blk.0.ffn_up.weight"] = (rng.integers(0, 256, (2, 176), dtype=np.uint8), QT.Q5_K,
-                                  [256, 2], "Q5_K")
+    # IQ4_NL is not supported by CortexStream: reported, not rejected, by inspect.
+    out["blk.0.ffn_up.weight"] = (rng.integers(0, 256, (2, 144), dtype=np.uint8), QT.IQ4_NL,
+                                  [256, 2], "IQ4_NL")
     return out
 
 
@@ -166,12 +166,13 @@ def test_written_file_tensor_table(written):
         assert t["bytes"] == data.nbytes
         assert t["offset"] % 64 == 0
         assert j["data_offset"] + t["offset"] == by_name[t["name"]].data_offset
-        assert t["supported"] == (type_name != "Q5_K")
+        assert t["supported"] == (type_name != "IQ4_NL")
     assert j["unsupported_tensors"] == ["blk.0.ffn_up.weight"]
     totals = j["totals"]
     assert totals["tensors"] == len(tensors)
     assert totals["bytes"] == sum(d.nbytes for d, _, _, _ in tensors.values())
-    assert totals["by_type"]["Q5_K"] == {"tensors": 1, "bytes": 352}
+    assert totals["by_type"]["IQ4_NL"] == {"tensors": 1, "bytes": 288}
+    assert j["architecture"] == {"name": "llama", "supported": True}
 
 
 def test_text_output_lists_metadata_tensors_and_totals(written):
@@ -183,6 +184,20 @@ def test_text_output_lists_metadata_tensors_and_totals(written):
         assert name in out
     assert "(unsupported)" in out
     assert f"totals: {len(tensors)} tensors" in out
+    assert "architecture 'llama' is supported" in out
+
+
+def test_unsupported_architecture_is_reported(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_tensor("x.weight", np.zeros(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert inspect_json(path)["architecture"] == {"name": "mamba", "supported": False}
+    assert "architecture 'mamba' is not supported yet (supported: llama, qwen2, qwen3, gemma3)" \
+        in run_inspect(path).stdout
 
 
 def test_corrupt_file_fails_with_a_clear_message(written, tmp_path):
