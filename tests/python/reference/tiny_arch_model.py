@@ -53,7 +53,7 @@ import numpy as np
 import gguf
 
 from .llama_ref import BLOCK_INFO
-from .tiny_model import BOS_ID, EOS_ID, CHATML_TEMPLATE, QTYPES, make_vocab, quantize
+from .tiny_model import BOS_ID, BYTE_TOKEN_BASE, EOS_ID, CHATML_TEMPLATE, QTYPES, make_vocab, quantize
 
 RANDOM_BLOCK_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 ALL_TYPES = tuple(QTYPES) + RANDOM_BLOCK_TYPES
@@ -133,11 +133,15 @@ def write_tiny_arch_model(path: str, arch: str, seed: int = 0, *, weight_type: s
                           n_layer: int | None = None, tied: bool | None = None,
                           rope_freqs: bool = True, rope_scaling_factor: float | None = None,
                           sliding_window: int = 8, rope_freq_base_swa: float | None = None,
-                          final_logit_softcapping: float | None = None) -> dict[str, Any]:
+                          final_logit_softcapping: float | None = None,
+                          ascii_vocab: bool = False) -> dict[str, Any]:
     """Write a tiny random ``arch`` GGUF to ``path`` (see the module doc); returns a description.
 
     ``rope_freqs`` / ``rope_scaling_factor``: llama only. ``sliding_window`` (0 = none),
-    ``rope_freq_base_swa`` and ``final_logit_softcapping``: gemma3 only."""
+    ``rope_freq_base_swa`` and ``final_logit_softcapping``: gemma3 only. ``ascii_vocab`` renames
+    every non-control token to the ASCII text "w<id>." (same ids, types and merges): llama.cpp's
+    server reports log-probabilities only for tokens that complete UTF-8 text, which single
+    byte tokens >= 0x80 do not (used when recording its outputs for the self-check)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch}")
     embd_type = embd_type or weight_type
@@ -167,6 +171,8 @@ def write_tiny_arch_model(path: str, arch: str, seed: int = 0, *, weight_type: s
         return (mean + sd * rng.standard_normal(n)).astype(np.float32)
 
     tokens, types, merges = make_vocab(n_vocab)
+    if ascii_vocab:
+        tokens = tokens[:BYTE_TOKEN_BASE] + [f"w{i}." for i in range(BYTE_TOKEN_BASE, n_vocab)]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}-seed{seed}")
     w.add_block_count(cfg["n_layer"])
