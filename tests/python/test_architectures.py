@@ -128,7 +128,7 @@ def test_tiny_f32_logits_and_greedy(tmp_path, models, case):
 def test_gemma3_chunked_prefill_across_the_window(tmp_path, models):
     """Chunks of 5 tokens, smaller than the window of 8: each chunk's queries see keys of the
     previous chunks through the cache, and the window boundary falls inside chunks."""
-    path, ref = models("gemma3-Q4_K")
+    path, ref = models("gemma3-F32")
     ids = tokenize(path, PROMPT)
     chunked, greedy = cpp_logits_and_greedy(path, PROMPT, tmp_path, max_batched_tokens=5)
     err = rel_error(chunked, reference_rows(ref, ids, greedy))
