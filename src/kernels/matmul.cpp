@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "kernels/ggml_blocks.h"
 #include "kernels/kernel_set.h"
 #include "kernels/matmul.h"
 #include "kernels/parallel_ranges.h"
@@ -195,6 +196,13 @@ void matmulFloat(ThreadPool& pool, const WeightMatrix& W, const float* X, int64_
     case WeightType::Q8_0: return run<DecQ8_0>(pool, W, X, nTokens, Y);
     case WeightType::Q4_0: return run<DecQ4_0>(pool, W, X, nTokens, Y);
     case WeightType::Q4_1: return run<DecQ4_1>(pool, W, X, nTokens, Y);
+    case WeightType::Q5_0: return run<DecQ5_0>(pool, W, X, nTokens, Y);
+    case WeightType::Q5_1: return run<DecQ5_1>(pool, W, X, nTokens, Y);
+    case WeightType::Q2_K: return run<DecQ2_K>(pool, W, X, nTokens, Y);
+    case WeightType::Q3_K: return run<DecQ3_K>(pool, W, X, nTokens, Y);
+    case WeightType::Q4_K: return run<DecQ4_K>(pool, W, X, nTokens, Y);
+    case WeightType::Q5_K: return run<DecQ5_K>(pool, W, X, nTokens, Y);
+    case WeightType::Q6_K: return run<DecQ6_K>(pool, W, X, nTokens, Y);
   }
 }
 

@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -21,8 +23,13 @@ using testref::randomWeights;
 using testref::refRow;
 using testref::u16;
 
+using testref::colsFor;
+
 const WeightType kAllTypes[] = {WeightType::F32,  WeightType::F16,  WeightType::BF16,
-                                WeightType::Q8_0, WeightType::Q4_0, WeightType::Q4_1};
+                                WeightType::Q8_0, WeightType::Q4_0, WeightType::Q4_1,
+                                WeightType::Q5_0, WeightType::Q5_1, WeightType::Q2_K,
+                                WeightType::Q3_K, WeightType::Q4_K, WeightType::Q5_K,
+                                WeightType::Q6_K};
 
 TEST(Weights, RowBytesMatchGgml) {
   EXPECT_EQ(rowBytes(WeightType::Q4_1, 576), 18u * 20u);
@@ -31,6 +38,14 @@ TEST(Weights, RowBytesMatchGgml) {
   EXPECT_EQ(rowBytes(WeightType::F16, 10), 20u);
   EXPECT_EQ(rowBytes(WeightType::BF16, 10), 20u);
   EXPECT_EQ(rowBytes(WeightType::F32, 10), 40u);
+  EXPECT_EQ(rowBytes(WeightType::Q5_0, 640), 20u * 22u);
+  EXPECT_EQ(rowBytes(WeightType::Q5_1, 64), 48u);
+  EXPECT_EQ(rowBytes(WeightType::Q2_K, 512), 168u);
+  EXPECT_EQ(rowBytes(WeightType::Q3_K, 256), 110u);
+  EXPECT_EQ(rowBytes(WeightType::Q4_K, 1024), 4u * 144u);
+  EXPECT_EQ(rowBytes(WeightType::Q5_K, 256), 176u);
+  EXPECT_EQ(rowBytes(WeightType::Q6_K, 2048), 8u * 210u);
+  for (WeightType t : kAllTypes) EXPECT_EQ(blockElems(t) == 256, isKQuant(t)) << toString(t);
 }
 
 TEST(Weights, ValidateRejectsBadShapes) {
@@ -40,15 +55,28 @@ TEST(Weights, ValidateRejectsBadShapes) {
   EXPECT_THROW(validate({&x, WeightType::F16, 1, 12}), std::invalid_argument);
   EXPECT_THROW(validate({&x, WeightType::F32, 0, 8}), std::invalid_argument);
   EXPECT_NO_THROW(validate({&x, WeightType::F32, 1, 8}));
+  EXPECT_NO_THROW(validate({&x, WeightType::Q5_0, 1, 640}));
+  for (WeightType t : {WeightType::Q2_K, WeightType::Q3_K, WeightType::Q4_K, WeightType::Q5_K,
+                       WeightType::Q6_K}) {
+    SCOPED_TRACE(toString(t));
+    EXPECT_NO_THROW(validate({&x, t, 3, 512}));
+    try {
+      validate({&x, t, 3, 640});
+      ADD_FAILURE() << "640 columns accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("multiple of 256"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(toString(t)), std::string::npos) << e.what();
+    }
+  }
 }
 
 // The canonical floats are the exact values rounded once to float: for every type the double
-// decoding is exact (fp16 d times a small integer, plus fp16 m, fits in 53 bits), so
-// dequantizeRow must equal it rounded to float, bit for bit.
+// decoding is exact (fp16 d times small integers, plus fp16 m or dmin times one, fits in 53
+// bits), so dequantizeRow must equal it rounded to float, bit for bit.
 TEST(Weights, DequantizeRowIsExactlyRounded) {
   for (WeightType type : kAllTypes) {
     SCOPED_TRACE(toString(type));
-    const int64_t rows = 5, cols = 96;
+    const int64_t rows = 5, cols = colsFor(type, 96);
     const auto bytes = randomWeights(type, rows, cols, 7);
     ASSERT_EQ(bytes.size(), rows * rowBytes(type, cols));
     const WeightMatrix w{bytes.data(), type, rows, cols};
@@ -62,11 +90,13 @@ TEST(Weights, DequantizeRowIsExactlyRounded) {
 }
 
 // Tolerance: each output is a float32 sum of n = cols products, evaluated as 8 lane chains of
-// cols/8 fmas and 3 lane additions, over weights that carry at most one rounding (Q4_1). The
+// cols/8 fmas and 3 lane additions, over weights that carry at most one rounding (Q4_1, Q5_1 and
+// the K-quants but Q3_K). The
 // classical bound for recursive summation gives |error| <= (cols/8 + 4) * 2^-24 * sum |w * x|,
 // which we assert as is (it is a worst case; typical errors are far smaller).
-void expectMatchesReference(ThreadPool& pool, WeightType type, int64_t rows, int64_t cols,
+void expectMatchesReference(ThreadPool& pool, WeightType type, int64_t rows, int64_t cols0,
                             int64_t nTokens, uint32_t seed) {
+  const int64_t cols = colsFor(type, cols0);
   const auto bytes = randomWeights(type, rows, cols, seed);
   const WeightMatrix w{bytes.data(), type, rows, cols};
   const auto x = testref::randomFloats(static_cast<size_t>(nTokens * cols), seed + 1);
@@ -112,7 +142,7 @@ TEST(Matmul, LongBatchMatchesSingleTokens) {
   ThreadPool pool(2);
   for (WeightType type : kAllTypes) {
     SCOPED_TRACE(toString(type));
-    const int64_t rows = 38, cols = 192, n = 71;
+    const int64_t rows = 38, cols = colsFor(type, 192), n = 71;
     expectMatchesReference(pool, type, rows, cols, n, 77);
     const auto bytes = randomWeights(type, rows, cols, 78);
     const WeightMatrix w{bytes.data(), type, rows, cols};
@@ -138,11 +168,12 @@ TEST(Matmul, FloatTypesAcceptColsMultipleOf8) {
 // threads run: alone, in batches of 3 and 17, on pools of 1, 2 and 3 threads, on every
 // instruction-set level the CPU has.
 TEST(Matmul, BatchAndThreadInvariant) {
-  const int64_t rows = 101, cols = 576, total = 17;
+  const int64_t rows = 101, total = 17;
   ThreadPool reference(2);
   ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
   for (WeightType type : kAllTypes) {
     SCOPED_TRACE(toString(type));
+    const int64_t cols = colsFor(type, 576);
     const auto bytes = randomWeights(type, rows, cols, 42);
     const WeightMatrix w{bytes.data(), type, rows, cols};
     const auto x = testref::randomFloats(static_cast<size_t>(total * cols), 43);

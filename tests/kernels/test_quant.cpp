@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "kernels/isa.h"
@@ -17,7 +18,12 @@
 namespace cortex::kernels {
 namespace {
 
-const WeightType kPackedTypes[] = {WeightType::Q4_0, WeightType::Q4_1, WeightType::Q8_0};
+const WeightType kPackedTypes[] = {WeightType::Q4_0, WeightType::Q4_1, WeightType::Q8_0,
+                                   WeightType::Q5_0, WeightType::Q5_1, WeightType::Q2_K,
+                                   WeightType::Q3_K, WeightType::Q4_K, WeightType::Q5_K,
+                                   WeightType::Q6_K};
+
+using testref::colsFor;
 
 TEST(Isa, NamesRoundTripAndScalarIsAlwaysThere) {
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni}) {
@@ -50,15 +56,17 @@ TEST(Quantize, MatchesDefinitionAndBound) {
       const float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
       const int64_t bi = t * (cols / 32) + b;
       ASSERT_EQ(qa.d[bi], d);
-      int32_t sum = 0;
+      int32_t sum = 0, sumLo = 0;
       for (int i = 0; i < 32; ++i) {
         const int8_t q = qa.q[t * cols + b * 32 + i];
         ASSERT_EQ(q, static_cast<int8_t>(std::nearbyint(xb[i] * id))) << t << "," << b << "," << i;
         ASSERT_LE(std::abs(q), 127);
         ASSERT_LE(std::abs(q * static_cast<double>(d) - xb[i]), 0.5001 * d + 1e-30);
         sum += q;
+        if (i < 16) sumLo += q;
       }
       ASSERT_EQ(qa.sum[bi], sum);
+      ASSERT_EQ(qa.sumLo[bi], sumLo);
       ASSERT_EQ(qa.dsum[bi], d * static_cast<float>(sum));
     }
   }
@@ -79,18 +87,21 @@ TEST(Quantize, LevelsAgree) {
     ASSERT_EQ(0, std::memcmp(ref.q.data(), got.q.data(), static_cast<size_t>(rows * cols)));
     ASSERT_EQ(0, std::memcmp(ref.d.data(), got.d.data(), sizeof(float) * rows * cols / 32));
     ASSERT_EQ(ref.sum, got.sum);
+    ASSERT_EQ(ref.sumLo, got.sumLo);
     ASSERT_EQ(0, std::memcmp(ref.dsum.data(), got.dsum.data(), sizeof(float) * rows * cols / 32));
   }
 }
 
 // Y against the reference computed in double from the unpacked weights (decoded by hand from
-// the GGUF layout) and the quantized activations: sum over blocks of dw * dx * I (+ m * dx * s).
-// The kernel evaluates each term with two float roundings (dw * dx, then the fma) and adds nb
-// terms in order, so |error| <= (nb + 2) * 2^-24 * sum |term| (recursive summation bound).
+// the GGUF layout) and the quantized activations: sum over blocks of dw * dx * I (+ m * dx * s),
+// or for the K-quants the same per sub-block. The kernel evaluates each term with at most two
+// float roundings (d * dx, then the fma) and adds at most 2 nb terms in order, so
+// |error| <= (2 nb + 2) * 2^-24 * sum |term| (recursive summation bound).
 // Against the float activations, the extra error is the quantization's: at most
 // sum_c |w_c| * dx_c / 2.
-void expectMatchesReference(WeightType type, int64_t rows, int64_t cols, int64_t nTokens,
+void expectMatchesReference(WeightType type, int64_t rows, int64_t cols0, int64_t nTokens,
                             uint32_t seed) {
+  const int64_t cols = colsFor(type, cols0);
   ThreadPool pool(2);
   const auto bytes = testref::randomWeights(type, rows, cols, seed);
   const WeightMatrix w{bytes.data(), type, rows, cols};
@@ -114,7 +125,7 @@ void expectMatchesReference(WeightType type, int64_t rows, int64_t cols, int64_t
         qbound += std::abs(wr[c]) * dx / 2;
       }
       const double got = y[t * rows + r];
-      const double tol = (static_cast<double>(cols) / 32 + 2) * u * mag * 2;
+      const double tol = (static_cast<double>(cols) / 16 + 2) * u * mag * 2;
       ASSERT_LE(std::abs(got - ref), tol) << "row " << r << " token " << t;
       ASSERT_LE(std::abs(got - exact), tol + qbound) << "row " << r << " token " << t;
     }
@@ -132,11 +143,12 @@ TEST(PackedMatmul, MatchesReference) {
 // Bit-identical results on every level, for any batch split and thread count, with a row count
 // that leaves a partial group of 16 and a token count that leaves partial tiles.
 TEST(PackedMatmul, LevelsBatchesAndThreadsAgree) {
-  const int64_t rows = 101, cols = 576, total = 19;
+  const int64_t rows = 101, total = 19;
   ThreadPool reference(1);
   ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
   for (WeightType type : kPackedTypes) {
     SCOPED_TRACE(toString(type));
+    const int64_t cols = colsFor(type, 576);
     const auto bytes = testref::randomWeights(type, rows, cols, 21);
     const PackedWeights packed(WeightMatrix{bytes.data(), type, rows, cols});
     const auto x = testref::randomFloats(static_cast<size_t>(total * cols), 22, -4, 4);
@@ -169,6 +181,73 @@ TEST(PackedMatmul, LevelsBatchesAndThreadsAgree) {
   }
 }
 
+// The packed form takes exactly the bytes of the stored form (rows padded to a multiple of 16).
+TEST(PackedMatmul, PackedBytesEqualGgmlBytes) {
+  for (WeightType type : kPackedTypes) {
+    SCOPED_TRACE(toString(type));
+    EXPECT_TRUE(PackedWeights::packable(type));
+    EXPECT_EQ(PackedWeights::groupCellBytes(type), 16 * blockBytes(type));
+    EXPECT_EQ(PackedWeights::cellElems(type), blockElems(type));
+    const int64_t rows = 21, cols = colsFor(type, 64);
+    const auto bytes = testref::randomWeights(type, rows, cols, 5);
+    const PackedWeights packed(WeightMatrix{bytes.data(), type, rows, cols});
+    EXPECT_EQ(packed.bytes(), 32 * rowBytes(type, cols));
+  }
+}
+
+// Blocks at the extremes of every field (all-ones and all-zero bytes, the largest and most
+// negative scales) against activations at +-127: the integer sums reach their documented bounds
+// (Q6_K's J up to 2 * 128 * 16 * 32 * 127), where an int16 or float overflow on any level would
+// show. Every level must match the double reference to within the float rounding and agree to
+// the bit.
+TEST(PackedMatmul, ExtremeBlocksStayExact) {
+  ThreadPool pool(1);
+  std::mt19937 rng(9);
+  const uint8_t pick[] = {0x00, 0xFF, 0x80, 0x7F};
+  for (WeightType type : kPackedTypes) {
+    SCOPED_TRACE(toString(type));
+    const int64_t rows = 19, cols = colsFor(type, 64), nTokens = 5;
+    auto bytes = testref::randomWeights(type, rows, cols, 31);
+    const size_t bb = blockBytes(type);
+    const testref::HalfFields f = testref::halfFields(type);
+    for (size_t at = 0; at < bytes.size(); at += bb) {
+      // One extreme byte pattern per block, keeping the fp16 scales finite.
+      const uint8_t v = pick[rng() % 4];
+      for (size_t i = 0; i < bb; ++i) {
+        const auto ii = static_cast<int>(i);
+        const bool isHalf = ii == f.d || ii == f.d + 1 || (f.m >= 0 && (ii == f.m || ii == f.m + 1));
+        if (!isHalf) bytes[at + i] = (rng() % 4 == 0) ? pick[rng() % 4] : v;
+      }
+    }
+    const WeightMatrix w{bytes.data(), type, rows, cols};
+    const PackedWeights packed(w);
+    std::vector<float> x(static_cast<size_t>(nTokens * cols));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = (i % 3 == 0 || rng() % 2) ? 1.0f : -1.0f;
+    QuantizedActivations qa;
+    quantizeActivations(pool, x.data(), nTokens, cols, qa);
+    std::vector<float> ref(static_cast<size_t>(nTokens * rows));
+    detail::kernelSet(Isa::Scalar).packedGroups(packed, qa, ref.data(), 0, packed.groups());
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto wr = testref::refRow(type, bytes.data(), cols, r);
+      for (int64_t t = 0; t < nTokens; ++t) {
+        double exact = 0, mag = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const double term = wr[c] * qa.q[t * cols + c] * qa.d[t * (cols / 32) + c / 32];
+          exact += term;
+          mag += std::abs(term);
+        }
+        const double tol = (static_cast<double>(cols) / 16 + 2) * std::ldexp(1.0, -24) * mag * 2;
+        ASSERT_LE(std::abs(ref[t * rows + r] - exact), tol) << "row " << r << " token " << t;
+      }
+    }
+    for (Isa isa : supportedIsas()) {
+      std::vector<float> y(ref.size(), -3.0f);
+      detail::kernelSet(isa).packedGroups(packed, qa, y.data(), 0, packed.groups());
+      ASSERT_EQ(0, std::memcmp(y.data(), ref.data(), sizeof(float) * y.size())) << toString(isa);
+    }
+  }
+}
+
 TEST(PackedMatmul, RejectsWhatItCannotRun) {
   std::vector<float> f(64, 0.0f);
   EXPECT_FALSE(PackedWeights::packable(WeightType::F32));
@@ -181,6 +260,10 @@ TEST(PackedMatmul, RejectsWhatItCannotRun) {
   quantizeActivations(pool, f.data(), 1, 32, qa);
   std::vector<float> y(16);
   EXPECT_THROW(matmul(pool, packed, qa, y.data()), std::invalid_argument);
+  // K-quants need whole 256-column super-blocks.
+  std::vector<uint8_t> k(4 * 144 * 3);
+  EXPECT_THROW(PackedWeights(WeightMatrix{k.data(), WeightType::Q4_K, 4, 640}),
+               std::invalid_argument);
 }
 
 }  // namespace
