@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/half.h"
@@ -47,8 +48,21 @@ std::vector<uint8_t> randomWeights(WeightType type, int64_t rows, int64_t cols, 
         std::memcpy(&bytes[at], &h, 2);
         break;
       }
-      case WeightType::Q4_1: setHalf(at + 2, -0.1f * std::abs(dist(rng))); [[fallthrough]];
-      default: setHalf(at, 0.01f * dist(rng));
+      case WeightType::Q4_1:
+      case WeightType::Q5_1: setHalf(at + 2, -0.1f * std::abs(dist(rng))); [[fallthrough]];
+      default: setHalf(at, 0.01f * dist(rng)); break;
+      // K-quants: d (and dmin) where ggml puts them.
+      case WeightType::Q4_K:
+      case WeightType::Q5_K:
+        setHalf(at, 0.001f * dist(rng));
+        setHalf(at + 2, 0.001f * std::abs(dist(rng)));
+        break;
+      case WeightType::Q2_K:
+        setHalf(at + 80, 0.001f * dist(rng));
+        setHalf(at + 82, 0.001f * std::abs(dist(rng)));
+        break;
+      case WeightType::Q3_K: setHalf(at + 108, 0.001f * dist(rng)); break;
+      case WeightType::Q6_K: setHalf(at + 208, 0.0001f * dist(rng)); break;
     }
   }
   return bytes;
@@ -97,6 +111,56 @@ void matmulArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"rows", "cols", "tok", "type"})->UseRealTime();
 }
 BENCHMARK(BM_Matmul)->Apply(matmulArgs);
+
+// One matmul per quantized type on Gemma 3 270M's FFN shapes, on either path. Args: rows, cols,
+// nTokens, type, path (0: float32 matmul, 1: int8; the int8 time includes quantizing the input,
+// as the model does once per input). GB/s counts the stored (= packed) weight bytes.
+void BM_MatmulType(benchmark::State& state) {
+  const int64_t rows = state.range(0), cols = state.range(1), n = state.range(2);
+  const auto type = static_cast<WeightType>(state.range(3));
+  const bool int8 = state.range(4) != 0;
+  const auto bytes = randomWeights(type, rows, cols, 1);
+  const WeightMatrix w{bytes.data(), type, rows, cols};
+  std::vector<float> x(static_cast<size_t>(n * cols)), y(static_cast<size_t>(n * rows));
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> dist(-1, 1);
+  for (auto& v : x) v = dist(rng);
+  ThreadPool pool(0);
+  std::unique_ptr<cortex::kernels::PackedWeights> packed;
+  if (int8) packed = std::make_unique<cortex::kernels::PackedWeights>(w);
+  cortex::kernels::QuantizedActivations xq;
+  for (auto _ : state) {
+    if (int8) {
+      cortex::kernels::quantizeActivations(pool, x.data(), n, cols, xq);
+      cortex::kernels::matmul(pool, *packed, xq, y.data());
+    } else {
+      cortex::kernels::matmul(pool, w, x.data(), n, y.data());
+    }
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.SetLabel(std::string(cortex::kernels::toString(type)) + (int8 ? " int8" : " f32"));
+  setCounters(state, static_cast<double>(bytes.size()), 2.0 * static_cast<double>(rows * cols * n));
+}
+
+void matmulTypeArgs(benchmark::internal::Benchmark* b) {
+  const WeightType types[] = {WeightType::Q8_0, WeightType::Q4_0, WeightType::Q4_1,
+                              WeightType::Q5_0, WeightType::Q5_1, WeightType::Q2_K,
+                              WeightType::Q3_K, WeightType::Q4_K, WeightType::Q5_K,
+                              WeightType::Q6_K};
+  // ffn_down (640 x 2048, every type) and ffn_up (2048 x 640: not a whole number of 256-column
+  // super-blocks, so no K-quant; Gemma's files use Q5_0 there).
+  const int64_t shapes[2][2] = {{640, 2048}, {2048, 640}};
+  for (int path : {1, 0}) {
+    for (const auto& s : shapes) {
+      for (WeightType type : types) {
+        if (s[1] % cortex::kernels::blockElems(type) != 0) continue;
+        for (int64_t n : {1, 64}) b->Args({s[0], s[1], n, static_cast<int64_t>(type), path});
+      }
+    }
+  }
+  b->ArgNames({"rows", "cols", "tok", "type", "int8"})->UseRealTime();
+}
+BENCHMARK(BM_MatmulType)->Apply(matmulTypeArgs);
 
 // One decode step's matmuls over a SmolLM2-135M-shaped model: 30 layers of Q4_1 q,k,v,o,gate,up,
 // down plus the Q8_0 output table, ~97 MB, so every byte comes from DRAM. Args: nTokens, path

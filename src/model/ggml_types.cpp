@@ -23,15 +23,15 @@ constexpr std::array<TypeTraits, 42> kTraits = {{
     {"Q4_1", 32, 20, true},       // 3
     {"Q4_2", 0, 0, false},        // 4 retired
     {"Q4_3", 0, 0, false},        // 5 retired
-    {"Q5_0", 32, 22, false},      // 6
-    {"Q5_1", 32, 24, false},      // 7
+    {"Q5_0", 32, 22, true},       // 6
+    {"Q5_1", 32, 24, true},       // 7
     {"Q8_0", 32, 34, true},       // 8
     {"Q8_1", 32, 40, false},      // 9
-    {"Q2_K", 256, 84, false},     // 10
-    {"Q3_K", 256, 110, false},    // 11
-    {"Q4_K", 256, 144, false},    // 12
-    {"Q5_K", 256, 176, false},    // 13
-    {"Q6_K", 256, 210, false},    // 14
+    {"Q2_K", 256, 84, true},      // 10
+    {"Q3_K", 256, 110, true},     // 11
+    {"Q4_K", 256, 144, true},     // 12
+    {"Q5_K", 256, 176, true},     // 13
+    {"Q6_K", 256, 210, true},     // 14
     {"Q8_K", 256, 292, false},    // 15
     {"IQ2_XXS", 256, 66, false},  // 16
     {"IQ2_XS", 256, 74, false},   // 17
@@ -98,7 +98,7 @@ bool isSupported(GGMLType type) {
 
 std::string supportedTypeNames() {
   // note: listed in the order people meet them, not by id.
-  return "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
+  return "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
 }
 
 uint64_t blockElements(GGMLType type) { return layoutOrThrow(type).blockElements; }

@@ -66,10 +66,12 @@ bool isKnownType(GGMLType type);
 // except the retired ones). Says nothing about whether CortexStream can compute with it.
 bool hasKnownLayout(GGMLType type);
 
-// True for the types CortexStream's kernels handle: F32, F16, BF16, Q8_0, Q4_0, Q4_1.
+// True for the types CortexStream's kernels handle: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
 bool isSupported(GGMLType type);
 
-// The supported types as a comma-separated list, for messages ("F32, F16, BF16, Q8_0, Q4_0, Q4_1").
+// The supported types as a comma-separated list, for messages ("F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+// Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K").
 std::string supportedTypeNames();
 
 // Elements per block (1 for plain types, 32 for Q8_0/Q4_0/Q4_1, 256 for K-quants).
@@ -86,7 +88,7 @@ uint64_t blockBytes(GGMLType type);
 uint64_t rowBytes(GGMLType type, uint64_t nElements);
 
 // Throws ModelError unless isSupported(type), naming the tensor and the type, e.g. "tensor
-// 'blk.0.ffn_up.weight' has type Q5_K, which CortexStream does not support yet (supported: ...)".
+// 'blk.0.ffn_up.weight' has type IQ2_XS, which CortexStream does not support yet (supported: ...)".
 void requireSupported(GGMLType type, std::string_view tensorName);
 
 }  // namespace cortex::model
