@@ -816,6 +816,10 @@ class Interp {
       const Value* n = seq == &a ? &b : &a;
       if ((seq->kind == Kind::String || (seq->kind == Kind::List && !seq->generator)) && (n->kind == Kind::Int || n->kind == Kind::Bool)) {
         const int64_t times = std::max<int64_t>(0, n->kind == Kind::Int ? n->i : n->b);
+        const size_t unit = seq->kind == Kind::String ? seq->s->text.size() : seq->list->size();
+        if (unit > 0 && static_cast<uint64_t>(times) > limits_.maxOutputBytes / unit) {
+          fail("a repetition larger than " + std::to_string(limits_.maxOutputBytes) + " bytes or items");
+        }
         if (seq->kind == Kind::String) {
           StrBuilder sb = builder();
           for (int64_t k = 0; k < times && !seq->s->text.empty(); ++k) {
@@ -1638,6 +1642,8 @@ void addGlobals(Interp& in) {
       fail("range expected 1 to 3 arguments");
     }
     if (stepv == 0) fail("range() arg 3 must not be zero");
+    const double n = std::ceil((static_cast<double>(stop) - static_cast<double>(start)) / static_cast<double>(stepv));
+    if (n > 100000) fail("range too big, maximum size for range is 100000");
     Items l;
     for (int64_t k = start; stepv > 0 ? k < stop : k > stop; k += stepv) {
       if (l.size() >= 100000) fail("range too big, maximum size for range is 100000");

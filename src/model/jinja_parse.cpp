@@ -457,10 +457,10 @@ class Parser {
 
   // Statements up to a block tag whose first name is in `ends` (consumed; its name goes to
   // endName, the rest of that tag is left to the caller). With empty `ends`, up to the end.
-  Body parseBody(const std::set<std::string>& ends, std::string& endName) {
+  Body parseBody(const std::set<std::string>& ends, std::string& endName, int openLine = 0) {
     Depth guard(*this);
     Body body;
-    const int startLine = cur().line;
+    const int startLine = openLine > 0 ? openLine : cur().line;
     while (true) {
       const Token& t = cur();
       if (t.type == TT::Eof) {
@@ -514,7 +514,7 @@ class Parser {
       ExprP test = parseTuple(false);
       while (true) {
         expectBlockEnd();
-        Body b = parseBody({"elif", "else", "endif"}, endName);
+        Body b = parseBody({"elif", "else", "endif"}, endName, s->line);
         s->branches.emplace_back(std::move(test), std::move(b));
         if (endName == "elif") {
           test = parseTuple(false);
@@ -522,7 +522,7 @@ class Parser {
         }
         if (endName == "else") {
           expectBlockEnd();
-          s->elseBody = parseBody({"endif"}, endName);
+          s->elseBody = parseBody({"endif"}, endName, s->line);
         }
         break;
       }
@@ -534,10 +534,10 @@ class Parser {
       if (skipName("if")) s->cond = parseExpression();
       if (isName("recursive")) syntaxError(cur().line, "recursive for loops are not supported");
       expectBlockEnd();
-      s->body = parseBody({"endfor", "else"}, endName);
+      s->body = parseBody({"endfor", "else"}, endName, s->line);
       if (endName == "else") {
         expectBlockEnd();
-        s->elseBody = parseBody({"endfor"}, endName);
+        s->elseBody = parseBody({"endfor"}, endName, s->line);
       }
     } else if (name == "set") {
       if (cur().type == TT::Name && peek().type == TT::Op && peek().value == "." ) {
@@ -557,7 +557,7 @@ class Parser {
           s->kind = SK::SetBlock;
           while (skipOp("|")) s->filters.push_back(parseFilter(nullptr));
           expectBlockEnd();
-          s->body = parseBody({"endset"}, endName);
+          s->body = parseBody({"endset"}, endName, s->line);
         }
       }
     } else if (name == "macro") {
@@ -565,7 +565,7 @@ class Parser {
       s->name = expectName();
       parseParams(*s);
       expectBlockEnd();
-      s->body = parseBody({"endmacro"}, endName);
+      s->body = parseBody({"endmacro"}, endName, s->line);
       if (cur().type == TT::Name) next();  // {% endmacro name %}
     } else if (name == "call") {
       s->kind = SK::CallBlock;
@@ -573,18 +573,18 @@ class Parser {
       s->expr = parseExpression();
       if (s->expr->kind != EK::Call) syntaxError(s->line, "expected a call after {% call %}");
       expectBlockEnd();
-      s->body = parseBody({"endcall"}, endName);
+      s->body = parseBody({"endcall"}, endName, s->line);
     } else if (name == "filter") {
       s->kind = SK::FilterBlock;
       s->filters.push_back(parseFilter(nullptr));
       while (skipOp("|")) s->filters.push_back(parseFilter(nullptr));
       expectBlockEnd();
-      s->body = parseBody({"endfilter"}, endName);
+      s->body = parseBody({"endfilter"}, endName, s->line);
     } else if (name == "generation") {
       // transformers' {% generation %}: marks the assistant's text, renders it unchanged.
       s->kind = SK::Block;
       expectBlockEnd();
-      s->body = parseBody({"endgeneration"}, endName);
+      s->body = parseBody({"endgeneration"}, endName, s->line);
     } else if (name == "break" || name == "continue") {
       if (loopDepth_ == 0) syntaxError(s->line, "'" + name + "' outside a for loop");
       s->kind = name == "break" ? SK::Break : SK::Continue;
