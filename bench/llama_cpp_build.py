@@ -38,7 +38,7 @@ MODELS_CACHE = CACHE / "models"
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The llama.cpp tools the benchmarks run (CMake target = executable name).
 TOOLS = ("llama-perplexity", "llama-server", "llama-bench", "llama-batched-bench",
-         "llama-quantize")
+         "llama-quantize", "llama-tokenize")
 # Model formats the benchmarks compare (all of them run on both engines): the name in a GGUF
 # file name (SmolLM2-135M-Instruct.Q4_1.gguf) and llama-quantize's type name.
 FORMATS = ("Q4_0", "Q4_1", "Q8_0")
