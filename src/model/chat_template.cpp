@@ -109,6 +109,7 @@ ChatTemplate chatTemplateFor(const std::optional<std::string>& fileTemplate,
                              std::string_view architecture, std::string_view overrideNameOrPath) {
   if (!overrideNameOrPath.empty()) return parseChatTemplateName(overrideNameOrPath);
   if (fileTemplate && !fileTemplate->empty()) return detectChatTemplate(fileTemplate);
+  if (architecture.empty()) return detectChatTemplate(fileTemplate);  // says what to pass
   const std::optional<std::string_view> name = builtinTemplateNameFor(architecture);
   if (!name) {
     throw ModelError("the model has no chat template (tokenizer.chat_template) and there is no "

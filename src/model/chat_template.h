@@ -55,7 +55,8 @@ std::optional<std::string_view> builtinTemplateNameFor(std::string_view architec
 //  - overrideNameOrPath non-empty (`--chat-template`): the built-in of that name, else the Jinja
 //    file at that path; ModelError when neither exists (listing the names).
 //  - else the model's own template (fileTemplate, tokenizer.chat_template) when it has one;
-//  - else the built-in for `architecture`, saying so on stderr (once per process);
+//  - else the built-in for `architecture` (when not empty), saying so on stderr (once per
+//    process);
 //  - else ModelError suggesting --chat-template.
 ChatTemplate chatTemplateFor(const std::optional<std::string>& fileTemplate,
                              std::string_view architecture, std::string_view overrideNameOrPath);
