@@ -23,10 +23,11 @@ void rmsNorm(const float* x, const float* weight, int64_t nTokens, int64_t n, fl
 }
 
 Rope::Rope(RopeStyle style, int32_t rotDim, double theta, double freqScale,
-           std::vector<float> freqFactors)
-    : style_(style), rotDim_(rotDim) {
-  if (rotDim < 2 || rotDim % 2 != 0 || !(theta > 0) || !(freqScale > 0)) {
-    throw std::invalid_argument("Rope: need an even rotDim >= 2, theta > 0 and freqScale > 0");
+           std::vector<float> freqFactors, double attnFactor)
+    : style_(style), rotDim_(rotDim), attnFactor_(attnFactor) {
+  if (rotDim < 2 || rotDim % 2 != 0 || !(theta > 0) || !(freqScale > 0) || !(attnFactor > 0)) {
+    throw std::invalid_argument(
+        "Rope: need an even rotDim >= 2, theta > 0, freqScale > 0 and attnFactor > 0");
   }
   const int32_t half = rotDim / 2;
   if (!freqFactors.empty() && static_cast<int32_t>(freqFactors.size()) != half) {
@@ -49,8 +50,8 @@ void Rope::angles(const int32_t* positions, int64_t nTokens, float* cs) const {
     float* row = cs + t * rotDim_;
     for (int32_t i = 0; i < half; ++i) {
       const double a = pos * freq_[static_cast<size_t>(i)];
-      row[i] = static_cast<float>(std::cos(a));
-      row[half + i] = static_cast<float>(std::sin(a));
+      row[i] = static_cast<float>(std::cos(a) * attnFactor_);
+      row[half + i] = static_cast<float>(std::sin(a) * attnFactor_);
     }
   }
 }

@@ -27,10 +27,11 @@ enum class RopeStyle { Normal, Neox };
 // freqScale is linear position scaling (1 / the scaling factor). Frequencies are kept in double.
 class Rope {
  public:
-  // rotDim even, >= 2; theta > 0; freqScale > 0; freqFactors empty or rotDim/2 positive values.
-  // Throws std::invalid_argument otherwise.
+  // rotDim even, >= 2; theta > 0; freqScale > 0; freqFactors empty or rotDim/2 positive values;
+  // attnFactor > 0 multiplies every cos and sin (a magnitude scale some files ask for, 1 for
+  // most). Throws std::invalid_argument otherwise.
   Rope(RopeStyle style, int32_t rotDim, double theta, double freqScale = 1.0,
-       std::vector<float> freqFactors = {});
+       std::vector<float> freqFactors = {}, double attnFactor = 1.0);
   RopeStyle style() const { return style_; }
   int32_t rotDim() const { return rotDim_; }
   // For each of nTokens positions, rotDim/2 cos values then rotDim/2 sin values of the angles
@@ -43,6 +44,7 @@ class Rope {
   RopeStyle style_;
   int32_t rotDim_;
   std::vector<double> freq_;
+  double attnFactor_;
 };
 
 // RoPE in place. x holds nTokens rows of nHeads * headDim floats (head-major within a row);

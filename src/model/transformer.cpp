@@ -26,6 +26,13 @@ kernels::WeightType toWeightType(GGMLType type, const std::string& tensorName) {
     case GGMLType::Q8_0: return kernels::WeightType::Q8_0;
     case GGMLType::Q4_0: return kernels::WeightType::Q4_0;
     case GGMLType::Q4_1: return kernels::WeightType::Q4_1;
+    case GGMLType::Q5_0: return kernels::WeightType::Q5_0;
+    case GGMLType::Q5_1: return kernels::WeightType::Q5_1;
+    case GGMLType::Q2_K: return kernels::WeightType::Q2_K;
+    case GGMLType::Q3_K: return kernels::WeightType::Q3_K;
+    case GGMLType::Q4_K: return kernels::WeightType::Q4_K;
+    case GGMLType::Q5_K: return kernels::WeightType::Q5_K;
+    case GGMLType::Q6_K: return kernels::WeightType::Q6_K;
     default: break;
   }
   throw ModelError("tensor '" + tensorName + "' has an unsupported type");
@@ -98,6 +105,7 @@ struct TransformerModel::Weights {
   Linear output;
   kernels::QuantizedActivations actQ;
   const float* outputNorm = nullptr;
+  const float* outputBias = nullptr;  // qwen2 files may have one
   std::vector<Layer> layers;
   std::unique_ptr<kernels::Rope> ropeGlobal;
   std::unique_ptr<kernels::Rope> ropeSwa;  // sliding-window layers, when the model has them
@@ -176,16 +184,23 @@ std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path
   if (!(hp.rmsEps > 0.0f) || !(hp.ropeTheta > 0.0f)) {
     throw ModelError(where + "rms epsilon and rope freq_base must be positive");
   }
-  // RoPE scaling: linear, or none. (YaRN and LongRoPE change attention itself.)
-  if (f.has(k + "rope.scaling.type")) {
-    const std::string type = f.getString(k + "rope.scaling.type");
-    if (type == "linear") {
-      const float factor = f.getF32(k + "rope.scaling.factor");
-      if (!(factor > 0.0f)) throw ModelError(where + "rope.scaling.factor must be positive");
-      hp.ropeFreqScale = 1.0f / factor;
-    } else if (type != "none") {
-      throw ModelError(where + "rope scaling '" + type + "' is not supported (supported: linear)");
-    }
+  // RoPE scaling: linear, or none. (YaRN and LongRoPE change attention itself.) Older files give
+  // the linear factor as rope.scale_linear.
+  const std::string scaling =
+      f.has(k + "rope.scaling.type") ? f.getString(k + "rope.scaling.type") : "linear";
+  if (scaling != "linear" && scaling != "none") {
+    throw ModelError(where + "rope scaling '" + scaling + "' is not supported (supported: linear)");
+  }
+  const std::string factorKey =
+      f.has(k + "rope.scaling.factor") ? k + "rope.scaling.factor" : k + "rope.scale_linear";
+  if (scaling == "linear" && f.has(factorKey)) {
+    const float factor = f.getF32(factorKey);
+    if (!(factor > 0.0f)) throw ModelError(where + factorKey + " must be positive");
+    hp.ropeFreqScale = 1.0f / factor;
+  }
+  if (f.has(k + "rope.scaling.attn_factor")) {
+    hp.ropeAttnFactor = f.getF32(k + "rope.scaling.attn_factor");
+    if (!(hp.ropeAttnFactor > 0.0f)) throw ModelError(where + "rope.scaling.attn_factor must be positive");
   }
   hp.attnScale = 1.0f / std::sqrt(static_cast<float>(hp.headDim));
   hp.ropeNeox = hp.arch != Architecture::Llama;
@@ -273,6 +288,7 @@ std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path
                  ? linear("output.weight", hp.nEmbd, hp.nVocab)
                  : linear("token_embd.weight", hp.nEmbd, hp.nVocab);  // tied embeddings
   w.outputNorm = vector("output_norm.weight", hp.nEmbd);
+  if (hp.qkvBias && f.findTensor("output.bias") != nullptr) w.outputBias = vector("output.bias", hp.nVocab);
   const int64_t qDim = static_cast<int64_t>(hp.nHead) * hp.headDim;
   const int64_t kvDim = static_cast<int64_t>(hp.nHeadKV) * hp.headDim;
   for (int32_t l = 0; l < hp.nLayers; ++l) {
@@ -310,10 +326,10 @@ std::unique_ptr<TransformerModel> TransformerModel::load(const std::string& path
   const kernels::RopeStyle style = hp.ropeNeox ? kernels::RopeStyle::Neox : kernels::RopeStyle::Normal;
   try {
     w.ropeGlobal = std::make_unique<kernels::Rope>(style, hp.nRot, hp.ropeTheta, hp.ropeFreqScale,
-                                                   hp.ropeFreqFactors);
+                                                   hp.ropeFreqFactors, hp.ropeAttnFactor);
     if (hp.slidingWindow > 0) {
       w.ropeSwa = std::make_unique<kernels::Rope>(style, hp.nRot, hp.ropeThetaSwa, 1.0,
-                                                  hp.ropeFreqFactors);
+                                                  hp.ropeFreqFactors, hp.ropeAttnFactor);
     }
   } catch (const std::invalid_argument& e) {
     throw ModelError(where + e.what());
@@ -558,6 +574,7 @@ void TransformerModel::forward(const ForwardBatch& batch, kernels::ThreadPool& p
   kernels::rmsNorm(rows, w.outputNorm, nOutRows, E, hp.rmsEps, rows);
   logits.resize(static_cast<size_t>(nOutRows * hp.nVocab));
   MatmulInput(rows, nOutRows, E, actQ).multiply(pool, w.output, logits.data());
+  if (w.outputBias != nullptr) addRowBias(logits.data(), w.outputBias, nOutRows, hp.nVocab);
   if (hp.finalLogitSoftcap > 0.0f) {
     const float cap = hp.finalLogitSoftcap;
     for (float& v : logits) v = cap * std::tanh(v / cap);

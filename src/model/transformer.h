@@ -54,6 +54,7 @@ struct HParams {
   // (rope_freqs.weight, nRot/2 values; empty when absent).
   bool ropeNeox = false;
   float ropeFreqScale = 1.0f;
+  float ropeAttnFactor = 1.0f;  // rope.scaling.attn_factor: multiplies cos and sin
   std::vector<float> ropeFreqFactors;
   // Sliding-window attention: a query at position p on a layer with swaLayers[l] sees keys
   // (p - slidingWindow, p]. 0 means every layer is global.
@@ -63,7 +64,7 @@ struct HParams {
   float attnScale = 0.0f;          // query scale (1/sqrt(headDim) for most models)
   float embedScale = 1.0f;         // token embeddings are multiplied by this (Gemma: sqrt(hidden))
   float finalLogitSoftcap = 0.0f;  // logits = cap * tanh(logits / cap) when > 0
-  bool qkvBias = false;            // attn_{q,k,v}.bias
+  bool qkvBias = false;            // attn_{q,k,v}.bias (and output.bias when present)
   bool qkNorm = false;             // attn_{q,k}_norm.weight, per head
   bool postNorms = false;          // post_attention_norm / post_ffw_norm
   bool geglu = false;              // GELU(gate) * up instead of SiLU(gate) * up
