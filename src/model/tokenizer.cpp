@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <map>
 #include <queue>
 #include <unordered_map>
 #include <utility>
@@ -224,18 +225,162 @@ std::vector<Span> splitByRegex(std::string_view text, const std::vector<Span>& s
   return out;
 }
 
-struct StringHash {
-  using is_transparent = void;
-  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
-};
-
 uint64_t pairKey(int32_t left, int32_t right) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
 }
 
+// "gpt2": control tokens with these texts end a generation.
 constexpr std::array<std::string_view, 9> kEndOfGenerationTexts = {
     "<|eot_id|>", "<|im_end|>",  "<|end|>",         "<end_of_turn>", "<|endoftext|>",
     "<EOT>",      "_<EOT>",      "<|end_of_text|>", "<｜end▁of▁sentence｜>"};
+
+// "llama": llama.cpp finds end-of-generation tokens by these texts, whatever their type, and
+// treats them as control tokens from then on.
+constexpr std::array<std::string_view, 23> kSpmEndOfGenerationTexts = {
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<｜end▁of▁sentence｜>", "[e~[", "<|plamo:eos|>"};
+// Fill-in-the-middle pad/repo/separator markers: control tokens that also end a generation.
+constexpr std::array<std::string_view, 11> kSpmFimEndTexts = {
+    "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]", "<|fim_repo|>", "<|repo_name|>",
+    "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>"};
+// Fill-in-the-middle prefix/suffix/middle markers: control tokens.
+constexpr std::array<std::string_view, 24> kSpmFimTexts = {
+    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+    "<|code_prefix|>", "<|prefix|>", "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>",
+    "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>", "<|fim_middle|>",
+    "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>",
+    "<|middle|>"};
+
+template <size_t N>
+bool oneOf(const std::array<std::string_view, N>& texts, std::string_view text) {
+  return std::find(texts.begin(), texts.end(), text) != texts.end();
+}
+
+// Token attributes as bits, as llama.cpp's llama_token_attr.
+enum Attr : uint8_t {
+  kAttrUnknown = 1,
+  kAttrUnused = 2,
+  kAttrNormal = 4,
+  kAttrControl = 8,
+  kAttrUserDefined = 16,
+  kAttrByte = 32,
+};
+
+uint8_t attrOfType(TokenType t) {
+  switch (t) {
+    case TokenType::Unknown: return kAttrUnknown;
+    case TokenType::Normal: return kAttrNormal;
+    case TokenType::Control: return kAttrControl;
+    case TokenType::UserDefined: return kAttrUserDefined;
+    case TokenType::Unused: return kAttrUnused;
+    case TokenType::Byte: return kAttrByte;
+    case TokenType::Undefined: break;
+  }
+  return 0;
+}
+
+constexpr std::string_view kSpmSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's space
+
+// Lengths of a UTF-8 sequence by the high nibble of its first byte, as llama.cpp splits text for
+// SentencePiece (a stray continuation byte is a character of its own).
+constexpr std::array<uint8_t, 16> kUtf8LengthByNibble = {1, 1, 1, 1, 1, 1, 1, 1,
+                                                         1, 1, 1, 1, 2, 2, 3, 4};
+
+// Token ids by their text: open addressing over ids, the texts staying in the vocabulary.
+class TokenIndex {
+ public:
+  // Indexes `texts`, which must outlive this index and not move; the first of equal texts wins.
+  void build(const std::vector<std::string>& texts) {
+    texts_ = &texts;
+    size_t capacity = 16;
+    while (capacity < texts.size() * 2) capacity <<= 1;
+    slots_.assign(capacity, Slot{-1, 0});
+    mask_ = capacity - 1;
+    for (size_t i = 0; i < texts.size(); ++i) {
+      const size_t h = hashOf(texts[i]);
+      for (size_t s = h & mask_;; s = (s + 1) & mask_) {
+        Slot& slot = slots_[s];
+        if (slot.id < 0) {
+          slot = {static_cast<int32_t>(i), static_cast<uint32_t>(h)};
+          break;
+        }
+        if (slot.hash == static_cast<uint32_t>(h) && texts[static_cast<size_t>(slot.id)] == texts[i]) {
+          break;  // a duplicate: the first one stays
+        }
+      }
+    }
+  }
+  // The id whose text is `text`, or -1.
+  int32_t find(std::string_view text) const {
+    const size_t h = hashOf(text);
+    for (size_t s = h & mask_;; s = (s + 1) & mask_) {
+      const Slot& slot = slots_[s];
+      if (slot.id < 0) return -1;
+      if (slot.hash == static_cast<uint32_t>(h) && (*texts_)[static_cast<size_t>(slot.id)] == text) {
+        return slot.id;
+      }
+    }
+  }
+
+ private:
+  struct Slot {
+    int32_t id;
+    uint32_t hash;  // low bits of the text's hash, to skip most text comparisons
+  };
+  static size_t hashOf(std::string_view s) { return std::hash<std::string_view>{}(s); }
+
+  const std::vector<std::string>* texts_ = nullptr;
+  std::vector<Slot> slots_;
+  size_t mask_ = 0;
+};
+
+// The special tokens that are cut out of a text before tokenizing it, and where they occur.
+class SpecialMatcher {
+ public:
+  struct Entry {
+    std::string_view text;
+    int32_t id;
+    int32_t rank;  // priority: lower ranks are cut out first
+    bool control;  // cut out only when parsing special tokens
+  };
+  // `entries` in priority order (rank = index); the texts must outlive the matcher.
+  void build(std::vector<Entry> entries) {
+    for (size_t i = 0; i < entries.size(); ++i) entries[i].rank = static_cast<int32_t>(i);
+    // note: by text, so the entries sharing a prefix form a range (shorter ones first).
+    std::sort(entries.begin(), entries.end(),
+              [](const Entry& a, const Entry& b) { return a.text < b.text; });
+    entries_ = std::move(entries);
+    firstByte_.fill(false);
+    for (const Entry& e : entries_) firstByte_[static_cast<uint8_t>(e.text[0])] = true;
+  }
+  bool empty() const { return entries_.empty(); }
+
+  // Calls f(entry) for every entry whose text occurs in `text` at `pos`.
+  template <typename F>
+  void forEachAt(std::string_view text, size_t pos, F&& f) const {
+    if (!firstByte_[static_cast<uint8_t>(text[pos])]) return;
+    auto lo = entries_.begin();
+    auto hi = entries_.end();
+    // [lo, hi) holds the entries whose first k bytes are text[pos, pos + k).
+    for (size_t k = 0; pos + k < text.size() && lo != hi; ++k) {
+      const auto c = static_cast<uint8_t>(text[pos + k]);
+      while (lo != hi && lo->text.size() == k) ++lo;  // ended at depth k: already reported
+      lo = std::lower_bound(lo, hi, c, [k](const Entry& e, uint8_t v) {
+        return static_cast<uint8_t>(e.text[k]) < v;
+      });
+      hi = std::upper_bound(lo, hi, c, [k](uint8_t v, const Entry& e) {
+        return v < static_cast<uint8_t>(e.text[k]);
+      });
+      for (auto it = lo; it != hi && it->text.size() == k + 1; ++it) f(*it);
+    }
+  }
+
+ private:
+  std::vector<Entry> entries_;
+  std::array<bool, 256> firstByte_{};
+};
 
 }  // namespace
 
@@ -243,18 +388,21 @@ constexpr std::array<std::string_view, 9> kEndOfGenerationTexts = {
 
 struct Tokenizer::Impl {
   VocabData data;
+  bool spm = false;                 // "llama" (SentencePiece); otherwise "gpt2"
   std::vector<TokenType> types;
+  std::vector<uint8_t> attrs;       // Attr bits per token, as llama.cpp sees them
   std::vector<std::string> pieces;  // decoded bytes per id
-  std::unordered_map<std::string, int32_t, StringHash, std::equal_to<>> textToId;
+  TokenIndex textToId;
   struct Merge {
     int32_t rank;
     int32_t merged;
   };
-  std::unordered_map<uint64_t, Merge> merges;  // (left id, right id) -> rank, merged id
-  std::array<int32_t, 256> byteToken{};        // id of each single mapped byte, -1 if none
-  std::vector<std::pair<std::string, int32_t>> specials;  // longest text first
+  std::unordered_map<uint64_t, Merge> merges;  // "gpt2": (left id, right id) -> rank, merged id
+  std::array<int32_t, 256> byteToken{};        // id of each single byte, -1 if none
+  SpecialMatcher specials;
   std::vector<bool> endOfGeneration;
   std::vector<std::unique_ptr<Regex>> regexes;
+  uint8_t hiddenAttrs = kAttrControl;  // decode(renderSpecial = false) leaves these out
 
   // Tokenizer::encode; controlAt, when given, lists where control tokens may start.
   std::vector<int32_t> encode(std::string_view text, bool addSpecial, bool parseSpecial,
@@ -266,14 +414,34 @@ struct Tokenizer::Impl {
                        std::to_string(data.tokens.size()) + ")");
     }
   }
+  bool hidden(int32_t id) const { return (attrs[static_cast<size_t>(id)] & hiddenAttrs) != 0; }
 
-  // Appends the BPE tokens of one pre-tokenized piece (raw bytes) to `out`.
+  void buildGpt2();
+  void buildSpm();
+
+  // A piece of the text: a special token's id, or raw text (id -1).
+  struct Fragment {
+    int32_t id;
+    size_t offset, length;
+  };
+  // Cuts special tokens out of `text`, as llama.cpp: in priority order, each takes its leftmost
+  // non-overlapping occurrences in the raw text that earlier ones left.
+  std::vector<Fragment> partition(std::string_view text, bool parseSpecial,
+                                  const std::span<const size_t>* controlAt) const;
+
+  // Appends the BPE tokens of one pre-tokenized piece (raw bytes) to `out` ("gpt2").
   void bpe(std::string_view word, std::vector<int32_t>& out) const;
+  // Appends the SentencePiece tokens of one raw-text fragment to `out` ("llama").
+  struct SpmScratch;
+  void spmFragment(std::string_view fragment, bool spacePrefix, SpmScratch& scratch,
+           std::vector<int32_t>& out) const;
+  // The token of byte `b` when no token covers it.
+  int32_t byteFallback(uint8_t b) const;
 };
 
 namespace {
 
-// Bytes a vocabulary entry stands for, from its stored text and type.
+// Bytes a "gpt2" vocabulary entry stands for, from its stored text and type.
 std::string decodePiece(const std::string& text, TokenType type) {
   if (type == TokenType::Control || type == TokenType::UserDefined) return text;
   if (type == TokenType::Byte && text.size() == 6 && text.starts_with("<0x") && text[5] == '>') {
@@ -296,22 +464,60 @@ std::string decodePiece(const std::string& text, TokenType type) {
   return out;
 }
 
+int hexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// Bytes a "llama" vocabulary entry stands for, from its stored text and attributes (llama.cpp's
+// token_to_piece for SentencePiece with special tokens rendered).
+std::string decodeSpmPiece(const std::string& text, uint8_t attrs) {
+  if (attrs & (kAttrControl | kAttrUnknown | kAttrUserDefined)) return text;
+  if (attrs & kAttrNormal) {
+    std::string out;
+    out.reserve(text.size());
+    for (size_t pos = 0;;) {
+      const size_t hit = text.find(kSpmSpace, pos);
+      if (hit == std::string::npos) {
+        out.append(text, pos);
+        return out;
+      }
+      out.append(text, pos, hit - pos);
+      out += ' ';
+      pos = hit + kSpmSpace.size();
+    }
+  }
+  if (attrs & kAttrByte) {
+    // note: as llama.cpp, the hex digits after "<0x" (up to the first non-digit) are the byte.
+    int value = 0;
+    for (size_t i = 3; i < text.size() && hexValue(text[i]) >= 0; ++i) {
+      value = value * 16 + hexValue(text[i]);
+    }
+    return std::string(1, static_cast<char>(value & 0xFF));
+  }
+  return {};  // unused or undefined: nothing, as llama.cpp
+}
+
 }  // namespace
 
 Tokenizer::Tokenizer(VocabData data) : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
-  if (data.model == "llama") {
-    throw ModelError("SentencePiece (llama) tokenizers are not supported yet");
-  }
-  if (data.model != "gpt2") {
+  if (data.model != "gpt2" && data.model != "llama") {
     throw ModelError("unsupported tokenizer model '" + data.model +
-                     "' (tokenizer.ggml.model); only byte-level BPE 'gpt2' is supported");
+                     "' (tokenizer.ggml.model); supported: byte-level BPE 'gpt2', "
+                     "SentencePiece 'llama'");
   }
   const size_t n = data.tokens.size();
   if (n == 0) throw ModelError("tokenizer vocabulary is empty (tokenizer.ggml.tokens)");
   if (n > static_cast<size_t>(INT32_MAX)) throw ModelError("tokenizer vocabulary is too large");
   if (!data.tokenTypes.empty() && data.tokenTypes.size() != n) {
     throw ModelError("tokenizer.ggml.token_type has " + std::to_string(data.tokenTypes.size()) +
+                     " entries but tokenizer.ggml.tokens has " + std::to_string(n));
+  }
+  if (!data.scores.empty() && data.scores.size() != n) {
+    throw ModelError("tokenizer.ggml.scores has " + std::to_string(data.scores.size()) +
                      " entries but tokenizer.ggml.tokens has " + std::to_string(n));
   }
   for (auto [name, id] : {std::pair{"bos", data.bos}, std::pair{"eos", data.eos},
@@ -324,50 +530,62 @@ Tokenizer::Tokenizer(VocabData data) : impl_(std::make_unique<Impl>()) {
   if (data.addBos && data.bos < 0) {
     throw ModelError("tokenizer asks to add a BOS token but has no bos token id");
   }
-
-  for (const std::string& re : preTokenizerRegexes(data.pre)) {
-    m.regexes.push_back(std::make_unique<Regex>(re));
+  if (data.addEos && data.eos < 0) {
+    throw ModelError("tokenizer asks to add an EOS token but has no eos token id");
   }
 
+  m.spm = data.model == "llama";
+  m.data = std::move(data);  // note: first, so that the index below points at the final texts
   m.types.resize(n, TokenType::Normal);
-  m.pieces.resize(n);
-  m.endOfGeneration.assign(n, false);
-  m.textToId.reserve(n);
+  for (size_t i = 0; i < n && !m.data.tokenTypes.empty(); ++i) {
+    const int32_t t = m.data.tokenTypes[i];
+    if (t < 0 || t > 6) {
+      throw ModelError("token " + std::to_string(i) + " has unknown token type " +
+                       std::to_string(t));
+    }
+    m.types[i] = static_cast<TokenType>(t);
+  }
+  m.textToId.build(m.data.tokens);
+  if (m.spm) {
+    m.buildSpm();
+  } else {
+    m.buildGpt2();
+  }
+}
+
+void Tokenizer::Impl::buildGpt2() {
+  const size_t n = data.tokens.size();
+  for (const std::string& re : preTokenizerRegexes(data.pre)) {
+    regexes.push_back(std::make_unique<Regex>(re));
+  }
+  attrs.resize(n);
+  pieces.resize(n);
+  endOfGeneration.assign(n, false);
+  std::vector<SpecialMatcher::Entry> special;
   for (size_t i = 0; i < n; ++i) {
     const auto id = static_cast<int32_t>(i);
-    if (!data.tokenTypes.empty()) {
-      const int32_t t = data.tokenTypes[i];
-      if (t < 0 || t > 6) {
-        throw ModelError("token " + std::to_string(i) + " has unknown token type " +
-                         std::to_string(t));
-      }
-      m.types[i] = static_cast<TokenType>(t);
-    }
-    m.pieces[i] = decodePiece(data.tokens[i], m.types[i]);
-    m.textToId.emplace(data.tokens[i], id);  // first occurrence wins on duplicates
-    const TokenType t = m.types[i];
+    const TokenType t = types[i];
+    attrs[i] = attrOfType(t);
+    pieces[i] = decodePiece(data.tokens[i], t);
     if ((t == TokenType::Control || t == TokenType::UserDefined) && !data.tokens[i].empty()) {
-      m.specials.emplace_back(data.tokens[i], id);
+      special.push_back({data.tokens[i], id, 0, t == TokenType::Control});
     }
-    if (t == TokenType::Control &&
-        std::find(kEndOfGenerationTexts.begin(), kEndOfGenerationTexts.end(), data.tokens[i]) !=
-            kEndOfGenerationTexts.end()) {
-      m.endOfGeneration[i] = true;
+    if (t == TokenType::Control && oneOf(kEndOfGenerationTexts, data.tokens[i])) {
+      endOfGeneration[i] = true;
     }
   }
-  if (data.eos >= 0) m.endOfGeneration[static_cast<size_t>(data.eos)] = true;
+  if (data.eos >= 0) endOfGeneration[static_cast<size_t>(data.eos)] = true;
   // note: longest first, so a special token that contains another wins (as llama.cpp).
-  std::stable_sort(m.specials.begin(), m.specials.end(), [](const auto& a, const auto& b) {
-    return a.first.size() > b.first.size();
+  std::stable_sort(special.begin(), special.end(), [](const auto& a, const auto& b) {
+    return a.text.size() > b.text.size();
   });
+  specials.build(std::move(special));
 
   const ByteMap& map = byteMap();
-  for (size_t b = 0; b < 256; ++b) {
-    auto it = m.textToId.find(map.byteToText[b]);
-    m.byteToken[b] = it == m.textToId.end() ? -1 : it->second;
-  }
+  for (size_t b = 0; b < 256; ++b) byteToken[b] = textToId.find(map.byteToText[b]);
 
-  m.merges.reserve(data.merges.size());
+  merges.reserve(data.merges.size());
+  std::string joined;
   for (size_t r = 0; r < data.merges.size(); ++r) {
     const std::string& merge = data.merges[r];
     const size_t space = merge.find(' ', 1);  // note: the left part is never empty
@@ -377,15 +595,69 @@ Tokenizer::Tokenizer(VocabData data) : impl_(std::make_unique<Impl>()) {
     }
     const std::string_view left(merge.data(), space);
     const std::string_view right(merge.data() + space + 1, merge.size() - space - 1);
-    const auto l = m.textToId.find(left);
-    const auto rt = m.textToId.find(right);
-    const auto merged = m.textToId.find(std::string(left) + std::string(right));
+    const int32_t l = textToId.find(left);
+    const int32_t rt = textToId.find(right);
+    joined.assign(left);
+    joined += right;
+    const int32_t merged = textToId.find(joined);
     // note: a merge whose parts or result are not in the vocabulary can never apply; skip it.
-    if (l == m.textToId.end() || rt == m.textToId.end() || merged == m.textToId.end()) continue;
-    m.merges.emplace(pairKey(l->second, rt->second),
-                     Impl::Merge{static_cast<int32_t>(r), merged->second});  // first rank wins
+    if (l < 0 || rt < 0 || merged < 0) continue;
+    merges.emplace(pairKey(l, rt), Merge{static_cast<int32_t>(r), merged});  // first rank wins
   }
-  m.data = std::move(data);
+}
+
+void Tokenizer::Impl::buildSpm() {
+  const size_t n = data.tokens.size();
+  attrs.resize(n);
+  endOfGeneration.assign(n, false);
+  // Attributes by type, then llama.cpp's adjustments by token text.
+  int32_t toolResponse = -1, plamoEos = -1, closingS = -1;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string& text = data.tokens[i];
+    uint8_t a = attrOfType(types[i]);
+    const bool eog = oneOf(kSpmEndOfGenerationTexts, text) || oneOf(kSpmFimEndTexts, text);
+    if (eog || oneOf(kSpmFimTexts, text)) a |= kAttrControl;
+    if (text == "<|channel|>" || text == "<|message|>" || text == "<|start|>" ||
+        text == "<|constrain|>") {
+      a = kAttrUserDefined;  // always rendered, as llama.cpp
+    }
+    attrs[i] = a;
+    endOfGeneration[i] = eog;
+    if (eog && text == "<|tool_response>") toolResponse = static_cast<int32_t>(i);
+    if (eog && text == "<|plamo:eos|>") plamoEos = static_cast<int32_t>(i);
+    if (eog && text == "</s>") closingS = static_cast<int32_t>(i);
+  }
+  if ((toolResponse >= 0 || plamoEos >= 0) && closingS >= 0) {
+    // note: where such markers exist "</s>" is an ordinary token (llama.cpp).
+    endOfGeneration[static_cast<size_t>(closingS)] = false;
+    attrs[static_cast<size_t>(closingS)] = kAttrNormal;
+  }
+  if (data.eos >= 0) endOfGeneration[static_cast<size_t>(data.eos)] = true;
+  hiddenAttrs = kAttrControl | kAttrUnknown;
+
+  pieces.resize(n);
+  std::vector<SpecialMatcher::Entry> special;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string& text = data.tokens[i];
+    pieces[i] = decodeSpmPiece(text, attrs[i]);
+    if ((attrs[i] & (kAttrControl | kAttrUserDefined | kAttrUnknown)) && !text.empty()) {
+      special.push_back({text, static_cast<int32_t>(i), 0,
+                         (attrs[i] & (kAttrControl | kAttrUnknown)) != 0});
+    }
+  }
+  // note: longest first; std::sort over ascending ids, exactly as llama.cpp orders them, so that
+  // equally long specials that overlap resolve the same way.
+  std::sort(special.begin(), special.end(),
+            [](const auto& a, const auto& b) { return a.text.size() > b.text.size(); });
+  specials.build(std::move(special));
+
+  static constexpr std::string_view kHex = "0123456789ABCDEF";
+  for (size_t b = 0; b < 256; ++b) {
+    const std::string name = {'<', '0', 'x', kHex[b >> 4], kHex[b & 15], '>'};
+    int32_t id = textToId.find(name);
+    if (id < 0) id = textToId.find(std::string(1, static_cast<char>(b)));
+    byteToken[b] = id;
+  }
 }
 
 Tokenizer Tokenizer::fromGGUF(const GGUFFile& file) {
@@ -394,26 +666,36 @@ Tokenizer Tokenizer::fromGGUF(const GGUFFile& file) {
   };
   VocabData d;
   d.model = file.getString("tokenizer.ggml.model");
-  if (d.model == "llama") throw context("SentencePiece (llama) tokenizers are not supported yet");
+  const bool spm = d.model == "llama";
   d.pre = file.has("tokenizer.ggml.pre") ? file.getString("tokenizer.ggml.pre") : "default";
   d.tokens = file.getStringArray("tokenizer.ggml.tokens");
   if (file.has("tokenizer.ggml.merges")) d.merges = file.getStringArray("tokenizer.ggml.merges");
+  if (spm && file.has("tokenizer.ggml.scores")) {
+    d.scores = file.getF32Array("tokenizer.ggml.scores");
+  }
   if (file.has("tokenizer.ggml.token_type")) {
     d.tokenTypes = file.getI32Array("tokenizer.ggml.token_type");
   }
-  auto optionalId = [&](std::string_view key) -> int32_t {
-    if (!file.has(key)) return -1;
+  const auto n = static_cast<int64_t>(d.tokens.size());
+  auto optionalId = [&](std::string_view key, int32_t fallback) -> int32_t {
+    if (!file.has(key)) return fallback < n ? fallback : -1;
     const int64_t v = file.getI64(key);
     if (v < -1 || v > INT32_MAX) {
       throw context(std::string(key) + " = " + std::to_string(v) + " is not a valid token id");
     }
     return static_cast<int32_t>(v);
   };
-  d.bos = optionalId("tokenizer.ggml.bos_token_id");
-  d.eos = optionalId("tokenizer.ggml.eos_token_id");
-  d.unk = optionalId("tokenizer.ggml.unknown_token_id");
-  d.pad = optionalId("tokenizer.ggml.padding_token_id");
-  d.addBos = file.has("tokenizer.ggml.add_bos_token") && file.getBool("tokenizer.ggml.add_bos_token");
+  // note: llama.cpp's defaults for SentencePiece vocabularies that do not name their specials.
+  d.bos = optionalId("tokenizer.ggml.bos_token_id", spm ? 1 : -1);
+  d.eos = optionalId("tokenizer.ggml.eos_token_id", spm ? 2 : -1);
+  d.unk = optionalId("tokenizer.ggml.unknown_token_id", spm ? 0 : -1);
+  d.pad = optionalId("tokenizer.ggml.padding_token_id", -1);
+  auto optionalBool = [&](std::string_view key, bool fallback) {
+    return file.has(key) ? file.getBool(key) : fallback;
+  };
+  d.addBos = optionalBool("tokenizer.ggml.add_bos_token", spm);
+  d.addEos = optionalBool("tokenizer.ggml.add_eos_token", false);
+  d.addSpacePrefix = optionalBool("tokenizer.ggml.add_space_prefix", spm);
   if (file.has("tokenizer.chat_template")) d.chatTemplate = file.getString("tokenizer.chat_template");
   try {
     return Tokenizer(std::move(d));
@@ -425,6 +707,58 @@ Tokenizer Tokenizer::fromGGUF(const GGUFFile& file) {
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
+
+
+
+std::vector<Tokenizer::Impl::Fragment> Tokenizer::Impl::partition(
+    std::string_view text, bool parseSpecial, const std::span<const size_t>* controlAt) const {
+  // Every occurrence of every special token that may be cut out here, then taken in priority
+  // order (rank, then position) where it overlaps nothing taken before: the same result as
+  // llama.cpp's pass per special token over the fragments that the previous passes left.
+  struct Occurrence {
+    int32_t rank, id;
+    size_t offset, length;
+  };
+  std::vector<Occurrence> found;
+  if (!specials.empty()) {
+    for (size_t pos = 0; pos < text.size(); ++pos) {
+      specials.forEachAt(text, pos, [&](const SpecialMatcher::Entry& e) {
+        if (e.control) {
+          if (!parseSpecial) return;
+          if (controlAt != nullptr && !std::binary_search(controlAt->begin(), controlAt->end(), pos)) {
+            return;  // not where the template put one: plain text
+          }
+        }
+        found.push_back({e.rank, e.id, pos, e.text.size()});
+      });
+    }
+  }
+  if (found.empty()) {
+    if (text.empty()) return {};
+    return {Fragment{-1, 0, text.size()}};
+  }
+  std::sort(found.begin(), found.end(), [](const Occurrence& a, const Occurrence& b) {
+    return a.rank != b.rank ? a.rank < b.rank : a.offset < b.offset;
+  });
+  std::map<size_t, std::pair<size_t, int32_t>> taken;  // offset -> (end, id)
+  for (const Occurrence& o : found) {
+    const size_t end = o.offset + o.length;
+    auto next = taken.lower_bound(o.offset);
+    if (next != taken.end() && next->first < end) continue;
+    if (next != taken.begin() && std::prev(next)->second.first > o.offset) continue;
+    taken.emplace_hint(next, o.offset, std::pair{end, o.id});
+  }
+  std::vector<Fragment> fragments;
+  fragments.reserve(taken.size() * 2 + 1);
+  size_t pos = 0;
+  for (const auto& [offset, endAndId] : taken) {
+    if (offset > pos) fragments.push_back({-1, pos, offset - pos});
+    fragments.push_back({endAndId.second, offset, endAndId.first - offset});
+    pos = endAndId.first;
+  }
+  if (pos < text.size()) fragments.push_back({-1, pos, text.size() - pos});
+  return fragments;
+}
 
 void Tokenizer::Impl::bpe(std::string_view word, std::vector<int32_t>& out) const {
   // Symbols form a linked list over the bytes of the word; merging absorbs the right symbol into
@@ -493,6 +827,110 @@ void Tokenizer::Impl::bpe(std::string_view word, std::vector<int32_t>& out) cons
   }
 }
 
+
+// Buffers one encode call reuses across its fragments.
+struct Tokenizer::Impl::SpmScratch {
+  struct Symbol {
+    size_t offset, length;  // bytes of the escaped text; length 0 once merged into the left
+    int64_t prev, next;     // indices, -1 at the ends
+  };
+  struct Bigram {
+    float score;
+    int64_t left, right;
+    size_t length;  // bytes of both sides when queued: a side that changed since differs
+  };
+  // Highest score on top; among equal scores the leftmost pair.
+  struct Lower {
+    bool operator()(const Bigram& a, const Bigram& b) const {
+      return a.score < b.score || (a.score == b.score && a.left > b.left);
+    }
+  };
+  std::string text;
+  std::vector<Symbol> symbols;
+  std::vector<Bigram> heap;
+};
+
+int32_t Tokenizer::Impl::byteFallback(uint8_t b) const {
+  if (byteToken[b] >= 0) return byteToken[b];
+  if (data.unk >= 0) return data.unk;
+  constexpr std::string_view kHex = "0123456789ABCDEF";
+  throw ModelError(std::string("byte 0x") + kHex[b >> 4] + kHex[b & 0xF] +
+                   " has no token in the vocabulary (no <0x..> byte token) and there is no "
+                   "unknown token");
+}
+
+void Tokenizer::Impl::spmFragment(std::string_view fragment, bool spacePrefix, SpmScratch& s,
+                          std::vector<int32_t>& out) const {
+  using Symbol = SpmScratch::Symbol;
+  using Bigram = SpmScratch::Bigram;
+  std::string& text = s.text;
+  text.clear();
+  text.reserve(fragment.size() + 3);
+  if (spacePrefix) text += kSpmSpace;
+  for (const char c : fragment) {
+    if (c == ' ') {
+      text += kSpmSpace;
+    } else {
+      text += c;
+    }
+  }
+
+  std::vector<Symbol>& symbols = s.symbols;
+  symbols.clear();
+  for (size_t offset = 0; offset < text.size();) {
+    const size_t length = std::min<size_t>(
+        kUtf8LengthByNibble[static_cast<uint8_t>(text[offset]) >> 4], text.size() - offset);
+    const auto index = static_cast<int64_t>(symbols.size());
+    offset += length;
+    symbols.push_back({offset - length, length, index - 1, offset == text.size() ? -1 : index + 1});
+  }
+
+  std::vector<Bigram>& heap = s.heap;
+  heap.clear();
+  const SpmScratch::Lower lower;
+  const bool scored = !data.scores.empty();
+  auto tryPair = [&](int64_t left, int64_t right) {
+    if (left < 0 || right < 0) return;
+    const Symbol& l = symbols[static_cast<size_t>(left)];
+    const Symbol& r = symbols[static_cast<size_t>(right)];
+    const size_t length = l.length + r.length;
+    const int32_t id = textToId.find(std::string_view(text).substr(l.offset, length));
+    if (id < 0) return;
+    heap.push_back({scored ? data.scores[static_cast<size_t>(id)] : 0.0f, left, right, length});
+    std::push_heap(heap.begin(), heap.end(), lower);
+  };
+  for (size_t i = 1; i < symbols.size(); ++i) {
+    tryPair(static_cast<int64_t>(i - 1), static_cast<int64_t>(i));
+  }
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), lower);
+    const Bigram b = heap.back();
+    heap.pop_back();
+    Symbol& l = symbols[static_cast<size_t>(b.left)];
+    Symbol& r = symbols[static_cast<size_t>(b.right)];
+    // note: sides only grow or vanish, so an unchanged total length means both are as queued.
+    if (l.length == 0 || r.length == 0 || l.length + r.length != b.length) continue;
+    l.length += r.length;
+    r.length = 0;
+    l.next = r.next;
+    if (r.next >= 0) symbols[static_cast<size_t>(r.next)].prev = b.left;
+    tryPair(l.prev, b.left);
+    tryPair(b.left, l.next);
+  }
+
+  for (int64_t i = symbols.empty() ? -1 : 0; i >= 0; i = symbols[static_cast<size_t>(i)].next) {
+    const Symbol& sym = symbols[static_cast<size_t>(i)];
+    const std::string_view piece = std::string_view(text).substr(sym.offset, sym.length);
+    const int32_t id = textToId.find(piece);
+    if (id >= 0) {
+      out.push_back(id);
+      continue;
+    }
+    // note: merged symbols are always tokens; a single character without one becomes bytes.
+    for (const char c : piece) out.push_back(byteFallback(static_cast<uint8_t>(c)));
+  }
+}
+
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool addSpecial,
                                        bool parseSpecial) const {
   return impl_->encode(text, addSpecial, parseSpecial, nullptr);
@@ -506,53 +944,34 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool addSpecial,
 std::vector<int32_t> Tokenizer::Impl::encode(std::string_view text, bool addSpecial,
                                              bool parseSpecial,
                                              const std::span<const size_t>* controlAt) const {
-  const Impl& m = *this;
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 2);
-  if (addSpecial && m.data.addBos) out.push_back(m.data.bos);
-
-  // Cut special tokens out first: fragments are either a token id or a span of raw text.
-  struct Fragment {
-    int32_t id;  // -1 for raw text
-    Span span;
-  };
-  std::vector<Fragment> fragments{{-1, {0, text.size()}}};
-  for (const auto& [special, id] : m.specials) {
-    if (!parseSpecial && m.types[static_cast<size_t>(id)] == TokenType::Control) continue;
-    std::vector<Fragment> next;
-    next.reserve(fragments.size());
+  if (addSpecial && data.addBos) out.push_back(data.bos);
+  const std::vector<Fragment> fragments = partition(text, parseSpecial, controlAt);
+  if (spm) {
+    SpmScratch scratch;
+    bool afterSpecial = true;  // note: the start of the text counts as following a special
     for (const Fragment& f : fragments) {
       if (f.id >= 0) {
-        next.push_back(f);
+        out.push_back(f.id);
+        afterSpecial = true;
         continue;
       }
-      const std::string_view raw = text.substr(f.span.offset, f.span.length);
-      const bool control = m.types[static_cast<size_t>(id)] == TokenType::Control;
-      size_t pos = 0;
-      for (size_t hit = raw.find(special); hit != std::string_view::npos;
-           hit = raw.find(special, std::max(pos, hit + 1))) {
-        if (control && controlAt != nullptr &&
-            !std::binary_search(controlAt->begin(), controlAt->end(), f.span.offset + hit)) {
-          continue;  // not where the template put one: plain text
-        }
-        if (hit > pos) next.push_back({-1, {f.span.offset + pos, hit - pos}});
-        next.push_back({id, {f.span.offset + hit, special.size()}});
-        pos = hit + special.size();
+      spmFragment(text.substr(f.offset, f.length), data.addSpacePrefix && afterSpecial, scratch, out);
+      afterSpecial = false;
+    }
+  } else {
+    for (const Fragment& f : fragments) {
+      if (f.id >= 0) {
+        out.push_back(f.id);
+        continue;
       }
-      if (pos < raw.size()) next.push_back({-1, {f.span.offset + pos, raw.size() - pos}});
+      std::vector<Span> words{{f.offset, f.length}};
+      for (const auto& re : regexes) words = splitByRegex(text, words, *re);
+      for (const Span& w : words) bpe(text.substr(w.offset, w.length), out);
     }
-    fragments = std::move(next);
   }
-
-  for (const Fragment& f : fragments) {
-    if (f.id >= 0) {
-      out.push_back(f.id);
-      continue;
-    }
-    std::vector<Span> words{f.span};
-    for (const auto& re : m.regexes) words = splitByRegex(text, words, *re);
-    for (const Span& w : words) m.bpe(text.substr(w.offset, w.length), out);
-  }
+  if (addSpecial && data.addEos) out.push_back(data.eos);
   return out;
 }
 
@@ -563,10 +982,14 @@ const std::string& Tokenizer::tokenToPiece(int32_t id) const {
 
 std::string Tokenizer::decode(std::span<const int32_t> ids, bool renderSpecial) const {
   std::string out;
+  // note: llama.cpp drops one leading space of the first piece where it put a space in front.
+  bool dropSpace = impl_->spm && impl_->data.addSpacePrefix;
   for (const int32_t id : ids) {
     impl_->checkId(id);
-    if (!renderSpecial && impl_->types[static_cast<size_t>(id)] == TokenType::Control) continue;
-    out += impl_->pieces[static_cast<size_t>(id)];
+    const bool skip = !renderSpecial && impl_->hidden(id);
+    const std::string& piece = impl_->pieces[static_cast<size_t>(id)];
+    if (!skip) out.append(piece, dropSpace && piece.starts_with(' ') ? 1 : 0);
+    dropSpace = false;
   }
   return out;
 }
@@ -577,14 +1000,19 @@ const std::string& Tokenizer::tokenText(int32_t id) const {
 }
 
 std::optional<int32_t> Tokenizer::findToken(std::string_view text) const {
-  const auto it = impl_->textToId.find(text);
-  if (it == impl_->textToId.end()) return std::nullopt;
-  return it->second;
+  const int32_t id = impl_->textToId.find(text);
+  if (id < 0) return std::nullopt;
+  return id;
 }
 
 TokenType Tokenizer::tokenType(int32_t id) const {
   impl_->checkId(id);
   return impl_->types[static_cast<size_t>(id)];
+}
+
+bool Tokenizer::isControl(int32_t id) const {
+  impl_->checkId(id);
+  return impl_->hidden(id);
 }
 
 int32_t Tokenizer::vocabSize() const { return static_cast<int32_t>(impl_->data.tokens.size()); }
@@ -593,6 +1021,9 @@ int32_t Tokenizer::eos() const { return impl_->data.eos; }
 int32_t Tokenizer::unk() const { return impl_->data.unk; }
 int32_t Tokenizer::pad() const { return impl_->data.pad; }
 bool Tokenizer::addBos() const { return impl_->data.addBos; }
+bool Tokenizer::addEos() const { return impl_->data.addEos; }
+bool Tokenizer::addSpacePrefix() const { return impl_->spm && impl_->data.addSpacePrefix; }
+const std::string& Tokenizer::model() const { return impl_->data.model; }
 
 bool Tokenizer::isEndOfGeneration(int32_t id) const {
   impl_->checkId(id);
@@ -605,6 +1036,7 @@ const std::optional<std::string>& Tokenizer::chatTemplate() const {
 
 const std::string& Tokenizer::preTokenizerName() const { return impl_->data.pre; }
 
+
 // ---- StreamDecoder ------------------------------------------------------------------------------
 
 StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool renderSpecial)
@@ -612,7 +1044,7 @@ StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool renderSpecial)
 
 std::string StreamDecoder::push(int32_t id) {
   const std::string& piece = tokenizer_->tokenToPiece(id);  // throws before any change
-  if (!renderSpecial_ && tokenizer_->tokenType(id) == TokenType::Control) return {};
+  if (!renderSpecial_ && tokenizer_->isControl(id)) return {};
   pending_ += piece;
   std::string out;
   out.reserve(pending_.size());

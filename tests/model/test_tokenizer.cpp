@@ -1,11 +1,12 @@
-// Tokenizer, StreamDecoder and chat template tests on a tiny hand-made byte-level BPE vocabulary,
-// plus a few checks on the default model's tokenizer when its file is present.
+// Tokenizer and StreamDecoder tests on tiny hand-made vocabularies (byte-level BPE and
+// SentencePiece), plus checks on the real models' tokenizers when their files are present.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 
 #include <chrono>
 #include <filesystem>
+#include <iostream>
 #include <string>
 #include <vector>
 
@@ -140,14 +141,9 @@ TEST(Tokenizer, InvalidIdsThrow) {
 }
 
 TEST(Tokenizer, RejectsUnsupportedVocabularies) {
-  VocabData spm = tinyVocab();
-  spm.model = "llama";
-  try {
-    const Tokenizer t(std::move(spm));
-    FAIL() << "expected ModelError";
-  } catch (const ModelError& e) {
-    EXPECT_STREQ(e.what(), "SentencePiece (llama) tokenizers are not supported yet");
-  }
+  VocabData other = tinyVocab();
+  other.model = "bert";
+  EXPECT_THROW(Tokenizer{std::move(other)}, ModelError);
   VocabData pre = tinyVocab("no-such-pre");
   EXPECT_THROW(Tokenizer{std::move(pre)}, ModelError);
   VocabData badTypes = tinyVocab();
@@ -188,59 +184,281 @@ TEST(StreamDecoder, ReplacesBytesThatCanNeverComplete) {
   EXPECT_EQ(quiet.push(kImStart), "");
 }
 
+// ---- SentencePiece ("llama") vocabulary ---------------------------------------------------------
+
+constexpr int32_t kSpmUnk = 0, kSpmBos = 1, kSpmEos = 2, kSpmTurn = 3, kSpmEndTurn = 4,
+                  kSpmTool = 5, kSpmFirstByte = 6;
+int32_t spmByte(uint8_t b) { return kSpmFirstByte + b; }
+
+// Vocabulary: <unk> <s> </s>, control <turn> <end_of_turn>, user-defined <tool> and "  ", the
+// 256 <0xXX> byte tokens, then normal tokens with scores (higher merges first).
+VocabData tinySpm(bool addSpacePrefix = true, bool byteTokens = true) {
+  VocabData d;
+  d.model = "llama";
+  d.tokens = {"<unk>", "<s>", "</s>", "<turn>", "<end_of_turn>", "<tool>"};
+  d.tokenTypes = {2, 3, 3, 3, 3, 4};
+  d.scores = {0, 0, 0, 0, 0, 0};
+  for (int b = 0; b < 256; ++b) {
+    constexpr std::string_view kHex = "0123456789ABCDEF";
+    d.tokens.push_back(byteTokens ? std::string{'<', '0', 'x', kHex[static_cast<size_t>(b >> 4)],
+                                                kHex[static_cast<size_t>(b & 15)], '>'}
+                                  : "[byte" + std::to_string(b) + "]");
+    d.tokenTypes.push_back(byteTokens ? 6 : 1);
+    d.scores.push_back(0);
+  }
+  const std::vector<std::pair<std::string, float>> normal = {
+      {"\u2581", -1}, {"a", -2},  {"b", -2},  {"c", -2},  {"h", -2},  {"e", -2},  {"l", -2},
+      {"o", -2},      {"x", -2},  {"ab", -5}, {"bc", -4}, {"cd", -6}, {"d", -2},  {"he", -3},
+      {"ll", -3},     {"hell", -3.5}, {"hello", -3.5}, {"\u2581hello", -3.5}, {"xx", -7},
+      {"\u2581a", -8}, {"abc", -9}, {"<t", -10}, {"<tu", -10}, {"\u00e9", -2}};
+  for (const auto& [text, score] : normal) {
+    d.tokens.push_back(text);
+    d.tokenTypes.push_back(1);
+    d.scores.push_back(score);
+  }
+  d.tokens.emplace_back("  ");
+  d.tokenTypes.push_back(4);
+  d.scores.push_back(0);
+  d.bos = kSpmBos;
+  d.eos = kSpmEos;
+  d.unk = kSpmUnk;
+  d.addBos = false;
+  d.addSpacePrefix = addSpacePrefix;
+  return d;
+}
+
+TEST(SpmTokenizer, MergesByScoreThenLeftmost) {
+  const Tokenizer t(tinySpm(false));
+  EXPECT_EQ(t.model(), "llama");
+  // "bc" (-4) outscores "cd" (-6) and "ab" (-5): b and c go together first.
+  EXPECT_EQ(t.encode("bcd"), (std::vector<int32_t>{idOf(t, "bc"), idOf(t, "d")}));
+  EXPECT_EQ(t.encode("acd"), (std::vector<int32_t>{idOf(t, "a"), idOf(t, "cd")}));
+  // Any adjacent pair whose text is a token merges, whatever made its sides: a + bc -> abc.
+  EXPECT_EQ(t.encode("abc"), (std::vector<int32_t>{idOf(t, "abc")}));
+  EXPECT_EQ(t.encode("abcd"), (std::vector<int32_t>{idOf(t, "abc"), idOf(t, "d")}));
+  // Equal scores: the leftmost pair first ("xx" + "x", not "x" + "xx").
+  EXPECT_EQ(t.encode("xxx"), (std::vector<int32_t>{idOf(t, "xx"), idOf(t, "x")}));
+  EXPECT_EQ(t.encode("xxxx"), (std::vector<int32_t>{idOf(t, "xx"), idOf(t, "xx")}));
+  // Merged pairs keep merging: he + ll -> hell, hell + o -> hello.
+  EXPECT_EQ(t.encode("hello"), (std::vector<int32_t>{idOf(t, "hello")}));
+  EXPECT_TRUE(t.encode("").empty());
+}
+
+TEST(SpmTokenizer, SpacesAndSpacePrefix) {
+  const Tokenizer off(tinySpm(false));
+  EXPECT_FALSE(off.addSpacePrefix());
+  const int32_t space = idOf(off, "\u2581");
+  EXPECT_EQ(off.encode("hello"), (std::vector<int32_t>{idOf(off, "hello")}));
+  EXPECT_EQ(off.encode(" hello"), (std::vector<int32_t>{idOf(off, "\u2581hello")}));
+  // "  " is a user-defined token: cut out before spaces become U+2581.
+  EXPECT_EQ(off.encode("a  hello"),
+            (std::vector<int32_t>{idOf(off, "a"), idOf(off, "  "), idOf(off, "hello")}));
+  EXPECT_EQ(off.encode("a "), (std::vector<int32_t>{idOf(off, "a"), space}));
+
+  const Tokenizer on(tinySpm(true));
+  EXPECT_TRUE(on.addSpacePrefix());
+  EXPECT_EQ(on.encode("hello"), (std::vector<int32_t>{idOf(on, "\u2581hello")}));
+  // Every fragment after a special token gets the prefix too; the one after text does not.
+  EXPECT_EQ(on.encode("hello<turn>hello", false, true),
+            (std::vector<int32_t>{idOf(on, "\u2581hello"), kSpmTurn, idOf(on, "\u2581hello")}));
+  EXPECT_EQ(on.encode("<tool>a", false, true),
+            (std::vector<int32_t>{kSpmTool, idOf(on, "\u2581a")}));
+  // Decoding drops the one leading space the prefix made, but not after a leading BOS.
+  EXPECT_EQ(on.decode(on.encode("hello")), "hello");
+  EXPECT_EQ(on.decode(std::vector<int32_t>{kSpmBos, idOf(on, "\u2581hello")}), "<s> hello");
+  EXPECT_EQ(on.decode(std::vector<int32_t>{kSpmBos, idOf(on, "\u2581hello")}, false), " hello");
+  EXPECT_EQ(off.decode(off.encode(" hello")), " hello");
+}
+
+TEST(SpmTokenizer, ByteFallbackAndUnknown) {
+  const Tokenizer t(tinySpm(false));
+  // "é" is a token; "ü" (C3 BC) and "日" (E6 97 A5) are not: their bytes' <0xXX> tokens.
+  EXPECT_EQ(t.encode("\u00e9"), (std::vector<int32_t>{idOf(t, "\u00e9")}));
+  EXPECT_EQ(t.encode("a\u00fc"),
+            (std::vector<int32_t>{idOf(t, "a"), spmByte(0xC3), spmByte(0xBC)}));
+  EXPECT_EQ(t.encode("\u65e5"),
+            (std::vector<int32_t>{spmByte(0xE6), spmByte(0x97), spmByte(0xA5)}));
+  // Invalid UTF-8 goes through byte for byte. As llama.cpp, a character is as long as its first
+  // byte says (0xFF: 4 bytes, cut at the end), so "\xFF" swallows the "a" after it.
+  EXPECT_EQ(t.encode("\xFF" "a"), (std::vector<int32_t>{spmByte(0xFF), spmByte('a')}));
+  EXPECT_EQ(t.encode("a\xFF"), (std::vector<int32_t>{idOf(t, "a"), spmByte(0xFF)}));
+  EXPECT_EQ(t.decode(t.encode("a\u00fc\u65e5\xFF")), "a\u00fc\u65e5\xFF");
+  EXPECT_EQ(t.tokenToPiece(spmByte(0x41)), "A");
+  EXPECT_EQ(t.tokenToPiece(idOf(t, "\u2581hello")), " hello");
+
+  // Without byte tokens an uncovered character becomes the unknown token, once per byte.
+  const Tokenizer noBytes(tinySpm(false, false));
+  EXPECT_EQ(noBytes.encode("a\u00fc"), (std::vector<int32_t>{idOf(noBytes, "a"), kSpmUnk, kSpmUnk}));
+  VocabData noUnk = tinySpm(false, false);
+  noUnk.unk = -1;
+  const Tokenizer strict(std::move(noUnk));
+  EXPECT_THROW(strict.encode("\u00fc"), ModelError);
+}
+
+TEST(SpmTokenizer, SpecialTokens) {
+  const Tokenizer t(tinySpm(false));
+  const std::string text = "<turn>hello<end_of_turn>";
+  EXPECT_EQ(t.encode(text, false, true),
+            (std::vector<int32_t>{kSpmTurn, idOf(t, "hello"), kSpmEndTurn}));
+  // Not parsing specials: control and unknown-type tokens are text ("<tu" merges, as any text).
+  const std::vector<int32_t> literal = t.encode("<turn><unk>", false, false);
+  EXPECT_EQ(std::count(literal.begin(), literal.end(), kSpmTurn), 0);
+  EXPECT_EQ(std::count(literal.begin(), literal.end(), kSpmUnk), 0);
+  EXPECT_EQ(literal.front(), idOf(t, "<tu"));
+  EXPECT_EQ(t.decode(literal), "<turn><unk>");
+  EXPECT_EQ(t.encode("<unk>", false, true), (std::vector<int32_t>{kSpmUnk}));
+  // User-defined tokens always.
+  EXPECT_EQ(t.encode("a<tool>", false, false), (std::vector<int32_t>{idOf(t, "a"), kSpmTool}));
+  // Control tokens are hidden from decode unless rendered; user-defined ones always show.
+  EXPECT_TRUE(t.isControl(kSpmTurn));
+  EXPECT_TRUE(t.isControl(kSpmUnk));
+  EXPECT_FALSE(t.isControl(kSpmTool));
+  EXPECT_EQ(t.decode(t.encode(text, false, true), false), "hello");
+  EXPECT_EQ(t.decode(std::vector<int32_t>{kSpmTool, kSpmUnk}, false), "<tool>");
+  // End of generation: eos, and <end_of_turn> by its text.
+  EXPECT_TRUE(t.isEndOfGeneration(kSpmEos));
+  EXPECT_TRUE(t.isEndOfGeneration(kSpmEndTurn));
+  EXPECT_FALSE(t.isEndOfGeneration(kSpmTurn));
+  EXPECT_FALSE(t.isEndOfGeneration(kSpmBos));
+}
+
+TEST(SpmTokenizer, LongerSpecialTokensWinAndOverlapsResolveByPriority) {
+  VocabData d = tinySpm(false);
+  // User-defined "ah" and "hel" (longer, so first): "ahel" -> "a" + "hel", not "ah" + "el".
+  for (const std::string text : {"ah", "hel", "helah"}) {
+    d.tokens.push_back(text);
+    d.tokenTypes.push_back(4);
+    d.scores.push_back(0);
+  }
+  const Tokenizer t(std::move(d));
+  EXPECT_EQ(t.encode("ahel"), (std::vector<int32_t>{idOf(t, "a"), idOf(t, "hel")}));
+  EXPECT_EQ(t.encode("ahelah"), (std::vector<int32_t>{idOf(t, "a"), idOf(t, "helah")}));
+  EXPECT_EQ(t.encode("ahahel"),
+            (std::vector<int32_t>{idOf(t, "ah"), idOf(t, "a"), idOf(t, "hel")}));
+  // Each takes its leftmost non-overlapping occurrences: "ahah" twice, "aha" + "h".
+  EXPECT_EQ(t.encode("ahah"), (std::vector<int32_t>{idOf(t, "ah"), idOf(t, "ah")}));
+  EXPECT_EQ(t.encode("ahahh"),
+            (std::vector<int32_t>{idOf(t, "ah"), idOf(t, "ah"), idOf(t, "h")}));
+}
+
+TEST(SpmTokenizer, BosAndEos) {
+  VocabData d = tinySpm(false);
+  d.addBos = true;
+  d.addEos = true;
+  const Tokenizer t(std::move(d));
+  EXPECT_TRUE(t.addBos());
+  EXPECT_TRUE(t.addEos());
+  EXPECT_EQ(t.encode("a"), (std::vector<int32_t>{kSpmBos, idOf(t, "a"), kSpmEos}));
+  EXPECT_EQ(t.encode(""), (std::vector<int32_t>{kSpmBos, kSpmEos}));
+  EXPECT_EQ(t.encode("a", false), (std::vector<int32_t>{idOf(t, "a")}));
+  VocabData noEos = tinySpm(false);
+  noEos.addEos = true;
+  noEos.eos = -1;
+  EXPECT_THROW(Tokenizer{std::move(noEos)}, ModelError);
+  VocabData badScores = tinySpm(false);
+  badScores.scores.pop_back();
+  EXPECT_THROW(Tokenizer{std::move(badScores)}, ModelError);
+}
+
+TEST(SpmTokenizer, StreamDecoderJoinsByteTokens) {
+  const Tokenizer t(tinySpm(false));
+  const std::vector<int32_t> ids = t.encode("a\u65e5 hello");
+  StreamDecoder d(t);
+  std::string streamed;
+  std::vector<std::string> parts;
+  for (const int32_t id : ids) {
+    parts.push_back(d.push(id));
+    streamed += parts.back();
+  }
+  streamed += d.flush();
+  EXPECT_EQ(streamed, "a\u65e5 hello");
+  // 日 comes out whole with its third byte token, nothing of it before.
+  ASSERT_GE(parts.size(), 4u);
+  EXPECT_EQ(parts[1], "");
+  EXPECT_EQ(parts[2], "");
+  EXPECT_EQ(parts[3], "\u65e5");
+  StreamDecoder quiet(t, false);
+  EXPECT_EQ(quiet.push(kSpmTurn), "");
+  EXPECT_EQ(quiet.push(kSpmTool), "<tool>");
+}
+
+// Gemma 3 270M's file, when present (scripts/fetch_model.sh gemma3-270m).
+std::filesystem::path gemmaModel() {
+  const std::filesystem::path rel = "models/gemma-3-270m-q4_k_m.gguf";
+#ifdef CS_SOURCE_DIR
+  if (const auto p = std::filesystem::path(CS_SOURCE_DIR) / rel; exists(p)) return p;
+#endif
+  return exists(rel) ? rel : std::filesystem::path{};
+}
+
+TEST(SpmTokenizer, Gemma3Model) {
+  const std::filesystem::path path = gemmaModel();
+  if (path.empty()) GTEST_SKIP() << "no Gemma 3 model (scripts/fetch_model.sh gemma3-270m)";
+  const GGUFFile file = GGUFFile::open(path.string());
+  const auto loadStart = std::chrono::steady_clock::now();
+  const Tokenizer t = Tokenizer::fromGGUF(file);
+  const auto loadTime = std::chrono::steady_clock::now() - loadStart;
+  std::cout << "Gemma 3 tokenizer load: "
+            << std::chrono::duration<double, std::milli>(loadTime).count() << " ms\n";
+  EXPECT_EQ(t.model(), "llama");
+  EXPECT_EQ(t.vocabSize(), 262144);
+  EXPECT_EQ(t.bos(), 2);
+  EXPECT_EQ(t.eos(), 1);
+  EXPECT_EQ(t.unk(), 3);
+  EXPECT_EQ(t.pad(), 0);
+  EXPECT_TRUE(t.addBos());
+  EXPECT_FALSE(t.addEos());
+  EXPECT_FALSE(t.addSpacePrefix());
+  // Ids from llama.cpp (tests/python/data/spm_gemma3_fixture.json).
+  EXPECT_EQ(t.encode("<start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"),
+            (std::vector<int32_t>{2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107}));
+  EXPECT_EQ(t.encode("Hello, world!"), (std::vector<int32_t>{2, 9259, 236764, 1902, 236888}));
+  // End of generation as llama.cpp: <eos>, <end_of_turn>, and "</s>" (user-defined).
+  std::vector<int32_t> eog;
+  for (int32_t id = 0; id < t.vocabSize(); ++id) {
+    if (t.isEndOfGeneration(id)) eog.push_back(id);
+  }
+  EXPECT_EQ(eog, (std::vector<int32_t>{1, 106, 212}));
+  EXPECT_EQ(t.tokenToPiece(106), "<end_of_turn>");
+  EXPECT_EQ(t.tokenToPiece(1123), " x");
+  EXPECT_EQ(t.tokenToPiece(138), "  ");
+  EXPECT_EQ(t.tokenToPiece(238 + 0xF0), "\xF0");
+
+  // Streaming: 🫠 has no token (four <0xXX> tokens); it comes out whole with the last one.
+  const std::string text = "Melting \U0001FAE0 face, 日本語";
+  const std::vector<int32_t> ids = t.encode(text, false);
+  StreamDecoder d(t);
+  std::string streamed;
+  for (const int32_t id : ids) {
+    const std::string part = d.push(id);
+    EXPECT_EQ(replaceInvalidUtf8(part), part);  // never half a character
+    streamed += part;
+  }
+  EXPECT_EQ(streamed + d.flush(), text);
+  EXPECT_EQ(t.decode(ids), text);
+
+  // Speed: ~1 MB of mixed text (prose, code, CJK, emoji) in well under a second.
+  std::string big;
+  while (big.size() < (1u << 20)) {
+    big += "The quick brown fox, 3.14159 naïve 日本語 😀 <b>bold</b>\n\tdef f(x):  return x\n";
+  }
+  const auto encodeStart = std::chrono::steady_clock::now();
+  const std::vector<int32_t> bigIds = t.encode(big);
+  const auto encodeTime = std::chrono::steady_clock::now() - encodeStart;
+  std::cout << "Gemma 3 encode of " << big.size() << " bytes: "
+            << std::chrono::duration<double, std::milli>(encodeTime).count() << " ms, "
+            << bigIds.size() << " tokens\n";
+  EXPECT_LT(encodeTime, std::chrono::seconds(3));
+  EXPECT_EQ(t.decode(bigIds, false), big);
+}
+
+
 TEST(Utf8, ReplaceInvalid) {
   EXPECT_EQ(replaceInvalidUtf8("ok é"), "ok é");
   EXPECT_EQ(replaceInvalidUtf8("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");  // overlong
   EXPECT_EQ(replaceInvalidUtf8("\xED\xA0\x80"),                          // surrogate
             "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
   EXPECT_EQ(replaceInvalidUtf8("\xE2\x82"), "\xEF\xBF\xBD");  // truncated: maximal subpart
-}
-
-constexpr const char* kSmolLM2Template =
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
-    "'<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
-    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
-    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
-    "'<|im_start|>assistant\n' }}{% endif %}";
-
-TEST(ChatTemplate, SmolLM2) {
-  const ChatTemplate tmpl = detectChatTemplate(std::string(kSmolLM2Template));
-  EXPECT_EQ(tmpl.family, ChatTemplateFamily::ChatML);
-  ASSERT_TRUE(tmpl.defaultSystemPrompt.has_value());
-  EXPECT_EQ(*tmpl.defaultSystemPrompt,
-            "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
-
-  const std::vector<ChatMessage> user = {{"user", "Hi!"}};
-  EXPECT_EQ(applyChatTemplate(tmpl, user, true),
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
-            "Face<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n");
-  const std::vector<ChatMessage> withSystem = {
-      {"system", "Be brief."}, {"user", "Hi"}, {"assistant", "Hello."}, {"user", "Bye"}};
-  EXPECT_EQ(applyChatTemplate(tmpl, withSystem, false),
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-            "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n");
-  EXPECT_EQ(applyChatTemplate(tmpl, {}, true), "<|im_start|>assistant\n");
-
-  // Escaped newlines in the literal read the same.
-  const ChatTemplate escaped = detectChatTemplate(std::string(
-      "{{ '<|im_start|>system\\nDefault\\'s prompt<|im_end|>\\n' }}{{'<|im_start|>' + x}}"));
-  EXPECT_EQ(escaped.defaultSystemPrompt, std::optional<std::string>("Default's prompt"));
-}
-
-TEST(ChatTemplate, NamesAndUnknownTemplates) {
-  const ChatTemplate plain = parseChatTemplateName("chatml");
-  EXPECT_FALSE(plain.defaultSystemPrompt.has_value());
-  const std::vector<ChatMessage> user = {{"user", "x"}};
-  EXPECT_EQ(applyChatTemplate(plain, user, true),
-            "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n");
-  EXPECT_THROW(parseChatTemplateName("llama9"), ModelError);
-  try {
-    detectChatTemplate(std::string("{{ bos_token }}[INST] {{ m }} [/INST]"));
-    FAIL() << "expected ModelError";
-  } catch (const ModelError& e) {
-    EXPECT_NE(std::string(e.what()).find("--chat-template chatml"), std::string::npos);
-  }
-  EXPECT_THROW(detectChatTemplate(std::nullopt), ModelError);
 }
 
 // The default model's file, when present: under CS_SOURCE_DIR (set by the build), else searched
@@ -273,7 +491,6 @@ TEST(Tokenizer, DefaultModel) {
   const std::string text = "Numbers 12345 and   spaces\t\n — ok? 日本語 😀";
   EXPECT_EQ(t.decode(t.encode(text)), text);
   const ChatTemplate tmpl = detectChatTemplate(t.chatTemplate());
-  EXPECT_TRUE(tmpl.defaultSystemPrompt.has_value());
 
   // Control tokens only where the caller allows them: "<|im_end|>" at offset 5 is plain text
   // unless 5 is listed; the template's own markers are control tokens, typed ones are not.
