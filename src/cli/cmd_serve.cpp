@@ -164,8 +164,8 @@ void runServe(const ServeOptions& o) {
                            ? std::filesystem::path(modelPath).filename().string()
                            : o.servedModelName;
   try {
-    sc.chatTemplate = o.chatTemplate.empty() ? model::detectChatTemplate(tokenizer.chatTemplate())
-                                             : model::parseChatTemplateName(o.chatTemplate);
+    sc.chatTemplate = model::chatTemplateFor(
+        tokenizer.chatTemplate(), llama->file().getString("general.architecture"), o.chatTemplate);
   } catch (const std::exception& e) {
     if (!o.chatTemplate.empty()) throw;  // a bad --chat-template is the user's to fix now
     // A base model without a template still serves /v1/completions.
@@ -238,7 +238,8 @@ void registerServeCommand(CLI::App& app) {
   cmd->add_option("--threads,-t", o->threads, "CPU threads for the forward pass (0 = all cores)")
       ->check(CLI::Range(0, 1024));
   cmd->add_option("--chat-template", o->chatTemplate,
-                  "override the model's chat template (chatml)");
+                  "override the model's chat template: a built-in name (chatml, gemma, llama3) "
+                  "or a Jinja file");
   cmd->add_option("--http-threads", o->httpThreads,
                   "HTTP I/O threads; every connection (idle, slow or streaming) is served by "
                   "them without holding one")

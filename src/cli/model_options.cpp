@@ -94,8 +94,7 @@ Loaded loadModel(const ModelOptions& o) {
 }
 
 model::ChatTemplate chatTemplateFor(const ModelOptions& o, const model::Tokenizer& tok) {
-  return o.chatTemplate.empty() ? model::detectChatTemplate(tok.chatTemplate())
-                                : model::parseChatTemplateName(o.chatTemplate);
+  return model::chatTemplateFor(tok.chatTemplate(), "", o.chatTemplate);
 }
 
 }  // namespace cortex::cli
