@@ -72,7 +72,7 @@ void runGenerate(const GenerateOptions& o) {
   engine::RequestParams req;
   if (o.chat) {
     const model::ChatMessage msg{"user", o.prompt};
-    req.promptTokens = model::encodeChat(*l.tokenizer, chatTemplateFor(o.model, *l.tokenizer),
+    req.promptTokens = model::encodeChat(*l.tokenizer, chatTemplateFor(o.model, l),
                                          std::span<const model::ChatMessage>(&msg, 1), true);
   } else {
     req.promptTokens = l.tokenizer->encode(o.prompt, true, true);
@@ -121,7 +121,7 @@ struct ChatOptions {
 
 void runChat(const ChatOptions& o) {
   Loaded l = loadModel(o.model);
-  const model::ChatTemplate tmpl = chatTemplateFor(o.model, *l.tokenizer);
+  const model::ChatTemplate tmpl = chatTemplateFor(o.model, l);
   auto engine = engineFor(l, o.model, l.model->hparams().nCtxTrain);
   std::vector<model::ChatMessage> messages;
   if (!o.system.empty()) messages.push_back({"system", o.system});

@@ -93,8 +93,9 @@ Loaded loadModel(const ModelOptions& o) {
   return l;
 }
 
-model::ChatTemplate chatTemplateFor(const ModelOptions& o, const model::Tokenizer& tok) {
-  return model::chatTemplateFor(tok.chatTemplate(), "", o.chatTemplate);
+model::ChatTemplate chatTemplateFor(const ModelOptions& o, const Loaded& l) {
+  return model::chatTemplateFor(l.tokenizer->chatTemplate(),
+                                model::toString(l.model->hparams().arch), o.chatTemplate);
 }
 
 }  // namespace cortex::cli

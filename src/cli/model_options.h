@@ -59,6 +59,6 @@ Loaded loadModel(const ModelOptions& o);
 
 // The chat template named by --chat-template, else the one detected from the model's
 // tokenizer.chat_template; throws when neither gives a known template.
-model::ChatTemplate chatTemplateFor(const ModelOptions& o, const model::Tokenizer& tok);
+model::ChatTemplate chatTemplateFor(const ModelOptions& o, const Loaded& l);
 
 }  // namespace cortex::cli

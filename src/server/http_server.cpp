@@ -29,6 +29,7 @@
 #include <boost/beast/ssl.hpp>
 #include <nlohmann/json.hpp>
 
+#include "model/jinja.h"
 #include "server/generation.h"
 #include "server/metrics.h"
 #include "server/openai_protocol.h"
@@ -423,8 +424,13 @@ std::vector<int32_t> HttpServer::Impl::prompt(const ParsedRequest& p, bool chat,
                                               std::string* echoText) const {
   if (chat) {
     if (!config.chatTemplate) throwInvalid("messages", config.chatTemplateError);
-    // Control-token text typed inside a message stays text (no forged turns).
-    return model::encodeChat(tokenizer, *config.chatTemplate, p.messages, true);
+    // Control-token text typed inside a message stays text (no forged turns). A template that
+    // refuses the conversation (raise_exception, a role it does not know) is the request's fault.
+    try {
+      return model::encodeChat(tokenizer, *config.chatTemplate, p.messages, true);
+    } catch (const model::jinja::TemplateError& e) {
+      throwInvalid("messages", std::string("the chat template refused these messages: ") + e.what());
+    }
   }
   if (p.promptText) {
     if (echoText) *echoText = *p.promptText;
