@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <array>
-#include <map>
 #include <queue>
 #include <unordered_map>
 #include <utility>
@@ -258,6 +257,28 @@ bool oneOf(const std::array<std::string_view, N>& texts, std::string_view text) 
   return std::find(texts.begin(), texts.end(), text) != texts.end();
 }
 
+// What llama.cpp makes of a "llama" token by its text alone.
+enum class TextRule : uint8_t { None, Control, EndOfGeneration, AlwaysRendered };
+
+TextRule textRule(std::string_view text) {
+  static const std::unordered_map<std::string_view, TextRule> rules = [] {
+    std::unordered_map<std::string_view, TextRule> m;
+    for (const std::string_view t : kSpmFimTexts) m.emplace(t, TextRule::Control);
+    for (const std::string_view t : kSpmFimEndTexts) m.emplace(t, TextRule::EndOfGeneration);
+    for (const std::string_view t : kSpmEndOfGenerationTexts) m.emplace(t, TextRule::EndOfGeneration);
+    for (const std::string_view t : {"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"}) {
+      m.emplace(t, TextRule::AlwaysRendered);
+    }
+    return m;
+  }();
+  // note: every listed text starts with one of these bytes; most tokens are skipped by that.
+  if (text.empty() || (text[0] != '<' && text[0] != '[' && text[0] != '_' && text[0] != '\xE2')) {
+    return TextRule::None;
+  }
+  const auto it = rules.find(text);
+  return it == rules.end() ? TextRule::None : it->second;
+}
+
 // Token attributes as bits, as llama.cpp's llama_token_attr.
 enum Attr : uint8_t {
   kAttrUnknown = 1,
@@ -352,34 +373,44 @@ class SpecialMatcher {
     std::sort(entries.begin(), entries.end(),
               [](const Entry& a, const Entry& b) { return a.text < b.text; });
     entries_ = std::move(entries);
-    firstByte_.fill(false);
-    for (const Entry& e : entries_) firstByte_[static_cast<uint8_t>(e.text[0])] = true;
+    byRank_.resize(entries_.size());
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      byRank_[static_cast<size_t>(entries_[i].rank)] = static_cast<uint32_t>(i);
+    }
+    firstRange_.fill({0, 0});
+    for (size_t i = entries_.size(); i-- > 0;) {
+      auto& range = firstRange_[static_cast<uint8_t>(entries_[i].text[0])];
+      if (range.second == 0) range.second = static_cast<uint32_t>(i + 1);
+      range.first = static_cast<uint32_t>(i);
+    }
   }
-  bool empty() const { return entries_.empty(); }
+  size_t size() const { return entries_.size(); }
+  const Entry& byRank(int32_t rank) const { return entries_[byRank_[static_cast<size_t>(rank)]]; }
 
   // Calls f(entry) for every entry whose text occurs in `text` at `pos`.
   template <typename F>
   void forEachAt(std::string_view text, size_t pos, F&& f) const {
-    if (!firstByte_[static_cast<uint8_t>(text[pos])]) return;
-    auto lo = entries_.begin();
-    auto hi = entries_.end();
-    // [lo, hi) holds the entries whose first k bytes are text[pos, pos + k).
-    for (size_t k = 0; pos + k < text.size() && lo != hi; ++k) {
-      const auto c = static_cast<uint8_t>(text[pos + k]);
-      while (lo != hi && lo->text.size() == k) ++lo;  // ended at depth k: already reported
+    const auto c0 = static_cast<uint8_t>(text[pos]);
+    auto lo = entries_.begin() + firstRange_[c0].first;
+    auto hi = entries_.begin() + firstRange_[c0].second;
+    // [lo, hi) holds the entries whose first k + 1 bytes are text[pos, pos + k + 1).
+    for (size_t k = 0; lo != hi; ++k) {
+      for (; lo != hi && lo->text.size() == k + 1; ++lo) f(*lo);  // ends here: a match
+      if (lo == hi || pos + k + 1 >= text.size()) return;
+      const auto c = static_cast<uint8_t>(text[pos + k + 1]);
       lo = std::lower_bound(lo, hi, c, [k](const Entry& e, uint8_t v) {
-        return static_cast<uint8_t>(e.text[k]) < v;
+        return static_cast<uint8_t>(e.text[k + 1]) < v;
       });
       hi = std::upper_bound(lo, hi, c, [k](uint8_t v, const Entry& e) {
-        return v < static_cast<uint8_t>(e.text[k]);
+        return v < static_cast<uint8_t>(e.text[k + 1]);
       });
-      for (auto it = lo; it != hi && it->text.size() == k + 1; ++it) f(*it);
     }
   }
 
  private:
   std::vector<Entry> entries_;
-  std::array<bool, 256> firstByte_{};
+  std::vector<uint32_t> byRank_;  // index in entries_ of each rank
+  std::array<std::pair<uint32_t, uint32_t>, 256> firstRange_{};  // entries by first byte
 };
 
 }  // namespace
@@ -391,7 +422,10 @@ struct Tokenizer::Impl {
   bool spm = false;                 // "llama" (SentencePiece); otherwise "gpt2"
   std::vector<TokenType> types;
   std::vector<uint8_t> attrs;       // Attr bits per token, as llama.cpp sees them
-  std::vector<std::string> pieces;  // decoded bytes per id
+  // Decoded bytes per id: the token's own text where pieceSlot is -1 (most control, user-defined
+  // and plain tokens), else otherPieces[pieceSlot].
+  std::vector<int32_t> pieceSlot;
+  std::vector<std::string> otherPieces;
   TokenIndex textToId;
   struct Merge {
     int32_t rank;
@@ -415,6 +449,16 @@ struct Tokenizer::Impl {
     }
   }
   bool hidden(int32_t id) const { return (attrs[static_cast<size_t>(id)] & hiddenAttrs) != 0; }
+  const std::string& piece(int32_t id) const {
+    const int32_t slot = pieceSlot[static_cast<size_t>(id)];
+    return slot < 0 ? data.tokens[static_cast<size_t>(id)] : otherPieces[static_cast<size_t>(slot)];
+  }
+  // Records the piece of token `id` when it differs from the token's text.
+  void setPiece(size_t id, std::string piece) {
+    if (piece == data.tokens[id]) return;
+    pieceSlot[id] = static_cast<int32_t>(otherPieces.size());
+    otherPieces.push_back(std::move(piece));
+  }
 
   void buildGpt2();
   void buildSpm();
@@ -559,14 +603,14 @@ void Tokenizer::Impl::buildGpt2() {
     regexes.push_back(std::make_unique<Regex>(re));
   }
   attrs.resize(n);
-  pieces.resize(n);
+  pieceSlot.assign(n, -1);
   endOfGeneration.assign(n, false);
   std::vector<SpecialMatcher::Entry> special;
   for (size_t i = 0; i < n; ++i) {
     const auto id = static_cast<int32_t>(i);
     const TokenType t = types[i];
     attrs[i] = attrOfType(t);
-    pieces[i] = decodePiece(data.tokens[i], t);
+    setPiece(i, decodePiece(data.tokens[i], t));
     if ((t == TokenType::Control || t == TokenType::UserDefined) && !data.tokens[i].empty()) {
       special.push_back({data.tokens[i], id, 0, t == TokenType::Control});
     }
@@ -615,12 +659,10 @@ void Tokenizer::Impl::buildSpm() {
   for (size_t i = 0; i < n; ++i) {
     const std::string& text = data.tokens[i];
     uint8_t a = attrOfType(types[i]);
-    const bool eog = oneOf(kSpmEndOfGenerationTexts, text) || oneOf(kSpmFimEndTexts, text);
-    if (eog || oneOf(kSpmFimTexts, text)) a |= kAttrControl;
-    if (text == "<|channel|>" || text == "<|message|>" || text == "<|start|>" ||
-        text == "<|constrain|>") {
-      a = kAttrUserDefined;  // always rendered, as llama.cpp
-    }
+    const TextRule rule = textRule(text);
+    const bool eog = rule == TextRule::EndOfGeneration;
+    if (eog || rule == TextRule::Control) a |= kAttrControl;
+    if (rule == TextRule::AlwaysRendered) a = kAttrUserDefined;  // as llama.cpp
     attrs[i] = a;
     endOfGeneration[i] = eog;
     if (eog && text == "<|tool_response>") toolResponse = static_cast<int32_t>(i);
@@ -635,11 +677,13 @@ void Tokenizer::Impl::buildSpm() {
   if (data.eos >= 0) endOfGeneration[static_cast<size_t>(data.eos)] = true;
   hiddenAttrs = kAttrControl | kAttrUnknown;
 
-  pieces.resize(n);
+  pieceSlot.assign(n, -1);
   std::vector<SpecialMatcher::Entry> special;
   for (size_t i = 0; i < n; ++i) {
     const std::string& text = data.tokens[i];
-    pieces[i] = decodeSpmPiece(text, attrs[i]);
+    const bool plain = (attrs[i] & (kAttrControl | kAttrUnknown | kAttrUserDefined)) ||
+                       ((attrs[i] & kAttrNormal) && text.find(kSpmSpace) == std::string::npos);
+    if (!plain) setPiece(i, decodeSpmPiece(text, attrs[i]));
     if ((attrs[i] & (kAttrControl | kAttrUserDefined | kAttrUnknown)) && !text.empty()) {
       special.push_back({text, static_cast<int32_t>(i), 0,
                          (attrs[i] & (kAttrControl | kAttrUnknown)) != 0});
@@ -712,51 +756,47 @@ Tokenizer::~Tokenizer() = default;
 
 std::vector<Tokenizer::Impl::Fragment> Tokenizer::Impl::partition(
     std::string_view text, bool parseSpecial, const std::span<const size_t>* controlAt) const {
-  // Every occurrence of every special token that may be cut out here, then taken in priority
-  // order (rank, then position) where it overlaps nothing taken before: the same result as
-  // llama.cpp's pass per special token over the fragments that the previous passes left.
-  struct Occurrence {
-    int32_t rank, id;
-    size_t offset, length;
-  };
-  std::vector<Occurrence> found;
-  if (!specials.empty()) {
-    for (size_t pos = 0; pos < text.size(); ++pos) {
-      specials.forEachAt(text, pos, [&](const SpecialMatcher::Entry& e) {
-        if (e.control) {
-          if (!parseSpecial) return;
-          if (controlAt != nullptr && !std::binary_search(controlAt->begin(), controlAt->end(), pos)) {
-            return;  // not where the template put one: plain text
-          }
-        }
-        found.push_back({e.rank, e.id, pos, e.text.size()});
-      });
-    }
-  }
-  if (found.empty()) {
-    if (text.empty()) return {};
-    return {Fragment{-1, 0, text.size()}};
-  }
-  std::sort(found.begin(), found.end(), [](const Occurrence& a, const Occurrence& b) {
-    return a.rank != b.rank ? a.rank < b.rank : a.offset < b.offset;
-  });
-  std::map<size_t, std::pair<size_t, int32_t>> taken;  // offset -> (end, id)
-  for (const Occurrence& o : found) {
-    const size_t end = o.offset + o.length;
-    auto next = taken.lower_bound(o.offset);
-    if (next != taken.end() && next->first < end) continue;
-    if (next != taken.begin() && std::prev(next)->second.first > o.offset) continue;
-    taken.emplace_hint(next, o.offset, std::pair{end, o.id});
-  }
   std::vector<Fragment> fragments;
-  fragments.reserve(taken.size() * 2 + 1);
-  size_t pos = 0;
-  for (const auto& [offset, endAndId] : taken) {
-    if (offset > pos) fragments.push_back({-1, pos, offset - pos});
-    fragments.push_back({endAndId.second, offset, endAndId.first - offset});
-    pos = endAndId.first;
+  if (!text.empty()) fragments.push_back({-1, 0, text.size()});
+  // First the special tokens that occur in the text at all (one walk over it), then llama.cpp's
+  // pass per special token, in priority order, over the raw fragments the previous passes left:
+  // each takes its leftmost non-overlapping occurrences.
+  std::vector<uint8_t> seen(specials.size(), 0);
+  std::vector<int32_t> ranks;
+  for (size_t pos = 0; pos < text.size(); ++pos) {
+    specials.forEachAt(text, pos, [&](const SpecialMatcher::Entry& e) {
+      if ((e.control && !parseSpecial) || seen[static_cast<size_t>(e.rank)]) return;
+      seen[static_cast<size_t>(e.rank)] = 1;
+      ranks.push_back(e.rank);
+    });
   }
-  if (pos < text.size()) fragments.push_back({-1, pos, text.size() - pos});
+  std::sort(ranks.begin(), ranks.end());
+  std::vector<Fragment> next;
+  for (const int32_t rank : ranks) {
+    const SpecialMatcher::Entry& e = specials.byRank(rank);
+    next.clear();
+    next.reserve(fragments.size() + 2);
+    for (const Fragment& f : fragments) {
+      if (f.id >= 0) {
+        next.push_back(f);
+        continue;
+      }
+      const std::string_view raw = text.substr(f.offset, f.length);
+      size_t pos = 0;
+      for (size_t hit = raw.find(e.text); hit != std::string_view::npos;
+           hit = raw.find(e.text, std::max(pos, hit + 1))) {
+        if (e.control && controlAt != nullptr &&
+            !std::binary_search(controlAt->begin(), controlAt->end(), f.offset + hit)) {
+          continue;  // not where the template put one: plain text
+        }
+        if (hit > pos) next.push_back({-1, f.offset + pos, hit - pos});
+        next.push_back({e.id, f.offset + hit, e.text.size()});
+        pos = hit + e.text.size();
+      }
+      if (pos < raw.size()) next.push_back({-1, f.offset + pos, raw.size() - pos});
+    }
+    fragments.swap(next);
+  }
   return fragments;
 }
 
@@ -977,7 +1017,7 @@ std::vector<int32_t> Tokenizer::Impl::encode(std::string_view text, bool addSpec
 
 const std::string& Tokenizer::tokenToPiece(int32_t id) const {
   impl_->checkId(id);
-  return impl_->pieces[static_cast<size_t>(id)];
+  return impl_->piece(id);
 }
 
 std::string Tokenizer::decode(std::span<const int32_t> ids, bool renderSpecial) const {
@@ -987,7 +1027,7 @@ std::string Tokenizer::decode(std::span<const int32_t> ids, bool renderSpecial) 
   for (const int32_t id : ids) {
     impl_->checkId(id);
     const bool skip = !renderSpecial && impl_->hidden(id);
-    const std::string& piece = impl_->pieces[static_cast<size_t>(id)];
+    const std::string& piece = impl_->piece(id);
     if (!skip) out.append(piece, dropSpace && piece.starts_with(' ') ? 1 : 0);
     dropSpace = false;
   }
