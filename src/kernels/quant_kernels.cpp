@@ -541,9 +541,11 @@ void tile(const std::byte* gp, int64_t nCells, const QuantizedActivations& X, in
   for (int t = 0; t < T; ++t) V::store(y + t * yStride, acc[t], nr);
 }
 
-// Tokens per tile: the types that keep Ia and Ib apart need twice the integer accumulators.
+// Tokens per tile: Q2_K and Q3_K, which keep Ia and Ib apart and have more per-row values to
+// hold, use half as many (measured: with the full tile they spill registers).
 template <WeightType WT>
-constexpr int kTile = kHalves<WT> ? V::kTileTokens / 2 : V::kTileTokens;
+constexpr int kTile =
+    WT == WeightType::Q2_K || WT == WeightType::Q3_K ? V::kTileTokens / 2 : V::kTileTokens;
 
 template <WeightType WT, int T>
 void tileRest(const std::byte* gp, int64_t nCells, const QuantizedActivations& X, int64_t t0,
