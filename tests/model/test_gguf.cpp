@@ -483,18 +483,19 @@ TEST(GGUF, CorruptTensorInfosAreNamed) {
 
 TEST(GGUF, UnsupportedTensorTypeParsesAndIsReportedByName) {
   GGUFBuilder g;
-  g.tensor("blk.0.ffn_up.weight", 13 /* Q5_K */, {256, 2}, std::vector<uint8_t>(176 * 2));
+  g.tensor("blk.0.ffn_up.weight", 17 /* IQ2_XS */, {256, 2}, std::vector<uint8_t>(74 * 2));
   const GGUFFile f = parse(g.build());
   const GGUFTensorInfo& t = f.tensor("blk.0.ffn_up.weight");
-  EXPECT_EQ(t.type, GGMLType::Q5_K);
-  EXPECT_EQ(t.nBytes, 352u);
+  EXPECT_EQ(t.type, GGMLType::IQ2_XS);
+  EXPECT_EQ(t.nBytes, 148u);
   try {
     requireSupported(t.type, t.name);
     ADD_FAILURE() << "expected ModelError";
   } catch (const ModelError& e) {
     EXPECT_STREQ(e.what(),
-                 "tensor 'blk.0.ffn_up.weight' has type Q5_K, which CortexStream does not support "
-                 "yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
+                 "tensor 'blk.0.ffn_up.weight' has type IQ2_XS, which CortexStream does not "
+                 "support yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, "
+                 "Q3_K, Q4_K, Q5_K, Q6_K)");
   }
 }
 
@@ -513,7 +514,10 @@ TEST(GGMLTypes, LayoutsNamesAndSupport) {
   };
   for (const Row& r : {Row{GGMLType::F32, 1, 4}, Row{GGMLType::F16, 1, 2}, Row{GGMLType::BF16, 1, 2},
                        Row{GGMLType::Q8_0, 32, 34}, Row{GGMLType::Q4_0, 32, 18},
-                       Row{GGMLType::Q4_1, 32, 20}}) {
+                       Row{GGMLType::Q4_1, 32, 20}, Row{GGMLType::Q5_0, 32, 22},
+                       Row{GGMLType::Q5_1, 32, 24}, Row{GGMLType::Q2_K, 256, 84},
+                       Row{GGMLType::Q3_K, 256, 110}, Row{GGMLType::Q4_K, 256, 144},
+                       Row{GGMLType::Q5_K, 256, 176}, Row{GGMLType::Q6_K, 256, 210}}) {
     EXPECT_TRUE(isSupported(r.t)) << ggmlTypeName(r.t);
     EXPECT_EQ(blockElements(r.t), r.block);
     EXPECT_EQ(blockBytes(r.t), r.bytes);
@@ -524,7 +528,8 @@ TEST(GGMLTypes, LayoutsNamesAndSupport) {
   EXPECT_EQ(rowBytes(GGMLType::Q8_0, 1536), 48u * 34u);
   EXPECT_EQ(rowBytes(GGMLType::Q4_K, 512), 288u);
   EXPECT_EQ(rowBytes(GGMLType::Q4_0, 0), 0u);
-  EXPECT_FALSE(isSupported(GGMLType::Q5_K));
+  EXPECT_FALSE(isSupported(GGMLType::IQ2_XS));
+  EXPECT_FALSE(isSupported(GGMLType::Q8_K));
   EXPECT_FALSE(isSupported(static_cast<GGMLType>(77)));
   expectModelError([] { (void)rowBytes(GGMLType::Q4_0, 33); },
                    {"33 elements", "Q4_0", "blocks of 32"});
