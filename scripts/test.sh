@@ -13,6 +13,7 @@ jobs="$(nproc)"
 
 scripts/install_deps.sh
 scripts/fetch_model.sh
+scripts/fetch_model.sh gemma3-270m  # the second architecture's real model (SentencePiece, K-quants)
 
 echo "== release build and tests"
 scripts/build.sh release
