@@ -53,12 +53,15 @@ class Server:
     """`cortexstream serve` on a loopback port, healthy once constructed. `args` are extra serve
     flags; `port` a fixed port (default: a free one, so that a restart can reuse it); `env` extra
     environment variables; `cafile`: the server speaks HTTPS (the args name its certificate) and
-    clients trust this file; `new_session`: the server gets a process group of its own. Its
+    clients trust this file; `new_session`: the server gets a process group of its own; `model`:
+    the GGUF file (default: the default model). Its
     stderr is read as it comes (so a chatty server never blocks on a full pipe): stderr()."""
 
     def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None,
-                 cafile: Path | None = None, api_key: str = "unused", new_session: bool = False):
+                 cafile: Path | None = None, api_key: str = "unused", new_session: bool = False,
+                 model: Path = MODEL):
         self.args, self.env, self.api_key, self.new_session = args, env, api_key, new_session
+        self.model = model
         self.port = port or free_port()
         self.ssl_context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
         self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{self.port}"
@@ -66,7 +69,7 @@ class Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--model", str(MODEL), "--port", str(self.port), *self.args],
+            [str(BIN), "serve", "--model", str(self.model), "--port", str(self.port), *self.args],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(self.env or {})}, start_new_session=self.new_session)
         self.stderr_lines: list[str] = []

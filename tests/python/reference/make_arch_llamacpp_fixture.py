@@ -77,11 +77,11 @@ def sha256(path: Path) -> str:
 
 
 class Server:
-    def __init__(self, bindir: Path, model: Path, port: int):
+    def __init__(self, bindir: Path, model: Path, port: int, ctx: int = 512):
         env = dict(os.environ, LD_LIBRARY_PATH=str(bindir))
         self.port = port
         self.proc = subprocess.Popen(
-            [str(bindir / "llama-server"), "-m", str(model), "--port", str(port), "-c", "512",
+            [str(bindir / "llama-server"), "-m", str(model), "--port", str(port), "-c", str(ctx),
              "-t", "2", "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--swa-full", "--no-warmup",
              "-np", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(600):

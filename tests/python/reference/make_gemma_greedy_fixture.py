@@ -22,10 +22,15 @@ from .make_arch_llamacpp_fixture import GEMMA, REPO, Server, sha256
 
 OUT = Path(__file__).resolve().parent.parent / "data" / "gemma_greedy_llamacpp.json"
 N_PREDICT = 32
+# The last prompt is longer than the model's 512-token sliding window, so the sliding-window
+# layers attend to a part of it only.
+LONG = " ".join(f"Item {i}: the {['red', 'green', 'blue', 'amber'][i % 4]} box holds {i * 7} stones."
+                for i in range(60)) + " The box that holds 112 stones is"
 PROMPTS = ["The capital of France is",
            "Once upon a time, in a small village by the sea,",
            "def fibonacci(n):\n",
-           "The three primary colors are"]
+           "The three primary colors are",
+           LONG]
 
 
 def main(argv=None) -> int:
@@ -36,7 +41,7 @@ def main(argv=None) -> int:
     bindir = Path(a.llama_bin)
     ver = subprocess.run([str(bindir / "llama-server"), "--version"], capture_output=True,
                          text=True, env=dict(os.environ, LD_LIBRARY_PATH=str(bindir)))
-    srv = Server(bindir, GEMMA, a.port)
+    srv = Server(bindir, GEMMA, a.port, ctx=2048)
     prompts = []
     try:
         for text in PROMPTS:
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
     finally:
         srv.close()
     out = {"llama_cpp_version": " ".join((ver.stdout + ver.stderr).split()),
-           "server_flags": "-c 512 -t 2 -fa off -ctk f32 -ctv f32 --swa-full -np 1",
+           "server_flags": "-c 2048 -t 2 -fa off -ctk f32 -ctv f32 --swa-full -np 1",
            "file": GEMMA.name, "sha256": sha256(GEMMA), "n_predict": N_PREDICT,
            "prompts": prompts}
     OUT.write_text(json.dumps(out, indent=1) + "\n")
