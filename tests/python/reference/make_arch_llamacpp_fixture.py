@@ -98,17 +98,17 @@ class Server:
                                      {"Content-Type": "application/json"})
         return json.load(urllib.request.urlopen(req, timeout=600))
 
-    def complete(self, ids: list[int]) -> dict:
+    def complete(self, ids: list[int], n_predict: int = N_PREDICT, n_probs: int = N_PROBS) -> dict:
         """Greedy tokens and, per step, the top-N (id, logprob). The server leaves out the
         probabilities of a token whose bytes do not complete a UTF-8 character (it reports them
         merged into the next one's), so such steps get ``null``: entries are matched to steps
         by token id, in order."""
-        d = self.post("/completion", {"prompt": ids, "n_predict": N_PREDICT, "temperature": 0,
-                                      "n_probs": N_PROBS, "cache_prompt": False, "ignore_eos": True,
+        d = self.post("/completion", {"prompt": ids, "n_predict": n_predict, "temperature": 0,
+                                      "n_probs": n_probs, "cache_prompt": False, "ignore_eos": True,
                                       "return_tokens": True})
         assert d["tokens_evaluated"] == len(ids), d["tokens_evaluated"]
         greedy = [int(t) for t in d["tokens"]]
-        assert len(greedy) == N_PREDICT
+        assert len(greedy) == n_predict
         steps: list = [None] * len(greedy)
         k = 0
         for s in d["completion_probabilities"]:

@@ -48,18 +48,9 @@ def main(argv=None) -> int:
             ids = srv.post("/tokenize", {"content": text, "add_special": True})["tokens"]
             if ids[:1] != [2]:
                 ids = [2] + ids
-            d = srv.post("/completion", {"prompt": ids, "n_predict": N_PREDICT, "temperature": 0,
-                                         "n_probs": 2, "cache_prompt": False, "ignore_eos": True,
-                                         "return_tokens": True})
-            greedy = [int(t) for t in d["tokens"]]
-            # Steps whose token does not complete a UTF-8 character carry no probabilities.
-            steps: list = [None] * len(greedy)
-            k = 0
-            for s in d["completion_probabilities"]:
-                while greedy[k] != s["id"]:
-                    k += 1
-                steps[k] = [[t["id"], t["logprob"]] for t in s["top_logprobs"]]
-                k += 1
+            res = srv.complete(ids, n_predict=N_PREDICT, n_probs=2)
+            greedy = res["greedy"]
+            steps = res["top_logprobs"]
             prompts.append({"text": text, "ids": ids, "greedy": greedy, "top2": steps})
             print(text, greedy)
     finally:

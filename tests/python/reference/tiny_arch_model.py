@@ -53,7 +53,7 @@ import numpy as np
 import gguf
 
 from .llama_ref import BLOCK_INFO
-from .tiny_model import BOS_ID, BYTE_TOKEN_BASE, EOS_ID, CHATML_TEMPLATE, QTYPES, make_vocab, quantize
+from .tiny_model import BYTE_TOKEN_BASE, QTYPES, add_tiny_vocab, make_vocab, quantize
 
 RANDOM_BLOCK_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 ALL_TYPES = tuple(QTYPES) + RANDOM_BLOCK_TYPES
@@ -198,17 +198,7 @@ def write_tiny_arch_model(path: str, arch: str, seed: int = 0, *, weight_type: s
             w.add_rope_freq_base_swa(float(rope_freq_base_swa))
         if final_logit_softcapping is not None:
             w.add_final_logit_softcapping(float(final_logit_softcapping))
-    w.add_vocab_size(n_vocab)
-    w.add_quantization_version(2)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    add_tiny_vocab(w, n_vocab, tokens, types, merges)
 
     # Gemma multiplies the tied embeddings by sqrt(n_embd) on input: smaller rows and larger post-norm
     # weights there keep the logits from being dominated by "repeat the input token".

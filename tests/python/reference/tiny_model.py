@@ -183,6 +183,23 @@ def _add_matrix(writer: gguf.GGUFWriter, name: str, w: np.ndarray, type_name: st
 # writer
 # ----------------------------------------------------------------------------------------------
 
+def add_tiny_vocab(w: gguf.GGUFWriter, n_vocab: int, tokens: list[str], types: list[int],
+                   merges: list[str]) -> None:
+    """The tokenizer metadata of a tiny model (GPT-2 style BPE, SmolLM2's special ids and ChatML
+    template), shared by every tiny model writer."""
+    w.add_vocab_size(n_vocab)
+    w.add_quantization_version(2)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+
 def write_tiny_model(path: str, seed: int = 0, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
                      n_head_kv: int = 2, n_ff: int = 128, n_vocab: int = 300, n_ctx: int = 256,
                      rope_freq_base: float = 10000.0, rms_eps: float = 1e-5,
@@ -224,17 +241,7 @@ def write_tiny_model(path: str, seed: int = 0, *, n_layer: int = 2, n_embd: int 
     w.add_rope_freq_base(float(rope_freq_base))
     w.add_layer_norm_rms_eps(float(rms_eps))
     w.add_rope_dimension_count(head_dim)
-    w.add_vocab_size(n_vocab)
-    w.add_quantization_version(2)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    add_tiny_vocab(w, n_vocab, tokens, types, merges)
 
     # token_embd rows: scale so that the tied logits have std ~2
     _add_matrix(w, "token_embd.weight", mat(n_vocab, n_embd, 2.0), embd_type)
