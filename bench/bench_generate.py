@@ -305,6 +305,7 @@ def main() -> int:
                     help="llama-cpp-python peer: fail instead of pip-installing "
                          "bench/requirements.txt when llama_cpp is missing")
     args = ap.parse_args()
+    args.model = args.model.resolve()
     if args.repeats < 1 or args.threads < 1 or args.prompt_tokens < 1 or args.gen_tokens < 1:
         ap.error("--repeats, --threads, --prompt-tokens and --gen-tokens must be >= 1")
 
