@@ -427,7 +427,15 @@ std::vector<int32_t> HttpServer::Impl::prompt(const ParsedRequest& p, bool chat,
     // Control-token text typed inside a message stays text (no forged turns). A template that
     // refuses the conversation (raise_exception, a role it does not know) is the request's fault.
     try {
-      return model::encodeChat(tokenizer, *config.chatTemplate, p.messages, true);
+      if (p.chatTemplateKwargs.empty()) {
+        return model::encodeChat(tokenizer, *config.chatTemplate, p.messages, true);
+      }
+      nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+      for (const model::ChatMessage& m : p.messages) {
+        messages.push_back({{"role", m.role}, {"content", m.content}});
+      }
+      return model::encodeChat(tokenizer, *config.chatTemplate, messages, true, nullptr,
+                               &p.chatTemplateKwargs);
     } catch (const model::jinja::TemplateError& e) {
       throwInvalid("messages", std::string("the chat template refused these messages: ") + e.what());
     }

@@ -322,6 +322,20 @@ ParsedRequest parseChatRequest(const json& body) {
     }
     r.messages.push_back({std::move(roleName), std::move(text)});
   }
+  if (const json* kw = field(body, "chat_template_kwargs")) {
+    if (!kw->is_object()) wrongType("chat_template_kwargs", "an object", *kw);
+    for (const auto& [key, value] : kw->items()) {
+      // The variables the server itself sets cannot be replaced.
+      for (const char* reserved : {"messages", "add_generation_prompt", "bos_token", "eos_token",
+                                   "tools", "documents"}) {
+        if (key == reserved) {
+          throwInvalid("chat_template_kwargs", "'chat_template_kwargs' cannot set '" + key +
+                                                   "', which the server sets itself");
+        }
+      }
+      r.chatTemplateKwargs[key] = nlohmann::ordered_json::parse(value.dump());
+    }
+  }
   return r;
 }
 

@@ -58,6 +58,9 @@ struct ParsedRequest {
   std::vector<int32_t> promptTokenIds;
   // /v1/chat/completions
   std::vector<model::ChatMessage> messages;
+  // chat_template_kwargs (as vLLM): extra variables for the chat template, e.g.
+  // {"enable_thinking": false}; an object, empty when not given.
+  nlohmann::ordered_json chatTemplateKwargs = nlohmann::ordered_json::object();
 
   std::optional<int32_t> maxTokens;  // max_tokens / max_completion_tokens, >= 1
   engine::SamplingParams sampling;   // temperature defaults to 1 (OpenAI)

@@ -176,3 +176,48 @@ def test_a_second_server_on_a_port_in_use_fails_at_start(server):
     assert r.returncode != 0
     assert "Address already in use" in r.stderr, r.stderr
     assert get(server.url + "/health")[0] == 200  # the first one is untouched
+
+
+SHOUT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                  "{{ m.content | upper if shout else m.content }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+                  "{% if raise_on is defined and raise_on %}"
+                  "{{ raise_exception('asked to refuse: ' ~ raise_on) }}{% endif %}")
+
+
+def test_chat_template_file_kwargs_and_refusals(tmp_path):
+    template = tmp_path / "shout.jinja"
+    template.write_text(SHOUT_TEMPLATE)
+    s = Server("--kv-cache-memory", "64MiB", "--chat-template", str(template))
+    try:
+        messages = [{"role": "user", "content": "Hello there"}]
+
+        def render(**extra) -> tuple[int, dict]:
+            status, body = curl(s.url + "/v1/chat/completions/render",
+                                data=json.dumps({"messages": messages, **extra}))
+            out = json.loads(body)
+            out.pop("model", None)
+            return status, out
+
+        def ids(text: str) -> list[int]:
+            return json.loads(subprocess.run([str(BIN), "tokenize", "--model", str(MODEL), text],
+                                             capture_output=True, text=True, check=True).stdout)
+
+        plain = "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+        assert render() == (200, {"token_ids": ids(plain)})
+        assert render(chat_template_kwargs={"unused": [1, 2]}) == (200, {"token_ids": ids(plain)})
+        assert render(chat_template_kwargs={"shout": True}) == \
+            (200, {"token_ids": ids(plain.replace("Hello there", "HELLO THERE"))})
+        status, body = render(chat_template_kwargs={"raise_on": "this"})
+        assert status == 400 and body["error"]["param"] == "messages"
+        assert "asked to refuse: this" in body["error"]["message"]
+        status, body = render(chat_template_kwargs={"messages": []})
+        assert status == 400 and body["error"]["param"] == "chat_template_kwargs"
+        status, body = render(chat_template_kwargs=[1])
+        assert status == 400 and body["error"]["param"] == "chat_template_kwargs"
+        # The server is still up and answers.
+        r = s.client.chat.completions.create(model="m", messages=messages, max_tokens=2,
+                                             extra_body={"chat_template_kwargs": {"shout": True}})
+        assert r.usage.prompt_tokens == len(ids(plain.replace("Hello there", "HELLO THERE")))
+    finally:
+        assert s.stop() == 0
