@@ -20,6 +20,7 @@ struct TokenizeOptions {
   std::string modelPath;  // empty: the default model (resolveModelPath)
   std::string text;
   bool noSpecial = false;
+  bool noBos = false;
   bool linesJson = false;
 };
 
@@ -27,8 +28,9 @@ void runTokenize(const TokenizeOptions& opts) {
   const model::GGUFFile file = model::GGUFFile::open(resolveModelPath(opts.modelPath));
   const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(file);
   const bool parseSpecial = !opts.noSpecial;
+  const bool addSpecial = !opts.noBos;
   if (!opts.linesJson) {
-    std::cout << nlohmann::json(tokenizer.encode(opts.text, true, parseSpecial)).dump() << "\n";
+    std::cout << nlohmann::json(tokenizer.encode(opts.text, addSpecial, parseSpecial)).dump() << "\n";
     return;
   }
   // note: hidden batch mode for tests: one JSON string per input line, one JSON object
@@ -37,7 +39,7 @@ void runTokenize(const TokenizeOptions& opts) {
   while (std::getline(std::cin, line)) {
     if (line.empty()) continue;
     const std::string text = nlohmann::json::parse(line).get<std::string>();
-    const std::vector<int32_t> ids = tokenizer.encode(text, true, parseSpecial);
+    const std::vector<int32_t> ids = tokenizer.encode(text, addSpecial, parseSpecial);
     const nlohmann::json out = {{"ids", ids},
                                 {"decoded", model::replaceInvalidUtf8(tokenizer.decode(ids))}};
     std::cout << out.dump() << "\n";
@@ -53,6 +55,9 @@ void registerTokenizeCommand(CLI::App& app) {
   CLI::Option* textOption = cmd->add_option("text", opts->text, "Text to tokenize (UTF-8)");
   cmd->add_flag("--no-special", opts->noSpecial,
                 "Treat control-token text such as <|im_start|> as plain text");
+  cmd->add_flag("--no-bos", opts->noBos,
+                "Add no BOS/EOS token even where the model asks for them (as llama.cpp's "
+                "add_special = false)");
   cmd->add_flag("--lines-json", opts->linesJson,
                 "Read one JSON string per stdin line; print {\"ids\", \"decoded\"} per line")
       ->group("");  // hidden: for tests

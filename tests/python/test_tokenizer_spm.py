@@ -85,12 +85,11 @@ def test_ids_match_llama_cpp_not_parsing_special(fixture, unparsed):
     assert (msg := first_mismatch(fixture, unparsed, "add_noparse")) is None, msg
 
 
-def test_without_add_special_only_bos_goes(fixture, parsed, unparsed):
-    # The CLI always adds specials; llama.cpp's ids without them are those ids less the leading
-    # BOS for this model (add_bos true, add_eos false, add_space_prefix false).
-    for case, a, b in zip(fixture["cases"], parsed, unparsed):
-        assert case["ids"]["noadd_parse"] == a["ids"][1:]
-        assert case["ids"]["noadd_noparse"] == b["ids"][1:]
+def test_ids_match_llama_cpp_without_add_special(binary, fixture):
+    texts = [c["text"] for c in fixture["cases"]]
+    for flags, key in ((("--no-bos",), "noadd_parse"), (("--no-bos", "--no-special"), "noadd_noparse")):
+        ours = run_lines(binary, texts, *flags)
+        assert (msg := first_mismatch(fixture, ours, key)) is None, (flags, msg)
 
 
 def test_decoded_text_matches_llama_cpp(fixture, parsed):
