@@ -944,6 +944,9 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
       if (self->readAfterWatch_) {
         self->readAfterWatch_ = false;
         self->readRequest();
+      } else if (self->lingerAfterWatch_) {
+        self->lingerAfterWatch_ = false;
+        self->lingerClose();
       }
     });
   }
@@ -1000,6 +1003,12 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
   // read the response (a client still uploading a refused body would lose it).
   void lingerClose() {
     if (closed_) return;
+    if (watching_) {
+      // The watch read of the last response is still being cancelled (a second read on the
+      // stream must not start before it ends); it calls back here.
+      lingerAfterWatch_ = true;
+      return;
+    }
     beast::error_code ec;
     lowest().socket().shutdown(tcp::socket::shutdown_send, ec);
     if (ec || peerEof_) return closeNow();
@@ -1039,6 +1048,7 @@ class Connection : public std::enable_shared_from_this<Connection<Stream>> {
   std::shared_ptr<std::atomic<bool>> notifyPending_ = std::make_shared<std::atomic<bool>>(false);
   bool watching_ = false;
   bool readAfterWatch_ = false;
+  bool lingerAfterWatch_ = false;
   bool peerEof_ = false;  // the client shut down its sending side
   net::steady_timer probeTimer_;
   std::array<char, 16384> scratch_{};
