@@ -82,57 +82,63 @@ void ropeInPlace(float* x, int64_t nTokens, int32_t nHeads, int32_t headDim, con
   }
 }
 
-// note: silu(g) = g * t / (1 + e) with e = exp(-|g|), t = 1 for g >= 0 and e otherwise, so the
-// exponential only ever sees arguments <= 0 (detail::expNonPositive); the AVX2 loop and the scalar
-// tail do the same operations, so an element's bits do not depend on where it sits in the array.
-void swiglu(const float* gate, const float* up, int64_t n, float* out) {
-  int64_t i = 0;
-#if CS_KERNELS_AVX2
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 absMask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 e = detail::expNonPositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_and_ps(g, absMask)));
-    const __m256 t = _mm256_blendv_ps(e, one, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ));
-    const __m256 silu = _mm256_div_ps(_mm256_mul_ps(g, t), _mm256_add_ps(one, e));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
-  }
-#endif
-  for (; i < n; ++i) {
-    const float g = gate[i];
-    const float e = detail::expNonPositive(0.0f - std::fabs(g));
-    const float t = g >= 0.0f ? 1.0f : e;
-    out[i] = (g * t) / (1.0f + e) * up[i];
-  }
-}
+namespace {
 
-// note: gelu(g) = g * sigmoid(z), z = 2 sqrt(2/pi) (g + 0.044715 g^3), computed like silu above
-// (exp of -|z| only), with the same operations in the AVX2 loop and the scalar tail.
-void geglu(const float* gate, const float* up, int64_t n, float* out) {
-  constexpr float kC0 = 2.0f * 0.7978845608028654f;  // 2 sqrt(2/pi)
-  constexpr float kC1 = 0.044715f;
+// out[i] = gate[i] * sigmoid(z(gate[i])) * up[i], the shared shape of SwiGLU (z = g) and GeGLU
+// (z from the tanh GELU). sigmoid(z) = t / (1 + e) with e = exp(-|z|), t = 1 for z >= 0 and e
+// otherwise, so the exponential only ever sees arguments <= 0 (detail::expNonPositive); the AVX2
+// loop and the scalar tail do the same operations, so an element's bits do not depend on where it
+// sits in the array.
+template <class ZVec, class ZScalar>
+void gateBySigmoid(const float* gate, const float* up, int64_t n, float* out, ZVec zVec,
+                   ZScalar zScalar) {
   int64_t i = 0;
 #if CS_KERNELS_AVX2
   const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 c0 = _mm256_set1_ps(kC0), c1 = _mm256_set1_ps(kC1);
   const __m256 absMask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (; i + 8 <= n; i += 8) {
     const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 g2 = _mm256_mul_ps(g, g);
-    const __m256 z = _mm256_mul_ps(_mm256_mul_ps(c0, g), _mm256_fmadd_ps(c1, g2, one));
+    const __m256 z = zVec(g);
     const __m256 e = detail::expNonPositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_and_ps(z, absMask)));
     const __m256 t = _mm256_blendv_ps(e, one, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
-    const __m256 gelu = _mm256_div_ps(_mm256_mul_ps(g, t), _mm256_add_ps(one, e));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
+    const __m256 act = _mm256_div_ps(_mm256_mul_ps(g, t), _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(act, _mm256_loadu_ps(up + i)));
   }
+#else
+  (void)zVec;
 #endif
   for (; i < n; ++i) {
     const float g = gate[i];
-    const float z = (kC0 * g) * std::fma(kC1, g * g, 1.0f);
+    const float z = zScalar(g);
     const float e = detail::expNonPositive(0.0f - std::fabs(z));
     const float t = z >= 0.0f ? 1.0f : e;
     out[i] = (g * t) / (1.0f + e) * up[i];
   }
+}
+
+constexpr float kGeluC0 = 2.0f * 0.7978845608028654f;  // 2 sqrt(2/pi)
+constexpr float kGeluC1 = 0.044715f;
+
+}  // namespace
+
+void swiglu(const float* gate, const float* up, int64_t n, float* out) {
+  gateBySigmoid(gate, up, n, out, [](auto g) { return g; }, [](float g) { return g; });
+}
+
+// gelu(g) = g * sigmoid(z), z = 2 sqrt(2/pi) (g + 0.044715 g^3) = (c0 g) (1 + c1 g^2).
+void geglu(const float* gate, const float* up, int64_t n, float* out) {
+  gateBySigmoid(
+      gate, up, n, out,
+      [](auto g) {
+#if CS_KERNELS_AVX2
+        return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(kGeluC0), g),
+                             _mm256_fmadd_ps(_mm256_set1_ps(kGeluC1), _mm256_mul_ps(g, g),
+                                             _mm256_set1_ps(1.0f)));
+#else
+        return g;
+#endif
+      },
+      [](float g) { return (kGeluC0 * g) * std::fma(kGeluC1, g * g, 1.0f); });
 }
 
 void addInPlace(float* y, const float* x, int64_t n) {
