@@ -244,16 +244,15 @@ nlohmann::json benchOneN(const Loaded& l, const BatchedOptions& o, int32_t n, in
   }
   engine::EngineConfig c;
   c.kvDtype = o.model.kvDtype;
+  c.hybridKv = !o.model.noHybridKv;
   c.numThreads = threads;
   c.maxNumSeqs = n;
   c.maxBatchedTokens = static_cast<int32_t>(promptTokens);
   c.maxQueuedRequests = n + 2;
-  const int64_t blocksPerSeq = (o.npp + o.ntg + c.blockSizeTokens - 1) / c.blockSizeTokens;
-  const int64_t needed = blocksPerSeq * n;
   // Room for every sequence's whole context, plus more than the scheduler's watermark (1%).
-  const int64_t blocks = needed + needed / 50 + 2;
-  c.kvCacheBytes = static_cast<uint64_t>(blocks) *
-                   kv::bytesPerBlock(l.model->kvCacheConfig(c.blockSizeTokens, 1, c.kvDtype));
+  const uint64_t needed = engine::kvBytesForSequences(*l.model, c, o.npp + o.ntg, n);
+  c.kvCacheBytes = needed + needed / 50 +
+                   2 * kv::bytesPerBlock(engine::kvCacheConfigFor(*l.model, c, 1));
 
   auto probe = std::make_shared<Probe>();
   engine::EngineHooks hooks;

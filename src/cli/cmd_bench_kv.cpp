@@ -1,4 +1,5 @@
-// `cortexstream bench kv` (KV cache micro-benchmarks) and `bench kv-sim` (serving simulation).
+// `cortexstream bench kv` (KV cache micro-benchmarks), `bench kv-sim` (serving simulation) and
+// `bench kv-footprint` (a model's KV bytes per sequence, hybrid cache on and off).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -9,6 +10,8 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/model_options.h"
+#include "engine/engine.h"
 #include "engine/scheduler.h"
 #include "kv/kv_cache.h"
 #include "kvsim/serving_sim.h"
@@ -194,6 +197,85 @@ nlohmann::json runKvMicroBench(int32_t blockSize) {
           {"step_bookkeeping", runStepBookkeepingBench(blockSize)}};
 }
 
+// One sequence's way to `tokens` positions through the engine's own bookkeeping (Scheduler over
+// the real KVCache, no forward pass): a prompt of tokens - 1 positions prefilled in chunks of
+// maxBatchedTokens, then one decode step. Returns the blocks it holds then and the most it held
+// on the way.
+std::pair<int64_t, int64_t> sequenceBlocks(const kv::KVCacheConfig& base, int32_t tokens,
+                                           int32_t maxBatchedTokens) {
+  kv::KVCacheConfig cfg = base;
+  cfg.memoryBudgetBytes = 0;
+  cfg.prefixCaching = false;
+  cfg.numBlocks = static_cast<int32_t>(kv::blocksForSequence(cfg, tokens, maxBatchedTokens)) + 2;
+  kv::KVCache cache(cfg);
+  engine::PagedBlockBudget budget(cache);
+  engine::SchedulerConfig sc;
+  sc.maxBatchedTokens = maxBatchedTokens;
+  sc.maxNumSeqs = 1;
+  sc.watermarkFraction = 0;
+  engine::Scheduler scheduler(sc, budget);
+  const kv::SeqId seq = 1;
+  scheduler.add(seq, std::max(1, tokens - 1), tokens);
+  int64_t peak = 0;
+  while (scheduler.computedTokens(seq) < tokens) {
+    const engine::StepPlan plan = scheduler.schedule();
+    if (plan.empty()) throw std::runtime_error("kv-footprint: the sequence did not fit");
+    peak = std::max<int64_t>(peak, cache.usedBlocks());
+    if (plan.chunks.back().completesContext && scheduler.computedTokens(seq) < tokens) {
+      scheduler.appendToken(seq);
+    }
+  }
+  cache.checkInvariants();
+  return {cache.usedBlocks(), peak};
+}
+
+nlohmann::json runKvFootprint(const ModelOptions& mo, const std::vector<int32_t>& lengths,
+                              int32_t maxBatchedTokens) {
+  const Loaded l = loadModel(mo);
+  nlohmann::json rows = nlohmann::json::array();
+  engine::EngineConfig ec;
+  ec.kvDtype = mo.kvDtype;
+  ec.maxBatchedTokens = maxBatchedTokens;
+  ec.hybridKv = true;
+  const kv::KVCacheConfig hybrid = engine::kvCacheConfigFor(*l.model, ec, 1);
+  ec.hybridKv = false;
+  const kv::KVCacheConfig full = engine::kvCacheConfigFor(*l.model, ec, 1);
+  const kv::KVGroups groups = kv::kvGroups(hybrid);
+  nlohmann::json groupJson = nlohmann::json::array();
+  for (const kv::KVGroup& g : groups.groups) groupJson.push_back({{"window", g.window}, {"layers", g.layers}});
+  constexpr double kMiB = 1024.0 * 1024.0;
+  for (int32_t t : lengths) {
+    if (t > l.model->hparams().nCtxTrain) {
+      throw std::runtime_error("kv-footprint: " + std::to_string(t) +
+                               " tokens exceed the model's context of " +
+                               std::to_string(l.model->hparams().nCtxTrain));
+    }
+    const auto [hBlocks, hPeak] = sequenceBlocks(hybrid, t, maxBatchedTokens);
+    const auto [fBlocks, fPeak] = sequenceBlocks(full, t, maxBatchedTokens);
+    const auto bytes = [](int64_t blocks, const kv::KVCacheConfig& c) {
+      return static_cast<uint64_t>(blocks) * kv::bytesPerBlock(c);
+    };
+    const uint64_t hb = bytes(hBlocks, hybrid), fb = bytes(fBlocks, full);
+    rows.push_back({{"tokens", t},
+                    {"hybrid_bytes", hb},
+                    {"hybrid_peak_bytes", bytes(hPeak, hybrid)},
+                    {"full_bytes", fb},
+                    {"full_peak_bytes", bytes(fPeak, full)},
+                    {"hybrid_mib", static_cast<double>(hb) / kMiB},
+                    {"full_mib", static_cast<double>(fb) / kMiB},
+                    {"hybrid_over_full", static_cast<double>(hb) / static_cast<double>(fb)}});
+  }
+  return {{"architecture", model::toString(l.model->hparams().arch)},
+          {"kv_dtype", kv::toString(mo.kvDtype)},
+          {"block_size_tokens", hybrid.blockSizeTokens},
+          {"max_batched_tokens", maxBatchedTokens},
+          {"layers_per_block", groups.layersPerGroup},
+          {"groups", groupJson},
+          {"hybrid_bytes_per_block", kv::bytesPerBlock(hybrid)},
+          {"full_bytes_per_block", kv::bytesPerBlock(full)},
+          {"sequences", rows}};
+}
+
 }  // namespace
 
 void registerBenchKvCommands(CLI::App& bench) {
@@ -235,6 +317,27 @@ void registerBenchKvCommands(CLI::App& bench) {
   sim->callback([cfg, json] {
     const std::string out = kvsim::toJson(kvsim::runServingSim(*cfg));
     std::cout << (*json ? out : nlohmann::json::parse(out).dump(2)) << "\n";
+  });
+
+  auto* foot = bench.add_subcommand(
+      "kv-footprint",
+      "KV bytes one sequence holds at each length, hybrid cache on and off (the engine's "
+      "scheduler and KV cache, no forward pass)");
+  auto mo = std::make_shared<ModelOptions>();
+  auto lengths = std::make_shared<std::vector<int32_t>>(std::vector<int32_t>{512, 4096, 32768});
+  auto step = std::make_shared<int32_t>(512);
+  foot->add_option("--model,-m", mo->modelPath, kModelOptionHelp);
+  addKvDtypeOption(foot, mo->kvDtype);
+  foot->add_option("--tokens", *lengths, "sequence lengths, comma-separated")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 1 << 24))
+      ->capture_default_str();
+  foot->add_option("--max-batched-tokens", *step, "prefill chunk (tokens per step)")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  foot->add_flag("--json", *json, "print the JSON object on one line");
+  foot->callback([mo, lengths, step, json] {
+    std::cout << runKvFootprint(*mo, *lengths, *step).dump(*json ? -1 : 2) << "\n";
   });
 }
 

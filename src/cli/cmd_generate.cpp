@@ -25,13 +25,11 @@ std::unique_ptr<engine::Engine> engineFor(const Loaded& l, const ModelOptions& o
                                           int32_t maxBatchedTokens = 512) {
   engine::EngineConfig c;
   c.kvDtype = o.kvDtype;
+  c.hybridKv = !o.noHybridKv;
   c.numThreads = o.threads;
   c.maxBatchedTokens = maxBatchedTokens;
   const int64_t ctx = l.model->hparams().nCtxTrain;
-  const int64_t blocks =
-      (std::clamp<int64_t>(tokens, 1, ctx) + c.blockSizeTokens - 1) / c.blockSizeTokens;
-  c.kvCacheBytes = static_cast<uint64_t>(blocks) *
-                   kv::bytesPerBlock(l.model->kvCacheConfig(c.blockSizeTokens, 1, c.kvDtype));
+  c.kvCacheBytes = engine::kvBytesForSequences(*l.model, c, std::clamp<int64_t>(tokens, 1, ctx), 1);
   return std::make_unique<engine::Engine>(*l.model, *l.tokenizer, c);
 }
 

@@ -164,17 +164,16 @@ void runPerplexity(const PerplexityOptions& o) {
   // completion tokens); results do not depend on how many share a step, as every kernel is
   // batch-invariant.
   const int32_t inFlight = std::max(2, (kStepTokens + o.ctx - 1) / o.ctx + 1);
-  const int64_t blocksPerWindow =
-      (static_cast<int64_t>(o.ctx) + kScoreMaxTokens + kBlockSizeTokens - 1) / kBlockSizeTokens;
   engine::EngineConfig ec;
   ec.blockSizeTokens = kBlockSizeTokens;
   ec.kvDtype = o.model.kvDtype;
+  ec.hybridKv = !o.model.noHybridKv;
   ec.numThreads = o.model.threads;
   ec.maxBatchedTokens = kStepTokens;
   ec.maxNumSeqs = inFlight;
-  ec.kvCacheBytes =
-      kv::bytesPerBlock(l.model->kvCacheConfig(kBlockSizeTokens, 1, o.model.kvDtype)) *
-      static_cast<uint64_t>(inFlight * blocksPerWindow + inFlight);
+  // One block per window to spare (per group).
+  ec.kvCacheBytes = engine::kvBytesForSequences(
+      *l.model, ec, static_cast<int64_t>(o.ctx) + kScoreMaxTokens + kBlockSizeTokens, inFlight);
   engine::Engine engine(*l.model, *l.tokenizer, ec);
 
   auto submit = [&](const Window& w) {

@@ -53,6 +53,7 @@ struct ServeOptions {
   double shutdownGraceSeconds = 30;
   std::string schedulePolicy = "fcfs";
   bool noPrefixCaching = false;
+  bool noHybridKv = false;
   std::string kvEventsEndpoint;        // empty: no KV events
   std::string kvEventsReplayEndpoint;  // empty: no replay
 };
@@ -114,6 +115,7 @@ void runServe(const ServeOptions& o) {
   }
   ec.numThreads = o.threads;
   ec.prefixCaching = !o.noPrefixCaching;
+  ec.hybridKv = !o.noHybridKv;
   ec.schedulePolicy = engine::parseSchedulePolicy(o.schedulePolicy);
 
   // Bound before the model loads, so a bad endpoint fails at once; declared before the engine, so
@@ -272,6 +274,7 @@ void registerServeCommand(CLI::App& app) {
                   "seconds SIGINT/SIGTERM waits for running requests before cancelling them")
       ->check(CLI::Range(0.0, 3600.0))
       ->capture_default_str();
+  addHybridKvFlag(cmd, o->noHybridKv);
   cmd->add_flag("--no-prefix-caching", o->noPrefixCaching,
                 "compute every prompt in full instead of reusing cached KV blocks of earlier ones");
   cmd->add_option("--schedule-policy", o->schedulePolicy,

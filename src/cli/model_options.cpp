@@ -30,12 +30,19 @@ void addPrecisionOption(CLI::App* cmd, model::Precision& precision) {
       ->default_str(model::toString(precision));
 }
 
+void addHybridKvFlag(CLI::App* cmd, bool& off) {
+  cmd->add_flag("--no-hybrid-kv", off,
+                "keep every position in every layer's KV cache; by default sliding-window layers "
+                "keep only the blocks their window sees");
+}
+
 void addModelOptions(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--model,-m", o.modelPath, kModelOptionHelp);
   cmd->add_option("--threads,-t", o.threads, "CPU threads (0 = all cores)")
       ->check(CLI::Range(0, 1024));
   addKvDtypeOption(cmd, o.kvDtype);
   addPrecisionOption(cmd, o.precision);
+  addHybridKvFlag(cmd, o.noHybridKv);
 }
 
 std::string resolveModelPath(const std::string& given) {

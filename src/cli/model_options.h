@@ -21,6 +21,7 @@ struct ModelOptions {
   std::string chatTemplate;  // empty: detect from the model
   kv::KVDType kvDtype = kv::KVDType::F16;
   model::Precision precision = model::Precision::Int8;
+  bool noHybridKv = false;   // every layer keeps every position, sliding-window layers included
 };
 
 // Adds `--kv-dtype NAME` to `cmd`: the accepted names are those of kv::kKVFormats, the value is
@@ -31,7 +32,10 @@ void addKvDtypeOption(CLI::App* cmd, kv::KVDType& dtype);
 // Adds `--precision int8|f32` to `cmd` (model::Precision), writing into `precision`.
 void addPrecisionOption(CLI::App* cmd, model::Precision& precision);
 
-// Adds --model/-m, --threads/-t, --kv-dtype and --precision to `cmd`, writing into `o` (which must outlive
+// Adds `--no-hybrid-kv` to `cmd`, writing into `off`.
+void addHybridKvFlag(CLI::App* cmd, bool& off);
+
+// Adds --model/-m, --threads/-t, --kv-dtype, --precision and --no-hybrid-kv to `cmd`, writing into `o` (which must outlive
 // parsing). --chat-template is left to the commands that use a template.
 void addModelOptions(CLI::App* cmd, ModelOptions& o);
 

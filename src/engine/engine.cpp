@@ -71,12 +71,23 @@ void Histogram::observe(double value) {
   ++count;
 }
 
+kv::KVCacheConfig kvCacheConfigFor(const model::TransformerModel& model, const EngineConfig& config,
+                                   uint64_t bytes) {
+  kv::KVCacheConfig c = model.kvCacheConfig(config.blockSizeTokens, bytes, config.kvDtype);
+  c.prefixCaching = config.prefixCaching;
+  c.hybrid = config.hybridKv;
+  return c;
+}
+
+uint64_t kvBytesForSequences(const model::TransformerModel& model, const EngineConfig& config,
+                             int64_t tokens, int64_t numSeqs) {
+  return kv::bytesForSequence(kvCacheConfigFor(model, config, 1), tokens,
+                              config.maxBatchedTokens) *
+         static_cast<uint64_t>(numSeqs);
+}
+
 uint64_t defaultKvCacheBytes(const model::TransformerModel& model, const EngineConfig& config) {
-  const uint64_t perToken =
-      kv::bytesPerToken(model.kvCacheConfig(config.blockSizeTokens, 1, config.kvDtype));
-  const uint64_t oneContext =
-      perToken * static_cast<uint64_t>((model.hparams().nCtxTrain + config.blockSizeTokens - 1) /
-                                       config.blockSizeTokens * config.blockSizeTokens);
+  const uint64_t oneContext = kvBytesForSequences(model, config, model.hparams().nCtxTrain, 1);
   const uint64_t share = std::min<uint64_t>(memAvailableBytes() / 4, 4ull << 30);
   return std::max(share, oneContext);
 }
@@ -230,9 +241,7 @@ Engine::Engine(model::TransformerModel& model, const model::Tokenizer& tokenizer
   const uint64_t bytes =
       config_.kvCacheBytes ? config_.kvCacheBytes : defaultKvCacheBytes(model_, config_);
   config_.kvCacheBytes = bytes;
-  kv::KVCacheConfig kvConfig = model_.kvCacheConfig(config_.blockSizeTokens, bytes, config_.kvDtype);
-  kvConfig.prefixCaching = config_.prefixCaching;
-  cache_ = std::make_unique<kv::KVCache>(kvConfig);
+  cache_ = std::make_unique<kv::KVCache>(kvCacheConfigFor(model_, config_, bytes));
   cache_->warmup();
   cache_->recordEvents(static_cast<bool>(config_.kvEventListener));
   budget_ = std::make_unique<PagedBlockBudget>(*cache_);

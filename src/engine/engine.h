@@ -50,6 +50,8 @@ struct EngineConfig {
   kv::KVDType kvDtype = kv::KVDType::F16;
   int32_t numThreads = 0;          // kernel threads, the step loop's included; 0: one per core
   bool prefixCaching = true;       // keep and reuse the KV blocks of prompts already computed
+  // Hybrid KV cache: sliding-window layers keep only the blocks their window sees (kv_config.h).
+  bool hybridKv = true;
   SchedulePolicy schedulePolicy = SchedulePolicy::Fcfs;
   // Called on the step loop after each step that changed the prefix cache, with what changed, in
   // order. It must not block (hand the events to another thread).
@@ -64,6 +66,14 @@ struct EngineHooks {
   std::function<void(kv::SeqId seq)> beforeSample;
 };
 
+// The KV cache configuration an engine with `config` builds for `model`, with a memory budget of
+// `bytes`.
+kv::KVCacheConfig kvCacheConfigFor(const model::TransformerModel& model, const EngineConfig& config,
+                                   uint64_t bytes);
+// KV memory for `numSeqs` sequences of `tokens` positions each, as an engine with `config` holds
+// them (its block size, storage type, hybrid layout and step size).
+uint64_t kvBytesForSequences(const model::TransformerModel& model, const EngineConfig& config,
+                             int64_t tokens, int64_t numSeqs);
 // KV memory when none is configured: a quarter of the memory available now, at most 4 GiB and at
 // least enough for one full-context sequence.
 uint64_t defaultKvCacheBytes(const model::TransformerModel& model, const EngineConfig& config);

@@ -23,7 +23,8 @@ void ModelRunner::run(std::vector<float>& logits) {
     s.tableStart = tableStarts_[i];
     const size_t end = i + 1 < batch_.seqs.size() ? static_cast<size_t>(tableStarts_[i + 1])
                                                   : batch_.blockTables.size();
-    s.numBlocks = static_cast<int32_t>(end - static_cast<size_t>(s.tableStart));
+    s.numBlocks = static_cast<int32_t>((end - static_cast<size_t>(s.tableStart)) /
+                                       static_cast<size_t>(cache_.numGroups()));
   }
   batch_.arena = cache_.arena();
   model_.forward(batch_, pool_, logits);

@@ -23,6 +23,10 @@ SchedulePolicy parseSchedulePolicy(const std::string& name) {
   throw std::invalid_argument("unknown schedule policy '" + name + "' (choose fcfs or lpm)");
 }
 
+int64_t BlockBudget::maxSequenceTokens(int32_t) const {
+  return int64_t{totalBlocks()} * blockSizeTokens();
+}
+
 int32_t BlockBudget::cachedPrefixTokens(std::span<const int32_t>) const { return 0; }
 
 int32_t BlockBudget::blocksNeededToAllocate(std::span<const int32_t>, int32_t totalTokens) const {
@@ -52,7 +56,7 @@ Scheduler::Scheduler(const SchedulerConfig& config, BlockBudget& memory)
 }
 
 int64_t Scheduler::maxContextTokens() const {
-  return int64_t{memory_.totalBlocks()} * memory_.blockSizeTokens();
+  return memory_.maxSequenceTokens(config_.maxBatchedTokens);
 }
 
 Scheduler::Entry& Scheduler::entry(kv::SeqId seq) {

@@ -55,8 +55,11 @@ class BlockBudget {
   virtual bool tryAllocate(kv::SeqId seq, int32_t tokens, int32_t maxContextTokens) = 0;
   // Adds n positions to `seq`; false, with nothing changed, when memory is short.
   virtual bool tryAppend(kv::SeqId seq, int32_t n) = 0;
-  // Blocks tryAppend(seq, n) would take.
+  // Blocks tryAppend(seq, n) needs free.
   virtual int32_t blocksNeededToAppend(kv::SeqId seq, int32_t n) const = 0;
+  // The longest sequence the whole memory can hold when at most stepTokens positions are
+  // computed per step: totalBlocks() * blockSizeTokens() unless blocks are given back on the way.
+  virtual int64_t maxSequenceTokens(int32_t stepTokens) const;
   // Releases everything `seq` holds (no-op for an unknown id).
   virtual void release(kv::SeqId seq) = 0;
 
@@ -89,6 +92,9 @@ class PagedBlockBudget final : public BlockBudget {
   bool tryAppend(kv::SeqId seq, int32_t n) override { return cache_.tryAppendTokens(seq, n); }
   int32_t blocksNeededToAppend(kv::SeqId seq, int32_t n) const override {
     return cache_.blocksNeededToAppend(seq, n);
+  }
+  int64_t maxSequenceTokens(int32_t stepTokens) const override {
+    return cache_.maxSequenceTokens(stepTokens);
   }
   void release(kv::SeqId seq) override { cache_.freeFor(seq); }
   int32_t cachedPrefixTokens(std::span<const int32_t> tokens) const override {
@@ -152,7 +158,8 @@ class Scheduler {
   Scheduler& operator=(const Scheduler&) = delete;
 
   const SchedulerConfig& config() const { return config_; }
-  // The longest context (tokens) a request may ever reach: what the whole pool holds.
+  // The longest context (tokens) a request may ever reach: what the whole pool holds for one
+  // sequence (BlockBudget::maxSequenceTokens).
   int64_t maxContextTokens() const;
 
   // Queues a new request at the back. contextTokens >= 1 (its prompt); maxContextTokens >=

@@ -123,7 +123,7 @@ void BlockPool::eraseHash(BlockId id) {
   --numHashed_;
 }
 
-void BlockPool::allocate(std::span<BlockId> out, std::vector<uint64_t>* evicted) {
+void BlockPool::allocate(std::span<BlockId> out, std::vector<EvictedBlock>* evicted) {
   if (out.empty()) throw KVError(KVErrc::InvalidArgument, "allocate: asked for 0 blocks");
   if (out.size() > static_cast<size_t>(numFree_)) {
     throw KVError(KVErrc::OutOfBlocks, "allocate: asked for " + std::to_string(out.size()) +
@@ -134,7 +134,7 @@ void BlockPool::allocate(std::span<BlockId> out, std::vector<uint64_t>* evicted)
     id = head_;
     unlinkFree(id);
     if (hashed_[id]) {
-      if (evicted != nullptr) evicted->push_back(hash_[id]);
+      if (evicted != nullptr) evicted->push_back({id, hash_[id]});
       eraseHash(id);
       --numCached_;
     }
@@ -142,7 +142,7 @@ void BlockPool::allocate(std::span<BlockId> out, std::vector<uint64_t>* evicted)
   }
 }
 
-BlockId BlockPool::allocateOne(std::vector<uint64_t>* evicted) {
+BlockId BlockPool::allocateOne(std::vector<EvictedBlock>* evicted) {
   BlockId id = kNoBlock;
   allocate(std::span<BlockId>(&id, 1), evicted);
   return id;
@@ -242,12 +242,12 @@ uint64_t BlockPool::blockHash(BlockId id) const {
   return hash_[id];
 }
 
-int32_t BlockPool::evictAllCached(std::vector<uint64_t>* removed) {
+int32_t BlockPool::evictAllCached(std::vector<EvictedBlock>* removed) {
   int32_t evicted = 0;
   for (BlockId id = head_; id != kNoBlock;) {
     const BlockId next = next_[id];
     if (hashed_[id]) {
-      if (removed != nullptr) removed->push_back(hash_[id]);
+      if (removed != nullptr) removed->push_back({id, hash_[id]});
       eraseHash(id);
       --numCached_;
       // Now an empty block: it moves to the head, where empty blocks are reused first.

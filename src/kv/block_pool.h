@@ -30,6 +30,13 @@
 
 namespace cortex::kv {
 
+// A cached block given up: its id and the hash it held.
+struct EvictedBlock {
+  BlockId block = kNoBlock;
+  uint64_t hash = 0;
+  bool operator==(const EvictedBlock&) const = default;
+};
+
 class BlockPool {
  public:
   // numBlocks >= 1. All blocks start free, in id order (0 is handed out first).
@@ -38,10 +45,10 @@ class BlockPool {
   // Takes out.size() blocks, all or nothing: on success writes their ids to `out` (in queue
   // order) with ref count 1; throws KVError{OutOfBlocks} without touching anything when fewer
   // are free, KVError{InvalidArgument} when out is empty. A cached block taken is evicted: its
-  // hash is dropped and, when `evicted` is given, appended to it.
-  void allocate(std::span<BlockId> out, std::vector<uint64_t>* evicted = nullptr);
+  // hash is dropped and, when `evicted` is given, the block and its hash are appended to it.
+  void allocate(std::span<BlockId> out, std::vector<EvictedBlock>* evicted = nullptr);
   // Takes one block (ref count 1); throws KVError{OutOfBlocks} when none is free.
-  BlockId allocateOne(std::vector<uint64_t>* evicted = nullptr);
+  BlockId allocateOne(std::vector<EvictedBlock>* evicted = nullptr);
 
   // Drops one reference to each block, in the order given; a block whose count reaches 0 goes to
   // the free queue: to its tail when hashed (cached), to its head otherwise. Every id must be in
@@ -68,9 +75,9 @@ class BlockPool {
   void clearHash(BlockId id);
   bool isHashed(BlockId id) const;
   uint64_t blockHash(BlockId id) const;  // the hash of a hashed block
-  // Evicts every cached block (ref count 0, hashed); appends their hashes to `removed`. Blocks in
-  // use keep theirs. Returns how many were evicted.
-  int32_t evictAllCached(std::vector<uint64_t>* removed = nullptr);
+  // Evicts every cached block (ref count 0, hashed); appends them and their hashes to `removed`.
+  // Blocks in use keep theirs. Returns how many were evicted.
+  int32_t evictAllCached(std::vector<EvictedBlock>* removed = nullptr);
 
   // Blocks an allocation can take: free ones, cached ones included.
   int32_t freeBlocks() const { return numFree_; }

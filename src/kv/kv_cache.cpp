@@ -6,6 +6,7 @@
 #include <iomanip>
 #include <map>
 #include <new>
+#include <numeric>
 #include <ostream>
 #include <string>
 
@@ -43,13 +44,72 @@ const char* toString(KVLayout layout) {
 
 // ---------------------------------------------------------------------------------------------
 
-uint64_t bytesPerToken(const KVCacheConfig& c) {
-  return 2ull * static_cast<uint64_t>(c.numLayers) * static_cast<uint64_t>(c.numKVHeads) *
-         static_cast<uint64_t>(c.headDim) * dtypeBytes(c.dtype);
+KVGroups kvGroups(const KVCacheConfig& c) {
+  if (!c.layerWindows.empty() && c.layerWindows.size() != static_cast<size_t>(c.numLayers)) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "layerWindows has " + std::to_string(c.layerWindows.size()) +
+                      " entries for " + std::to_string(c.numLayers) + " layers");
+  }
+  std::map<int32_t, std::vector<int32_t>> byWindow;  // window -> layers; global (0) first
+  for (int32_t l = 0; l < c.numLayers; ++l) {
+    const int32_t w = c.layerWindows.empty() ? 0 : c.layerWindows[static_cast<size_t>(l)];
+    if (w < 0) {
+      throw KVError(KVErrc::InvalidArgument,
+                    "layer " + std::to_string(l) + " has window " + std::to_string(w));
+    }
+    byWindow[c.hybrid ? w : 0].push_back(l);
+  }
+  KVGroups out;
+  out.layersPerGroup = 0;
+  for (const auto& [w, layers] : byWindow) {
+    out.layersPerGroup = std::gcd(out.layersPerGroup, static_cast<int32_t>(layers.size()));
+  }
+  out.places.resize(static_cast<size_t>(c.numLayers));
+  for (const auto& [w, layers] : byWindow) {
+    for (size_t i = 0; i < layers.size(); i += static_cast<size_t>(out.layersPerGroup)) {
+      KVGroup& g = out.groups.emplace_back();
+      g.window = w;
+      g.layers.assign(layers.begin() + static_cast<long>(i),
+                      layers.begin() + static_cast<long>(i) + out.layersPerGroup);
+      for (int32_t slot = 0; slot < out.layersPerGroup; ++slot) {
+        out.places[static_cast<size_t>(g.layers[static_cast<size_t>(slot)])] = {
+            static_cast<int32_t>(out.groups.size() - 1), slot};
+      }
+    }
+  }
+  return out;
 }
 
 uint64_t bytesPerBlock(const KVCacheConfig& c) {
-  return bytesPerToken(c) * static_cast<uint64_t>(c.blockSizeTokens);
+  return 2ull * static_cast<uint64_t>(kvGroups(c).layersPerGroup) *
+         static_cast<uint64_t>(c.numKVHeads) * static_cast<uint64_t>(c.headDim) *
+         dtypeBytes(c.dtype) * static_cast<uint64_t>(c.blockSizeTokens);
+}
+
+namespace {
+
+// Blocks a windowed group holds at most while positions up to `tokens` are computed `step` at a
+// time: keys from W - 1 positions back through the step's last position, W - 1 + step positions,
+// which touch at most ceil((W - 2 + step) / B) + 1 blocks.
+int64_t windowBlocks(int64_t window, int64_t step, int64_t blockSize) {
+  const int64_t span = window - 1 + std::max<int64_t>(step, 1);
+  return (span - 1 + blockSize - 1) / blockSize + 1;
+}
+
+}  // namespace
+
+int64_t blocksForSequence(const KVCacheConfig& c, int64_t tokens, int32_t stepTokens) {
+  const int64_t B = c.blockSizeTokens;
+  const int64_t nb = (std::max<int64_t>(tokens, 0) + B - 1) / B;
+  int64_t total = 0;
+  for (const KVGroup& g : kvGroups(c).groups) {
+    total += g.window == 0 ? nb : std::min(nb, windowBlocks(g.window, stepTokens, B));
+  }
+  return total;
+}
+
+uint64_t bytesForSequence(const KVCacheConfig& c, int64_t tokens, int32_t stepTokens) {
+  return static_cast<uint64_t>(blocksForSequence(c, tokens, stepTokens)) * bytesPerBlock(c);
 }
 
 static int32_t blocksFromConfig(const KVCacheConfig& c) {
@@ -79,7 +139,10 @@ uint64_t splitmix64(uint64_t x) {
 }  // namespace
 
 KVCache::KVCache(const KVCacheConfig& config)
-    : config_(validated(config)), numBlocks_(blocksFromConfig(config_)), pool_(numBlocks_) {
+    : config_(validated(config)),
+      groups_(kvGroups(config_)),
+      numBlocks_(blocksFromConfig(config_)),
+      pool_(numBlocks_) {
   const int64_t B = config_.blockSizeTokens;
   const int64_t H = config_.numKVHeads;
   const int64_t D = config_.headDim;
@@ -90,8 +153,11 @@ KVCache::KVCache(const KVCacheConfig& config)
   a.numKVHeads = config_.numKVHeads;
   a.headDim = config_.headDim;
   a.blockSizeTokens = config_.blockSizeTokens;
+  a.numGroups = numGroups();
+  a.layersPerBlock = groups_.layersPerGroup;
+  a.places = groups_.places;
   a.dtype = config_.dtype;
-  a.layerStride = N * H * B * D;
+  a.slotStride = N * H * B * D;
   if (config_.layout == KVLayout::LayerMajor) {
     a.blockStride = H * B * D;
     a.headStride = B * D;
@@ -99,7 +165,7 @@ KVCache::KVCache(const KVCacheConfig& config)
     a.blockStride = B * D;
     a.headStride = N * B * D;
   }
-  halfBytes_ = static_cast<uint64_t>(config_.numLayers * a.layerStride) * dtypeBytes(a.dtype);
+  halfBytes_ = static_cast<uint64_t>(a.layersPerBlock * a.slotStride) * dtypeBytes(a.dtype);
   const uint64_t total = (2 * halfBytes_ + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
   memory_ = static_cast<std::byte*>(std::aligned_alloc(kArenaAlignment, total));
   if (memory_ == nullptr) {
@@ -109,16 +175,24 @@ KVCache::KVCache(const KVCacheConfig& config)
   a.kBase = memory_;
   a.vBase = memory_ + halfBytes_;
   blockFill_.assign(static_cast<size_t>(numBlocks_), 0);
+  blockGroup_.assign(static_cast<size_t>(numBlocks_), 0);
   pendingCopyRefs_.assign(static_cast<size_t>(numBlocks_), 0);
   if (config_.prefixCaching) {
     blockTokens_.assign(static_cast<size_t>(numBlocks_) * static_cast<size_t>(B), 0);
     blockParent_.assign(static_cast<size_t>(numBlocks_), 0);
   }
-  // Everything that decides what a block holds, besides its tokens and the tokens before them.
+  // Everything that decides what a block holds, besides its tokens and the tokens before them
+  // (and its group: groupHash).
   hashRoot_ = splitmix64(config_.prefixHashSeed ^ splitmix64(
       static_cast<uint64_t>(config_.dtype) << 48 ^ static_cast<uint64_t>(B) << 32 ^
       static_cast<uint64_t>(config_.numLayers) << 16 ^ static_cast<uint64_t>(H) << 8 ^
       static_cast<uint64_t>(D)));
+  if (numGroups() > 1) {
+    for (const KVGroup& g : groups_.groups) {
+      hashRoot_ = splitmix64(hashRoot_ ^ static_cast<uint64_t>(g.window) << 32 ^
+                             static_cast<uint64_t>(g.layers.size()));
+    }
+  }
 }
 
 KVCache::~KVCache() { std::free(memory_); }
@@ -126,6 +200,28 @@ KVCache::~KVCache() { std::free(memory_); }
 int32_t KVCache::blocksForTokens(int64_t tokens) const {
   if (tokens < 0) throw KVError(KVErrc::InvalidArgument, "negative token count");
   return static_cast<int32_t>((tokens + config_.blockSizeTokens - 1) / config_.blockSizeTokens);
+}
+
+int64_t KVCache::blocksForSequence(int64_t tokens, int32_t stepTokens) const {
+  return kv::blocksForSequence(config_, tokens, stepTokens);
+}
+
+int64_t KVCache::maxSequenceTokens(int32_t stepTokens) const {
+  const int64_t B = config_.blockSizeTokens;
+  const int64_t N = numBlocks_;
+  if (kv::blocksForSequence(config_, static_cast<int64_t>(INT32_MAX / B) * B, stepTokens) <= N) {
+    return INT32_MAX;  // only windows, and they fit
+  }
+  int64_t lo = 0, hi = N;  // the most logical blocks whose blocks fit (blocks grow with tokens)
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (kv::blocksForSequence(config_, mid * B, stepTokens) <= N) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo * B;
 }
 
 void KVCache::warmup() {
@@ -153,6 +249,33 @@ void KVCache::checkLayer(int32_t layer) const {
   }
 }
 
+void KVCache::checkGroup(int32_t group) const {
+  if (group < 0 || group >= numGroups()) {
+    throw KVError(KVErrc::InvalidArgument, "group " + std::to_string(group) + " is not in [0, " +
+                                               std::to_string(numGroups()) + ")");
+  }
+}
+
+int32_t KVCache::firstNeededBlock(int32_t group, int64_t tokens) const {
+  const int64_t w = groups_.groups[static_cast<size_t>(group)].window;
+  if (w == 0) return 0;
+  return static_cast<int32_t>(std::max<int64_t>(0, tokens - w + 1) / config_.blockSizeTokens);
+}
+
+void KVCache::takeBlocks(std::span<BlockId> out, int32_t group) {
+  if (out.empty()) return;
+  pool_.allocate(out, &evictedScratch_);
+  noteEvicted();  // before the blocks' group changes: events report the first group's blocks
+  for (BlockId b : out) blockGroup_[b] = group;
+}
+
+void KVCache::fillBlocks(std::span<const BlockId> blocks, int32_t tokens) {
+  for (BlockId b : blocks) {
+    blockFill_[b] = std::min(tokens, config_.blockSizeTokens);
+    tokens -= blockFill_[b];
+  }
+}
+
 void KVCache::allocateFor(SeqId seq, int32_t initialTokens) {
   std::lock_guard lock(mu_);
   allocateLocked(seq, initialTokens, true);
@@ -172,55 +295,68 @@ int32_t KVCache::allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfSh
   if (seqs_.count(seq) != 0) {
     throw KVError(KVErrc::SequenceExists, seqName(seq) + " is already allocated");
   }
-  if (nBlocks > pool_.freeBlocks()) {
+  const int64_t needed = static_cast<int64_t>(nBlocks) * numGroups();
+  if (needed > pool_.freeBlocks()) {
     if (!throwIfShort) return -1;
     throw KVError(KVErrc::OutOfBlocks, "allocateFor(" + std::to_string(seq) + ", " +
                                            std::to_string(initialTokens) + " tokens) needs " +
-                                           std::to_string(nBlocks) + " blocks, " +
+                                           std::to_string(needed) + " blocks, " +
                                            std::to_string(pool_.freeBlocks()) + " free");
   }
   // Allocations that can throw bad_alloc happen before the pool is touched.
   Sequence s;
-  s.blocks.resize(static_cast<size_t>(nBlocks));
+  s.tables.resize(static_cast<size_t>(numGroups()));
+  for (Table& t : s.tables) t.blocks.resize(static_cast<size_t>(nBlocks));
   auto [it, inserted] = seqs_.emplace(seq, std::move(s));
   (void)inserted;
-  pool_.allocate(it->second.blocks, &evictedScratch_);
-  noteEvicted();
-  it->second.tokens = initialTokens;
-  int32_t left = initialTokens;
-  for (BlockId b : it->second.blocks) {
-    blockFill_[b] = std::min(left, config_.blockSizeTokens);
-    left -= blockFill_[b];
+  for (int32_t g = 0; g < numGroups(); ++g) {
+    std::vector<BlockId>& blocks = it->second.tables[static_cast<size_t>(g)].blocks;
+    takeBlocks(blocks, g);
+    fillBlocks(blocks, initialTokens);
   }
-  liveTokens_ += initialTokens;
+  it->second.tokens = initialTokens;
+  liveTokens_ += static_cast<int64_t>(initialTokens) * numGroups();
   return 0;
 }
 
-int32_t KVCache::blocksNeededLocked(const Sequence& s, int32_t n) const {
+void KVCache::appendNeedsLocked(const Sequence& s, int32_t n, int32_t& gross,
+                                int32_t& freed) const {
   const int32_t B = config_.blockSizeTokens;
-  const int64_t capacity = static_cast<int64_t>(s.blocks.size()) * B;
+  gross = 0;
+  freed = 0;
   const int64_t wanted = static_cast<int64_t>(s.tokens) + n;
-  const int32_t fresh = wanted > capacity ? blocksForTokens(wanted - capacity) : 0;
-  const bool copyOnWrite = s.tokens % B != 0 && pool_.refCount(s.blocks.back()) > 1;
-  return fresh + (copyOnWrite ? 1 : 0);
+  for (size_t g = 0; g < s.tables.size(); ++g) {
+    const Table& t = s.tables[g];
+    const int64_t capacity = static_cast<int64_t>(t.blocks.size()) * B;
+    gross += wanted > capacity ? blocksForTokens(wanted - capacity) : 0;
+    if (s.tokens % B != 0 && pool_.refCount(t.blocks.back()) > 1) ++gross;  // copy on write
+    const int32_t drop = firstNeededBlock(static_cast<int32_t>(g), s.tokens);
+    for (int32_t i = t.dropped; i < drop; ++i) {
+      freed += pool_.refCount(t.blocks[static_cast<size_t>(i)]) == 1 ? 1 : 0;
+    }
+  }
 }
 
 int32_t KVCache::blocksNeededToAppend(SeqId seq, int32_t n) const {
   if (n <= 0) throw KVError(KVErrc::InvalidArgument, "append count must be > 0");
   std::lock_guard lock(mu_);
-  return blocksNeededLocked(find(seq), n);
+  int32_t gross = 0, freed = 0;
+  appendNeedsLocked(find(seq), n, gross, freed);
+  return std::max(0, gross - freed);
 }
 
 void KVCache::copyBlock(BlockId from, BlockId to, int32_t tokens) {
-  const size_t bytes = static_cast<size_t>(config_.headDim) * dtypeBytes(config_.dtype) *
-                       static_cast<size_t>(tokens);
-  for (int32_t layer = 0; layer < config_.numLayers; ++layer) {
+  const size_t eb = dtypeBytes(config_.dtype);
+  const size_t bytes = static_cast<size_t>(config_.headDim) * eb * static_cast<size_t>(tokens);
+  for (int32_t slot = 0; slot < arena_.layersPerBlock; ++slot) {
     for (int32_t head = 0; head < config_.numKVHeads; ++head) {
       // Within a block, one head's rows are contiguous in both layouts.
-      const int64_t src = arena_.rowByteOffset({from, 0}, layer, head);
-      const int64_t dst = arena_.rowByteOffset({to, 0}, layer, head);
-      std::memcpy(arena_.kBase + dst, arena_.kBase + src, bytes);
-      std::memcpy(arena_.vBase + dst, arena_.vBase + src, bytes);
+      const auto at = [&](BlockId b) {
+        return static_cast<size_t>(slot * arena_.slotStride + b * arena_.blockStride +
+                                   head * arena_.headStride) * eb;
+      };
+      std::memcpy(arena_.kBase + at(to), arena_.kBase + at(from), bytes);
+      std::memcpy(arena_.vBase + at(to), arena_.vBase + at(from), bytes);
     }
   }
 }
@@ -230,39 +366,49 @@ int32_t KVCache::appendTokens(SeqId seq, int32_t n) { return appendAndCopy(seq, 
 bool KVCache::tryAppendTokens(SeqId seq, int32_t n) { return appendAndCopy(seq, n, false) >= 0; }
 
 int32_t KVCache::appendAndCopy(SeqId seq, int32_t n, bool throwIfShort) {
-  PendingCopy copy;
+  std::vector<PendingCopy> copies;
   int32_t first = 0;
   {
     std::lock_guard lock(mu_);
-    first = appendLocked(seq, n, throwIfShort, copy);
+    first = appendLocked(seq, n, throwIfShort, copies);
   }
-  if (copy.from == kNoBlock) return first;
-  // note: the source keeps the reference taken for this copy, so no other sequence can be given
-  // its block until the copy is over; only this sequence's caller touches the destination.
-  copyBlock(copy.from, copy.to, copy.tokens);
+  if (copies.empty()) return first;
+  // note: each source keeps the reference taken for its copy, so no other sequence can be given
+  // its block until the copy is over; only this sequence's caller touches the destinations.
+  for (const PendingCopy& c : copies) copyBlock(c.from, c.to, c.tokens);
   std::lock_guard lock(mu_);
-  --pendingCopyRefs_[copy.from];
-  if (pool_.refCount(copy.from) == 1) {
-    liveTokens_ -= blockFill_[copy.from];
-    blockFill_[copy.from] = 0;
+  for (const PendingCopy& c : copies) {
+    --pendingCopyRefs_[c.from];
+    if (pool_.refCount(c.from) == 1) {
+      liveTokens_ -= blockFill_[c.from];
+      blockFill_[c.from] = 0;
+    }
+    pool_.free(c.from);
   }
-  pool_.free(copy.from);
   return first;
 }
 
-int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort, PendingCopy& copy) {
+int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort,
+                              std::vector<PendingCopy>& copies) {
   if (n <= 0) {
     throw KVError(KVErrc::InvalidArgument,
                   "appendTokens: n must be > 0, got " + std::to_string(n));
   }
   const int32_t B = config_.blockSizeTokens;
   Sequence& s = find(seq);
-  // Fast path (15 of 16 decode steps at block size 16): room in an unshared last block. The
-  // block's fill count says how much room is left without a division.
-  const BlockId last = s.blocks.back();
-  if (blockFill_[last] + n <= B && pool_.refCount(last) == 1) {
-    blockFill_[last] += n;
-    liveTokens_ += n;
+  // Fast path (15 of 16 decode steps at block size 16): room in every group's unshared last
+  // block and nothing for a window to give back. The block's fill count says how much room is
+  // left without a division.
+  bool fast = true;
+  for (size_t g = 0; g < s.tables.size() && fast; ++g) {
+    const Table& t = s.tables[g];
+    const BlockId last = t.blocks.back();
+    fast = last != kNoBlock && blockFill_[last] + n <= B && pool_.refCount(last) == 1 &&
+           firstNeededBlock(static_cast<int32_t>(g), s.tokens) <= t.dropped;
+  }
+  if (fast) {
+    for (Table& t : s.tables) blockFill_[t.blocks.back()] += n;
+    liveTokens_ += static_cast<int64_t>(n) * numGroups();
     const int32_t first = s.tokens;
     s.tokens += n;
     return first;
@@ -270,48 +416,71 @@ int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort, PendingCo
   if (static_cast<int64_t>(s.tokens) + n > INT32_MAX) {
     throw KVError(KVErrc::InvalidArgument, seqName(seq) + " would exceed 2^31 tokens");
   }
-  const int32_t needed = blocksNeededLocked(s, n);
-  if (needed > pool_.freeBlocks()) {
+  int32_t gross = 0, freed = 0;
+  appendNeedsLocked(s, n, gross, freed);
+  if (gross > pool_.freeBlocks() + freed) {
     if (!throwIfShort) return -1;
     throw KVError(KVErrc::OutOfBlocks, "appendTokens(" + std::to_string(seq) + ", " +
                                            std::to_string(n) + ") needs " +
-                                           std::to_string(needed) + " blocks, " +
+                                           std::to_string(gross - freed) + " blocks, " +
                                            std::to_string(pool_.freeBlocks()) + " free");
   }
-  // Grow the table geometrically before changing anything, so a bad_alloc leaves no trace and
+  // Grow the tables geometrically before changing anything, so a bad_alloc leaves no trace and
   // appends stay amortised O(1).
-  const size_t maxBlocks = s.blocks.size() + static_cast<size_t>(needed);
-  if (s.blocks.capacity() < maxBlocks) s.blocks.reserve(std::max(maxBlocks, 2 * s.blocks.capacity()));
+  const size_t newSize = static_cast<size_t>(blocksForTokens(static_cast<int64_t>(s.tokens) + n));
+  for (Table& t : s.tables) {
+    if (t.blocks.capacity() < newSize) t.blocks.reserve(std::max(newSize, 2 * t.blocks.capacity()));
+  }
+  copies.reserve(s.tables.size());
+  std::vector<BlockId> givenBack;
+  givenBack.reserve(static_cast<size_t>(freed));
   const int32_t first = s.tokens;
   const int32_t fillInLast = s.tokens % B;
-  if (fillInLast != 0 && pool_.refCount(s.blocks.back()) > 1) {
-    // Copy on write: the partly filled last block is shared, and we are about to write into it.
-    const BlockId shared = s.blocks.back();
-    const BlockId own = pool_.allocateOne(&evictedScratch_);
-    copy = PendingCopy{shared, own, fillInLast};
-    ++pendingCopyRefs_[shared];  // this sequence's reference now belongs to the copy
-    blockFill_[own] = fillInLast;
-    liveTokens_ += fillInLast;
-    s.blocks.back() = own;
+  // 1. Windows give back the blocks they no longer see, oldest first (evicted first when cached:
+  // a later hit needs the blocks just before its end, not the oldest).
+  for (size_t g = 0; g < s.tables.size(); ++g) {
+    Table& t = s.tables[g];
+    const int32_t drop = firstNeededBlock(static_cast<int32_t>(g), s.tokens);
+    for (; t.dropped < drop; ++t.dropped) {
+      BlockId& b = t.blocks[static_cast<size_t>(t.dropped)];
+      if (pool_.refCount(b) == 1) {
+        liveTokens_ -= blockFill_[b];
+        blockFill_[b] = 0;
+      }
+      pool_.free(b);
+      b = kNoBlock;
+    }
   }
-  int32_t left = n;
-  if (fillInLast != 0) {
-    const int32_t take = std::min(left, B - fillInLast);
-    blockFill_[s.blocks.back()] += take;
-    left -= take;
-  }
-  if (left > 0) {
-    const size_t oldSize = s.blocks.size();
-    s.blocks.resize(oldSize + static_cast<size_t>(blocksForTokens(left)));
-    pool_.allocate(std::span<BlockId>(s.blocks).subspan(oldSize), &evictedScratch_);
-    for (size_t i = oldSize; i < s.blocks.size(); ++i) {
-      blockFill_[s.blocks[i]] = std::min(left, B);
-      left -= blockFill_[s.blocks[i]];
+  // 2. Per group: copy on write of a shared, partly filled last block, then new blocks.
+  for (size_t g = 0; g < s.tables.size(); ++g) {
+    Table& t = s.tables[g];
+    if (fillInLast != 0 && pool_.refCount(t.blocks.back()) > 1) {
+      // Copy on write: the partly filled last block is shared, and we are about to write into it.
+      const BlockId shared = t.blocks.back();
+      BlockId own = kNoBlock;
+      takeBlocks(std::span<BlockId>(&own, 1), static_cast<int32_t>(g));
+      copies.push_back(PendingCopy{shared, own, fillInLast});
+      ++pendingCopyRefs_[shared];  // this sequence's reference now belongs to the copy
+      blockFill_[own] = fillInLast;
+      liveTokens_ += fillInLast;
+      t.blocks.back() = own;
+    }
+    int32_t left = n;
+    if (fillInLast != 0) {
+      const int32_t take = std::min(left, B - fillInLast);
+      blockFill_[t.blocks.back()] += take;
+      left -= take;
+    }
+    if (left > 0) {
+      const size_t oldSize = t.blocks.size();
+      t.blocks.resize(newSize);
+      const std::span<BlockId> fresh = std::span<BlockId>(t.blocks).subspan(oldSize);
+      takeBlocks(fresh, static_cast<int32_t>(g));
+      fillBlocks(fresh, left);
     }
   }
   s.tokens += n;
-  liveTokens_ += n;
-  noteEvicted();
+  liveTokens_ += static_cast<int64_t>(n) * numGroups();
   return first;
 }
 
@@ -323,26 +492,37 @@ void KVCache::fork(SeqId src, SeqId dst) {
   }
   Sequence copy = s;
   seqs_.emplace(dst, std::move(copy));
-  for (BlockId b : s.blocks) pool_.addRef(b);
-}
-
-void KVCache::releaseBlocksLocked(const std::vector<BlockId>& blocks) {
-  for (BlockId b : blocks) {
-    if (pool_.refCount(b) == 1) {
-      liveTokens_ -= blockFill_[b];
-      blockFill_[b] = 0;
+  for (const Table& t : s.tables) {
+    for (BlockId b : t.blocks) {
+      if (b != kNoBlock) pool_.addRef(b);
     }
   }
-  // Last block first: the free queue then evicts a sequence's cached tail before its root.
-  const std::vector<BlockId> reversed(blocks.rbegin(), blocks.rend());
-  pool_.free(reversed);
+}
+
+void KVCache::releaseBlocksLocked(const Sequence& s) {
+  // Last position first: the free queue then evicts a sequence's cached tail before its root.
+  std::vector<BlockId> order;
+  const size_t n = s.tables.front().blocks.size();
+  order.reserve(n * s.tables.size());
+  for (size_t i = n; i-- > 0;) {
+    for (const Table& t : s.tables) {
+      const BlockId b = t.blocks[i];
+      if (b == kNoBlock) continue;
+      if (pool_.refCount(b) == 1) {
+        liveTokens_ -= blockFill_[b];
+        blockFill_[b] = 0;
+      }
+      order.push_back(b);
+    }
+  }
+  pool_.free(order);
 }
 
 bool KVCache::freeFor(SeqId seq) {
   std::lock_guard lock(mu_);
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return false;
-  releaseBlocksLocked(it->second.blocks);
+  releaseBlocksLocked(it->second);
   seqs_.erase(it);
   return true;
 }
@@ -357,6 +537,11 @@ uint64_t KVCache::chainHash(uint64_t parent, const int32_t* tokens) const {
   return h;
 }
 
+uint64_t KVCache::groupHash(uint64_t chain, int32_t group) const {
+  // The first group's blocks carry the chain itself (what events report).
+  return group == 0 ? chain : splitmix64(chain ^ splitmix64(static_cast<uint64_t>(group)));
+}
+
 std::vector<uint64_t> KVCache::blockHashes(std::span<const int32_t> tokens) const {
   const int32_t B = config_.blockSizeTokens;
   std::vector<uint64_t> out;
@@ -369,24 +554,74 @@ std::vector<uint64_t> KVCache::blockHashes(std::span<const int32_t> tokens) cons
 }
 
 int32_t KVCache::lookupLocked(std::span<const int32_t> prefix, int32_t maxBlocks,
-                              std::vector<BlockId>* out, std::vector<uint64_t>* hashes) const {
+                              std::vector<Table>* tables, std::vector<uint64_t>* hashes) const {
   if (!config_.prefixCaching) return 0;
   const auto B = static_cast<size_t>(config_.blockSizeTokens);
+  const int32_t G = numGroups();
   const int32_t full = std::min(maxBlocks, static_cast<int32_t>(prefix.size() / B));
+  // found[g][i]: group g's verified block for logical block i (kNoBlock: none). Global groups
+  // must hold every block, so the scan stops at the first miss of one of them.
+  std::vector<std::vector<BlockId>> found(static_cast<size_t>(G));
+  std::vector<uint64_t> chain;
   uint64_t parent = hashRoot_;
-  int32_t hits = 0;
-  for (; hits < full; ++hits) {
-    const int32_t* tokens = prefix.data() + static_cast<size_t>(hits) * B;
+  int32_t longest = 0;
+  for (; longest < full; ++longest) {
+    const int32_t* tokens = prefix.data() + static_cast<size_t>(longest) * B;
     const uint64_t h = chainHash(parent, tokens);
-    const BlockId b = pool_.findCached(h);
-    if (b == kNoBlock || blockParent_[b] != parent ||
-        !std::equal(tokens, tokens + B, blockTokens_.begin() + static_cast<long>(b * B))) {
-      break;
+    bool globalsHit = true;
+    for (int32_t g = 0; g < G; ++g) {
+      BlockId b = pool_.findCached(groupHash(h, g));
+      if (b != kNoBlock &&
+          (blockParent_[b] != parent ||
+           !std::equal(tokens, tokens + B, blockTokens_.begin() + static_cast<long>(b * B)))) {
+        b = kNoBlock;
+      }
+      if (b == kNoBlock && groups_.groups[static_cast<size_t>(g)].window == 0) globalsHit = false;
+      found[static_cast<size_t>(g)].push_back(b);
     }
-    if (out != nullptr) out->push_back(b);
-    if (hashes != nullptr) hashes->push_back(h);
+    if (!globalsHit) break;
+    chain.push_back(h);
     parent = h;
   }
+  // The longest hit whose windows are whole: each windowed group holds every block from the one
+  // its window starts in (for the first query after the hit) to the hit's end. With m the last
+  // block a group misses before the hit's end, no hit in (m, hits] can be whole (their windows
+  // all start at or before m), so the hit drops to m; a shorter hit moves every window back, so
+  // this repeats until no group shortens it.
+  std::vector<std::vector<int32_t>> lastMiss(static_cast<size_t>(G));  // [i]: last miss before i
+  for (int32_t g = 0; g < G; ++g) {
+    if (groups_.groups[static_cast<size_t>(g)].window == 0) continue;
+    std::vector<int32_t>& m = lastMiss[static_cast<size_t>(g)];
+    m.assign(static_cast<size_t>(longest) + 1, -1);
+    for (int32_t i = 0; i < longest; ++i) {
+      const bool miss = found[static_cast<size_t>(g)][static_cast<size_t>(i)] == kNoBlock;
+      m[static_cast<size_t>(i) + 1] = miss ? i : m[static_cast<size_t>(i)];
+    }
+  }
+  int32_t hits = longest;
+  for (bool changed = true; changed;) {
+    changed = false;
+    for (int32_t g = 0; g < G && hits > 0; ++g) {
+      if (lastMiss[static_cast<size_t>(g)].empty()) continue;
+      const int32_t miss = lastMiss[static_cast<size_t>(g)][static_cast<size_t>(hits)];
+      if (miss >= 0 && miss >= firstNeededBlock(g, static_cast<int64_t>(hits) * static_cast<int64_t>(B))) {
+        hits = miss;
+        changed = true;
+      }
+    }
+  }
+  if (tables != nullptr) {
+    tables->resize(static_cast<size_t>(G));
+    for (int32_t g = 0; g < G; ++g) {
+      Table& t = (*tables)[static_cast<size_t>(g)];
+      const int32_t lo = firstNeededBlock(g, static_cast<int64_t>(hits) * static_cast<int64_t>(B));
+      t.dropped = lo;
+      t.blocks.assign(static_cast<size_t>(lo), kNoBlock);
+      t.blocks.insert(t.blocks.end(), found[static_cast<size_t>(g)].begin() + lo,
+                      found[static_cast<size_t>(g)].begin() + hits);
+    }
+  }
+  if (hashes != nullptr) hashes->assign(chain.begin(), chain.begin() + hits);
   return hits;
 }
 
@@ -402,12 +637,14 @@ int32_t KVCache::blocksNeededToAllocate(std::span<const int32_t> prefix,
                   "blocksNeededToAllocate: totalTokens must be > 0, got " +
                       std::to_string(totalTokens));
   }
-  std::vector<BlockId> hits;
+  std::vector<Table> hits;
   std::lock_guard lock(mu_);
-  lookupLocked(prefix, (totalTokens - 1) / config_.blockSizeTokens, &hits, nullptr);
+  const int32_t h = lookupLocked(prefix, (totalTokens - 1) / config_.blockSizeTokens, &hits, nullptr);
   int32_t cached = 0;
-  for (BlockId b : hits) cached += pool_.refCount(b) == 0 ? 1 : 0;
-  return blocksForTokens(totalTokens) - static_cast<int32_t>(hits.size()) + cached;
+  for (const Table& t : hits) {
+    for (BlockId b : t.blocks) cached += b != kNoBlock && pool_.refCount(b) == 0 ? 1 : 0;
+  }
+  return (blocksForTokens(totalTokens) - h) * numGroups() + cached;
 }
 
 int32_t KVCache::tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefix,
@@ -422,33 +659,37 @@ int32_t KVCache::tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefi
   if (seqs_.count(seq) != 0) {
     throw KVError(KVErrc::SequenceExists, seqName(seq) + " is already allocated");
   }
-  const int32_t hits = lookupLocked(prefix, (totalTokens - 1) / B, &s.blocks, &s.hashes);
-  const int32_t fresh = blocksForTokens(totalTokens) - hits;
+  const int32_t hits = lookupLocked(prefix, (totalTokens - 1) / B, &s.tables, &s.hashes);
+  if (s.tables.empty()) s.tables.resize(static_cast<size_t>(numGroups()));  // caching off
+  const int32_t nBlocks = blocksForTokens(totalTokens);
   int32_t cached = 0;
-  for (BlockId b : s.blocks) cached += pool_.refCount(b) == 0 ? 1 : 0;
-  if (fresh + cached > pool_.freeBlocks()) return -1;
+  for (const Table& t : s.tables) {
+    for (BlockId b : t.blocks) cached += b != kNoBlock && pool_.refCount(b) == 0 ? 1 : 0;
+  }
+  if ((nBlocks - hits) * numGroups() + cached > pool_.freeBlocks()) return -1;
   // Allocations that can throw bad_alloc happen before the pool is touched.
-  s.blocks.resize(static_cast<size_t>(hits + fresh));
+  for (Table& t : s.tables) t.blocks.resize(static_cast<size_t>(nBlocks), kNoBlock);
   auto [it, inserted] = seqs_.emplace(seq, std::move(s));
   (void)inserted;
-  std::vector<BlockId>& blocks = it->second.blocks;
-  // Hits first, so the allocation below cannot evict them.
-  for (int32_t i = 0; i < hits; ++i) {
-    const BlockId b = blocks[static_cast<size_t>(i)];
-    if (pool_.refCount(b) == 0) {
-      blockFill_[b] = B;
-      liveTokens_ += B;
+  // Hits first, so the allocations below cannot evict them.
+  for (Table& t : it->second.tables) {
+    for (int32_t i = t.dropped; i < hits; ++i) {
+      const BlockId b = t.blocks[static_cast<size_t>(i)];
+      if (pool_.refCount(b) == 0) {
+        blockFill_[b] = B;
+        liveTokens_ += B;
+      }
+      pool_.touch(b);
     }
-    pool_.touch(b);
   }
-  pool_.allocate(std::span<BlockId>(blocks).subspan(static_cast<size_t>(hits)), &evictedScratch_);
-  noteEvicted();
-  int32_t left = totalTokens - hits * B;
-  for (size_t i = static_cast<size_t>(hits); i < blocks.size(); ++i) {
-    blockFill_[blocks[i]] = std::min(left, B);
-    left -= blockFill_[blocks[i]];
+  for (int32_t g = 0; g < numGroups(); ++g) {
+    const std::span<BlockId> fresh =
+        std::span<BlockId>(it->second.tables[static_cast<size_t>(g)].blocks)
+            .subspan(static_cast<size_t>(hits));
+    takeBlocks(fresh, g);
+    fillBlocks(fresh, totalTokens - hits * B);
   }
-  liveTokens_ += totalTokens - hits * B;
+  liveTokens_ += static_cast<int64_t>(totalTokens - hits * B) * numGroups();
   it->second.tokens = totalTokens;
   return hits * B;
 }
@@ -471,26 +712,28 @@ void KVCache::cacheComputedBlocks(SeqId seq, std::span<const int32_t> tokens) {
     const uint64_t parent = i == 0 ? hashRoot_ : s.hashes[i - 1];
     const int32_t* blockTokens = tokens.data() + i * B;
     const uint64_t h = chainHash(parent, blockTokens);
-    const BlockId b = s.blocks[i];
     s.hashes.push_back(h);
-    // note: a shared block may have been registered through another owner already. A block whose
-    // content another block already holds stays unhashed: it is freed as an empty block and the
-    // other copy serves later hits.
-    if (pool_.isHashed(b) || !pool_.setHash(b, h)) {
-      stored = nullptr;
-      continue;
+    for (int32_t g = 0; g < numGroups(); ++g) {
+      const BlockId b = s.tables[static_cast<size_t>(g)].blocks[i];
+      // note: a shared block may have been registered through another owner already. A block
+      // whose content another block already holds stays unhashed: it is freed as an empty block
+      // and the other copy serves later hits.
+      if (b == kNoBlock || pool_.isHashed(b) || !pool_.setHash(b, groupHash(h, g))) {
+        if (g == 0) stored = nullptr;
+        continue;
+      }
+      std::copy(blockTokens, blockTokens + B, blockTokens_.begin() + static_cast<long>(b * B));
+      blockParent_[b] = parent;
+      if (g != 0 || !recordEvents_) continue;
+      if (stored == nullptr) {
+        stored = &events_.emplace_back();
+        stored->kind = KVEvent::Kind::BlockStored;
+        stored->blockSizeTokens = config_.blockSizeTokens;
+        if (i > 0) stored->parentHash = parent;
+      }
+      stored->blockHashes.push_back(h);
+      stored->tokenIds.insert(stored->tokenIds.end(), blockTokens, blockTokens + B);
     }
-    std::copy(blockTokens, blockTokens + B, blockTokens_.begin() + static_cast<long>(b * B));
-    blockParent_[b] = parent;
-    if (!recordEvents_) continue;
-    if (stored == nullptr) {
-      stored = &events_.emplace_back();
-      stored->kind = KVEvent::Kind::BlockStored;
-      stored->blockSizeTokens = config_.blockSizeTokens;
-      if (i > 0) stored->parentHash = parent;
-    }
-    stored->blockHashes.push_back(h);
-    stored->tokenIds.insert(stored->tokenIds.end(), blockTokens, blockTokens + B);
   }
 }
 
@@ -510,10 +753,16 @@ int32_t KVCache::resetPrefixCache() {
 void KVCache::noteEvicted() {
   if (evictedScratch_.empty()) return;
   if (recordEvents_) {
-    KVEvent& e = events_.emplace_back();
-    e.kind = KVEvent::Kind::BlockRemoved;
-    e.blockSizeTokens = config_.blockSizeTokens;
-    e.blockHashes = evictedScratch_;
+    std::vector<uint64_t> hashes;
+    for (const EvictedBlock& e : evictedScratch_) {
+      if (blockGroup_[e.block] == 0) hashes.push_back(e.hash);
+    }
+    if (!hashes.empty()) {
+      KVEvent& e = events_.emplace_back();
+      e.kind = KVEvent::Kind::BlockRemoved;
+      e.blockSizeTokens = config_.blockSizeTokens;
+      e.blockHashes = std::move(hashes);
+    }
   }
   evictedScratch_.clear();
 }
@@ -545,24 +794,27 @@ bool KVCache::hasSequence(SeqId seq) const {
   return seqs_.count(seq) != 0;
 }
 
-std::vector<BlockId> KVCache::blockTable(SeqId seq) const {
+std::vector<BlockId> KVCache::blockTable(SeqId seq, int32_t group) const {
+  checkGroup(group);
   std::lock_guard lock(mu_);
-  return find(seq).blocks;
+  return find(seq).tables[static_cast<size_t>(group)].blocks;
 }
 
-TokenSlot KVCache::slotFor(SeqId seq, int32_t pos) const {
+TokenSlot KVCache::slotFor(SeqId seq, int32_t pos, int32_t group) const {
   TokenSlot slot;
-  slotsFor(seq, pos, std::span<TokenSlot>(&slot, 1));
+  slotsFor(seq, pos, std::span<TokenSlot>(&slot, 1), group);
   return slot;
 }
 
-void KVCache::slotsFor(SeqId seq, int32_t firstPos, std::span<TokenSlot> out) const {
+void KVCache::slotsFor(SeqId seq, int32_t firstPos, std::span<TokenSlot> out,
+                       int32_t group) const {
+  checkGroup(group);
   std::lock_guard lock(mu_);
-  slotsLocked(seq, find(seq), firstPos, out);
+  slotsLocked(seq, find(seq), firstPos, out, group);
 }
 
 void KVCache::slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos,
-                          std::span<TokenSlot> out) const {
+                          std::span<TokenSlot> out, int32_t group) const {
   const int32_t B = config_.blockSizeTokens;
   if (firstPos < 0 || static_cast<int64_t>(firstPos) + static_cast<int64_t>(out.size()) > s.tokens) {
     throw KVError(KVErrc::InvalidArgument,
@@ -571,9 +823,15 @@ void KVCache::slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos,
                       ") are outside " + seqName(seq) + "'s " + std::to_string(s.tokens) +
                       " tokens");
   }
+  const Table& t = s.tables[static_cast<size_t>(group)];
+  if (!out.empty() && firstPos / B < t.dropped) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "position " + std::to_string(firstPos) + " of " + seqName(seq) +
+                      " is behind group " + std::to_string(group) + "'s window");
+  }
   for (size_t i = 0; i < out.size(); ++i) {
     const int32_t pos = firstPos + static_cast<int32_t>(i);
-    out[i] = TokenSlot{s.blocks[static_cast<size_t>(pos / B)], pos % B};
+    out[i] = TokenSlot{t.blocks[static_cast<size_t>(pos / B)], pos % B};
   }
 }
 
@@ -583,16 +841,30 @@ void KVCache::resolveStep(std::span<const StepSequence> step, std::vector<TokenS
   slots.clear();
   blockTables.clear();
   tableStarts.clear();
+  const auto G = static_cast<size_t>(numGroups());
   std::lock_guard lock(mu_);
   try {
     for (const StepSequence& st : step) {
       const Sequence& s = find(st.seq);
       const size_t at = slots.size();
-      slots.resize(at + static_cast<size_t>(std::max(st.numTokens, 0)));
-      slotsLocked(st.seq, s, st.firstPos, std::span<TokenSlot>(slots).subspan(at));
+      const auto count = static_cast<size_t>(std::max(st.numTokens, 0));
+      slots.resize(at + count * G);
+      for (size_t g = 0; g < G; ++g) {
+        TokenSlot* dst = slots.data() + at;
+        if (G == 1) {
+          slotsLocked(st.seq, s, st.firstPos, std::span<TokenSlot>(dst, count), 0);
+          continue;
+        }
+        // Position-major: gather the group's slots, then interleave them.
+        std::vector<TokenSlot> one(count);
+        slotsLocked(st.seq, s, st.firstPos, one, static_cast<int32_t>(g));
+        for (size_t i = 0; i < count; ++i) dst[i * G + g] = one[i];
+      }
       const auto n = static_cast<size_t>(blocksForTokens(static_cast<int64_t>(st.firstPos) + st.numTokens));
       tableStarts.push_back(static_cast<int32_t>(blockTables.size()));
-      blockTables.insert(blockTables.end(), s.blocks.begin(), s.blocks.begin() + static_cast<long>(n));
+      for (const Table& t : s.tables) {
+        blockTables.insert(blockTables.end(), t.blocks.begin(), t.blocks.begin() + static_cast<long>(n));
+      }
     }
   } catch (...) {
     slots.clear();
@@ -621,14 +893,16 @@ PagedKVView KVCache::getKView(SeqId seq, int32_t layer) const {
   checkLayer(layer);
   std::lock_guard lock(mu_);
   const Sequence& s = find(seq);
-  return arena_.kView(layer, s.blocks.data(), static_cast<int32_t>(s.blocks.size()), s.tokens);
+  const Table& t = s.tables[static_cast<size_t>(arena_.groupOf(layer))];
+  return arena_.kView(layer, t.blocks.data(), static_cast<int32_t>(t.blocks.size()), s.tokens);
 }
 
 PagedKVView KVCache::getVView(SeqId seq, int32_t layer) const {
   checkLayer(layer);
   std::lock_guard lock(mu_);
   const Sequence& s = find(seq);
-  return arena_.vView(layer, s.blocks.data(), static_cast<int32_t>(s.blocks.size()), s.tokens);
+  const Table& t = s.tables[static_cast<size_t>(arena_.groupOf(layer))];
+  return arena_.vView(layer, t.blocks.data(), static_cast<int32_t>(t.blocks.size()), s.tokens);
 }
 
 KVCacheStats KVCache::statsLocked() const {
@@ -686,6 +960,12 @@ void KVCache::dumpCacheStats(std::ostream& os) const {
      << ", layout: " << toString(config_.layout) << "\n"
      << "Block size: " << config_.blockSizeTokens << " tokens (" << bytesPerBlock_
      << " bytes)\n"
+     << "Groups: " << numGroups() << " x " << groups_.layersPerGroup << " layers (";
+  for (int32_t g = 0; g < numGroups(); ++g) {
+    const int32_t w = groups_.groups[static_cast<size_t>(g)].window;
+    os << (g ? ", " : "") << (w == 0 ? std::string("global") : "window " + std::to_string(w));
+  }
+  os << ")\n"
      << "Total blocks: " << st.totalBlocks << "\n"
      << "Used blocks: " << st.usedBlocks << " (" << st.sharedBlocks << " shared)\n"
      << "Free blocks: " << st.freeBlocks << " (" << st.cachedBlocks << " of them cached)\n"
@@ -702,12 +982,21 @@ void KVCache::dumpCacheStats(std::ostream& os) const {
   std::map<SeqId, const Sequence*> sorted;
   for (const auto& [id, s] : seqs_) sorted.emplace(id, &s);
   for (const auto& [id, s] : sorted) {
-    os << "  seq " << id << ": " << s->tokens << " tokens, blocks [";
-    for (size_t i = 0; i < s->blocks.size(); ++i) {
-      os << (i ? " " : "") << s->blocks[i];
-      if (pool_.refCount(s->blocks[i]) > 1) os << "*";
+    os << "  seq " << id << ": " << s->tokens << " tokens, blocks";
+    for (const Table& t : s->tables) {
+      os << " [";
+      for (size_t i = 0; i < t.blocks.size(); ++i) {
+        os << (i ? " " : "");
+        if (t.blocks[i] == kNoBlock) {
+          os << "-";
+          continue;
+        }
+        os << t.blocks[i];
+        if (pool_.refCount(t.blocks[i]) > 1) os << "*";
+      }
+      os << "]";
     }
-    os << "]\n";
+    os << "\n";
   }
 }
 
@@ -724,33 +1013,53 @@ void KVCache::checkInvariants() const {
   std::vector<int32_t> owners(static_cast<size_t>(numBlocks_), 0);
   for (const auto& [id, s] : seqs_) {
     if (s.tokens <= 0) fail(seqName(id) + " has " + std::to_string(s.tokens) + " tokens");
-    if (static_cast<int64_t>(s.blocks.size()) != blocksForTokens(s.tokens)) {
-      fail(seqName(id) + " holds " + std::to_string(s.blocks.size()) + " blocks for " +
-           std::to_string(s.tokens) + " tokens");
+    if (s.tables.size() != static_cast<size_t>(numGroups())) {
+      fail(seqName(id) + " has " + std::to_string(s.tables.size()) + " block tables");
     }
-    for (size_t i = 0; i < s.blocks.size(); ++i) {
-      const BlockId b = s.blocks[i];
-      if (b < 0 || b >= numBlocks_) fail(seqName(id) + " holds invalid block " + std::to_string(b));
-      ++owners[b];
-      if (i < s.hashes.size()) {
-        if (static_cast<int64_t>(i + 1) * B > s.tokens) {
-          fail(seqName(id) + " has a hash for its partly filled block " + std::to_string(i));
-        }
-        if (pool_.isHashed(b) &&
-            (pool_.blockHash(b) != s.hashes[i] ||
-             blockParent_[b] != (i == 0 ? hashRoot_ : s.hashes[i - 1]))) {
-          fail("block " + std::to_string(b) + "'s hash or parent is not " + seqName(id) +
-               "'s chain at block " + std::to_string(i));
-        }
-      } else if (pool_.isHashed(b)) {
-        fail(seqName(id) + " holds hashed block " + std::to_string(b) + " at unhashed position " +
-             std::to_string(i));
+    for (int32_t g = 0; g < numGroups(); ++g) {
+      const Table& t = s.tables[static_cast<size_t>(g)];
+      const std::string where = seqName(id) + " group " + std::to_string(g);
+      if (static_cast<int64_t>(t.blocks.size()) != blocksForTokens(s.tokens)) {
+        fail(where + " holds " + std::to_string(t.blocks.size()) + " blocks for " +
+             std::to_string(s.tokens) + " tokens");
       }
-      const int32_t expectFill =
-          i + 1 < s.blocks.size() ? B : s.tokens - static_cast<int32_t>(i) * B;
-      if (blockFill_[b] != expectFill) {
-        fail("block " + std::to_string(b) + " records " + std::to_string(blockFill_[b]) +
-             " tokens, " + seqName(id) + " expects " + std::to_string(expectFill));
+      // Given back: never a block the last computed position's query reads, never in a global
+      // group (firstNeededBlock is 0 there).
+      if (t.dropped < 0 || t.dropped > firstNeededBlock(g, s.tokens - 1)) {
+        fail(where + " gave back " + std::to_string(t.dropped) + " blocks");
+      }
+      for (size_t i = 0; i < t.blocks.size(); ++i) {
+        const BlockId b = t.blocks[i];
+        if (static_cast<int32_t>(i) < t.dropped) {
+          if (b != kNoBlock) fail(where + " keeps block " + std::to_string(b) + " it gave back");
+          continue;
+        }
+        if (b < 0 || b >= numBlocks_) fail(where + " holds invalid block " + std::to_string(b));
+        if (blockGroup_[b] != g) {
+          fail(where + " holds block " + std::to_string(b) + " of group " +
+               std::to_string(blockGroup_[b]));
+        }
+        ++owners[b];
+        if (i < s.hashes.size()) {
+          if (static_cast<int64_t>(i + 1) * B > s.tokens) {
+            fail(where + " has a hash for its partly filled block " + std::to_string(i));
+          }
+          if (pool_.isHashed(b) &&
+              (pool_.blockHash(b) != groupHash(s.hashes[i], g) ||
+               blockParent_[b] != (i == 0 ? hashRoot_ : s.hashes[i - 1]))) {
+            fail("block " + std::to_string(b) + "'s hash or parent is not " + where +
+                 "'s chain at block " + std::to_string(i));
+          }
+        } else if (pool_.isHashed(b)) {
+          fail(where + " holds hashed block " + std::to_string(b) + " at unhashed position " +
+               std::to_string(i));
+        }
+        const int32_t expectFill =
+            i + 1 < t.blocks.size() ? B : s.tokens - static_cast<int32_t>(i) * B;
+        if (blockFill_[b] != expectFill) {
+          fail("block " + std::to_string(b) + " records " + std::to_string(blockFill_[b]) +
+               " tokens, " + where + " expects " + std::to_string(expectFill));
+        }
       }
     }
   }

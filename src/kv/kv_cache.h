@@ -27,6 +27,18 @@
 // so a prefix's root is evicted last. A hit is verified against the block's stored token ids and
 // parent hash, so a hash collision can only mislead through a collision of the parent chain.
 //
+// Hybrid cache (layers with sliding windows, config.layerWindows): layers are grouped by window
+// into groups of equal size (kvGroups, kv_config.h), and a sequence holds one block table per
+// group, all indexed by the same logical block number. A block is a page of one group's layers.
+// A windowed group gives its blocks back to the pool as the sequence grows: when positions from
+// T on are appended, the group's blocks that lie wholly before T - W + 1 (the first key the query
+// at T reads) leave its table (the entry becomes kNoBlock) and return to the pool, cached when
+// hashed. Global groups keep every block. Prefix caching hashes each group's blocks under the
+// same chained hash mixed with the group; a hit of h blocks needs every global group's blocks
+// [0, h) and each windowed group's blocks from the one holding position h * B - W + 1 up to h,
+// so the hit is the longest prefix for which all groups hold what the next query reads. Events
+// report the first group's blocks (the chain, which is the same for every group).
+//
 // Errors: every failure throws KVError (kv_error.h) and leaves the cache unchanged.
 #pragma once
 
@@ -83,12 +95,20 @@ class KVCache {
   KVCache& operator=(const KVCache&) = delete;
 
   const KVCacheConfig& config() const { return config_; }
+  const KVGroups& groups() const { return groups_; }
+  int32_t numGroups() const { return static_cast<int32_t>(groups_.groups.size()); }
   int32_t numBlocks() const { return numBlocks_; }
   int32_t blockSizeTokens() const { return config_.blockSizeTokens; }
   // Bytes one block holds across all layers, K and V.
   uint64_t bytesPerBlock() const { return bytesPerBlock_; }
-  // Blocks needed to hold `tokens` tokens (tokens >= 0).
+  // Blocks needed to hold `tokens` tokens (tokens >= 0) in one group's table.
   int32_t blocksForTokens(int64_t tokens) const;
+  // kv::blocksForSequence for this cache: the most blocks one sequence holds on its way to
+  // `tokens` positions, computing at most stepTokens per step.
+  int64_t blocksForSequence(int64_t tokens, int32_t stepTokens) const;
+  // The longest sequence the whole pool can hold (whole blocks), computing at most stepTokens per
+  // step; INT32_MAX when every group is windowed and the windows fit.
+  int64_t maxSequenceTokens(int32_t stepTokens) const;
 
   // Writes to every page of the arena so the first requests do not pay for page faults.
   void warmup();
@@ -98,8 +118,9 @@ class KVCache {
   // nothing. Throws SequenceExists, InvalidArgument, OutOfBlocks.
   void allocateFor(SeqId seq, int32_t initialTokens);
   // Adds one position to `seq` and returns it (its index, = the old usedTokens). Takes a new block
-  // only when the last one is full; copies a partly filled last block first if it is shared
-  // (copy on write). Throws UnknownSequence, OutOfBlocks.
+  // (per group) only when the last one is full; copies a partly filled last block first if it is
+  // shared (copy on write); windowed groups first give back the blocks their window left behind.
+  // Throws UnknownSequence, OutOfBlocks.
   int32_t appendToken(SeqId seq) { return appendTokens(seq, 1); }
   // Adds n >= 1 positions, all or nothing; returns the first new position.
   int32_t appendTokens(SeqId seq, int32_t n);
@@ -108,8 +129,9 @@ class KVCache {
   // counts) still throws.
   bool tryAllocateFor(SeqId seq, int32_t initialTokens);
   bool tryAppendTokens(SeqId seq, int32_t n);
-  // Blocks that appendTokens(seq, n) would take from the pool (new blocks + a copy-on-write
-  // block). Throws UnknownSequence, InvalidArgument.
+  // Free blocks the pool must have for appendTokens(seq, n) to succeed: the new and copy-on-write
+  // blocks it takes, less the blocks windowed groups give back first (never below 0). Throws
+  // UnknownSequence, InvalidArgument.
   int32_t blocksNeededToAppend(SeqId seq, int32_t n) const;
   // Makes `dst` a copy of `src` that shares all of src's blocks (ref counts +1, no bytes copied,
   // no block taken). Throws UnknownSequence (src), SequenceExists (dst). The first append to
@@ -154,35 +176,41 @@ class KVCache {
   // Offset inside the last block where the next appended token goes (usedTokens % blockSize).
   int32_t getTokenOffsetInBlock(SeqId seq) const;
   bool hasSequence(SeqId seq) const;
-  // Copy of the block table (logical order). For tests, dumps and the scheduler's diagnostics.
-  std::vector<BlockId> blockTable(SeqId seq) const;
+  // Copy of one group's block table (logical order; kNoBlock where a window gave the block back).
+  // For tests, dumps and diagnostics. Throws UnknownSequence, InvalidArgument (group).
+  std::vector<BlockId> blockTable(SeqId seq, int32_t group = 0) const;
 
   // --- resolving a step (one lock for the whole batch) ----------------------------------------
-  // For each sequence in `step`, in order: appends the slots of its new positions to `slots`, its
-  // whole block table (blocksForTokens(firstPos + numTokens) ids) to `blockTables`, and the index
-  // where that table starts to `tableStarts`. The outputs are cleared first and are copies: they
-  // stay valid whatever the cache does next. Throws UnknownSequence, or InvalidArgument for
-  // positions outside a sequence, with the outputs cleared.
+  // For each sequence in `step`, in order: appends the slots of its new positions to `slots`
+  // (numGroups() per position: position-major, then group), its block tables (numGroups() tables
+  // of n = blocksForTokens(firstPos + numTokens) ids each, group after group) to `blockTables`,
+  // and the index where its first table starts to `tableStarts` (group g's table starts at
+  // start + g * n). The outputs are cleared first and are copies: they stay valid whatever the
+  // cache does next. Throws UnknownSequence, or InvalidArgument for positions outside a sequence
+  // or behind a window, with the outputs cleared.
   void resolveStep(std::span<const StepSequence> step, std::vector<TokenSlot>& slots,
                    std::vector<BlockId>& blockTables, std::vector<int32_t>& tableStarts) const;
   // The arena's addresses and geometry, for writing and reading K/V in place (paged_view.h).
   const KVArena& arena() const { return arena_; }
 
   // --- writing K/V (positions in, slots and addresses out) -------------------------------------
-  // The slot of position pos in [0, usedTokens(seq)). Throws UnknownSequence, InvalidArgument.
-  TokenSlot slotFor(SeqId seq, int32_t pos) const;
+  // The slot of position pos in [0, usedTokens(seq)) in one group's blocks. Throws
+  // UnknownSequence, InvalidArgument (also for a position the group's window gave back).
+  TokenSlot slotFor(SeqId seq, int32_t pos, int32_t group = 0) const;
   // Slots of positions [firstPos, firstPos + out.size()) under one lock.
-  void slotsFor(SeqId seq, int32_t firstPos, std::span<TokenSlot> out) const;
+  void slotsFor(SeqId seq, int32_t firstPos, std::span<TokenSlot> out, int32_t group = 0) const;
   // Address of the headDim-element K (or V) row of (slot, layer, head); lock-free arithmetic.
-  // Throws LayerOutOfRange; slot and head are not checked (hot path; slots come from slotFor).
+  // The slot must come from the layer's group (arena().groupOf(layer)). Throws LayerOutOfRange;
+  // slot and head are not checked (hot path; slots come from slotFor).
   std::byte* kRow(TokenSlot slot, int32_t layer, int32_t head);
   std::byte* vRow(TokenSlot slot, int32_t layer, int32_t head);
   // kv::writeKV on this cache's arena, with the layer checked (throws LayerOutOfRange).
   void writeKV(TokenSlot slot, int32_t layer, const float* k, const float* v);
 
   // --- reading ---------------------------------------------------------------------------------
-  // Paged views of all usedTokens(seq) positions of one layer. Throws UnknownSequence,
-  // LayerOutOfRange. Valid until the next append/free of the same sequence.
+  // Paged views of all usedTokens(seq) positions of one layer (through its group's table; a
+  // windowed layer's view reads only its window). Throws UnknownSequence, LayerOutOfRange. Valid
+  // until the next append/free of the same sequence.
   PagedKVView getKView(SeqId seq, int32_t layer) const;
   PagedKVView getVView(SeqId seq, int32_t layer) const;
 
@@ -203,15 +231,21 @@ class KVCache {
   void dumpBlockMap(std::ostream& os) const;
 
   // Verifies: pool invariants; each block's ref count equals the number of block tables holding
-  // it; each table has exactly blocksForTokens(usedTokens) blocks; per-block fill counts agree with
-  // every owner and sum to the live-token count; bytes allocated + free = arena; a hashed block
-  // sits in every table that holds it at a position whose chained hash is its own, and stores
-  // the token ids of that position's block. Throws KVError{InvariantViolated}.
+  // it; each table has exactly blocksForTokens(usedTokens) entries, given-back entries (kNoBlock)
+  // only at the front of windowed groups' tables and never where the next query reads; every
+  // block belongs to the group whose tables hold it; per-block fill counts agree with every owner
+  // and sum to the live-token count; bytes allocated + free = arena; a hashed block sits in every
+  // table that holds it at a position whose chained hash (mixed with the group) is its own, and
+  // stores the token ids of that position's block. Throws KVError{InvariantViolated}.
   void checkInvariants() const;
 
  private:
+  struct Table {
+    std::vector<BlockId> blocks;  // blocksForTokens(tokens) entries
+    int32_t dropped = 0;          // leading entries a window gave back (kNoBlock)
+  };
   struct Sequence {
-    std::vector<BlockId> blocks;
+    std::vector<Table> tables;  // one per group
     int32_t tokens = 0;
     // Chained hashes of the first hashes.size() blocks (full and computed). A block may hold its
     // hash (BlockPool::isHashed) or not (another block registered the same content first).
@@ -228,22 +262,35 @@ class KVCache {
   Sequence& find(SeqId seq);
   const Sequence& find(SeqId seq) const;
   void checkLayer(int32_t layer) const;
-  int32_t blocksNeededLocked(const Sequence& s, int32_t n) const;
+  void checkGroup(int32_t group) const;
+  // First logical block a windowed group still needs once positions from `tokens` on are
+  // computed (0 for a global group).
+  int32_t firstNeededBlock(int32_t group, int64_t tokens) const;
+  // Gross: blocks taken (new + copy on write); freed: blocks the windows give back first.
+  void appendNeedsLocked(const Sequence& s, int32_t n, int32_t& gross, int32_t& freed) const;
   void copyBlock(BlockId from, BlockId to, int32_t tokens);
+  // Takes out.size() blocks for `group` (recording evictions first).
+  void takeBlocks(std::span<BlockId> out, int32_t group);
+  void fillBlocks(std::span<const BlockId> blocks, int32_t tokens);  // tokens from the first on
   int32_t allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfShort);
-  // -1: too few free blocks. A needed copy on write is left in `copy` for the caller to finish.
-  int32_t appendLocked(SeqId seq, int32_t n, bool throwIfShort, PendingCopy& copy);
+  // -1: too few free blocks. Needed copies on write are left in `copies` for the caller to finish.
+  int32_t appendLocked(SeqId seq, int32_t n, bool throwIfShort, std::vector<PendingCopy>& copies);
   int32_t appendAndCopy(SeqId seq, int32_t n, bool throwIfShort);
   uint64_t chainHash(uint64_t parent, const int32_t* tokens) const;
-  // Hit blocks of `prefix` (at most maxBlocks), verified; appended to `out` when given.
+  uint64_t groupHash(uint64_t chain, int32_t group) const;
+  // The longest verified hit of `prefix` (at most maxBlocks blocks) that every group can serve
+  // (see the file comment). With `tables`, each group's hit blocks (kNoBlock before its window)
+  // land in tables[g]; with `hashes`, the chain.
   int32_t lookupLocked(std::span<const int32_t> prefix, int32_t maxBlocks,
-                       std::vector<BlockId>* out, std::vector<uint64_t>* hashes) const;
-  void releaseBlocksLocked(const std::vector<BlockId>& blocks);  // last block first
+                       std::vector<Table>* tables, std::vector<uint64_t>* hashes) const;
+  void releaseBlocksLocked(const Sequence& s);  // last position first
   void noteEvicted();  // turns evictedScratch_ into a BlockRemoved event
-  void slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, std::span<TokenSlot> out) const;
+  void slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, std::span<TokenSlot> out,
+                   int32_t group) const;
   KVCacheStats statsLocked() const;
 
   KVCacheConfig config_;
+  KVGroups groups_;
   int32_t numBlocks_ = 0;
   uint64_t bytesPerBlock_ = 0;
   uint64_t halfBytes_ = 0;  // bytes of the K half (= V half)
@@ -252,7 +299,8 @@ class KVCache {
 
   mutable SpinMutex mu_;
   BlockPool pool_;
-  std::vector<int32_t> blockFill_;  // tokens stored in each physical block
+  std::vector<int32_t> blockFill_;   // tokens stored in each physical block
+  std::vector<int32_t> blockGroup_;  // the group each block was last taken for
   int64_t liveTokens_ = 0;
   std::unordered_map<SeqId, Sequence> seqs_;
   uint64_t hashRoot_ = 0;               // parent hash of every sequence's first block
@@ -261,7 +309,7 @@ class KVCache {
   std::vector<int32_t> pendingCopyRefs_;  // references held by copies on write in flight
   bool recordEvents_ = false;
   std::vector<KVEvent> events_;
-  std::vector<uint64_t> evictedScratch_;
+  std::vector<EvictedBlock> evictedScratch_;
 };
 
 }  // namespace cortex::kv

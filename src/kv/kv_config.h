@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "kv/paged_view.h"
 
@@ -29,12 +30,43 @@ struct KVCacheConfig {
   // Mixed into every block hash with the storage format and block size: whatever else decides a
   // block's content (the model). Caches with different seeds never share a hash.
   uint64_t prefixHashSeed = 0;
+  // Each layer's sliding window in tokens: a query at position p reads only keys in (p - W, p].
+  // 0 (or an empty list) means the layer reads every earlier position.
+  std::vector<int32_t> layerWindows;
+  // Hybrid cache: layers are grouped by window (kvGroups) and a windowed group gives back, as a
+  // sequence grows, the blocks its window no longer sees. Off: every layer keeps every position.
+  bool hybrid = true;
 };
 
-// Bytes of K and V that one token takes across all layers, and that one block takes. The one
-// formula for these sizes: the cache sizes its arena with it, and anything else that sizes KV
-// memory should call it rather than repeat it.
-uint64_t bytesPerToken(const KVCacheConfig& config);
+// How the cache groups layers (the hybrid KV cache). All groups hold the same number of layers,
+// layersPerGroup, so one physical block (a page: B tokens of K and V for layersPerGroup layers) can
+// serve any group, and all groups draw from one pool. Layers with equal windows share groups, in
+// layer order; layersPerGroup is the greatest common divisor of the counts of layers per window,
+// so no group is padded. Without windows (or with hybrid off) there is one group of all layers and
+// a block holds every layer, as in a plain paged cache.
+struct KVGroup {
+  int32_t window = 0;           // 0: global (keeps every position)
+  std::vector<int32_t> layers;  // layersPerGroup layer indices, ascending
+};
+
+struct KVGroups {
+  int32_t layersPerGroup = 0;
+  std::vector<KVGroup> groups;        // global groups first, then windowed ones by window
+  std::vector<KVLayerPlace> places;   // per layer: its group and its slot inside the group's pages
+};
+
+// Throws KVError{InvalidArgument} for a window list whose size is not numLayers or that holds a
+// negative window.
+KVGroups kvGroups(const KVCacheConfig& config);
+
+// Bytes of one block (a page of layersPerGroup layers, K and V). The one formula for KV sizes: the
+// cache sizes its arena with these, and anything else that sizes KV memory should call them
+// rather than repeat them.
 uint64_t bytesPerBlock(const KVCacheConfig& config);
+// Blocks that one sequence holds at most on its way to `tokens` positions when at most
+// `stepTokens` of them are computed per forward step: every position in global groups, the
+// window plus the step's positions in windowed ones.
+int64_t blocksForSequence(const KVCacheConfig& config, int64_t tokens, int32_t stepTokens);
+uint64_t bytesForSequence(const KVCacheConfig& config, int64_t tokens, int32_t stepTokens);
 
 }  // namespace cortex::kv

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
+#include <vector>
 
 namespace cortex::kv {
 
@@ -67,6 +68,13 @@ struct PagedKVView {
   }
 };
 
+// Where a layer's K/V live: its group (whose block table it reads) and its slot among the layers
+// a block of that group holds (kv_config.h, KVGroups).
+struct KVLayerPlace {
+  int32_t group = 0;
+  int32_t slot = 0;
+};
+
 // The K/V arena's addresses and geometry: enough to address the row of any (slot, layer, head)
 // and to build paged views from a block table, without the cache's lock or bookkeeping. Valid as
 // long as the KVCache that handed it out (its arena never moves).
@@ -77,17 +85,24 @@ struct KVArena {
   int32_t numKVHeads = 0;
   int32_t headDim = 0;
   int32_t blockSizeTokens = 0;
-  int64_t layerStride = 0;  // elements
+  int32_t numGroups = 1;      // block tables per sequence
+  int32_t layersPerBlock = 0; // layers one block holds (slots)
+  std::vector<KVLayerPlace> places;  // per layer
+  int64_t slotStride = 0;   // elements
   int64_t blockStride = 0;  // elements
   int64_t headStride = 0;   // elements
   KVDType dtype = KVDType::F16;
 
+  // The group whose block table holds `layer`'s positions.
+  int32_t groupOf(int32_t layer) const { return places[static_cast<size_t>(layer)].group; }
+  // `slot.block` must be a block of the layer's group.
   int64_t rowByteOffset(TokenSlot slot, int32_t layer, int32_t head) const {
-    return (layer * layerStride + slot.block * blockStride + head * headStride +
-            static_cast<int64_t>(slot.offset) * headDim) *
+    return (places[static_cast<size_t>(layer)].slot * slotStride + slot.block * blockStride +
+            head * headStride + static_cast<int64_t>(slot.offset) * headDim) *
            static_cast<int64_t>(dtypeBytes(dtype));
   }
-  // A view of positions [0, numTokens) of one layer through a block table of numBlocks ids.
+  // A view of positions [0, numTokens) of one layer through its group's block table of numBlocks
+  // ids (entries a window no longer sees may be kNoBlock: they are never read).
   PagedKVView kView(int32_t layer, const BlockId* table, int32_t numBlocks,
                     int32_t numTokens) const {
     return view(kBase, layer, table, numBlocks, numTokens);
@@ -101,7 +116,8 @@ struct KVArena {
   PagedKVView view(const std::byte* half, int32_t layer, const BlockId* table, int32_t numBlocks,
                    int32_t numTokens) const {
     PagedKVView v;
-    v.base = half + layer * layerStride * static_cast<int64_t>(dtypeBytes(dtype));
+    v.base = half + places[static_cast<size_t>(layer)].slot * slotStride *
+                        static_cast<int64_t>(dtypeBytes(dtype));
     v.blockTable = table;
     v.numBlocks = numBlocks;
     v.numTokens = numTokens;
@@ -117,8 +133,9 @@ struct KVArena {
 };
 
 // Stores one token's K and V for a layer: k and v hold numKVHeads * headDim floats (head-major),
-// converted to the storage format. The slot must be one its caller reserved and does not share
-// (new positions from appendTokens are never shared). No lock, no checks (hot path).
+// converted to the storage format. The slot must be one its caller reserved in the layer's group
+// and does not share (new positions from appendTokens are never shared). No lock, no checks (hot
+// path).
 void writeKV(const KVArena& arena, TokenSlot slot, int32_t layer, const float* k, const float* v);
 
 // Copies a view into a contiguous float tensor [numKVHeads][numTokens][headDim] (out must hold

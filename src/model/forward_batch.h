@@ -15,7 +15,9 @@ namespace cortex::model {
 struct ForwardSequence {
   int32_t firstPos = 0;    // position of its first new token; earlier positions hold K/V
   int32_t numTokens = 0;   // new tokens, >= 1
-  int32_t tableStart = 0;  // its block table: blockTables[tableStart, tableStart + numBlocks)
+  // Its block tables, one per KV group (arena.numGroups): group g's is
+  // blockTables[tableStart + g * numBlocks, tableStart + (g + 1) * numBlocks).
+  int32_t tableStart = 0;
   int32_t numBlocks = 0;   // covers positions [0, firstPos + numTokens)
   bool allLogits = false;  // logits for every new token (scoring), else for the last one only
 };
@@ -26,7 +28,8 @@ struct ForwardBatch {
   // Per new token, all sequences concatenated in order:
   std::vector<int32_t> tokens;      // token ids
   std::vector<int32_t> positions;   // absolute positions
-  std::vector<kv::TokenSlot> slots; // where its K/V are written
+  std::vector<kv::TokenSlot> slots; // where its K/V are written: arena.numGroups per token, the
+                                    // token's slot in group g at [token * numGroups + g]
   std::vector<kv::BlockId> blockTables;
 
   void clear() {

@@ -373,6 +373,10 @@ kv::KVCacheConfig TransformerModel::kvCacheConfig(int32_t blockSizeTokens, uint6
   c.blockSizeTokens = blockSizeTokens;
   c.memoryBudgetBytes = memoryBudgetBytes;
   c.dtype = dtype;
+  c.layerWindows.resize(static_cast<size_t>(hp_.nLayers));
+  for (int32_t l = 0; l < hp_.nLayers; ++l) {
+    c.layerWindows[static_cast<size_t>(l)] = hp_.isSlidingWindowLayer(l) ? hp_.slidingWindow : 0;
+  }
   // The prefix cache's hashes must differ between models and between precisions (each computes
   // different K/V for the same tokens): a fingerprint of the file (its size, every tensor's name,
   // type and first bytes) and the precision. FNV-1a: speed and collisions hardly matter here.
@@ -417,15 +421,17 @@ void TransformerModel::validate(const ForwardBatch& batch, int64_t& nOutRows,
                           int32_t& maxContext) const {
   const HParams& hp = hp_;
   const kv::KVArena& a = batch.arena;
-  if (a.numLayers != hp.nLayers || a.numKVHeads != hp.nHeadKV || a.headDim != hp.headDim) {
+  if (a.numLayers != hp.nLayers || a.numKVHeads != hp.nHeadKV || a.headDim != hp.headDim ||
+      a.places.size() != static_cast<size_t>(hp.nLayers) || a.numGroups < 1) {
     throw ModelError("forward: the KV arena has " + std::to_string(a.numLayers) + " layers x " +
                      std::to_string(a.numKVHeads) + " heads x " + std::to_string(a.headDim) +
                      " dims; this model needs " + std::to_string(hp.nLayers) + " x " +
                      std::to_string(hp.nHeadKV) + " x " + std::to_string(hp.headDim));
   }
   const size_t nTokens = batch.tokens.size();
-  if (batch.positions.size() != nTokens || batch.slots.size() != nTokens) {
-    throw ModelError("forward: tokens, positions and slots differ in count");
+  const auto G = static_cast<size_t>(a.numGroups);
+  if (batch.positions.size() != nTokens || batch.slots.size() != nTokens * G) {
+    throw ModelError("forward: tokens, positions and slots (one per KV group) differ in count");
   }
   nOutRows = 0;
   maxContext = 1;
@@ -438,7 +444,7 @@ void TransformerModel::validate(const ForwardBatch& batch, int64_t& nOutRows,
                        std::to_string(hp.nCtxTrain) + " tokens");
     }
     if (s.tableStart < 0 || s.numBlocks * int64_t{a.blockSizeTokens} < end ||
-        static_cast<size_t>(s.tableStart) + static_cast<size_t>(s.numBlocks) >
+        static_cast<size_t>(s.tableStart) + static_cast<size_t>(s.numBlocks) * G >
             batch.blockTables.size()) {
       throw ModelError("forward: a block table does not cover its sequence's positions");
     }
@@ -519,13 +525,16 @@ void TransformerModel::forward(const ForwardBatch& batch, kernels::ThreadPool& p
     const float* angles = swa ? ropeSwa_.data() : ropeGlobal_.data();
     kernels::ropeInPlace(q_.data(), nTokens, hp.nHead, hp.headDim, angles, hp.nRot, ropeStyle);
     kernels::ropeInPlace(k_.data(), nTokens, hp.nHeadKV, hp.headDim, angles, hp.nRot, ropeStyle);
+    // This layer's K/V go to its group's blocks, read through its group's tables.
+    const int32_t group = arena.groupOf(l);
     for (int64_t t = 0; t < nTokens; ++t) {
-      kv::writeKV(arena, batch.slots[static_cast<size_t>(t)], l, k_.data() + t * kvDim,
-                  v_.data() + t * kvDim);
+      kv::writeKV(arena, batch.slots[static_cast<size_t>(t * arena.numGroups + group)], l,
+                  k_.data() + t * kvDim, v_.data() + t * kvDim);
     }
     int64_t t0 = 0;
     for (const ForwardSequence& s : batch.seqs) {
-      const kv::BlockId* table = batch.blockTables.data() + s.tableStart;
+      const kv::BlockId* table =
+          batch.blockTables.data() + s.tableStart + static_cast<int64_t>(group) * s.numBlocks;
       const int32_t n = s.firstPos + s.numTokens;
       kernels::pagedAttention(pool, q_.data() + t0 * qDim, s.numTokens, s.firstPos, hp.nHead,
                               arena.kView(l, table, s.numBlocks, n),

@@ -135,9 +135,9 @@ TEST(BlockPool, CachedBlocksQueueInLruOrderAndAreEvictedFromTheHead) {
   EXPECT_EQ(pool.cachedBlocks(), 2);
   pool.checkInvariants();
   // Allocation evicts the least recently freed cached block and reports its hash.
-  std::vector<uint64_t> evicted;
+  std::vector<EvictedBlock> evicted;
   EXPECT_EQ(pool.allocateOne(&evicted), 3);
-  EXPECT_EQ(evicted, (std::vector<uint64_t>{103}));
+  EXPECT_EQ(evicted, (std::vector<EvictedBlock>{{3, 103}}));
   EXPECT_EQ(pool.findCached(103), kNoBlock);
   EXPECT_FALSE(pool.isHashed(3));
   EXPECT_EQ(pool.findCached(100), 0);
@@ -182,10 +182,12 @@ TEST(BlockPool, EvictAllCachedKeepsBlocksInUse) {
   pool.allocate(a);
   for (BlockId b : a) ASSERT_TRUE(pool.setHash(b, 10 + static_cast<uint64_t>(b)));
   pool.free(Ids{1, 2});
-  std::vector<uint64_t> removed;
+  std::vector<EvictedBlock> removed;
   EXPECT_EQ(pool.evictAllCached(&removed), 2);
-  std::sort(removed.begin(), removed.end());
-  EXPECT_EQ(removed, (std::vector<uint64_t>{11, 12}));
+  std::vector<uint64_t> hashes;
+  for (const EvictedBlock& e : removed) hashes.push_back(e.hash);
+  std::sort(hashes.begin(), hashes.end());
+  EXPECT_EQ(hashes, (std::vector<uint64_t>{11, 12}));
   EXPECT_EQ(pool.cachedBlocks(), 0);
   EXPECT_EQ(pool.hashedBlocks(), 1);
   EXPECT_EQ(pool.findCached(10), 0);
@@ -217,13 +219,13 @@ TEST(BlockPool, PrefixCachingMatchesANaiveModel) {
   for (int round = 0; round < 6000; ++round) {
     const size_t op = uniform(10);
     if (op < 3 && !model.queue.empty()) {  // allocate (may evict)
-      std::vector<uint64_t> evicted;
+      std::vector<EvictedBlock> evicted;
       const BlockId b = pool.allocateOne(&evicted);
       const BlockId expect = model.queue.front();
       model.queue.pop_front();
       ASSERT_EQ(b, expect);
       if (model.hash[b]) {
-        ASSERT_EQ(evicted, (std::vector<uint64_t>{*model.hash[b]}));
+        ASSERT_EQ(evicted, (std::vector<EvictedBlock>{{b, *model.hash[b]}}));
         model.hash[b].reset();
         ++evictions;
       } else {
@@ -269,7 +271,7 @@ TEST(BlockPool, PrefixCachingMatchesANaiveModel) {
         }
       }
     } else if (uniform(20) == 0) {  // evict everything cached
-      std::vector<uint64_t> removed;
+      std::vector<EvictedBlock> removed;
       int32_t expect = 0;
       for (BlockId b : std::vector<BlockId>(model.queue.begin(), model.queue.end())) {
         if (!model.hash[b]) continue;
