@@ -3,6 +3,7 @@
 // any wrong hit, eviction of a block in use or broken copy on write shows up as wrong contents.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <map>
 #include <random>
 #include <sstream>
@@ -192,11 +193,21 @@ float contentOf(const Tokens& tokens, size_t pos) {
   return static_cast<float>(h % 1000003u);
 }
 
-class PrefixCacheProperty : public ::testing::TestWithParam<std::tuple<uint64_t, int32_t>> {};
+// Seed, block size, and whether layers 0 and 2 have a sliding window (of 2B - 1 tokens, so window
+// starts fall inside blocks; a window of 1 at B = 1) around the global layer 1: three groups of
+// one layer, two of which give blocks back.
+class PrefixCacheProperty
+    : public ::testing::TestWithParam<std::tuple<uint64_t, int32_t, bool>> {};
 
 TEST_P(PrefixCacheProperty, HitsAlwaysHoldTheRightContents) {
-  const auto [seed, blockSize] = GetParam();
-  KVCache cache(tiny(40, blockSize));
+  const auto [seed, blockSize, windowed] = GetParam();
+  const int32_t window = 2 * blockSize - 1;
+  KVCacheConfig config = tiny(windowed ? 80 : 40, blockSize);
+  config.numLayers = 3;
+  if (windowed) config.layerWindows = {window, 0, window};
+  KVCache cache(config);
+  const int32_t numLayers = config.numLayers;
+  ASSERT_EQ(cache.numGroups(), windowed ? 3 : 1);
   std::mt19937_64 rng(seed);
   auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   // Prompts drawn from a few families that share long prefixes.
@@ -218,8 +229,8 @@ TEST_P(PrefixCacheProperty, HitsAlwaysHoldTheRightContents) {
   auto compute = [&](SeqId id, Seq& s) {
     for (int32_t pos = s.computed; pos < static_cast<int32_t>(s.tokens.size()); ++pos) {
       const float v = contentOf(s.tokens, static_cast<size_t>(pos));
-      const TokenSlot slot = cache.slotFor(id, pos);
-      for (int32_t layer = 0; layer < 2; ++layer) {
+      for (int32_t layer = 0; layer < numLayers; ++layer) {
+        const TokenSlot slot = cache.slotFor(id, pos, cache.arena().groupOf(layer));
         const float k[2] = {v, static_cast<float>(layer)};
         const float vv[2] = {-v, 0};
         cache.writeKV(slot, layer, k, vv);
@@ -263,7 +274,18 @@ TEST_P(PrefixCacheProperty, HitsAlwaysHoldTheRightContents) {
       const SeqId id = pick();
       Seq& s = seqs[id];
       const int32_t n = uniform(1, blockSize + 1);
-      if (!cache.tryAppendTokens(id, n)) continue;
+      // Net of what windows give back: exactly the change in free blocks.
+      const int32_t need = cache.blocksNeededToAppend(id, n);
+      const int32_t freeBefore = cache.freeBlocks();
+      if (!cache.tryAppendTokens(id, n)) {
+        ASSERT_GT(need, freeBefore);
+        continue;
+      }
+      if (need > 0) {
+        ASSERT_EQ(cache.freeBlocks(), freeBefore - need);
+      } else {
+        ASSERT_GE(cache.freeBlocks(), freeBefore);
+      }
       for (int32_t i = 0; i < n; ++i) s.tokens.push_back(uniform(0, 3));
       compute(id, s);
     } else if (op == 6) {  // fork (n > 1): later appends copy the shared last block
@@ -284,12 +306,15 @@ TEST_P(PrefixCacheProperty, HitsAlwaysHoldTheRightContents) {
     for (const auto& [id, s] : seqs) {
       const auto n = static_cast<int32_t>(s.tokens.size());
       ASSERT_EQ(cache.usedTokens(id), n);
-      for (int32_t layer = 0; layer < 2; ++layer) {
-        std::vector<float> k(static_cast<size_t>(n) * 2);
-        gather(cache.getKView(id, layer), k.data());
-        for (int32_t p = 0; p < n; ++p) {
-          ASSERT_EQ(k[static_cast<size_t>(p) * 2], contentOf(s.tokens, static_cast<size_t>(p)))
-              << "seq " << id << " pos " << p << " step " << step;
+      for (int32_t layer = 0; layer < numLayers; ++layer) {
+        // What the next query (position n) reads: everything, or its window (n - W, n).
+        const int32_t w = windowed && layer != 1 ? window : 0;
+        const PagedKVView view = cache.getKView(id, layer);
+        for (int32_t p = w == 0 ? 0 : std::max(0, n - w + 1); p < n; ++p) {
+          float k = 0;
+          std::memcpy(&k, view.row(p, 0), sizeof k);
+          ASSERT_EQ(k, contentOf(s.tokens, static_cast<size_t>(p)))
+              << "seq " << id << " layer " << layer << " pos " << p << " step " << step;
         }
       }
     }
@@ -298,13 +323,14 @@ TEST_P(PrefixCacheProperty, HitsAlwaysHoldTheRightContents) {
   EXPECT_GT(forks, 0);
   for (const auto& [id, s] : seqs) cache.freeFor(id);
   cache.checkInvariants();
-  EXPECT_EQ(cache.freeBlocks(), 40);
+  EXPECT_EQ(cache.freeBlocks(), cache.numBlocks());
   EXPECT_EQ(cache.stats().liveTokens, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Seeds, PrefixCacheProperty,
                          ::testing::Combine(::testing::Values(1u, 2u, 3u, 4u),
-                                            ::testing::Values(1, 4, 16)));
+                                            ::testing::Values(1, 4, 16),
+                                            ::testing::Bool()));
 
 }  // namespace
 }  // namespace cortex::kv
