@@ -274,6 +274,8 @@ nlohmann::json benchOneN(const Loaded& l, const BatchedOptions& o, int32_t n, in
   std::vector<RunTimes> runs;
   nlohmann::json runsJson = nlohmann::json::array();
   for (int32_t r = 0; r < o.repeats; ++r) {
+    // Every repeat computes its prompts: the previous repeat's blocks must not be hit.
+    eng.resetPrefixCache();
     runs.push_back(measureOnce(eng, *probe, prompts, o.ntg));
     const RunTimes& t = runs.back();
     runsJson.push_back({{"prefill_s", t.prefill}, {"decode_s", t.decode}, {"total_s", t.total}});
@@ -338,7 +340,8 @@ void runBatched(const BatchedOptions& o) {
       {"protocol",
        "per N: a fresh engine sized so that all N sequences run together (max_num_seqs N, "
        "max_batched_tokens N*npp, KV for N*(npp+ntg) tokens); model load, engine setup and one "
-       "warm-up request (npp prompt tokens, 2 generated) are not timed; all N requests are "
+       "warm-up request (npp prompt tokens, 2 generated) are not timed; the prefix cache is emptied "
+       "before each repeat; all N requests are "
        "admitted in one step; greedy, ignore_eos, distinct prompts of npp token ids; prefill = "
        "first forward pass of the N requests until every sequence has its first token; decode = "
        "the rest, N*(ntg-1) tokens; best of the repeats for each figure"},

@@ -431,9 +431,7 @@ int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort,
   for (Table& t : s.tables) {
     if (t.blocks.capacity() < newSize) t.blocks.reserve(std::max(newSize, 2 * t.blocks.capacity()));
   }
-  copies.reserve(s.tables.size());
-  std::vector<BlockId> givenBack;
-  givenBack.reserve(static_cast<size_t>(freed));
+  if (s.tokens % B != 0) copies.reserve(s.tables.size());
   const int32_t first = s.tokens;
   const int32_t fillInLast = s.tokens % B;
   // 1. Windows give back the blocks they no longer see, oldest first (evicted first when cached:
@@ -810,28 +808,28 @@ void KVCache::slotsFor(SeqId seq, int32_t firstPos, std::span<TokenSlot> out,
                        int32_t group) const {
   checkGroup(group);
   std::lock_guard lock(mu_);
-  slotsLocked(seq, find(seq), firstPos, out, group);
+  slotsLocked(seq, find(seq), firstPos, out.size(), group, out.data(), 1);
 }
 
-void KVCache::slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos,
-                          std::span<TokenSlot> out, int32_t group) const {
+void KVCache::slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, size_t count,
+                          int32_t group, TokenSlot* out, size_t stride) const {
   const int32_t B = config_.blockSizeTokens;
-  if (firstPos < 0 || static_cast<int64_t>(firstPos) + static_cast<int64_t>(out.size()) > s.tokens) {
+  if (firstPos < 0 || static_cast<int64_t>(firstPos) + static_cast<int64_t>(count) > s.tokens) {
     throw KVError(KVErrc::InvalidArgument,
                   "positions [" + std::to_string(firstPos) + ", " +
-                      std::to_string(static_cast<int64_t>(firstPos) + static_cast<int64_t>(out.size())) +
+                      std::to_string(static_cast<int64_t>(firstPos) + static_cast<int64_t>(count)) +
                       ") are outside " + seqName(seq) + "'s " + std::to_string(s.tokens) +
                       " tokens");
   }
   const Table& t = s.tables[static_cast<size_t>(group)];
-  if (!out.empty() && firstPos / B < t.dropped) {
+  if (count > 0 && firstPos / B < t.dropped) {
     throw KVError(KVErrc::InvalidArgument,
                   "position " + std::to_string(firstPos) + " of " + seqName(seq) +
                       " is behind group " + std::to_string(group) + "'s window");
   }
-  for (size_t i = 0; i < out.size(); ++i) {
+  for (size_t i = 0; i < count; ++i) {
     const int32_t pos = firstPos + static_cast<int32_t>(i);
-    out[i] = TokenSlot{t.blocks[static_cast<size_t>(pos / B)], pos % B};
+    out[i * stride] = TokenSlot{t.blocks[static_cast<size_t>(pos / B)], pos % B};
   }
 }
 
@@ -849,16 +847,8 @@ void KVCache::resolveStep(std::span<const StepSequence> step, std::vector<TokenS
       const size_t at = slots.size();
       const auto count = static_cast<size_t>(std::max(st.numTokens, 0));
       slots.resize(at + count * G);
-      for (size_t g = 0; g < G; ++g) {
-        TokenSlot* dst = slots.data() + at;
-        if (G == 1) {
-          slotsLocked(st.seq, s, st.firstPos, std::span<TokenSlot>(dst, count), 0);
-          continue;
-        }
-        // Position-major: gather the group's slots, then interleave them.
-        std::vector<TokenSlot> one(count);
-        slotsLocked(st.seq, s, st.firstPos, one, static_cast<int32_t>(g));
-        for (size_t i = 0; i < count; ++i) dst[i * G + g] = one[i];
+      for (size_t g = 0; g < G; ++g) {  // position-major: group g's slot of position i at i * G + g
+        slotsLocked(st.seq, s, st.firstPos, count, static_cast<int32_t>(g), slots.data() + at + g, G);
       }
       const auto n = static_cast<size_t>(blocksForTokens(static_cast<int64_t>(st.firstPos) + st.numTokens));
       tableStarts.push_back(static_cast<int32_t>(blockTables.size()));

@@ -285,8 +285,9 @@ class KVCache {
                        std::vector<Table>* tables, std::vector<uint64_t>* hashes) const;
   void releaseBlocksLocked(const Sequence& s);  // last position first
   void noteEvicted();  // turns evictedScratch_ into a BlockRemoved event
-  void slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, std::span<TokenSlot> out,
-                   int32_t group) const;
+  // Slots of positions [firstPos, firstPos + count) in `group`, to out[0], out[stride], ...
+  void slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, size_t count, int32_t group,
+                   TokenSlot* out, size_t stride) const;
   KVCacheStats statsLocked() const;
 
   KVCacheConfig config_;
