@@ -250,9 +250,9 @@ nlohmann::json benchOneN(const Loaded& l, const BatchedOptions& o, int32_t n, in
   c.maxBatchedTokens = static_cast<int32_t>(promptTokens);
   c.maxQueuedRequests = n + 2;
   // Room for every sequence's whole context, plus more than the scheduler's watermark (1%).
-  const uint64_t needed = engine::kvBytesForSequences(*l.model, c, o.npp + o.ntg, n);
-  c.kvCacheBytes = needed + needed / 50 +
-                   2 * kv::bytesPerBlock(engine::kvCacheConfigFor(*l.model, c, 1));
+  const uint64_t blockBytes = kv::bytesPerBlock(engine::kvCacheConfigFor(*l.model, c, 1));
+  const uint64_t needed = engine::kvBytesForSequences(*l.model, c, o.npp + o.ntg, n) / blockBytes;
+  c.kvCacheBytes = (needed + needed / 50 + 2) * blockBytes;
 
   auto probe = std::make_shared<Probe>();
   engine::EngineHooks hooks;
