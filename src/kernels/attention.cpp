@@ -21,29 +21,51 @@ constexpr int64_t kParallelMinMacs = 1 << 14;
 template <KVDType DT>
 constexpr size_t kBytes = kv::dtypeBytes(DT);
 
-// 8 consecutive elements of a K/V row as floats.
+// The scale of the row starting at `row` (headDim D elements): a Q8 row's stored scale, 1 for the
+// float formats (unused).
 template <KVDType DT>
-void load8Scalar(const std::byte* p, float* out) {
+float rowScale(const std::byte* row, int32_t D) {
+  if constexpr (DT == KVDType::Q8) {
+    float scale;
+    std::memcpy(&scale, row + D, sizeof scale);
+    return scale;
+  } else {
+    (void)row;
+    (void)D;
+    return 1.0f;
+  }
+}
+
+// 8 consecutive elements of a K/V row as floats (a Q8 element: float(q) * scale, one rounding).
+template <KVDType DT>
+void load8Scalar(const std::byte* p, float scale, float* out) {
   if constexpr (DT == KVDType::F32) {
     std::memcpy(out, p, 32);
   } else if constexpr (DT == KVDType::F16) {
     for (int l = 0; l < 8; ++l) out[l] = halfToFloat(loadU16(p + 2 * l));
-  } else {
+  } else if constexpr (DT == KVDType::BF16) {
     for (int l = 0; l < 8; ++l) out[l] = bf16ToFloat(loadU16(p + 2 * l));
+  } else {
+    for (int l = 0; l < 8; ++l) out[l] = static_cast<float>(static_cast<int8_t>(p[l])) * scale;
   }
+  (void)scale;
 }
 
 #if CS_KERNELS_AVX2
 template <KVDType DT>
-__m256 load8(const std::byte* p) {
+__m256 load8(const std::byte* p, float scale) {
   if constexpr (DT == KVDType::F32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
   } else if constexpr (DT == KVDType::F16) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  } else {
+  } else if constexpr (DT == KVDType::BF16) {
     const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  } else {
+    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scale));
   }
+  (void)scale;
 }
 #endif
 
@@ -89,7 +111,8 @@ void transposeChunk(const std::byte* row, int count, int64_t tokenBytes, int32_t
   for (int32_t d0 = 0; d0 < D; d0 += 8) {
     __m256 r[8];
     for (int k = 0; k < 8; ++k) {
-      r[k] = k < count ? load8<KT>(row + k * tokenBytes + static_cast<int64_t>(d0) * kBytes<KT>)
+      const std::byte* rk = row + k * tokenBytes;
+      r[k] = k < count ? load8<KT>(rk + static_cast<int64_t>(d0) * kBytes<KT>, rowScale<KT>(rk, D))
                        : _mm256_setzero_ps();
     }
     const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -125,8 +148,8 @@ struct Lanes8 {
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V loadf(const float* p) { return _mm256_loadu_ps(p); }
   template <KVDType DT>
-  static V load(const std::byte* p) {
-    return load8<DT>(p);
+  static V load(const std::byte* p, float scale) {
+    return load8<DT>(p, scale);
   }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void storeFirst(float* p, V v, int count) {
@@ -148,16 +171,20 @@ struct Lanes16 {
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V loadf(const float* p) { return _mm512_loadu_ps(p); }
   template <KVDType DT>
-  static V load(const std::byte* p) {
+  static V load(const std::byte* p, float scale) {
     if constexpr (DT == KVDType::F32) {
       return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
     } else if constexpr (DT == KVDType::F16) {
       return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    } else {
+    } else if constexpr (DT == KVDType::BF16) {
       const __m512i v =
           _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
       return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    } else {
+      const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(scale));
     }
+    (void)scale;
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void storeFirst(float* p, V v, int count) {
@@ -230,10 +257,11 @@ void scoreRows(const float* const* qs, int nv, int32_t a, int32_t b, int32_t kvh
   forKeyChunks<8>(K, kvh, a, b, [&](int32_t j, int count, const std::byte* row) {
     for (int k = 0; k < count; ++k, row += tokenBytes) {
       float k8[8];
+      const float ks = rowScale<KT>(row, D);
       for (int v = 0; v < nv; ++v) {
         float acc = 0.0f;
         for (int32_t d = 0; d < D; d += 8) {
-          load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, k8);
+          load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, ks, k8);
           for (int l = 0; l < 8; ++l) acc = std::fma(qs[v][d + l], k8[l], acc);
         }
         s[static_cast<size_t>(v) * sStride + j + k] = acc * scale;
@@ -317,9 +345,10 @@ void weightedValuesSimd(const float* s, size_t sStride, int32_t a, int32_t b, in
       for (int k = 0; k < CV; ++k) acc[g][k] = L::zero();
     forKeys(V, kvh, a, b, [&](int32_t j, const std::byte* row) {
       const std::byte* r = row + static_cast<size_t>(d0) * kBytes<VT>;
+      const float vs = rowScale<VT>(row, D);
       typename L::V vv[CV];
       for (int k = 0; k < nv; ++k) {
-        vv[k] = L::template load<VT>(r + static_cast<size_t>(L::W * k) * kBytes<VT>);
+        vv[k] = L::template load<VT>(r + static_cast<size_t>(L::W * k) * kBytes<VT>, vs);
       }
       for (int g = 0; g < G; ++g) {
         const typename L::V p = L::set1(s[g * sStride + j]);
@@ -352,9 +381,10 @@ void weightedValues(const float* s, size_t sStride, int32_t a, int32_t b, int32_
       float acc[64] = {};
       forKeys(V, kvh, a, b, [&](int32_t j, const std::byte* row) {
         const float p = s[g * sStride + j];
+        const float vs = rowScale<VT>(row, D);
         float v8[8];
         for (int32_t d = 0; d < dn; d += 8) {
-          load8Scalar<VT>(row + static_cast<size_t>(d0 + d) * kBytes<VT>, v8);
+          load8Scalar<VT>(row + static_cast<size_t>(d0 + d) * kBytes<VT>, vs, v8);
           for (int l = 0; l < 8; ++l) acc[d + l] = std::fma(p, v8[l], acc[d + l]);
         }
       });
@@ -567,8 +597,15 @@ void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, in
   if (K.numTokens < firstPos + nQ || V.numTokens < firstPos + nQ)
     fail("views hold " + std::to_string(std::min(K.numTokens, V.numTokens)) +
          " tokens, queries need " + std::to_string(firstPos + nQ));
+  // Q8 only pairs with Q8 (one KV format stores both); the float formats mix freely.
+  if ((K.dtype == KVDType::Q8) != (V.dtype == KVDType::Q8)) fail("q8 K needs q8 V and vice versa");
+  if (K.dtype == KVDType::Q8) {
+    return attentionT<KVDType::Q8, KVDType::Q8, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V,
+                                                        scale, out, scratch, window);
+  }
   const auto go = [&]<KVDType KT>() {
     switch (V.dtype) {
+      case KVDType::Q8: break;  // handled above
       case KVDType::F32:
         return attentionT<KT, KVDType::F32, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
                                                     out, scratch, window);
@@ -584,6 +621,7 @@ void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, in
     case KVDType::F32: return go.template operator()<KVDType::F32>();
     case KVDType::F16: return go.template operator()<KVDType::F16>();
     case KVDType::BF16: return go.template operator()<KVDType::BF16>();
+    case KVDType::Q8: break;  // handled above
   }
 }
 

@@ -23,7 +23,8 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 // windowTokens - 1 keys before it. Keys before lo_i are never read, so their blocks may be gone.
 //   Q:   nQueryTokens x (nHeads * headDim) floats, head-major within a token.
 //   K,V: views of one layer of one sequence with numTokens >= firstQueryPos + nQueryTokens, same
-//        numKVHeads and headDim (a multiple of 8); dtype F32, F16 or BF16; any strides.
+//        numKVHeads and headDim (a multiple of 8); dtype F32, F16 or BF16 (mixed freely), or Q8
+//        for both (each element read as float(q) * its row's scale); any strides.
 //   out: nQueryTokens x (nHeads * headDim) floats (must not alias Q).
 //   scratch: at least pagedAttentionScratchFloats(pool, firstQueryPos + nQueryTokens) floats.
 // Throws std::invalid_argument on inconsistent shapes (nothing written). Runs on all of `pool`'s

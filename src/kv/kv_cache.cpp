@@ -82,8 +82,8 @@ KVGroups kvGroups(const KVCacheConfig& c) {
 
 uint64_t bytesPerBlock(const KVCacheConfig& c) {
   return 2ull * static_cast<uint64_t>(kvGroups(c).layersPerGroup) *
-         static_cast<uint64_t>(c.numKVHeads) * static_cast<uint64_t>(c.headDim) *
-         dtypeBytes(c.dtype) * static_cast<uint64_t>(c.blockSizeTokens);
+         static_cast<uint64_t>(c.numKVHeads) * rowBytes(c.dtype, c.headDim) *
+         static_cast<uint64_t>(c.blockSizeTokens);
 }
 
 namespace {
@@ -145,7 +145,7 @@ KVCache::KVCache(const KVCacheConfig& config)
       pool_(numBlocks_) {
   const int64_t B = config_.blockSizeTokens;
   const int64_t H = config_.numKVHeads;
-  const int64_t D = config_.headDim;
+  const int64_t D = rowStrideElements(config_.dtype, config_.headDim);  // a row, its scale included
   const int64_t N = numBlocks_;
   bytesPerBlock_ = kv::bytesPerBlock(config_);
   KVArena& a = arena_;
@@ -157,6 +157,7 @@ KVCache::KVCache(const KVCacheConfig& config)
   a.layersPerBlock = groups_.layersPerGroup;
   a.places = groups_.places;
   a.dtype = config_.dtype;
+  a.tokenStride = D;
   a.slotStride = N * H * B * D;
   if (config_.layout == KVLayout::LayerMajor) {
     a.blockStride = H * B * D;
@@ -347,7 +348,7 @@ int32_t KVCache::blocksNeededToAppend(SeqId seq, int32_t n) const {
 
 void KVCache::copyBlock(BlockId from, BlockId to, int32_t tokens) {
   const size_t eb = dtypeBytes(config_.dtype);
-  const size_t bytes = static_cast<size_t>(config_.headDim) * eb * static_cast<size_t>(tokens);
+  const size_t bytes = rowBytes(config_.dtype, config_.headDim) * static_cast<size_t>(tokens);
   for (int32_t slot = 0; slot < arena_.layersPerBlock; ++slot) {
     for (int32_t head = 0; head < config_.numKVHeads; ++head) {
       // Within a block, one head's rows are contiguous in both layouts.

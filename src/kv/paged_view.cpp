@@ -1,5 +1,7 @@
 #include "kv/paged_view.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -12,6 +14,17 @@ namespace {
 
 void storeRow(const float* src, std::byte* dst, int32_t n, KVDType dtype) {
   switch (dtype) {
+    case KVDType::Q8: {
+      float amax = 0;
+      for (int32_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(src[i]));
+      const float scale = amax / 127.0f;
+      for (int32_t i = 0; i < n; ++i) {
+        const float q = scale == 0.0f ? 0.0f : std::nearbyint(src[i] / scale);
+        dst[i] = static_cast<std::byte>(static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f)));
+      }
+      std::memcpy(dst + n, &scale, sizeof scale);
+      break;
+    }
     case KVDType::F32: std::memcpy(dst, src, static_cast<size_t>(n) * 4); break;
     case KVDType::F16:
       for (int32_t i = 0; i < n; ++i) {
@@ -28,7 +41,14 @@ void storeRow(const float* src, std::byte* dst, int32_t n, KVDType dtype) {
   }
 }
 
-float loadElement(const std::byte* p, KVDType dtype) {
+// Element d of the row starting at `row` (headDim elements).
+float loadElement(const std::byte* row, int32_t d, int32_t headDim, KVDType dtype) {
+  const std::byte* p = row + static_cast<size_t>(d) * dtypeBytes(dtype);
+  if (dtype == KVDType::Q8) {
+    float scale;
+    std::memcpy(&scale, row + headDim, sizeof scale);
+    return static_cast<float>(static_cast<int8_t>(*p)) * scale;
+  }
   if (dtype == KVDType::F32) {
     float f;
     std::memcpy(&f, p, 4);
@@ -61,12 +81,13 @@ void writeKV(const KVArena& arena, TokenSlot slot, int32_t layer, const float* k
 }
 
 void gather(const PagedKVView& view, float* out) {
-  const size_t eb = dtypeBytes(view.dtype);
   for (int32_t h = 0; h < view.numKVHeads; ++h) {
     for (int32_t t = 0; t < view.numTokens; ++t) {
       const std::byte* row = view.row(t, h);
       float* dst = out + (static_cast<int64_t>(h) * view.numTokens + t) * view.headDim;
-      for (int32_t d = 0; d < view.headDim; ++d) dst[d] = loadElement(row + eb * static_cast<size_t>(d), view.dtype);
+      for (int32_t d = 0; d < view.headDim; ++d) {
+        dst[d] = loadElement(row, d, view.headDim, view.dtype);
+      }
     }
   }
 }

@@ -16,25 +16,40 @@ inline constexpr BlockId kNoBlock = -1;
 using SeqId = uint64_t;
 
 // How K/V elements are stored. Every size and name of a format comes from its descriptor, so a
-// new format (int8 with scales, fp8) is one new row, not a hunt through the code for sizes.
-enum class KVDType : uint8_t { F32, F16, BF16 };
+// new format (fp8, 4-bit) is one new row, not a hunt through the code for sizes.
+//   Q8: int8 values with one float32 scale per row (one token's headDim elements of one head),
+//   stored right after the row: scale = max |x| / 127, q = round-half-even(x / scale) (0 when
+//   the row is all zeros), read back as float(q) * scale. A row never depends on its neighbours,
+//   so what a position stores is the same whatever is batched or computed around it.
+enum class KVDType : uint8_t { F32, F16, BF16, Q8 };
 
 struct KVFormat {
   KVDType dtype;
   uint32_t elementBytes;  // bytes of one stored element
-  const char* name;       // the CLI spelling: "f32", "f16", "bf16"
+  uint32_t rowScaleBytes; // bytes after each row (its scale); a multiple of elementBytes
+  const char* name;       // the CLI spelling: "f32", "f16", "bf16", "q8"
 };
 
 inline constexpr KVFormat kKVFormats[] = {
-    {KVDType::F32, 4, "f32"},
-    {KVDType::F16, 2, "f16"},
-    {KVDType::BF16, 2, "bf16"},
+    {KVDType::F32, 4, 0, "f32"},
+    {KVDType::F16, 2, 0, "f16"},
+    {KVDType::BF16, 2, 0, "bf16"},
+    {KVDType::Q8, 1, 4, "q8"},
 };
 
 constexpr const KVFormat& kvFormat(KVDType dtype) { return kKVFormats[static_cast<size_t>(dtype)]; }
 constexpr size_t dtypeBytes(KVDType dtype) { return kvFormat(dtype).elementBytes; }
 constexpr const char* toString(KVDType dtype) { return kvFormat(dtype).name; }
-// The format named `name` ("f32", "f16", "bf16"); throws std::invalid_argument naming the choices.
+// Bytes of one stored row of headDim elements, its scale included.
+constexpr size_t rowBytes(KVDType dtype, int64_t headDim) {
+  return static_cast<size_t>(headDim) * dtypeBytes(dtype) + kvFormat(dtype).rowScaleBytes;
+}
+// The same in elements: the distance between the rows of consecutive tokens of one head.
+constexpr int64_t rowStrideElements(KVDType dtype, int64_t headDim) {
+  return static_cast<int64_t>(rowBytes(dtype, headDim) / dtypeBytes(dtype));
+}
+// The format named `name` ("f32", "f16", "bf16", "q8"); throws std::invalid_argument naming the
+// choices.
 KVDType parseKVDType(std::string_view name);
 
 // Where one token's K/V rows live: physical block and token offset inside it.
@@ -45,7 +60,8 @@ struct TokenSlot {
 
 // A zero-copy view of one layer's K (or V) for one sequence. Element (token t, head h, dim d) is
 // at base + (blockTable[t / blockSizeTokens] * blockStride + h * headStride +
-// (t % blockSizeTokens) * tokenStride + d) * elementBytes.
+// (t % blockSizeTokens) * tokenStride + d) * elementBytes; a Q8 row's scale follows its headDim
+// elements.
 struct PagedKVView {
   const std::byte* base = nullptr;      // this layer's K (or V) region
   const BlockId* blockTable = nullptr;  // numBlocks ids, logical order
@@ -91,6 +107,7 @@ struct KVArena {
   int64_t slotStride = 0;   // elements
   int64_t blockStride = 0;  // elements
   int64_t headStride = 0;   // elements
+  int64_t tokenStride = 0;  // elements (rowStrideElements)
   KVDType dtype = KVDType::F16;
 
   // The group whose block table holds `layer`'s positions.
@@ -98,7 +115,7 @@ struct KVArena {
   // `slot.block` must be a block of the layer's group.
   int64_t rowByteOffset(TokenSlot slot, int32_t layer, int32_t head) const {
     return (places[static_cast<size_t>(layer)].slot * slotStride + slot.block * blockStride +
-            head * headStride + static_cast<int64_t>(slot.offset) * headDim) *
+            head * headStride + static_cast<int64_t>(slot.offset) * tokenStride) *
            static_cast<int64_t>(dtypeBytes(dtype));
   }
   // A view of positions [0, numTokens) of one layer through its group's block table of numBlocks
@@ -126,7 +143,7 @@ struct KVArena {
     v.headDim = headDim;
     v.blockStride = blockStride;
     v.headStride = headStride;
-    v.tokenStride = headDim;
+    v.tokenStride = tokenStride;
     v.dtype = dtype;
     return v;
   }

@@ -37,7 +37,9 @@ struct PagedTensor {
     std::shuffle(ids.begin(), ids.end(), rng);
     table.assign(ids.begin(), ids.begin() + nBlocks);
     const size_t eb = kv::dtypeBytes(dtype);
-    arena.resize(static_cast<size_t>(physical) * heads * blockSize * dim * eb);
+    // A row: dim elements, then (Q8) its float scale.
+    const int64_t row = dtype == KVDType::Q8 ? dim + 4 : dim;
+    arena.resize(static_cast<size_t>(physical) * heads * blockSize * row * eb);
     view.base = arena.data();
     view.blockTable = table.data();
     view.numBlocks = nBlocks;
@@ -45,18 +47,28 @@ struct PagedTensor {
     view.blockSizeTokens = blockSize;
     view.numKVHeads = heads;
     view.headDim = dim;
-    view.tokenStride = dim;
-    if (headMajor) {  // [head][block][token][dim]
-      view.blockStride = static_cast<int64_t>(blockSize) * dim;
-      view.headStride = static_cast<int64_t>(physical) * blockSize * dim;
-    } else {  // [block][head][token][dim]
-      view.headStride = static_cast<int64_t>(blockSize) * dim;
-      view.blockStride = static_cast<int64_t>(heads) * blockSize * dim;
+    view.tokenStride = row;
+    if (headMajor) {  // [head][block][token][row]
+      view.blockStride = static_cast<int64_t>(blockSize) * row;
+      view.headStride = static_cast<int64_t>(physical) * blockSize * row;
+    } else {  // [block][head][token][row]
+      view.headStride = static_cast<int64_t>(blockSize) * row;
+      view.blockStride = static_cast<int64_t>(heads) * blockSize * row;
     }
     view.dtype = dtype;
     std::uniform_real_distribution<float> val(-1, 1);
     for (int32_t t = 0; t < tokens; ++t) {
       for (int32_t h = 0; h < heads; ++h) {
+        if (dtype == KVDType::Q8) {  // random int8 values in [-127, 127] and a random scale
+          std::uniform_int_distribution<int> q(-127, 127);
+          for (int32_t d = 0; d < dim; ++d) {
+            arena[static_cast<size_t>(offset(t, h, d))] =
+                static_cast<std::byte>(static_cast<int8_t>(q(rng)));
+          }
+          const float scale = std::uniform_real_distribution<float>(0.001f, 1.0f / 127)(rng);
+          std::memcpy(arena.data() + offset(t, h, dim), &scale, 4);
+          continue;
+        }
         for (int32_t d = 0; d < dim; ++d) {
           const float f = val(rng);
           std::byte* p = arena.data() + offset(t, h, d) * eb;
@@ -88,6 +100,11 @@ struct PagedTensor {
       }
       case KVDType::F16: return testref::f16(testref::u16(p + 2 * o));
       case KVDType::BF16: return testref::bf16(testref::u16(p + 2 * o));
+      case KVDType::Q8: {
+        float scale;
+        std::memcpy(&scale, p + offset(t, h, view.headDim), 4);
+        return static_cast<double>(static_cast<int8_t>(p[o])) * scale;
+      }
     }
     return 0;
   }
@@ -145,7 +162,7 @@ const Shape kShapes[] = {
 TEST(Attention, MatchesDenseReference) {
   ThreadPool pool(2);
   for (const Shape& s : kShapes) {
-    for (KVDType dt : {KVDType::F32, KVDType::F16, KVDType::BF16}) {
+    for (KVDType dt : {KVDType::F32, KVDType::F16, KVDType::BF16, KVDType::Q8}) {
       for (bool headMajor : {false, true}) {
         SCOPED_TRACE(testing::Message() << "heads " << s.nHeads << "/" << s.nKVHeads << " D "
                                         << s.headDim << " dtype " << kv::toString(dt)
@@ -189,9 +206,9 @@ TEST(Attention, BatchAndThreadInvariant) {
   ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
   const Shape shapes[] = {
       {9, 3, 64, 70, 16}, {8, 1, 32, 90, 16}, {4, 4, 16, 40, 4}, {3, 1, 64, 300, 16}};
-  for (int c = 0; c < 4 * 3; ++c) {
-    const Shape& s = shapes[c / 3];
-    const KVDType dt = std::array{KVDType::F32, KVDType::F16, KVDType::BF16}[c % 3];
+  for (int c = 0; c < 4 * 4; ++c) {
+    const Shape& s = shapes[c / 4];
+    const KVDType dt = std::array{KVDType::F32, KVDType::F16, KVDType::BF16, KVDType::Q8}[c % 4];
     SCOPED_TRACE(testing::Message() << kv::toString(dt) << " heads " << s.nHeads);
     const PagedTensor K(false, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 21);
     const PagedTensor V(false, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 22);

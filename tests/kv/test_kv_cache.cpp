@@ -6,6 +6,7 @@
 #include "kv_test_util.h"
 
 #include <cmath>
+#include <cstring>
 #include <sstream>
 
 #include "common/half.h"
@@ -248,10 +249,15 @@ TEST_P(RoundTrip, SlotsInViewsOut) {
       gather(vv, vOut.data());
       for (int32_t h = 0; h < 2; ++h) {
         for (int32_t pos = 0; pos < 11; ++pos) {
+          // Exact for the float formats; Q8 within half its step (max |x| / 127 / 2) of each.
+          float tol = 0;
+          for (int32_t d = 0; d < 8 && c.dtype == KVDType::Q8; ++d) {
+            tol = std::max(tol, std::fabs(value(s, layer, pos, h, d, false)) / 127 / 2 * 1.0001f);
+          }
           for (int32_t d = 0; d < 8; ++d) {
             const size_t i = static_cast<size_t>((h * 11 + pos) * 8 + d);
-            ASSERT_EQ(kOut[i], value(s, layer, pos, h, d, false));
-            ASSERT_EQ(vOut[i], value(s, layer, pos, h, d, true));
+            ASSERT_NEAR(kOut[i], value(s, layer, pos, h, d, false), tol);
+            ASSERT_NEAR(vOut[i], value(s, layer, pos, h, d, true), tol);
           }
         }
       }
@@ -268,7 +274,43 @@ INSTANTIATE_TEST_SUITE_P(AllLayoutsAndDtypes, RoundTrip,
                          ::testing::Combine(::testing::Values(KVLayout::LayerMajor,
                                                               KVLayout::HeadMajor),
                                             ::testing::Values(KVDType::F32, KVDType::F16,
-                                                              KVDType::BF16)));
+                                                              KVDType::BF16, KVDType::Q8)));
+
+// Q8 rows as kv_config.h defines them: scale = max |x| / 127 in float32 after the row's values,
+// q = round-half-even(x / scale), read back as float(q) * scale; an all-zero row has scale 0.
+TEST(KVCache, Q8RowsStoreInt8AndAScale) {
+  KVCacheConfig c;
+  c.numLayers = 1;
+  c.numKVHeads = 2;
+  c.headDim = 8;
+  c.blockSizeTokens = 4;
+  c.numBlocks = 2;
+  c.dtype = KVDType::Q8;
+  KVCache k(c);
+  EXPECT_EQ(k.bytesPerBlock(), 2u * 2 * (8 + 4) * 4);  // K and V, 2 heads, 12-byte rows, 4 tokens
+  k.allocateFor(1, 2);
+  const float row[16] = {2.54f, -1.27f, 0.01f, 0.0f, -2.54f, 0.635f, 1.905f, 0.03f,
+                         0, 0, 0, 0, 0, 0, 0, 0};  // head 1 all zeros
+  k.writeKV(k.slotFor(1, 1), 0, row, row);
+  const std::byte* r = k.kRow(k.slotFor(1, 1), 0, 0);
+  const float scale = 2.54f / 127.0f;
+  for (int d = 0; d < 8; ++d) {
+    const int expect = static_cast<int>(std::nearbyint(row[d] / scale));
+    EXPECT_EQ(static_cast<int8_t>(r[d]), expect) << d;
+  }
+  float stored;
+  std::memcpy(&stored, r + 8, 4);
+  EXPECT_EQ(stored, scale);
+  EXPECT_EQ(static_cast<int8_t>(r[0]), 127);
+  EXPECT_EQ(static_cast<int8_t>(r[4]), -127);
+  std::memcpy(&stored, k.kRow(k.slotFor(1, 1), 0, 1) + 8, 4);
+  EXPECT_EQ(stored, 0.0f);
+  std::vector<float> out(2 * 2 * 8);
+  gather(k.getKView(1, 0), out.data());
+  // Head 0, position 1: within half a step of the original.
+  for (int d = 0; d < 8; ++d) EXPECT_NEAR(out[8 + d], row[d], scale / 2 * 1.0001f) << d;
+  for (int d = 0; d < 8; ++d) EXPECT_EQ(out[2 * 8 + 8 + d], 0.0f);
+}
 
 TEST(KVCache, StorageDtypesRoundToNearest) {
   // f16 keeps 11 significant bits, bf16 8: check the conversion on non-representable values.
