@@ -177,7 +177,7 @@ KVCache::KVCache(const KVCacheConfig& config)
   a.vBase = memory_ + halfBytes_;
   blockFill_.assign(static_cast<size_t>(numBlocks_), 0);
   blockGroup_.assign(static_cast<size_t>(numBlocks_), 0);
-  pendingCopyRefs_.assign(static_cast<size_t>(numBlocks_), 0);
+  heldRefs_.assign(static_cast<size_t>(numBlocks_), 0);
   if (config_.prefixCaching) {
     blockTokens_.assign(static_cast<size_t>(numBlocks_) * static_cast<size_t>(B), 0);
     blockParent_.assign(static_cast<size_t>(numBlocks_), 0);
@@ -379,7 +379,7 @@ int32_t KVCache::appendAndCopy(SeqId seq, int32_t n, bool throwIfShort) {
   for (const PendingCopy& c : copies) copyBlock(c.from, c.to, c.tokens);
   std::lock_guard lock(mu_);
   for (const PendingCopy& c : copies) {
-    --pendingCopyRefs_[c.from];
+    --heldRefs_[c.from];
     if (pool_.refCount(c.from) == 1) {
       liveTokens_ -= blockFill_[c.from];
       blockFill_[c.from] = 0;
@@ -459,7 +459,7 @@ int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort,
       BlockId own = kNoBlock;
       takeBlocks(std::span<BlockId>(&own, 1), static_cast<int32_t>(g));
       copies.push_back(PendingCopy{shared, own, fillInLast});
-      ++pendingCopyRefs_[shared];  // this sequence's reference now belongs to the copy
+      ++heldRefs_[shared];  // this sequence's reference now belongs to the copy
       blockFill_[own] = fillInLast;
       liveTokens_ += fillInLast;
       t.blocks.back() = own;
@@ -1056,10 +1056,10 @@ void KVCache::checkInvariants() const {
   }
   int64_t live = 0;
   for (BlockId b = 0; b < numBlocks_; ++b) {
-    if (pool_.refCount(b) != owners[b] + pendingCopyRefs_[b]) {
+    if (pool_.refCount(b) != owners[b] + heldRefs_[b]) {
       fail("block " + std::to_string(b) + " has ref count " + std::to_string(pool_.refCount(b)) +
            " but " + std::to_string(owners[b]) + " block tables and " +
-           std::to_string(pendingCopyRefs_[b]) + " copies hold it");
+           std::to_string(heldRefs_[b]) + " copies or sessions hold it");
     }
     if (pool_.refCount(b) == 0 && blockFill_[b] != 0) {
       fail("free block " + std::to_string(b) + " records " + std::to_string(blockFill_[b]) +

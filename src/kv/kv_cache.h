@@ -48,6 +48,8 @@
 #include <memory>
 #include <mutex>
 #include <span>
+#include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -207,6 +209,28 @@ class KVCache {
   // kv::writeKV on this cache's arena, with the layer checked (throws LayerOutOfRange).
   void writeKV(TokenSlot slot, int32_t layer, const float* k, const float* v);
 
+  // --- sessions: a prefix's cached blocks to a file and back (kv_session.cpp) -------------------
+  // Writes `tokens`' longest prefix that the prefix cache can serve (whole blocks, every group's
+  // blocks a hit would take) with its K/V and `metadata` (opaque bytes of the caller's) to `out`
+  // in the session format (kv_session.cpp). Returns the tokens saved (0: nothing cached, an
+  // empty session is still written). The blocks are held while their bytes are copied, so no
+  // eviction can change them. Throws KVError{InvalidArgument} when prefix caching is off or the
+  // stream fails.
+  int32_t saveSession(std::span<const int32_t> tokens, std::string_view metadata,
+                      std::ostream& out);
+  struct LoadedSession {
+    std::vector<int32_t> tokens;  // the saved prefix's token ids
+    std::string metadata;
+    int32_t blocksLoaded = 0;     // blocks written into the pool (the others were cached already)
+  };
+  // Reads a session saved by a cache of the same model, format, block size and layer groups
+  // (the whole file is read and verified first); its blocks become cached blocks, so a prompt
+  // starting with its tokens hits them. Throws KVError{InvalidArgument} naming what is wrong
+  // (not a session, another version, another model or KV format, truncated, checksum mismatch,
+  // inconsistent records) or KVError{OutOfBlocks} when the pool cannot take the blocks; either
+  // way the cache is unchanged.
+  LoadedSession loadSession(std::istream& in);
+
   // --- reading ---------------------------------------------------------------------------------
   // Paged views of all usedTokens(seq) positions of one layer (through its group's table; a
   // windowed layer's view reads only its window). Throws UnknownSequence, LayerOutOfRange. Valid
@@ -288,6 +312,13 @@ class KVCache {
   // Slots of positions [firstPos, firstPos + count) in `group`, to out[0], out[stride], ...
   void slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, size_t count, int32_t group,
                    TokenSlot* out, size_t stride) const;
+  // Bytes of one block's K and V (every slot and head), and their copy to or from `buf`.
+  size_t blockPayloadBytes() const;
+  void copyBlockOut(BlockId b, std::byte* buf) const;
+  void copyBlockIn(BlockId b, const std::byte* buf);
+  // Takes (ref + 1, held) or gives back a held reference on a block a session reads or writes.
+  void holdLocked(BlockId b);
+  void releaseHeldLocked(BlockId b);
   KVCacheStats statsLocked() const;
 
   KVCacheConfig config_;
@@ -307,7 +338,9 @@ class KVCache {
   uint64_t hashRoot_ = 0;               // parent hash of every sequence's first block
   std::vector<int32_t> blockTokens_;    // token ids held by each hashed block (B per block)
   std::vector<uint64_t> blockParent_;   // parent hash of each hashed block
-  std::vector<int32_t> pendingCopyRefs_;  // references held by copies on write in flight
+  // References held outside block tables: copies on write in flight, blocks a session is saving
+  // or loading.
+  std::vector<int32_t> heldRefs_;
   bool recordEvents_ = false;
   std::vector<KVEvent> events_;
   std::vector<EvictedBlock> evictedScratch_;
