@@ -1,6 +1,7 @@
 // `cortexstream generate` and `chat`: running the model from the command line, on the engine.
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -115,7 +116,15 @@ struct ChatOptions {
   int32_t maxTokens = 512;
   engine::SamplingParams sampling;
   std::string system;
+  std::string session;  // a file: the conversation and its KV, resumed at start, saved each turn
 };
+
+// A chat session's metadata: its messages and turn count (the seed of the next draw).
+std::string sessionMetadata(const std::vector<model::ChatMessage>& messages, int64_t turns) {
+  nlohmann::json m = nlohmann::json::array();
+  for (const model::ChatMessage& msg : messages) m.push_back({{"role", msg.role}, {"content", msg.content}});
+  return nlohmann::json{{"messages", m}, {"turns", turns}}.dump();
+}
 
 void runChat(const ChatOptions& o) {
   Loaded l = loadModel(o.model);
@@ -123,9 +132,27 @@ void runChat(const ChatOptions& o) {
   auto engine = engineFor(l, o.model, l.model->hparams().nCtxTrain);
   std::vector<model::ChatMessage> messages;
   if (!o.system.empty()) messages.push_back({"system", o.system});
+  engine::SamplingParams sampling = o.sampling;
+  int64_t turns = 0;
+  if (!o.session.empty() && std::filesystem::exists(o.session)) {
+    // Resume: the conversation from the file, and its K/V into the prefix cache.
+    const kv::KVCache::LoadedSession s = engine->loadSession(o.session);
+    try {
+      const nlohmann::json meta = nlohmann::json::parse(s.metadata);
+      messages.clear();
+      for (const nlohmann::json& m : meta.at("messages")) {
+        messages.push_back({m.at("role").get<std::string>(), m.at("content").get<std::string>()});
+      }
+      turns = meta.at("turns").get<int64_t>();
+    } catch (const nlohmann::json::exception& e) {
+      throw std::runtime_error(o.session + ": not a chat session (" + e.what() + ")");
+    }
+    sampling.seed += static_cast<uint64_t>(turns);
+    std::cerr << "resumed " << o.session << ": " << messages.size() << " messages, "
+              << s.tokens.size() << " tokens of KV cache\n";
+  }
   std::cerr << "CortexStream chat: type a message; /reset clears the history, /exit or Ctrl-D "
                "quits.\n";
-  engine::SamplingParams sampling = o.sampling;
   // Each turn sends the whole conversation; the prefix cache holds the turns before it, so only
   // the new message (and the tail of the last block) is computed.
   std::string line;
@@ -150,9 +177,20 @@ void runChat(const ChatOptions& o) {
           [](std::string_view piece) { std::cout << piece << std::flush; });
       std::cout << "\n";
       messages.push_back({"assistant", r.text});
+      ++turns;
     } catch (const std::exception& e) {
       std::cerr << "error: " << e.what() << "\n";
       messages.pop_back();
+      continue;
+    }
+    if (!o.session.empty()) {
+      // What the next turn's prompt starts with; the saved KV is as much of it as is cached.
+      try {
+        const std::vector<int32_t> history = model::encodeChat(*l.tokenizer, tmpl, messages, false);
+        engine->saveSession(history, sessionMetadata(messages, turns), o.session);
+      } catch (const std::exception& e) {
+        std::cerr << "error: saving the session: " << e.what() << "\n";
+      }
     }
   }
 }
@@ -204,6 +242,9 @@ void registerGenerateCommands(CLI::App& app) {
     cmd->add_option("--chat-template", o->model.chatTemplate,
                     "override the model's chat template (chatml)");
     cmd->add_option("--system", o->system, "system prompt");
+    cmd->add_option("--session", o->session,
+                    "session file: resume the conversation (and its KV cache) it holds, and save "
+                    "it there after every answer");
     cmd->add_option("--max-tokens,-n", o->maxTokens, "tokens per answer at most")
         ->check(CLI::Range(1, 1 << 20));
     addSamplingOptions(cmd, o->sampling);

@@ -54,6 +54,7 @@ struct ServeOptions {
   std::string schedulePolicy = "fcfs";
   bool noPrefixCaching = false;
   bool noHybridKv = false;
+  std::string kvSessionDir;
   std::string kvEventsEndpoint;        // empty: no KV events
   std::string kvEventsReplayEndpoint;  // empty: no replay
 };
@@ -162,6 +163,9 @@ void runServe(const ServeOptions& o) {
   sc.metricsRequireKey = o.metricsRequireKey;
   sc.sslCertFile = o.sslCertFile;
   sc.sslKeyFile = o.sslKeyFile;
+  if (!o.kvSessionDir.empty()) {
+    sc.kvSessionDir = std::filesystem::absolute(o.kvSessionDir).lexically_normal().string();
+  }
   sc.servedModelName = o.servedModelName.empty()
                            ? std::filesystem::path(modelPath).filename().string()
                            : o.servedModelName;
@@ -275,6 +279,10 @@ void registerServeCommand(CLI::App& app) {
       ->check(CLI::Range(0.0, 3600.0))
       ->capture_default_str();
   addHybridKvFlag(cmd, o->noHybridKv);
+  cmd->add_option("--kv-session-dir", o->kvSessionDir,
+                  "folder where POST /kv_sessions/save writes and /kv_sessions/restore reads "
+                  "saved KV sessions (clients name only a file inside it); off when not given")
+      ->check(CLI::ExistingDirectory);
   cmd->add_flag("--no-prefix-caching", o->noPrefixCaching,
                 "compute every prompt in full instead of reusing cached KV blocks of earlier ones");
   cmd->add_option("--schedule-policy", o->schedulePolicy,

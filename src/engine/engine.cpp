@@ -1,7 +1,10 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <limits>
 
@@ -270,6 +273,44 @@ Engine::~Engine() {
 }
 
 int32_t Engine::resetPrefixCache() { return cache_->resetPrefixCache(); }
+
+int32_t Engine::saveSession(std::span<const int32_t> tokens, std::string_view metadata,
+                            const std::string& path) {
+  const std::string tmp = path + ".tmp";
+  int32_t saved = 0;
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw std::runtime_error("cannot write " + tmp + ": " + std::strerror(errno));
+    try {
+      saved = cache_->saveSession(tokens, metadata, out);
+    } catch (const kv::KVError& e) {
+      out.close();
+      std::remove(tmp.c_str());
+      throw EngineError(EngineError::Kind::InvalidRequest, e.what());
+    }
+    out.close();
+    if (!out) {
+      std::remove(tmp.c_str());
+      throw std::runtime_error("cannot write " + tmp);
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    std::remove(tmp.c_str());
+    throw std::runtime_error("cannot rename " + tmp + " to " + path + ": " + why);
+  }
+  return saved;
+}
+
+kv::KVCache::LoadedSession Engine::loadSession(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path + ": " + std::strerror(errno));
+  try {
+    return cache_->loadSession(in);
+  } catch (const kv::KVError& e) {
+    throw EngineError(EngineError::Kind::InvalidRequest, path + ": " + e.what());
+  }
+}
 
 int32_t Engine::maxContextTokens() const {
   return static_cast<int32_t>(

@@ -25,6 +25,7 @@
 #include <mutex>
 #include <optional>
 #include <span>
+#include <string_view>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -231,6 +232,16 @@ class Engine {
   // Evicts every cached prefix block (blocks of running requests keep their content). Returns how
   // many. Thread-safe.
   int32_t resetPrefixCache();
+  // Sessions (kv::KVCache::saveSession / loadSession): writes the cached prefix of `tokens` (the
+  // whole blocks the prefix cache holds for them, as a later request would hit) and `metadata`
+  // to `path`, through a temporary file renamed into place; returns the tokens saved. Loads such
+  // a file's blocks into the prefix cache, so requests starting with its tokens hit them. Both
+  // are thread-safe and run beside the step loop. Throw EngineError{InvalidRequest} with the
+  // cache's reason (prefix caching off, a damaged or foreign file, a pool too small) and
+  // std::runtime_error when the file cannot be written or read.
+  int32_t saveSession(std::span<const int32_t> tokens, std::string_view metadata,
+                      const std::string& path);
+  kv::KVCache::LoadedSession loadSession(const std::string& path);
   EngineStats stats() const;
   const EngineConfig& config() const { return config_; }
   int32_t maxContextTokens() const;  // longest prompt + completion a request may ask for

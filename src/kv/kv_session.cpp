@@ -219,6 +219,22 @@ KVCache::LoadedSession KVCache::loadSession(std::istream& in) {
   uint32_t shape[6];
   for (uint32_t& v : shape) v = r.get<uint32_t>();
   const int32_t B = config_.blockSizeTokens;
+  const auto nTokens = r.get<uint32_t>();
+  const auto metaBytes = r.get<uint32_t>();
+  const auto nRecords = r.get<uint32_t>();
+  // The file's own block size (its shape), so a foreign file is named as such below, not as
+  // truncated; once the shape matches this cache's it equals blockPayloadBytes().
+  const uint64_t payload = 2ull * shape[3] * shape[4] * shape[5] * shape[0];
+  const uint64_t size =
+      r.at + uint64_t{nTokens} * 4 + metaBytes + uint64_t{nRecords} * (8 + payload) + 8;
+  if (buf.size() < size) {
+    bad("the file is truncated (" + std::to_string(buf.size()) + " of " + std::to_string(size) +
+        " bytes)");
+  }
+  if (buf.size() > size) bad("unexpected bytes after the last record");
+  uint64_t stored;
+  std::memcpy(&stored, buf.data() + buf.size() - 8, 8);
+  if (fnv1a(buf.data(), buf.size() - 8) != stored) bad("checksum mismatch (the file is damaged)");
   const uint32_t expect[6] = {static_cast<uint32_t>(B), static_cast<uint32_t>(config_.dtype),
                               static_cast<uint32_t>(numGroups()),
                               static_cast<uint32_t>(groups_.layersPerGroup),
@@ -234,19 +250,6 @@ KVCache::LoadedSession KVCache::loadSession(std::istream& in) {
         (std::equal(shape, shape + 6, expect) ? ", and a different model file or precision)"
                                               : ")"));
   }
-  const auto nTokens = r.get<uint32_t>();
-  const auto metaBytes = r.get<uint32_t>();
-  const auto nRecords = r.get<uint32_t>();
-  const size_t payload = blockPayloadBytes();
-  const uint64_t size = r.at + uint64_t{nTokens} * 4 + metaBytes + uint64_t{nRecords} * (8 + payload) + 8;
-  if (buf.size() < size) {
-    bad("the file is truncated (" + std::to_string(buf.size()) + " of " + std::to_string(size) +
-        " bytes)");
-  }
-  if (buf.size() > size) bad("unexpected bytes after the last record");
-  uint64_t stored;
-  std::memcpy(&stored, buf.data() + buf.size() - 8, 8);
-  if (fnv1a(buf.data(), buf.size() - 8) != stored) bad("checksum mismatch (the file is damaged)");
   if (nTokens % static_cast<uint32_t>(B) != 0) bad("its token count is not whole blocks");
   LoadedSession out;
   out.tokens.resize(nTokens);
@@ -268,7 +271,7 @@ KVCache::LoadedSession KVCache::loadSession(std::istream& in) {
       bad("a record names block " + std::to_string(rec.index) + " of group " +
           std::to_string(rec.group) + " outside the session");
     }
-    rec.bytes = r.take(payload);
+    rec.bytes = r.take(static_cast<size_t>(payload));
   }
   const std::vector<uint64_t> chain = blockHashes(out.tokens);
 

@@ -6,10 +6,13 @@
 #include <openssl/evp.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <condition_variable>
+#include <cctype>
 #include <ctime>
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <mutex>
@@ -169,6 +172,10 @@ struct HttpServer::Impl {
   Routed load(const Request& req);
   Routed kvEventSources(const Request& req);
   Routed flushCache(const Request& req);
+  Routed saveSession(const Request& req);
+  Routed restoreSession(const Request& req);
+  // The path of the session file a request names ({"filename": ...}), inside kvSessionDir.
+  std::string sessionPath(const nlohmann::json& body) const;
 
   // A request's checked body and its prompt (token ids; echoText: the prompt as text).
   ParsedRequest parse(const Request& req, bool chat) const;
@@ -247,6 +254,8 @@ HttpServer::Impl::Impl(engine::Engine& e, const model::Tokenizer& t, ServerConfi
       {"/kv_event_sources", {V::get, &Impl::kvEventSources}},
       {"/flush_cache", {V::post, &Impl::flushCache}},
       {"/reset_prefix_cache", {V::post, &Impl::flushCache}},
+      {"/kv_sessions/save", {V::post, &Impl::saveSession}},
+      {"/kv_sessions/restore", {V::post, &Impl::restoreSession}},
       // operations
       {"/health", {V::get, &Impl::health}},
       {"/metrics", {V::get, &Impl::metrics}},
@@ -579,6 +588,66 @@ HttpServer::Impl::Routed HttpServer::Impl::kvEventSources(const Request&) {
 HttpServer::Impl::Routed HttpServer::Impl::flushCache(const Request&) {
   const int32_t dropped = engine.resetPrefixCache();
   return {jsonResponse(200, {{"status", "ok"}, {"blocks_dropped", dropped}}), nullptr};
+}
+
+std::string HttpServer::Impl::sessionPath(const json& body) const {
+  if (config.kvSessionDir.empty()) {
+    throwInvalid("", "KV sessions are off: start the server with --kv-session-dir DIR");
+  }
+  const auto it = body.find("filename");
+  if (it == body.end() || !it->is_string()) throwInvalid("filename", "'filename' (a string) is required");
+  const std::string name = it->get<std::string>();
+  const bool plain = !name.empty() && name.size() <= 255 && name[0] != '.' &&
+                     std::all_of(name.begin(), name.end(), [](char c) {
+                       return std::isalnum(static_cast<unsigned char>(c)) || c == '.' ||
+                              c == '_' || c == '-';
+                     });
+  if (!plain) {
+    throwInvalid("filename", "'filename' must be a plain file name (letters, digits, '.', '_', "
+                             "'-'; not starting with '.'), got '" + excerpt(name) + "'");
+  }
+  return config.kvSessionDir + "/" + name;
+}
+
+// llama-server's slot save, for the prefix cache: the cached K/V of a prompt's whole blocks.
+HttpServer::Impl::Routed HttpServer::Impl::saveSession(const Request& req) {
+  const json body = parseJsonBody(req);
+  if (!body.is_object()) throwInvalid("", "the request body must be a JSON object");
+  const std::string path = sessionPath(body);
+  const std::vector<int32_t> tokens = body.contains("messages")
+                                          ? prompt(parseChatRequest(body), true, nullptr)
+                                          : prompt(parseCompletionRequest(body), false, nullptr);
+  try {
+    const int32_t saved = engine.saveSession(tokens, "", path);
+    return {jsonResponse(200, {{"filename", body["filename"]},
+                               {"n_prompt_tokens", tokens.size()},
+                               {"n_saved", saved},
+                               {"n_written", std::filesystem::file_size(path)}}),
+            nullptr};
+  } catch (const engine::EngineError& e) {
+    throwInvalid("", e.what());
+  }
+}
+
+HttpServer::Impl::Routed HttpServer::Impl::restoreSession(const Request& req) {
+  const json body = parseJsonBody(req);
+  if (!body.is_object()) throwInvalid("", "the request body must be a JSON object");
+  const std::string path = sessionPath(body);
+  if (!std::filesystem::is_regular_file(path)) {
+    return {errorResponse(404, "no KV session named '" + excerpt(body["filename"].get<std::string>()) + "'",
+                          "invalid_request_error", "filename"),
+            nullptr};
+  }
+  try {
+    const kv::KVCache::LoadedSession s = engine.loadSession(path);
+    return {jsonResponse(200, {{"filename", body["filename"]},
+                               {"n_restored", s.tokens.size()},
+                               {"n_read", std::filesystem::file_size(path)},
+                               {"blocks_loaded", s.blocksLoaded}}),
+            nullptr};
+  } catch (const engine::EngineError& e) {
+    throwInvalid("filename", e.what());
+  }
 }
 
 HttpServer::Impl::Routed HttpServer::Impl::generate(const Request& req, bool chat) {

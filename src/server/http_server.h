@@ -48,6 +48,9 @@ struct ServerConfig {
   bool metricsRequireKey = false;
   // Both set: HTTPS only (PEM files).
   std::string sslCertFile, sslKeyFile;
+  // The folder /kv_sessions/save and /kv_sessions/restore read and write (a client names only a
+  // plain file name inside it); empty: those endpoints are off.
+  std::string kvSessionDir;
 };
 
 class HttpServer {
