@@ -22,7 +22,9 @@ template <KVDType DT>
 constexpr size_t kBytes = kv::dtypeBytes(DT);
 
 // The scale of the row starting at `row` (headDim D elements): a Q8 row's stored scale, 1 for the
-// float formats (unused).
+// float formats. Loads give a Q8 row's int8 values as floats; the scale is applied once per row
+// (a key's score is (q . k_int) x (scale_k x attention scale), a value row's weight p_j x scale_v),
+// and for the float formats those products are exact (x 1), so their bits are unchanged.
 template <KVDType DT>
 float rowScale(const std::byte* row, int32_t D) {
   if constexpr (DT == KVDType::Q8) {
@@ -36,9 +38,9 @@ float rowScale(const std::byte* row, int32_t D) {
   }
 }
 
-// 8 consecutive elements of a K/V row as floats (a Q8 element: float(q) * scale, one rounding).
+// 8 consecutive elements of a K/V row as floats (a Q8 element: its int8 value).
 template <KVDType DT>
-void load8Scalar(const std::byte* p, float scale, float* out) {
+void load8Scalar(const std::byte* p, float* out) {
   if constexpr (DT == KVDType::F32) {
     std::memcpy(out, p, 32);
   } else if constexpr (DT == KVDType::F16) {
@@ -46,14 +48,13 @@ void load8Scalar(const std::byte* p, float scale, float* out) {
   } else if constexpr (DT == KVDType::BF16) {
     for (int l = 0; l < 8; ++l) out[l] = bf16ToFloat(loadU16(p + 2 * l));
   } else {
-    for (int l = 0; l < 8; ++l) out[l] = static_cast<float>(static_cast<int8_t>(p[l])) * scale;
+    for (int l = 0; l < 8; ++l) out[l] = static_cast<float>(static_cast<int8_t>(p[l]));
   }
-  (void)scale;
 }
 
 #if CS_KERNELS_AVX2
 template <KVDType DT>
-__m256 load8(const std::byte* p, float scale) {
+__m256 load8(const std::byte* p) {
   if constexpr (DT == KVDType::F32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
   } else if constexpr (DT == KVDType::F16) {
@@ -63,9 +64,8 @@ __m256 load8(const std::byte* p, float scale) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   } else {
     const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scale));
+    return _mm256_cvtepi32_ps(v);
   }
-  (void)scale;
 }
 #endif
 
@@ -111,8 +111,7 @@ void transposeChunk(const std::byte* row, int count, int64_t tokenBytes, int32_t
   for (int32_t d0 = 0; d0 < D; d0 += 8) {
     __m256 r[8];
     for (int k = 0; k < 8; ++k) {
-      const std::byte* rk = row + k * tokenBytes;
-      r[k] = k < count ? load8<KT>(rk + static_cast<int64_t>(d0) * kBytes<KT>, rowScale<KT>(rk, D))
+      r[k] = k < count ? load8<KT>(row + k * tokenBytes + static_cast<int64_t>(d0) * kBytes<KT>)
                        : _mm256_setzero_ps();
     }
     const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -148,8 +147,8 @@ struct Lanes8 {
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V loadf(const float* p) { return _mm256_loadu_ps(p); }
   template <KVDType DT>
-  static V load(const std::byte* p, float scale) {
-    return load8<DT>(p, scale);
+  static V load(const std::byte* p) {
+    return load8<DT>(p);
   }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void storeFirst(float* p, V v, int count) {
@@ -171,7 +170,7 @@ struct Lanes16 {
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V loadf(const float* p) { return _mm512_loadu_ps(p); }
   template <KVDType DT>
-  static V load(const std::byte* p, float scale) {
+  static V load(const std::byte* p) {
     if constexpr (DT == KVDType::F32) {
       return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
     } else if constexpr (DT == KVDType::F16) {
@@ -182,9 +181,8 @@ struct Lanes16 {
       return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     } else {
       const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      return _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(scale));
+      return _mm512_cvtepi32_ps(v);
     }
-    (void)scale;
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void storeFirst(float* p, V v, int count) {
@@ -195,9 +193,10 @@ struct Lanes16 {
 
 #if CS_KERNELS_AVX2
 // M query vectors against the L::W keys of a transposed chunk (kt holds d * L::W + k): one fma
-// chain over d per (vector, key), keys in the lanes; `count` keys are stored.
+// chain over d per (vector, key), keys in the lanes, times each key's scale (kscale[k]: its row
+// scale x the attention scale); `count` keys are stored.
 template <class L, int M>
-void scoreChunk(const float* const* qs, const float* kt, int32_t D, float scale, float* s,
+void scoreChunk(const float* const* qs, const float* kt, int32_t D, const float* kscale, float* s,
                 size_t sStride, int count) {
   typename L::V acc[M];
   for (int m = 0; m < M; ++m) acc[m] = L::zero();
@@ -205,7 +204,7 @@ void scoreChunk(const float* const* qs, const float* kt, int32_t D, float scale,
     const typename L::V kv = L::loadf(kt + static_cast<size_t>(d) * L::W);
     for (int m = 0; m < M; ++m) acc[m] = L::fma(L::set1(qs[m][d]), kv, acc[m]);
   }
-  const typename L::V sv = L::set1(scale);
+  const typename L::V sv = L::loadf(kscale);
   for (int m = 0; m < M; ++m) L::storeFirst(s + m * sStride, L::mul(acc[m], sv), count);
 }
 
@@ -220,18 +219,22 @@ void scoreRowsSimd(const float* const* qs, int nv, int32_t a, int32_t b, int32_t
       transposeChunk<KT>(row + h * tokenBytes, std::clamp(count - h, 0, 8), tokenBytes, D, kt + h,
                          L::W);
     }
+    alignas(64) float kscale[L::W];
+    for (int k = 0; k < L::W; ++k) {
+      kscale[k] = k < count ? rowScale<KT>(row + k * tokenBytes, D) * scale : 0.0f;
+    }
     for (int v0 = 0; v0 < nv; v0 += 8) {
       float* sv = s + static_cast<size_t>(v0) * sStride + j;
       const float* const* q = qs + v0;
       switch (std::min(8, nv - v0)) {
-        case 8: scoreChunk<L, 8>(q, kt, D, scale, sv, sStride, count); break;
-        case 7: scoreChunk<L, 7>(q, kt, D, scale, sv, sStride, count); break;
-        case 6: scoreChunk<L, 6>(q, kt, D, scale, sv, sStride, count); break;
-        case 5: scoreChunk<L, 5>(q, kt, D, scale, sv, sStride, count); break;
-        case 4: scoreChunk<L, 4>(q, kt, D, scale, sv, sStride, count); break;
-        case 3: scoreChunk<L, 3>(q, kt, D, scale, sv, sStride, count); break;
-        case 2: scoreChunk<L, 2>(q, kt, D, scale, sv, sStride, count); break;
-        default: scoreChunk<L, 1>(q, kt, D, scale, sv, sStride, count); break;
+        case 8: scoreChunk<L, 8>(q, kt, D, kscale, sv, sStride, count); break;
+        case 7: scoreChunk<L, 7>(q, kt, D, kscale, sv, sStride, count); break;
+        case 6: scoreChunk<L, 6>(q, kt, D, kscale, sv, sStride, count); break;
+        case 5: scoreChunk<L, 5>(q, kt, D, kscale, sv, sStride, count); break;
+        case 4: scoreChunk<L, 4>(q, kt, D, kscale, sv, sStride, count); break;
+        case 3: scoreChunk<L, 3>(q, kt, D, kscale, sv, sStride, count); break;
+        case 2: scoreChunk<L, 2>(q, kt, D, kscale, sv, sStride, count); break;
+        default: scoreChunk<L, 1>(q, kt, D, kscale, sv, sStride, count); break;
       }
     }
   });
@@ -257,14 +260,14 @@ void scoreRows(const float* const* qs, int nv, int32_t a, int32_t b, int32_t kvh
   forKeyChunks<8>(K, kvh, a, b, [&](int32_t j, int count, const std::byte* row) {
     for (int k = 0; k < count; ++k, row += tokenBytes) {
       float k8[8];
-      const float ks = rowScale<KT>(row, D);
+      const float ks = rowScale<KT>(row, D) * scale;
       for (int v = 0; v < nv; ++v) {
         float acc = 0.0f;
         for (int32_t d = 0; d < D; d += 8) {
-          load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, ks, k8);
+          load8Scalar<KT>(row + static_cast<size_t>(d) * kBytes<KT>, k8);
           for (int l = 0; l < 8; ++l) acc = std::fma(qs[v][d + l], k8[l], acc);
         }
-        s[static_cast<size_t>(v) * sStride + j + k] = acc * scale;
+        s[static_cast<size_t>(v) * sStride + j + k] = acc * ks;
       }
     }
   });
@@ -348,10 +351,10 @@ void weightedValuesSimd(const float* s, size_t sStride, int32_t a, int32_t b, in
       const float vs = rowScale<VT>(row, D);
       typename L::V vv[CV];
       for (int k = 0; k < nv; ++k) {
-        vv[k] = L::template load<VT>(r + static_cast<size_t>(L::W * k) * kBytes<VT>, vs);
+        vv[k] = L::template load<VT>(r + static_cast<size_t>(L::W * k) * kBytes<VT>);
       }
       for (int g = 0; g < G; ++g) {
-        const typename L::V p = L::set1(s[g * sStride + j]);
+        const typename L::V p = L::set1(s[g * sStride + j] * vs);
         for (int k = 0; k < nv; ++k) acc[g][k] = L::fma(p, vv[k], acc[g][k]);
       }
     });
@@ -380,11 +383,10 @@ void weightedValues(const float* s, size_t sStride, int32_t a, int32_t b, int32_
       const int32_t dn = std::min(64, D - d0);
       float acc[64] = {};
       forKeys(V, kvh, a, b, [&](int32_t j, const std::byte* row) {
-        const float p = s[g * sStride + j];
-        const float vs = rowScale<VT>(row, D);
+        const float p = s[g * sStride + j] * rowScale<VT>(row, D);
         float v8[8];
         for (int32_t d = 0; d < dn; d += 8) {
-          load8Scalar<VT>(row + static_cast<size_t>(d0 + d) * kBytes<VT>, vs, v8);
+          load8Scalar<VT>(row + static_cast<size_t>(d0 + d) * kBytes<VT>, v8);
           for (int l = 0; l < 8; ++l) acc[d + l] = std::fma(p, v8[l], acc[d + l]);
         }
       });

@@ -24,7 +24,8 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 //   Q:   nQueryTokens x (nHeads * headDim) floats, head-major within a token.
 //   K,V: views of one layer of one sequence with numTokens >= firstQueryPos + nQueryTokens, same
 //        numKVHeads and headDim (a multiple of 8); dtype F32, F16 or BF16 (mixed freely), or Q8
-//        for both (each element read as float(q) * its row's scale); any strides.
+//        for both (int8 values read as they are, each row's scale applied once: see below); any
+//        strides.
 //   out: nQueryTokens x (nHeads * headDim) floats (must not alias Q).
 //   scratch: at least pagedAttentionScratchFloats(pool, firstQueryPos + nQueryTokens) floats.
 // Throws std::invalid_argument on inconsistent shapes (nothing written). Runs on all of `pool`'s
@@ -34,10 +35,13 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 // Numerics (batch-invariant): for each (token, head), with keys taken in chunks of 256 positions
 // aligned from position 0 (the last one partial, and with a window the first one starts at lo_i;
 // chunks wholly before lo_i are skipped):
-//   score_j = (fma chain over d = 0, 1, ... of q[d] * k_j[d], from 0) * scale;
+//   score_j = (fma chain over d = 0, 1, ... of q[d] * k_j[d], from 0) * (c_j * scale), with c_j
+//   the key row's scale (Q8; k_j its int8 values) or 1 (exact: the float formats' bits are those
+//   of a plain * scale);
 //   per chunk c: m_c = its largest score, e_j = exp(score_j - m_c) (the canonical polynomial of
 //   simd.h, within 2 ulp), l_c = sum of its e_j in double (8 lanes by j mod 8, then a fixed
-//   order), o_c[d] = sum of e_j * v_j[d] (fma in key order, from 0);
+//   order), o_c[d] = sum of (e_j * c'_j) * v_j[d] (fma in key order, from 0; c'_j the value
+//   row's scale or 1);
 //   merged in chunk order: with M = max m_c and w_c = exp(m_c - M),
 //   out[d] = (sum_c w_c o_c[d], fma from 0) * float(1 / sum_c w_c l_c)
 //   (one chunk: w = 1 exactly, out = o * 1/l).
