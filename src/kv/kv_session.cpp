@@ -203,7 +203,7 @@ KVCache::LoadedSession KVCache::loadSession(std::istream& in) {
     const std::string all{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
     if (in.bad()) bad("reading the session failed");
     buf.resize(all.size());
-    std::memcpy(buf.data(), all.data(), all.size());
+    if (!all.empty()) std::memcpy(buf.data(), all.data(), all.size());
   }
   if (buf.size() < sizeof kMagic || std::memcmp(buf.data(), kMagic, sizeof kMagic) != 0) {
     bad("not a CortexStream KV session file");
@@ -253,7 +253,8 @@ KVCache::LoadedSession KVCache::loadSession(std::istream& in) {
   if (nTokens % static_cast<uint32_t>(B) != 0) bad("its token count is not whole blocks");
   LoadedSession out;
   out.tokens.resize(nTokens);
-  std::memcpy(out.tokens.data(), r.take(size_t{nTokens} * 4), size_t{nTokens} * 4);
+  const std::byte* tokenBytes = r.take(size_t{nTokens} * 4);
+  if (nTokens > 0) std::memcpy(out.tokens.data(), tokenBytes, size_t{nTokens} * 4);
   const std::byte* meta = r.take(metaBytes);
   out.metadata.assign(reinterpret_cast<const char*>(meta), metaBytes);
   struct Record {

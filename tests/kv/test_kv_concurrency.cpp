@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "kv/kv_cache.h"
@@ -142,6 +143,95 @@ TEST(KVConcurrency, ThreadsHitEachOthersCachedPrefixes) {
   monitor.join();
   EXPECT_EQ(mismatches.load(), 0);
   EXPECT_GT(hits.load(), 0);
+  cache.checkInvariants();
+  EXPECT_EQ(cache.stats().usedBlocks, 0);
+}
+
+// Sessions beside the traffic: one thread saves the families' cached prefixes while three others
+// allocate, hit, evict and free, and loads each saved session into a second cache and into this
+// one. A saved block is held while copied, so what a session holds must be exactly the values its
+// tokens computed, whatever was evicted meanwhile; loading into the busy cache must keep every hit
+// right.
+TEST(KVConcurrency, SessionsSaveAndLoadBesideTraffic) {
+  KVCacheConfig c;
+  c.numLayers = 1;
+  c.numKVHeads = 1;
+  c.headDim = 2;
+  c.blockSizeTokens = 4;
+  c.numBlocks = 40;
+  c.dtype = KVDType::F32;
+  KVCache cache(c);
+  auto value = [](int family, int32_t pos) { return static_cast<float>(family * 1000 + pos); };
+  auto familyTokens = [](int family, int32_t n) {
+    std::vector<int32_t> tokens(static_cast<size_t>(n));
+    for (int32_t i = 0; i < n; ++i) tokens[static_cast<size_t>(i)] = family * 100 + i;
+    return tokens;
+  };
+  std::atomic<int> mismatches{0};
+  std::atomic<bool> stop{false};
+  auto worker = [&](int tid) {
+    std::mt19937 rng(static_cast<uint32_t>(tid + 20));
+    for (int round = 0; round < 300; ++round) {
+      const SeqId s = static_cast<SeqId>(tid) * 1000000 + static_cast<SeqId>(round);
+      const int family = static_cast<int>(rng() % 3);
+      const auto n = static_cast<int32_t>(1 + rng() % 24);
+      const std::vector<int32_t> tokens = familyTokens(family, n);
+      const int32_t cached = cache.tryAllocateWithPrefix(s, tokens, n);
+      if (cached < 0) continue;
+      for (int32_t pos = cached; pos < n; ++pos) {
+        const float v[2] = {value(family, pos), 0};
+        cache.writeKV(cache.slotFor(s, pos), 0, v, v);
+      }
+      cache.cacheComputedBlocks(s, tokens);
+      std::vector<float> out(static_cast<size_t>(2 * n));
+      gather(cache.getKView(s, 0), out.data());
+      for (int32_t pos = 0; pos < n; ++pos) {
+        mismatches += out[static_cast<size_t>(2 * pos)] == value(family, pos) ? 0 : 1;
+      }
+      cache.freeFor(s);
+    }
+  };
+  int saved = 0;
+  std::thread sessions([&] {
+    KVCacheConfig other = c;
+    other.numBlocks = 64;
+    KVCache copy(other);
+    for (int round = 0; !stop.load() && round < 2000; ++round) {
+      const int family = round % 3;
+      std::stringstream file;
+      const int32_t n = cache.saveSession(familyTokens(family, 24), "", file);
+      if (n == 0) continue;
+      ++saved;
+      const std::string bytes = file.str();
+      std::stringstream in(bytes);
+      copy.resetPrefixCache();
+      const KVCache::LoadedSession s = copy.loadSession(in);
+      const SeqId id = 7;
+      if (copy.tryAllocateWithPrefix(id, s.tokens, n + 1) != n) {
+        ++mismatches;  // everything saved must hit
+        continue;
+      }
+      std::vector<float> out(static_cast<size_t>(2 * (n + 1)));
+      gather(copy.getKView(id, 0), out.data());
+      for (int32_t pos = 0; pos < n; ++pos) {
+        mismatches += out[static_cast<size_t>(2 * pos)] == value(family, pos) ? 0 : 1;
+      }
+      copy.freeFor(id);
+      std::stringstream again(bytes);
+      try {
+        cache.loadSession(again);  // into the busy cache: its hits must stay right
+      } catch (const KVError& e) {
+        if (e.code() != KVErrc::OutOfBlocks) throw;
+      }
+    }
+  });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) threads.emplace_back(worker, t);
+  for (auto& t : threads) t.join();
+  stop = true;
+  sessions.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  EXPECT_GT(saved, 0);
   cache.checkInvariants();
   EXPECT_EQ(cache.stats().usedBlocks, 0);
 }

@@ -145,6 +145,7 @@ TEST(KVSession, BadFilesAreRefusedAndChangeNothing) {
     return std::string("loaded");
   };
   EXPECT_NE(load("hello").find("not a CortexStream KV session"), std::string::npos);
+  EXPECT_NE(load("").find("not a CortexStream KV session"), std::string::npos);
   EXPECT_NE(load(good.substr(0, good.size() / 2)).find("truncated"), std::string::npos);
   EXPECT_NE(load(good.substr(0, 20)).find("truncated"), std::string::npos);
   std::string flipped = good;
