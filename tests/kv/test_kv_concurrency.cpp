@@ -168,11 +168,12 @@ TEST(KVConcurrency, SessionsSaveAndLoadBesideTraffic) {
     return tokens;
   };
   std::atomic<int> mismatches{0};
-  std::atomic<bool> stop{false};
+  std::atomic<bool> sessionsDone{false};
+  // The traffic runs until the session thread has done its rounds (so they always overlap).
   auto worker = [&](int tid) {
     std::mt19937 rng(static_cast<uint32_t>(tid + 20));
-    for (int round = 0; round < 300; ++round) {
-      const SeqId s = static_cast<SeqId>(tid) * 1000000 + static_cast<SeqId>(round);
+    for (int round = 0; round < 1000000 && !sessionsDone.load(); ++round) {
+      const SeqId s = static_cast<SeqId>(tid) * 10000000 + static_cast<SeqId>(round);
       const int family = static_cast<int>(rng() % 3);
       const auto n = static_cast<int32_t>(1 + rng() % 24);
       const std::vector<int32_t> tokens = familyTokens(family, n);
@@ -196,7 +197,8 @@ TEST(KVConcurrency, SessionsSaveAndLoadBesideTraffic) {
     KVCacheConfig other = c;
     other.numBlocks = 64;
     KVCache copy(other);
-    for (int round = 0; !stop.load() && round < 2000; ++round) {
+    // Until 50 sessions held something (the workers may start after this thread).
+    for (int round = 0; saved < 50 && round < 1000000; ++round) {
       const int family = round % 3;
       std::stringstream file;
       const int32_t n = cache.saveSession(familyTokens(family, 24), "", file);
@@ -224,14 +226,14 @@ TEST(KVConcurrency, SessionsSaveAndLoadBesideTraffic) {
         if (e.code() != KVErrc::OutOfBlocks) throw;
       }
     }
+    sessionsDone = true;
   });
   std::vector<std::thread> threads;
   for (int t = 0; t < 3; ++t) threads.emplace_back(worker, t);
-  for (auto& t : threads) t.join();
-  stop = true;
   sessions.join();
+  for (auto& t : threads) t.join();
   EXPECT_EQ(mismatches.load(), 0);
-  EXPECT_GT(saved, 0);
+  EXPECT_EQ(saved, 50);
   cache.checkInvariants();
   EXPECT_EQ(cache.stats().usedBlocks, 0);
 }
