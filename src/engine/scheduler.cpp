@@ -51,13 +51,13 @@ Scheduler::Scheduler(const SchedulerConfig& config, BlockBudget& memory)
     throw std::invalid_argument("the watermark fraction must be in [0, 1)");
   }
   if (config_.maxOvertakes < 0) throw std::invalid_argument("max overtakes must be >= 0");
+  // The pool never changes size: what one sequence can reach is computed once.
+  maxContextTokens_ = memory_.maxSequenceTokens(config_.maxBatchedTokens);
   watermarkBlocks_ = std::max(
       1, static_cast<int32_t>(std::floor(config_.watermarkFraction * memory_.totalBlocks())));
 }
 
-int64_t Scheduler::maxContextTokens() const {
-  return memory_.maxSequenceTokens(config_.maxBatchedTokens);
-}
+int64_t Scheduler::maxContextTokens() const { return maxContextTokens_; }
 
 Scheduler::Entry& Scheduler::entry(kv::SeqId seq) {
   auto it = entries_.find(seq);

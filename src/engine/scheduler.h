@@ -221,6 +221,7 @@ class Scheduler {
   SchedulerConfig config_;
   BlockBudget& memory_;
   int32_t watermarkBlocks_ = 1;
+  int64_t maxContextTokens_ = 0;
   std::unordered_map<kv::SeqId, Entry> entries_;
   std::deque<Entry*> waiting_;   // arrival order; preempted requests go back to the front
   std::vector<Entry*> running_;  // admission order

@@ -347,17 +347,12 @@ int32_t KVCache::blocksNeededToAppend(SeqId seq, int32_t n) const {
 }
 
 void KVCache::copyBlock(BlockId from, BlockId to, int32_t tokens) {
-  const size_t eb = dtypeBytes(config_.dtype);
   const size_t bytes = rowBytes(config_.dtype, config_.headDim) * static_cast<size_t>(tokens);
   for (int32_t slot = 0; slot < arena_.layersPerBlock; ++slot) {
     for (int32_t head = 0; head < config_.numKVHeads; ++head) {
-      // Within a block, one head's rows are contiguous in both layouts.
-      const auto at = [&](BlockId b) {
-        return static_cast<size_t>(slot * arena_.slotStride + b * arena_.blockStride +
-                                   head * arena_.headStride) * eb;
-      };
-      std::memcpy(arena_.kBase + at(to), arena_.kBase + at(from), bytes);
-      std::memcpy(arena_.vBase + at(to), arena_.vBase + at(from), bytes);
+      const size_t src = headRowsOffset(from, slot, head), dst = headRowsOffset(to, slot, head);
+      std::memcpy(arena_.kBase + dst, arena_.kBase + src, bytes);
+      std::memcpy(arena_.vBase + dst, arena_.vBase + src, bytes);
     }
   }
 }

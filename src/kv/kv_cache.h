@@ -312,6 +312,13 @@ class KVCache {
   // Slots of positions [firstPos, firstPos + count) in `group`, to out[0], out[stride], ...
   void slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, size_t count, int32_t group,
                    TokenSlot* out, size_t stride) const;
+  // Byte offset, in either half of the arena, of block b's rows of one (slot, head): contiguous,
+  // blockSizeTokens rows, in both layouts.
+  size_t headRowsOffset(BlockId b, int32_t slot, int32_t head) const {
+    return static_cast<size_t>(slot * arena_.slotStride + b * arena_.blockStride +
+                               head * arena_.headStride) *
+           dtypeBytes(config_.dtype);
+  }
   // Bytes of one block's K and V (every slot and head), and their copy to or from `buf`.
   size_t blockPayloadBytes() const;
   void copyBlockOut(BlockId b, std::byte* buf) const;

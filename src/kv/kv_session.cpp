@@ -81,31 +81,24 @@ size_t KVCache::blockPayloadBytes() const {
 }
 
 void KVCache::copyBlockOut(BlockId b, std::byte* buf) const {
-  const size_t eb = dtypeBytes(config_.dtype);
   const size_t rows = rowBytes(config_.dtype, config_.headDim) *
                       static_cast<size_t>(config_.blockSizeTokens);
   for (const std::byte* half : {arena_.kBase, arena_.vBase}) {
     for (int32_t slot = 0; slot < arena_.layersPerBlock; ++slot) {
       for (int32_t head = 0; head < config_.numKVHeads; ++head, buf += rows) {
-        // One head's rows are contiguous within a block in both layouts.
-        const auto at = static_cast<size_t>(slot * arena_.slotStride + b * arena_.blockStride +
-                                            head * arena_.headStride) * eb;
-        std::memcpy(buf, half + at, rows);
+        std::memcpy(buf, half + headRowsOffset(b, slot, head), rows);
       }
     }
   }
 }
 
 void KVCache::copyBlockIn(BlockId b, const std::byte* buf) {
-  const size_t eb = dtypeBytes(config_.dtype);
   const size_t rows = rowBytes(config_.dtype, config_.headDim) *
                       static_cast<size_t>(config_.blockSizeTokens);
   for (std::byte* half : {arena_.kBase, arena_.vBase}) {
     for (int32_t slot = 0; slot < arena_.layersPerBlock; ++slot) {
       for (int32_t head = 0; head < config_.numKVHeads; ++head, buf += rows) {
-        const auto at = static_cast<size_t>(slot * arena_.slotStride + b * arena_.blockStride +
-                                            head * arena_.headStride) * eb;
-        std::memcpy(half + at, buf, rows);
+        std::memcpy(half + headRowsOffset(b, slot, head), buf, rows);
       }
     }
   }
