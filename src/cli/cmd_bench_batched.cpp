@@ -245,6 +245,7 @@ nlohmann::json benchOneN(const Loaded& l, const BatchedOptions& o, int32_t n, in
   engine::EngineConfig c;
   c.kvDtype = o.model.kvDtype;
   c.hybridKv = !o.model.noHybridKv;
+  c.backend = o.model.backend;
   c.numThreads = threads;
   c.maxNumSeqs = n;
   c.maxBatchedTokens = static_cast<int32_t>(promptTokens);

@@ -27,6 +27,7 @@ std::unique_ptr<engine::Engine> engineFor(const Loaded& l, const ModelOptions& o
   engine::EngineConfig c;
   c.kvDtype = o.kvDtype;
   c.hybridKv = !o.noHybridKv;
+  c.backend = o.backend;
   c.numThreads = o.threads;
   c.maxBatchedTokens = maxBatchedTokens;
   const int64_t ctx = l.model->hparams().nCtxTrain;

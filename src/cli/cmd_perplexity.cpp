@@ -168,6 +168,7 @@ void runPerplexity(const PerplexityOptions& o) {
   ec.blockSizeTokens = kBlockSizeTokens;
   ec.kvDtype = o.model.kvDtype;
   ec.hybridKv = !o.model.noHybridKv;
+  ec.backend = o.model.backend;
   ec.numThreads = o.model.threads;
   ec.maxBatchedTokens = kStepTokens;
   ec.maxNumSeqs = inFlight;

@@ -54,6 +54,7 @@ struct ServeOptions {
   std::string schedulePolicy = "fcfs";
   bool noPrefixCaching = false;
   bool noHybridKv = false;
+  engine::Backend backend = engine::Backend::Cpu;
   std::string kvSessionDir;
   std::string kvEventsEndpoint;        // empty: no KV events
   std::string kvEventsReplayEndpoint;  // empty: no replay
@@ -117,6 +118,7 @@ void runServe(const ServeOptions& o) {
   ec.numThreads = o.threads;
   ec.prefixCaching = !o.noPrefixCaching;
   ec.hybridKv = !o.noHybridKv;
+  ec.backend = o.backend;
   ec.schedulePolicy = engine::parseSchedulePolicy(o.schedulePolicy);
 
   // Bound before the model loads, so a bad endpoint fails at once; declared before the engine, so
@@ -163,6 +165,9 @@ void runServe(const ServeOptions& o) {
   sc.metricsRequireKey = o.metricsRequireKey;
   sc.sslCertFile = o.sslCertFile;
   sc.sslKeyFile = o.sslKeyFile;
+  if (!o.kvSessionDir.empty() && o.backend != engine::Backend::Cpu) {
+    throw std::runtime_error("--kv-session-dir needs --backend cpu (KV sessions read the CPU arena)");
+  }
   if (!o.kvSessionDir.empty()) {
     sc.kvSessionDir = std::filesystem::absolute(o.kvSessionDir).lexically_normal().string();
   }
@@ -279,6 +284,7 @@ void registerServeCommand(CLI::App& app) {
       ->check(CLI::Range(0.0, 3600.0))
       ->capture_default_str();
   addHybridKvFlag(cmd, o->noHybridKv);
+  addBackendOption(cmd, o->backend);
   cmd->add_option("--kv-session-dir", o->kvSessionDir,
                   "folder where POST /kv_sessions/save writes and /kv_sessions/restore reads "
                   "saved KV sessions (clients name only a file inside it); off when not given")

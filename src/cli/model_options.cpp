@@ -36,6 +36,17 @@ void addHybridKvFlag(CLI::App* cmd, bool& off) {
                 "keep only the blocks their window sees");
 }
 
+void addBackendOption(CLI::App* cmd, engine::Backend& backend) {
+  cmd->add_option_function<std::string>(
+         "--backend",
+         [&backend](const std::string& name) { backend = engine::parseBackend(name); },
+         std::string("what runs the forward pass: cpu (CortexStream's kernels) or mlx (MLX; ") +
+             (engine::backendAvailable(engine::Backend::Mlx) ? "in this build)"
+                                                             : "not in this build)"))
+      ->check(CLI::IsMember({"cpu", "mlx"}))
+      ->default_str(engine::toString(backend));
+}
+
 void addModelOptions(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--model,-m", o.modelPath, kModelOptionHelp);
   cmd->add_option("--threads,-t", o.threads, "CPU threads (0 = all cores)")
@@ -43,6 +54,7 @@ void addModelOptions(CLI::App* cmd, ModelOptions& o) {
   addKvDtypeOption(cmd, o.kvDtype);
   addPrecisionOption(cmd, o.precision);
   addHybridKvFlag(cmd, o.noHybridKv);
+  addBackendOption(cmd, o.backend);
 }
 
 std::string resolveModelPath(const std::string& given) {

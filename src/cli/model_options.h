@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "engine/model_runner.h"
 #include "kv/paged_view.h"
 #include "model/chat_template.h"
 #include "model/default_model.h"
@@ -22,6 +23,7 @@ struct ModelOptions {
   kv::KVDType kvDtype = kv::KVDType::F16;
   model::Precision precision = model::Precision::Int8;
   bool noHybridKv = false;   // every layer keeps every position, sliding-window layers included
+  engine::Backend backend = engine::Backend::Cpu;
 };
 
 // Adds `--kv-dtype NAME` to `cmd`: the accepted names are those of kv::kKVFormats, the value is
@@ -35,7 +37,10 @@ void addPrecisionOption(CLI::App* cmd, model::Precision& precision);
 // Adds `--no-hybrid-kv` to `cmd`, writing into `off`.
 void addHybridKvFlag(CLI::App* cmd, bool& off);
 
-// Adds --model/-m, --threads/-t, --kv-dtype, --precision and --no-hybrid-kv to `cmd`, writing into `o` (which must outlive
+// Adds `--backend cpu|mlx` to `cmd` (engine::Backend), writing into `backend`.
+void addBackendOption(CLI::App* cmd, engine::Backend& backend);
+
+// Adds --model/-m, --threads/-t, --kv-dtype, --precision, --no-hybrid-kv and --backend to `cmd`, writing into `o` (which must outlive
 // parsing). --chat-template is left to the commands that use a template.
 void addModelOptions(CLI::App* cmd, ModelOptions& o);
 

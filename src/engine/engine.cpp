@@ -245,7 +245,9 @@ Engine::Engine(model::TransformerModel& model, const model::Tokenizer& tokenizer
       config_.kvCacheBytes ? config_.kvCacheBytes : defaultKvCacheBytes(model_, config_);
   config_.kvCacheBytes = bytes;
   cache_ = std::make_unique<kv::KVCache>(kvCacheConfigFor(model_, config_, bytes));
-  cache_->warmup();
+  // The MLX backend keeps K/V in its own arrays: the cache's arena is never touched (so its
+  // pages are never committed).
+  if (config_.backend == Backend::Cpu) cache_->warmup();
   cache_->recordEvents(static_cast<bool>(config_.kvEventListener));
   budget_ = std::make_unique<PagedBlockBudget>(*cache_);
   SchedulerConfig sc;
@@ -253,7 +255,11 @@ Engine::Engine(model::TransformerModel& model, const model::Tokenizer& tokenizer
   sc.maxNumSeqs = config_.maxNumSeqs;
   sc.policy = config_.schedulePolicy;
   scheduler_ = std::make_unique<Scheduler>(sc, *budget_);
-  runner_ = std::make_unique<ModelRunner>(model_, *cache_, config_.numThreads);
+  try {
+    runner_ = std::make_unique<ModelRunner>(model_, *cache_, config_.numThreads, config_.backend);
+  } catch (const model::ModelError& e) {
+    throw EngineError(Kind::InvalidRequest, e.what());
+  }
   stats_.blockSizeTokens = config_.blockSizeTokens;
   stats_.timeToFirstToken = {latencyBounds(), std::vector<uint64_t>(latencyBounds().size() + 1)};
   stats_.timePerOutputToken = stats_.timeToFirstToken;
@@ -276,6 +282,7 @@ int32_t Engine::resetPrefixCache() { return cache_->resetPrefixCache(); }
 
 int32_t Engine::saveSession(std::span<const int32_t> tokens, std::string_view metadata,
                             const std::string& path) {
+  requireSessionsSupported();
   const std::string tmp = path + ".tmp";
   int32_t saved = 0;
   {
@@ -302,7 +309,16 @@ int32_t Engine::saveSession(std::span<const int32_t> tokens, std::string_view me
   return saved;
 }
 
+void Engine::requireSessionsSupported() const {
+  if (config_.backend != Backend::Cpu) {
+    throw EngineError(EngineError::Kind::InvalidRequest,
+                      std::string("KV sessions need the cpu backend (this engine runs ") +
+                          toString(config_.backend) + ")");
+  }
+}
+
 kv::KVCache::LoadedSession Engine::loadSession(const std::string& path) {
+  requireSessionsSupported();
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot read " + path + ": " + std::strerror(errno));
   try {

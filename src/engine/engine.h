@@ -53,6 +53,8 @@ struct EngineConfig {
   bool prefixCaching = true;       // keep and reuse the KV blocks of prompts already computed
   // Hybrid KV cache: sliding-window layers keep only the blocks their window sees (kv_config.h).
   bool hybridKv = true;
+  // What runs the forward pass (model_runner.h): the CPU kernels, or MLX when built with it.
+  Backend backend = Backend::Cpu;
   SchedulePolicy schedulePolicy = SchedulePolicy::Fcfs;
   // Called on the step loop after each step that changed the prefix cache, with what changed, in
   // order. It must not block (hand the events to another thread).
@@ -238,7 +240,8 @@ class Engine {
   // a file's blocks into the prefix cache, so requests starting with its tokens hit them. Both
   // are thread-safe and run beside the step loop. Throw EngineError{InvalidRequest} with the
   // cache's reason (prefix caching off, a damaged or foreign file, a pool too small) and
-  // std::runtime_error when the file cannot be written or read.
+  // std::runtime_error when the file cannot be written or read. They read and write the cache's
+  // arena, so the MLX backend refuses them (EngineError{InvalidRequest}).
   int32_t saveSession(std::span<const int32_t> tokens, std::string_view metadata,
                       const std::string& path);
   kv::KVCache::LoadedSession loadSession(const std::string& path);
@@ -247,6 +250,7 @@ class Engine {
   int32_t maxContextTokens() const;  // longest prompt + completion a request may ask for
 
  private:
+  void requireSessionsSupported() const;
   struct Request;
   struct Group;
   void loop();

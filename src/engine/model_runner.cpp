@@ -1,6 +1,84 @@
 #include "engine/model_runner.h"
 
+#include <stdexcept>
+
+#include "kernels/thread_pool.h"
+#include "model/errors.h"
+#ifdef CS_WITH_MLX
+#include "mlx_backend/mlx_model.h"
+#endif
+
 namespace cortex::engine {
+
+namespace {
+
+class CpuBackend final : public ForwardBackend {
+ public:
+  CpuBackend(model::TransformerModel& model, int threads) : model_(model), pool_(threads) {}
+  void forward(const model::ForwardBatch& batch, std::vector<float>& logits) override {
+    model_.forward(batch, pool_, logits);
+  }
+
+ private:
+  model::TransformerModel& model_;
+  kernels::ThreadPool pool_;
+};
+
+#ifdef CS_WITH_MLX
+class MlxBackend final : public ForwardBackend {
+ public:
+  MlxBackend(const model::TransformerModel& model, kv::KVCache& cache)
+      : cache_(cache), mlx_(model, cache.arena(), cache.numBlocks()) {
+    cache_.setExternalBlockCopier(
+        [this](kv::BlockId from, kv::BlockId to) { mlx_.copyBlock(from, to); });
+  }
+  ~MlxBackend() override { cache_.setExternalBlockCopier(nullptr); }
+  void forward(const model::ForwardBatch& batch, std::vector<float>& logits) override {
+    mlx_.forward(batch, logits);
+  }
+
+ private:
+  kv::KVCache& cache_;
+  mlxbackend::MlxModel mlx_;
+};
+#endif
+
+}  // namespace
+
+const char* toString(Backend b) { return b == Backend::Mlx ? "mlx" : "cpu"; }
+
+Backend parseBackend(const std::string& name) {
+  if (name == "cpu") return Backend::Cpu;
+  if (name == "mlx") return Backend::Mlx;
+  throw std::invalid_argument("backend '" + name + "' is not one of: cpu, mlx");
+}
+
+bool backendAvailable(Backend b) {
+#ifdef CS_WITH_MLX
+  (void)b;
+  return true;
+#else
+  return b == Backend::Cpu;
+#endif
+}
+
+ModelRunner::ModelRunner(model::TransformerModel& model, kv::KVCache& cache, int threads,
+                         Backend backend)
+    : cache_(cache) {
+  if (backend == Backend::Cpu) {
+    backend_ = std::make_unique<CpuBackend>(model, threads);
+    return;
+  }
+#ifdef CS_WITH_MLX
+  backend_ = std::make_unique<MlxBackend>(model, cache);
+#else
+  throw model::ModelError(
+      "this build has no MLX backend: build with CS_WITH_MLX=1 scripts/build.sh "
+      "(cmake -DCS_WITH_MLX=ON, MLX from the mlx-cpu Python wheel)");
+#endif
+}
+
+ModelRunner::~ModelRunner() = default;
 
 void ModelRunner::clear() {
   step_.clear();
@@ -27,7 +105,7 @@ void ModelRunner::run(std::vector<float>& logits) {
                                        static_cast<size_t>(cache_.numGroups()));
   }
   batch_.arena = cache_.arena();
-  model_.forward(batch_, pool_, logits);
+  backend_->forward(batch_, logits);
 }
 
 }  // namespace cortex::engine

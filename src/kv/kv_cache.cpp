@@ -346,7 +346,12 @@ int32_t KVCache::blocksNeededToAppend(SeqId seq, int32_t n) const {
   return std::max(0, gross - freed);
 }
 
+void KVCache::setExternalBlockCopier(std::function<void(BlockId from, BlockId to)> copier) {
+  externalCopier_ = std::move(copier);
+}
+
 void KVCache::copyBlock(BlockId from, BlockId to, int32_t tokens) {
+  if (externalCopier_) return externalCopier_(from, to);
   const size_t bytes = rowBytes(config_.dtype, config_.headDim) * static_cast<size_t>(tokens);
   for (int32_t slot = 0; slot < arena_.layersPerBlock; ++slot) {
     for (int32_t head = 0; head < config_.numKVHeads; ++head) {

@@ -44,6 +44,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
 #include <memory>
 #include <mutex>
@@ -165,6 +166,11 @@ class KVCache {
   void cacheComputedBlocks(SeqId seq, std::span<const int32_t> tokens);
   // Evicts every cached block (blocks in use keep their hashes). Returns how many.
   int32_t resetPrefixCache();
+  // For a runner that keeps K/V in its own memory instead of this arena (the MLX backend): a copy
+  // on write calls copier(from, to) (on the appending thread) instead of copying arena bytes;
+  // the runner must copy block `from` to `to` before it next reads or writes either. Sessions
+  // read and write the arena, so they are not for such a cache. Set before the first sequence.
+  void setExternalBlockCopier(std::function<void(BlockId from, BlockId to)> copier);
   // Turns event recording on or off (off at construction); while on, every store, eviction and
   // reset is recorded until takeEvents collects it.
   void recordEvents(bool on);
@@ -349,6 +355,7 @@ class KVCache {
   // or loading.
   std::vector<int32_t> heldRefs_;
   bool recordEvents_ = false;
+  std::function<void(BlockId, BlockId)> externalCopier_;
   std::vector<KVEvent> events_;
   std::vector<EvictedBlock> evictedScratch_;
 };

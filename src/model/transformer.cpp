@@ -364,6 +364,17 @@ void TransformerModel::packWeights() {
   }
 }
 
+kernels::WeightMatrix TransformerModel::weightMatrix(const std::string& name) const {
+  const GGUFTensorInfo& t = file_.tensor(name);
+  if (t.dims.size() != 2) throw ModelError("tensor '" + name + "' is not a matrix");
+  kernels::WeightMatrix w;
+  w.data = t.data;
+  w.type = toWeightType(t.type, name);
+  w.cols = static_cast<int64_t>(t.dims[0]);
+  w.rows = static_cast<int64_t>(t.dims[1]);
+  return w;
+}
+
 kv::KVCacheConfig TransformerModel::kvCacheConfig(int32_t blockSizeTokens, uint64_t memoryBudgetBytes,
                                             kv::KVDType dtype) const {
   kv::KVCacheConfig c;

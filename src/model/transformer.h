@@ -24,6 +24,7 @@
 
 namespace cortex::kernels {
 class ThreadPool;
+struct WeightMatrix;
 }  // namespace cortex::kernels
 
 namespace cortex::model {
@@ -110,6 +111,12 @@ class TransformerModel {
   // shape. The kernels run on `pool`'s threads. Not reentrant: one forward at a time per model (it
   // reuses internal buffers).
   void forward(const ForwardBatch& batch, kernels::ThreadPool& pool, std::vector<float>& logits);
+  // The checks forward() makes before touching the arena (ModelError), for another runner of the
+  // same model: nOutRows is the number of logits rows, maxContext the longest sequence.
+  void validate(const ForwardBatch& batch, int64_t& nOutRows, int32_t& maxContext) const;
+  // The file's weight matrix `name` as the kernels read it (type, rows, cols; checked at load
+  // for the tensors the forward pass uses), for a runner that converts the weights.
+  kernels::WeightMatrix weightMatrix(const std::string& name) const;
   ~TransformerModel();
 
  private:
@@ -119,7 +126,6 @@ class TransformerModel {
   void resize(int64_t nTokens, int32_t maxContext, const kernels::ThreadPool& pool);
   // Repacks the Q4_0/Q4_1/Q8_0 matrices for the integer path (Precision::Int8).
   void packWeights();
-  void validate(const ForwardBatch& batch, int64_t& nOutRows, int32_t& maxContext) const;
 
   GGUFFile file_;
   Precision precision_;
