@@ -138,7 +138,7 @@ void runServe(const ServeOptions& o) {
   }
 
   const kernels::Isa isa = kernels::activeIsa();  // a bad CORTEXSTREAM_ISA fails here
-  auto llama = model::TransformerModel::load(modelPath, o.precision);
+  auto llama = model::TransformerModel::load(modelPath, modelPrecision(o.backend, o.precision));
   const model::Tokenizer tokenizer = model::Tokenizer::fromGGUF(llama->file());
 
   server::ServerConfig sc;
@@ -191,8 +191,12 @@ void runServe(const ServeOptions& o) {
   std::cerr << "model " << sc.servedModelName << ": KV cache " << stats.kv.totalBlocks
             << " blocks x " << stats.blockSizeTokens << " tokens ("
             << stats.kv.totalBytes / (1024 * 1024) << " MiB), max context "
-            << engine.maxContextTokens() << " tokens; " << model::toString(o.precision)
-            << " matmuls on " << kernels::toString(isa) << " kernels\n";
+            << engine.maxContextTokens() << " tokens; "
+            << (o.backend == engine::Backend::Mlx
+                    ? std::string("MLX backend (float32 arithmetic)")
+                    : std::string(model::toString(o.precision)) + " matmuls on " +
+                          kernels::toString(isa) + " kernels")
+            << "\n";
   if (kvEvents) {
     std::cerr << "publishing KV events on " << kvEvents->endpoint()
               << (kvEvents->replayEndpoint().empty() ? ""

@@ -103,11 +103,15 @@ std::string resolveModelPath(const std::string& given) {
                            "\nrun scripts/fetch_model.sh, or pass --model PATH");
 }
 
+model::Precision modelPrecision(engine::Backend backend, model::Precision precision) {
+  return backend == engine::Backend::Mlx ? model::Precision::F32 : precision;
+}
+
 Loaded loadModel(const ModelOptions& o) {
   const std::string path = resolveModelPath(o.modelPath);
   kernels::activeIsa();  // a bad CORTEXSTREAM_ISA fails here, before any work
   Loaded l;
-  l.model = model::TransformerModel::load(path, o.precision);
+  l.model = model::TransformerModel::load(path, modelPrecision(o.backend, o.precision));
   l.tokenizer = std::make_unique<model::Tokenizer>(model::Tokenizer::fromGGUF(l.model->file()));
   return l;
 }

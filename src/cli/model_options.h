@@ -56,6 +56,11 @@ inline constexpr const char* kModelOptionHelp =
     "GGUF model file (default: the default model from $CORTEXSTREAM_MODEL, "
     "~/.cache/cortexstream/models or the checkout's models/)";
 
+// The precision to load the model with: `precision` for the cpu backend; the MLX backend does its
+// own arithmetic (float32 on the file's weights), so the model is loaded without the integer
+// path's repacked copy.
+model::Precision modelPrecision(engine::Backend backend, model::Precision precision);
+
 struct Loaded {
   std::unique_ptr<model::TransformerModel> model;
   std::unique_ptr<model::Tokenizer> tokenizer;
