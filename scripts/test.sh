@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is needed, builds, and runs every test:
-#   1. the Release build's unit tests (ctest) and the Python tests against independent references
+#   1. the Release build's unit tests (ctest) and the Python tests against independent references;
+#      the MLX backend's tests (ctest -L mlx) and the server tests with `serve --backend mlx`
 #   2. the unit and concurrency tests again under ASan + UBSan
 #   3. the concurrency tests under TSan
 #   4. a portable build (no -march=native): the kernel and logits-invariance tests on every
@@ -15,11 +16,16 @@ scripts/install_deps.sh
 scripts/fetch_model.sh
 scripts/fetch_model.sh gemma3-270m  # the second architecture's real model (SentencePiece, K-quants)
 
-echo "== release build and tests"
-scripts/build.sh release
-ctest --test-dir build --output-on-failure -j "$jobs"
+echo "== release build (with the MLX backend) and tests"
+CS_WITH_MLX=1 scripts/build.sh release
+ctest --test-dir build --output-on-failure -j "$jobs" -LE mlx
 echo "== python tests (independent references)"
 CORTEXSTREAM_BIN="$root/build/src/cli/cortexstream" python3 -m pytest -q tests/python
+
+echo "== MLX backend: its unit tests, and the server tests served by it"
+ctest --test-dir build --output-on-failure -L mlx --no-tests=error
+CORTEXSTREAM_BIN="$root/build/src/cli/cortexstream" CORTEXSTREAM_BACKEND=mlx \
+  python3 -m pytest -q tests/python/test_server.py
 
 echo "== ASan + UBSan"
 scripts/build.sh asan

@@ -104,19 +104,23 @@ Linear quantizedLinear(const kernels::WeightMatrix& m) {
                 mx::array(biases.begin(), sShape, mx::float32), bits};
 }
 
-// Any other type: every row dequantized by the kernels' reference, stored as float16.
+// Any other type, every row dequantized by the kernels' reference: F32 and BF16 matrices keep
+// their type (exact), the rest (F16, Q5_0/Q5_1, the K-quants) become float16.
 Linear floatLinear(const kernels::WeightMatrix& m) {
-  std::vector<float> row(static_cast<size_t>(m.cols));
-  std::vector<uint16_t> halves(static_cast<size_t>(m.rows * m.cols));
-  for (int64_t r = 0; r < m.rows; ++r) {
-    kernels::dequantizeRow(m, r, row.data());
-    for (int64_t c = 0; c < m.cols; ++c) {
-      halves[static_cast<size_t>(r * m.cols + c)] = floatToHalf(row[static_cast<size_t>(c)]);
-    }
+  const mx::Shape shape{i32(m.rows), i32(m.cols)};
+  std::vector<float> rows(static_cast<size_t>(m.rows * m.cols));
+  for (int64_t r = 0; r < m.rows; ++r) kernels::dequantizeRow(m, r, rows.data() + r * m.cols);
+  if (m.type == kernels::WeightType::F32) {
+    return Linear{mx::array(rows.begin(), shape, mx::float32), std::nullopt, std::nullopt, 0};
   }
-  // The bits are IEEE binary16: reinterpret the uint16 array as float16.
-  mx::array bitsArr(halves.begin(), mx::Shape{i32(m.rows), i32(m.cols)}, mx::uint16);
-  return Linear{mx::view(bitsArr, mx::float16), std::nullopt, std::nullopt, 0};
+  const bool bf16 = m.type == kernels::WeightType::BF16;
+  std::vector<uint16_t> bits(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    bits[i] = bf16 ? floatToBf16(rows[i]) : floatToHalf(rows[i]);
+  }
+  // The bits are IEEE binary16 or bfloat16: reinterpret the uint16 array.
+  const mx::array raw(bits.begin(), shape, mx::uint16);
+  return Linear{mx::view(raw, bf16 ? mx::bfloat16 : mx::float16), std::nullopt, std::nullopt, 0};
 }
 
 Linear convert(const kernels::WeightMatrix& m) {

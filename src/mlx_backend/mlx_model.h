@@ -4,7 +4,8 @@
 //
 // Weights are converted once: Q4_0, Q4_1 and Q8_0 matrices become MLX affine-quantized matrices
 // with groups of 32 (4 or 8 bits, float32 scale and bias per group, exactly the file's values);
-// every other type is dequantized to float16. Activations are float32.
+// F32 and BF16 matrices keep their type; every other type is dequantized to float16.
+// Activations are float32.
 //
 // K/V live in MLX arrays with the KV cache's block geometry: per layer slot, K and V of shape
 // [numBlocks, heads, blockTokens, headDim] in the cache's storage type (f16 or bf16). The cache's

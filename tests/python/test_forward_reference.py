@@ -52,7 +52,8 @@ def tokenize(model: Path, text: str) -> list[int]:
 
 
 def cpp_logits_and_greedy(model: Path, text: str, tmp: Path, kv_dtype: str = "f32",
-                          max_batched_tokens: int = 512, precision: str = "f32"):
+                          max_batched_tokens: int = 512, precision: str = "f32",
+                          backend: str = "cpu"):
     """Logits of every prompt position followed by the row each of the GREEDY_STEPS greedy tokens
     was sampled from (the decode steps), and the greedy tokens. The float32 path by default (the
     one this file checks at 1e-3); test_int8_path.py checks the integer path."""
@@ -61,7 +62,7 @@ def cpp_logits_and_greedy(model: Path, text: str, tmp: Path, kv_dtype: str = "f3
                              "0", "--max-tokens", str(GREEDY_STEPS), "--ignore-eos", "--json",
                              "--kv-dtype", kv_dtype, "--dump-logits", str(out),
                              "--max-batched-tokens", str(max_batched_tokens),
-                             "--precision", precision))
+                             "--precision", precision, "--backend", backend))
     return np.load(out), res["tokens"]
 
 
@@ -202,3 +203,52 @@ def test_chat_reads_turns_from_stdin():
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+# The MLX backend (builds with CS_WITH_MLX=1) against the same reference, at the same 1e-3: it
+# multiplies the file's exact weight values (Q4_0/Q4_1/Q8_0 as MLX affine groups holding the same
+# scales and offsets; F32 and BF16 as they are; F16 as float16) in float32 with float32 K/V, so
+# its error budget is the float32 path's: summation order and MLX's exp.
+def mlx_built() -> bool:
+    out = subprocess.run([str(BIN), "generate", "--help"], capture_output=True, text=True).stdout
+    return "mlx (MLX; in this build)" in out
+
+
+needs_mlx = pytest.mark.skipif(not mlx_built(), reason="this build has no MLX backend")
+
+
+@needs_mlx
+@pytest.mark.parametrize("weight_type,tied", TINY_TYPES,
+                         ids=[f"{w}{'-tied' if t else ''}" for w, t in TINY_TYPES])
+def test_mlx_tiny_model_logits_and_greedy(tmp_path, weight_type, tied):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_model(str(path), seed=11, weight_type=weight_type, tied=tied)
+    ref = LlamaRef(str(path))
+    for text in ["hello world", "The quick brown fox jumps over the lazy dog. " * 3]:
+        ids = tokenize(path, text)
+        logits, greedy = cpp_logits_and_greedy(path, text, tmp_path, backend="mlx")
+        err = rel_error(logits, reference_rows(ref, ids, greedy))
+        print(f"\nMLX {weight_type} {text[:20]!r}: relative logit error {err:.2e}")
+        assert err < 1e-3, f"{weight_type} {text!r}: relative logit error {err:.2e}"
+        assert greedy == ref.greedy(ids, GREEDY_STEPS), f"{weight_type} {text!r}"
+
+
+@needs_mlx
+@pytest.mark.parametrize("text", DEFAULT_PROMPTS[:2], ids=range(2))
+def test_mlx_default_model_logits_and_greedy(tmp_path, default_ref, text):
+    """Chunked prefill (5 tokens a step) and decode steps on the default model; the greedy tokens
+    also equal the CPU backend's float32 path (both equal the reference's)."""
+    ids = tokenize(DEFAULT_MODEL, text)
+    logits, greedy = cpp_logits_and_greedy(DEFAULT_MODEL, text, tmp_path, backend="mlx",
+                                           max_batched_tokens=5)
+    assert greedy == default_ref.greedy(ids, GREEDY_STEPS)
+    err = rel_error(logits, reference_rows(default_ref, ids, greedy))
+    print(f"\nMLX {text[:30]!r}: relative logit error {err:.2e}")
+    assert err < 1e-3
+
+
+@needs_mlx
+def test_mlx_generate_gives_the_cpu_backends_text():
+    args = ["generate", "--model", str(DEFAULT_MODEL), "--prompt", "The capital of France is",
+            "--temperature", "0", "--max-tokens", "24"]
+    assert run_cli(*args, "--backend", "mlx") == run_cli(*args)

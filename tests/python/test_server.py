@@ -1,7 +1,8 @@
 """End-to-end tests of `cortexstream serve`: a real server on a loopback port, real clients (curl
 and the official `openai` package), the default model.
 
-Env: CORTEXSTREAM_BIN (default build/src/cli/cortexstream), CORTEX_TEST_MODEL (default model).
+Env: CORTEXSTREAM_BIN (default build/src/cli/cortexstream), CORTEX_TEST_MODEL (default model),
+CORTEXSTREAM_BACKEND (the servers' --backend: cpu, the default, or mlx).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ openai = pytest.importorskip("openai")
 REPO = Path(__file__).resolve().parent.parent.parent
 BIN = Path(os.environ.get("CORTEXSTREAM_BIN", REPO / "build" / "src" / "cli" / "cortexstream"))
 MODEL = Path(os.environ.get("CORTEX_TEST_MODEL", REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+BACKEND = os.environ.get("CORTEXSTREAM_BACKEND", "cpu")
 
 pytestmark = pytest.mark.skipif(not BIN.exists() or not MODEL.exists(),
                                 reason="needs the cortexstream binary and the default model")
@@ -69,7 +71,8 @@ class Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--model", str(self.model), "--port", str(self.port), *self.args],
+            [str(BIN), "serve", "--model", str(self.model), "--port", str(self.port),
+             "--backend", BACKEND, *self.args],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(self.env or {})}, start_new_session=self.new_session)
         self.stderr_lines: list[str] = []
@@ -529,8 +532,10 @@ def test_sigterm_finishes_running_request_then_exits_0():
     s = Server("--kv-cache-memory", "64MiB")
     try:
         # note: long enough (a few seconds) that the request is still running when the second
-        # one arrives, however fast decoding is.
-        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0,
+        # one arrives, however fast decoding is, and short enough to end within the 30 s grace
+        # (the MLX backend on a CPU decodes about 10x slower).
+        tokens = 1000 if BACKEND == "cpu" else 100
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0,
                            "stream": True, "ignore_eos": True})
         proc = curl_stream(s.url + "/v1/completions", body)
         first = proc.stdout.readline()
