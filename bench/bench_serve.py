@@ -446,7 +446,9 @@ def bench_server(name: str, cmd: list[str], port: int, reqs: list[dict],
 
 # ----------------------------------------------------------------------------- main
 
-SERVERS = {"cortex": "cortexstream", "llama": "llama", "vllm": "vllm"}  # flag name -> JSON key
+# flag name -> JSON key; cortex-mlx is CortexStream served with --backend mlx
+SERVERS = {"cortex": "cortexstream", "cortex-mlx": "cortexstream-mlx", "llama": "llama",
+           "vllm": "vllm"}
 
 
 def parse_servers(args: argparse.Namespace) -> list[str] | str:
@@ -470,7 +472,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help=f"GGUF model (default {DEFAULT_MODEL})")
     ap.add_argument("--servers", default="cortex,llama",
-                    help="servers to run, in this order, among cortex, llama, vllm "
+                    help="servers to run, in this order, among cortex, cortex-mlx (--backend "
+                         "mlx), llama, vllm "
                          "(default cortex,llama)")
     ap.add_argument("--with-vllm", action="store_true",
                     help="add vllm to --servers (its venv and model folder are made in "
@@ -588,12 +591,13 @@ def main() -> int:
     else:
         report["vllm"] = "not run (--servers)"
 
-    def run_cortex() -> None:
+    def run_cortex(backend: str = "cpu") -> None:
         port = free_port()
         cmd = [str(cs_bin), "serve", "--model", str(model), "--host", "127.0.0.1", "--port",
-               str(port), "--max-num-seqs", str(args.clients), "--threads", str(args.threads)]
-        report["servers"]["cortexstream"] = bench_server("cortexstream", cmd, port, reqs, args,
-                                                         model_name)
+               str(port), "--max-num-seqs", str(args.clients), "--threads", str(args.threads),
+               "--backend", backend]
+        key = "cortexstream" if backend == "cpu" else "cortexstream-mlx"
+        report["servers"][key] = bench_server(key, cmd, port, reqs, args, model_name)
 
     def run_llama() -> None:
         port = free_port()
@@ -612,7 +616,8 @@ def main() -> int:
                                                  env=env,
                                                  startup_timeout=args.vllm_startup_timeout)
 
-    run = {"cortex": run_cortex, "llama": run_llama, "vllm": run_vllm}
+    run = {"cortex": run_cortex, "cortex-mlx": lambda: run_cortex("mlx"), "llama": run_llama,
+           "vllm": run_vllm}
     failed = []
     for name in servers:
         try:
@@ -624,6 +629,11 @@ def main() -> int:
             failed.append(name)
 
     c = report["servers"].get("cortexstream")
+    m = report["servers"].get("cortexstream-mlx")
+    if c and m and "error" not in c and "error" not in m:
+        report["ratios_mlx_over_cpu_backend"] = {
+            k: rnd(m[k] / c[k], 3) if c.get(k) and m.get(k) else None
+            for k in ["output_tokens_per_s", "ttft_s_p50", "tpot_s_p50", "latency_s_p50"]}
     for peer in ("llama", "vllm"):
         o = report["servers"].get(peer)
         if not c or not o or "error" in c or "error" in o:

@@ -15,7 +15,7 @@ shift || true
 jobs="$(nproc)"
 case "$flavour" in
   release) dir=build; args=(-DCMAKE_BUILD_TYPE=Release) ;;
-  asan) dir=build-asan; args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCS_SANITIZE=address,undefined") ;;
+  asan) dir=build-asan; args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCS_SANITIZE=address,undefined" -DCS_BUILD_BENCH=OFF) ;;
   tsan) dir=build-tsan; args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DCS_SANITIZE=thread) ;;
   portable) dir=build-portable; args=(-DCMAKE_BUILD_TYPE=Release -DCS_NATIVE=OFF) ;;
   *) echo "unknown flavour: $flavour (release, asan, tsan, portable)" >&2; exit 2 ;;

@@ -168,3 +168,27 @@ def test_gemma3_270m_logits_and_greedy(tmp_path, gemma_ref):
     print(f"\ngemma-3-270m: relative logit error {err:.2e}, greedy {greedy[:8]}")
     assert err < 1e-3
     assert greedy == gemma_ref.greedy(ids, GREEDY_STEPS)
+
+
+# The MLX backend (builds with CS_WITH_MLX=1) on every case, prefilled 5 tokens a step (so gemma3's
+# window of 8 falls inside and across chunks). F32, BF16, Q8_0, Q4_0 and Q4_1 matrices keep their
+# exact values on MLX: 1e-3, as above. F16, Q5 and the K-quants are dequantized to float16 there,
+# which rounds each weight to 11 significant bits (relative error <= 2^-12 ~ 2.4e-4, random in
+# sign, so dot products of 64..256 terms move far less); 5e-3 leaves room for that on top.
+# Measured: ~5e-6 for the exact types, 4e-4 ... 2.8e-3 for the float16 ones.
+MLX_EXACT_TYPES = {"F32", "BF16", "Q8_0", "Q4_0", "Q4_1"}
+
+
+@pytest.mark.skipif("not __import__('test_forward_reference').mlx_built()",
+                    reason="this build has no MLX backend")
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_tiny_mlx_backend_logits_and_greedy(tmp_path, models, case):
+    path, ref = models(case)
+    ids = tokenize(path, PROMPT)
+    logits, greedy = cpp_logits_and_greedy(path, PROMPT, tmp_path, backend="mlx",
+                                           max_batched_tokens=5)
+    err = rel_error(logits, reference_rows(ref, ids, greedy))
+    exact = _CASE[case][1] in MLX_EXACT_TYPES and _CASE[case][2].get("embd_type") is None
+    print(f"\nMLX {case}: relative logit error {err:.2e}")
+    assert err < (1e-3 if exact else 5e-3), f"{case}: relative logit error {err:.2e}"
+    assert greedy == ref.greedy(ids, GREEDY_STEPS), case
