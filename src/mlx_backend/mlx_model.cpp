@@ -394,14 +394,25 @@ struct MlxModel::Impl {
         t += s.numTokens;
       }
     }
+    // What each sequence's attention reads, per (group, window) some layer has: all of it made
+    // (and checked) before the first layer updates an arena array, so a bad batch leaves the
+    // arrays as they were.
     std::vector<std::vector<KeyRange>> ranges(batch.seqs.size());
-    auto rangeFor = [&](size_t seq, int32_t group, int32_t window) -> const KeyRange& {
+    auto findRange = [&](size_t seq, int32_t group, int32_t window) -> const KeyRange* {
       for (const KeyRange& r : ranges[seq]) {
-        if (r.group == group && r.window == window) return r;
+        if (r.group == group && r.window == window) return &r;
       }
-      ranges[seq].push_back(keyRange(batch, batch.seqs[seq], group, window));
-      return ranges[seq].back();
+      return nullptr;
     };
+    for (int32_t l = 0; l < hp.nLayers; ++l) {
+      const int32_t group = geometry.places[static_cast<size_t>(l)].group;
+      const int32_t window = hp.isSlidingWindowLayer(l) ? hp.slidingWindow : 0;
+      for (size_t i = 0; i < batch.seqs.size(); ++i) {
+        if (findRange(i, group, window) == nullptr) {
+          ranges[i].push_back(keyRange(batch, batch.seqs[i], group, window));
+        }
+      }
+    }
     std::vector<const void*> before;
     for (const mx::array& a : kArena) before.push_back(a.data<void>());
 
@@ -440,7 +451,7 @@ struct MlxModel::Impl {
       int32_t t0 = 0;
       for (size_t i = 0; i < batch.seqs.size(); ++i) {
         const model::ForwardSequence& s = batch.seqs[i];
-        const KeyRange& r = rangeFor(i, place.group, swa ? hp.slidingWindow : 0);
+        const KeyRange& r = *findRange(i, place.group, swa ? hp.slidingWindow : 0);
         mx::array qs = mx::slice(q, {t0, 0, 0}, {t0 + s.numTokens, Hq, D});
         qs = mx::expand_dims(mx::transpose(qs, {1, 0, 2}), 0);
         mx::array o = r.mask ? mx::fast::scaled_dot_product_attention(

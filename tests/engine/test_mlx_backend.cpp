@@ -10,6 +10,8 @@
 //     7 (MLX's CPU kernels compute each row, and each sequence's attention, on its own). MLX's
 //     GPU kernels make no such promise (not measured: no Apple GPU here).
 //   - copies on write (a fork's shared, partly filled block) happen in the MLX arrays.
+//   - the K/V arrays are updated in place step after step (no copy of an arena array), on the
+//     default model and on Gemma 3, whose hybrid cache has layers of different groups in one slot.
 //   - a storage type MLX does not read (q8) is refused when the runner is made.
 #include <gtest/gtest.h>
 
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "engine/model_runner.h"
+#include "mlx_backend/mlx_model.h"
 #include "model/errors.h"
 #include "model/tokenizer.h"
 
@@ -30,6 +33,7 @@ namespace cortex::engine {
 namespace {
 
 const std::string kModel = std::string(CS_SOURCE_DIR) + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const std::string kGemma = std::string(CS_SOURCE_DIR) + "/models/gemma-3-270m-q4_k_m.gguf";
 
 class MlxBackendTest : public ::testing::Test {
  protected:
@@ -167,6 +171,40 @@ TEST_F(MlxBackendTest, ForkCopiesTheSharedBlockInMlxArrays) {
   ASSERT_EQ(logits.size(), 2 * vocab());
   EXPECT_EQ(std::memcmp(want.data(), logits.data(), vocab() * 4), 0);
   EXPECT_EQ(std::memcmp(want.data(), logits.data() + vocab(), vocab() * 4), 0);
+}
+
+TEST_F(MlxBackendTest, ArenaArraysAreUpdatedInPlace) {
+  for (const std::string& path : {kModel, kGemma}) {
+    ASSERT_TRUE(std::filesystem::exists(path)) << path << " missing: run scripts/fetch_model.sh";
+    const auto m = model::TransformerModel::load(path, model::Precision::F32);
+    kv::KVCache cache(m->kvCacheConfig(16, 32ull << 20, kv::KVDType::F16));
+    mlxbackend::MlxModel mlx(*m, cache.arena(), cache.numBlocks());
+    std::vector<float> logits;
+    // One step of `tokens` at firstPos for sequence 0, resolved as the model runner does.
+    auto step = [&](int32_t firstPos, const std::vector<int32_t>& tokens) {
+      const auto n = static_cast<int32_t>(tokens.size());
+      const std::vector<kv::StepSequence> plan{{0, firstPos, n}};
+      model::ForwardBatch b;
+      b.seqs.push_back({firstPos, n, 0, 0, false});
+      b.tokens = tokens;
+      for (int32_t i = 0; i < n; ++i) b.positions.push_back(firstPos + i);
+      std::vector<int32_t> starts;
+      cache.resolveStep(plan, b.slots, b.blockTables, starts);
+      b.seqs[0].numBlocks = static_cast<int32_t>(b.blockTables.size()) / cache.numGroups();
+      b.arena = cache.arena();
+      mlx.forward(b, logits);
+    };
+    std::vector<int32_t> prompt;
+    for (int32_t i = 0; i < 40; ++i) prompt.push_back(100 + 7 * i);
+    cache.allocateFor(0, 40);
+    step(0, prompt);
+    for (int32_t i = 0; i < 3; ++i) {
+      cache.appendToken(0);
+      step(40 + i, {5});
+    }
+    EXPECT_EQ(mlx.arenaCopies(), 0) << path;
+    EXPECT_EQ(logits.size(), static_cast<size_t>(m->hparams().nVocab));
+  }
 }
 
 TEST_F(MlxBackendTest, RefusesInt8KvStorage) {
