@@ -128,6 +128,9 @@ std::string sessionMetadata(const std::vector<model::ChatMessage>& messages, int
 }
 
 void runChat(const ChatOptions& o) {
+  if (!o.session.empty() && o.model.backend != engine::Backend::Cpu) {
+    throw std::runtime_error("--session needs --backend cpu (KV sessions read the CPU arena)");
+  }
   Loaded l = loadModel(o.model);
   const model::ChatTemplate tmpl = chatTemplateFor(o.model, l);
   auto engine = engineFor(l, o.model, l.model->hparams().nCtxTrain);
