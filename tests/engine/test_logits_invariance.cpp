@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine/model_runner.h"
+#include "runner_test_util.h"
 #include "kernels/isa.h"
 #include "model/tokenizer.h"
 
@@ -62,16 +63,7 @@ class Invariance : public ::testing::TestWithParam<model::Precision> {
 std::vector<float> prefillRows(model::TransformerModel& m, kv::KVCache& cache,
                                const std::vector<int32_t>& prompt, int32_t chunk, int threads) {
   ModelRunner runner(m, cache, threads);
-  cache.allocateFor(0, static_cast<int32_t>(prompt.size()));
-  std::vector<float> all, logits;
-  for (size_t p = 0; p < prompt.size(); p += static_cast<size_t>(chunk)) {
-    const size_t n = std::min(prompt.size() - p, static_cast<size_t>(chunk));
-    runner.clear();
-    runner.add(0, static_cast<int32_t>(p), std::span<const int32_t>(prompt.data() + p, n), true);
-    runner.run(logits);
-    all.insert(all.end(), logits.begin(), logits.end());
-  }
-  return all;
+  return prefillRows(runner, cache, prompt, chunk);
 }
 
 bool sameBits(const float* a, const float* b, size_t n) { return std::memcmp(a, b, 4 * n) == 0; }

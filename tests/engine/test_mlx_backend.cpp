@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "engine/model_runner.h"
+#include "runner_test_util.h"
 #include "mlx_backend/mlx_model.h"
 #include "model/errors.h"
 #include "model/tokenizer.h"
@@ -53,21 +54,6 @@ class MlxBackendTest : public ::testing::Test {
     return std::make_unique<kv::KVCache>(model->kvCacheConfig(16, 64ull << 20, dtype));
   }
   static size_t vocab() { return static_cast<size_t>(model->hparams().nVocab); }
-
-  // Rows of every position of `prompt` (sequence 0), prefilled in chunks of `chunk`.
-  static std::vector<float> prefillRows(ModelRunner& runner, kv::KVCache& cache,
-                                        const std::vector<int32_t>& prompt, int32_t chunk) {
-    cache.allocateFor(0, static_cast<int32_t>(prompt.size()));
-    std::vector<float> all, logits;
-    for (size_t p = 0; p < prompt.size(); p += static_cast<size_t>(chunk)) {
-      const size_t n = std::min(prompt.size() - p, static_cast<size_t>(chunk));
-      runner.clear();
-      runner.add(0, static_cast<int32_t>(p), std::span<const int32_t>(prompt.data() + p, n), true);
-      runner.run(logits);
-      all.insert(all.end(), logits.begin(), logits.end());
-    }
-    return all;
-  }
 
   static double relError(const std::vector<float>& a, const std::vector<float>& ref) {
     double num = 0, den = 0;

@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 from reference.llama_ref import TYPE_NAMES, LlamaRef  # noqa: E402
 from reference.tiny_arch_model import ALL_TYPES, ARCHS, write_tiny_arch_model  # noqa: E402
 from test_forward_reference import (BIN, GREEDY_STEPS, REPO, cpp_logits_and_greedy,  # noqa: E402
-                                    reference_rows, rel_error, tokenize)
+                                    needs_mlx, reference_rows, rel_error, tokenize)
 from test_int8_path import logits_and_tokens, mean_kl  # noqa: E402
 
 GEMMA_MODEL = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
@@ -179,8 +179,7 @@ def test_gemma3_270m_logits_and_greedy(tmp_path, gemma_ref):
 MLX_EXACT_TYPES = {"F32", "BF16", "Q8_0", "Q4_0", "Q4_1"}
 
 
-@pytest.mark.skipif("not __import__('test_forward_reference').mlx_built()",
-                    reason="this build has no MLX backend")
+@needs_mlx
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 def test_tiny_mlx_backend_logits_and_greedy(tmp_path, models, case):
     path, ref = models(case)
