@@ -36,11 +36,6 @@ struct Linear {
     if (bits != 0) return mx::quantized_matmul(x, w, *scales, biases, true, kGroup, bits, "affine");
     return mx::matmul(x, mx::transpose(mx::astype(w, mx::float32)));
   }
-  uint64_t bytes() const {
-    uint64_t n = w.nbytes();
-    if (scales) n += scales->nbytes() + biases->nbytes();
-    return n;
-  }
 };
 
 // The file's Q4_0 / Q4_1 / Q8_0 blocks as MLX affine groups: value = scale * q + bias with
@@ -521,22 +516,6 @@ void MlxModel::forward(const model::ForwardBatch& batch, std::vector<float>& log
   } catch (const std::invalid_argument& e) {  // MLX reports shape and type errors this way
     throw model::ModelError(std::string("MLX: ") + e.what());
   }
-}
-
-uint64_t MlxModel::weightBytes() const {
-  uint64_t n = impl_->outputNorm.nbytes() + impl_->output.bytes();
-  for (const Impl::Layer& L : impl_->layers) {
-    for (const Linear* l : {&L.wq, &L.wk, &L.wv, &L.wo, &L.wGate, &L.wUp, &L.wDown}) {
-      n += l->bytes();
-    }
-  }
-  return n;
-}
-
-uint64_t MlxModel::kvBytes() const {
-  uint64_t n = 0;
-  for (const mx::array& a : impl_->kArena) n += 2 * a.nbytes();
-  return n;
 }
 
 int64_t MlxModel::arenaCopies() const { return impl_->arenaCopies; }

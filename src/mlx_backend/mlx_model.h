@@ -42,9 +42,6 @@ class MlxModel {
   // (model::ModelError, nothing written), then writes K/V and the logits rows.
   void forward(const model::ForwardBatch& batch, std::vector<float>& logits);
 
-  // Bytes the converted weights and the K/V arrays hold.
-  uint64_t weightBytes() const;
-  uint64_t kvBytes() const;
   // Steps whose K/V writes had to copy an arena array instead of updating it in place (a cost,
   // never a correctness matter: MLX arrays are values).
   int64_t arenaCopies() const;

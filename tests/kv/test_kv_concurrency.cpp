@@ -7,11 +7,34 @@
 #include <random>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "kv/kv_cache.h"
 
 namespace cortex::kv {
 namespace {
+
+// The prefix-cache tests' cache: one layer, one head, two f32 dims per row, blocks of 4 tokens.
+// A family's prompt is family * 100 + i at position i, and the value stored at a position is
+// family * 1000 + pos, so whatever a thread reads says which prefix computed it.
+KVCacheConfig familyCacheConfig(int32_t numBlocks) {
+  KVCacheConfig c;
+  c.numLayers = 1;
+  c.numKVHeads = 1;
+  c.headDim = 2;
+  c.blockSizeTokens = 4;
+  c.numBlocks = numBlocks;
+  c.dtype = KVDType::F32;
+  return c;
+}
+
+float familyValue(int family, int32_t pos) { return static_cast<float>(family * 1000 + pos); }
+
+std::vector<int32_t> familyTokens(int family, int32_t n) {
+  std::vector<int32_t> tokens(static_cast<size_t>(n));
+  for (int32_t i = 0; i < n; ++i) tokens[static_cast<size_t>(i)] = family * 100 + i;
+  return tokens;
+}
 
 TEST(KVConcurrency, ThreadsShareOnePoolSafely) {
   KVCacheConfig c;
@@ -84,15 +107,7 @@ TEST(KVConcurrency, ThreadsShareOnePoolSafely) {
 // holds, or on cached blocks nobody holds; every value read must be the one its position's prefix
 // gives.
 TEST(KVConcurrency, ThreadsHitEachOthersCachedPrefixes) {
-  KVCacheConfig c;
-  c.numLayers = 1;
-  c.numKVHeads = 1;
-  c.headDim = 2;
-  c.blockSizeTokens = 4;
-  c.numBlocks = 48;
-  c.dtype = KVDType::F32;
-  KVCache cache(c);
-  auto value = [](int family, int32_t pos) { return static_cast<float>(family * 1000 + pos); };
+  KVCache cache(familyCacheConfig(48));
   std::atomic<int64_t> hits{0};
   std::atomic<int> mismatches{0};
   std::atomic<bool> stop{false};
@@ -102,13 +117,12 @@ TEST(KVConcurrency, ThreadsHitEachOthersCachedPrefixes) {
       const SeqId s = static_cast<SeqId>(tid) * 1000000 + static_cast<SeqId>(round) * 2;
       const int family = static_cast<int>(rng() % 3);
       const auto n = static_cast<int32_t>(1 + rng() % 24);
-      std::vector<int32_t> tokens(static_cast<size_t>(n));
-      for (int32_t i = 0; i < n; ++i) tokens[static_cast<size_t>(i)] = family * 100 + i;
+      const std::vector<int32_t> tokens = familyTokens(family, n);
       const int32_t cached = cache.tryAllocateWithPrefix(s, tokens, n);
       if (cached < 0) continue;
       hits += cached;
       for (int32_t pos = cached; pos < n; ++pos) {
-        const float v[2] = {value(family, pos), 0};
+        const float v[2] = {familyValue(family, pos), 0};
         cache.writeKV(cache.slotFor(s, pos), 0, v, v);
       }
       cache.cacheComputedBlocks(s, tokens);
@@ -118,14 +132,14 @@ TEST(KVConcurrency, ThreadsHitEachOthersCachedPrefixes) {
         std::vector<float> out(static_cast<size_t>(2 * (n + 1)));
         gather(cache.getKView(s + 1, 0), out.data());
         for (int32_t pos = 0; pos < n; ++pos) {
-          mismatches += out[static_cast<size_t>(2 * pos)] == value(family, pos) ? 0 : 1;
+          mismatches += out[static_cast<size_t>(2 * pos)] == familyValue(family, pos) ? 0 : 1;
         }
         cache.freeFor(s + 1);
       }
       std::vector<float> out(static_cast<size_t>(2 * n));
       gather(cache.getKView(s, 0), out.data());
       for (int32_t pos = 0; pos < n; ++pos) {
-        mismatches += out[static_cast<size_t>(2 * pos)] == value(family, pos) ? 0 : 1;
+        mismatches += out[static_cast<size_t>(2 * pos)] == familyValue(family, pos) ? 0 : 1;
       }
       cache.freeFor(s);
     }
@@ -153,20 +167,8 @@ TEST(KVConcurrency, ThreadsHitEachOthersCachedPrefixes) {
 // tokens computed, whatever was evicted meanwhile; loading into the busy cache must keep every hit
 // right.
 TEST(KVConcurrency, SessionsSaveAndLoadBesideTraffic) {
-  KVCacheConfig c;
-  c.numLayers = 1;
-  c.numKVHeads = 1;
-  c.headDim = 2;
-  c.blockSizeTokens = 4;
-  c.numBlocks = 40;
-  c.dtype = KVDType::F32;
+  const KVCacheConfig c = familyCacheConfig(40);
   KVCache cache(c);
-  auto value = [](int family, int32_t pos) { return static_cast<float>(family * 1000 + pos); };
-  auto familyTokens = [](int family, int32_t n) {
-    std::vector<int32_t> tokens(static_cast<size_t>(n));
-    for (int32_t i = 0; i < n; ++i) tokens[static_cast<size_t>(i)] = family * 100 + i;
-    return tokens;
-  };
   std::atomic<int> mismatches{0};
   std::atomic<bool> sessionsDone{false};
   // The traffic runs until the session thread has done its rounds (so they always overlap).
@@ -180,14 +182,14 @@ TEST(KVConcurrency, SessionsSaveAndLoadBesideTraffic) {
       const int32_t cached = cache.tryAllocateWithPrefix(s, tokens, n);
       if (cached < 0) continue;
       for (int32_t pos = cached; pos < n; ++pos) {
-        const float v[2] = {value(family, pos), 0};
+        const float v[2] = {familyValue(family, pos), 0};
         cache.writeKV(cache.slotFor(s, pos), 0, v, v);
       }
       cache.cacheComputedBlocks(s, tokens);
       std::vector<float> out(static_cast<size_t>(2 * n));
       gather(cache.getKView(s, 0), out.data());
       for (int32_t pos = 0; pos < n; ++pos) {
-        mismatches += out[static_cast<size_t>(2 * pos)] == value(family, pos) ? 0 : 1;
+        mismatches += out[static_cast<size_t>(2 * pos)] == familyValue(family, pos) ? 0 : 1;
       }
       cache.freeFor(s);
     }
@@ -216,7 +218,7 @@ TEST(KVConcurrency, SessionsSaveAndLoadBesideTraffic) {
       std::vector<float> out(static_cast<size_t>(2 * (n + 1)));
       gather(copy.getKView(id, 0), out.data());
       for (int32_t pos = 0; pos < n; ++pos) {
-        mismatches += out[static_cast<size_t>(2 * pos)] == value(family, pos) ? 0 : 1;
+        mismatches += out[static_cast<size_t>(2 * pos)] == familyValue(family, pos) ? 0 : 1;
       }
       copy.freeFor(id);
       std::stringstream again(bytes);
