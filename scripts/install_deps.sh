@@ -12,6 +12,7 @@ apt_packages=(
   curl python3-pip
   libboost-dev libssl-dev openssl
   libzmq3-dev cppzmq-dev libmsgpack-cxx-dev
+  libhiredis-dev libxxhash-dev redis-server
 )
 missing=()
 for p in "${apt_packages[@]}"; do

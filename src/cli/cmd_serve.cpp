@@ -56,6 +56,11 @@ struct ServeOptions {
   bool noHybridKv = false;
   engine::Backend backend = engine::Backend::Cpu;
   std::string kvSessionDir;
+  std::string kvOffloadDir;
+  std::string kvOffloadSize = "8GiB";
+  std::string kvRedisUrl;
+  std::string kvRedisPrefix = "cortexstream";
+  int64_t kvRedisTtl = 3600;
   std::string kvEventsEndpoint;        // empty: no KV events
   std::string kvEventsReplayEndpoint;  // empty: no replay
 };
@@ -120,6 +125,16 @@ void runServe(const ServeOptions& o) {
   ec.hybridKv = !o.noHybridKv;
   ec.backend = o.backend;
   ec.schedulePolicy = engine::parseSchedulePolicy(o.schedulePolicy);
+  ec.kvTiers.diskDir = o.kvOffloadDir;
+  try {
+    ec.kvTiers.diskBytes = server::parseByteSize(o.kvOffloadSize);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(std::string("--kv-offload-size: ") + e.what());
+  }
+  if (ec.kvTiers.diskBytes == 0) throw std::runtime_error("--kv-offload-size must be > 0");
+  ec.kvTiers.redisUrl = o.kvRedisUrl;
+  ec.kvTiers.redisKeyPrefix = o.kvRedisPrefix;
+  ec.kvTiers.redisTtlSeconds = o.kvRedisTtl;
 
   // Bound before the model loads, so a bad endpoint fails at once; declared before the engine, so
   // it outlives the step loop that calls it (the engine is destroyed first).
@@ -197,6 +212,14 @@ void runServe(const ServeOptions& o) {
                     : std::string(model::toString(o.precision)) + " matmuls on " +
                           kernels::toString(isa) + " kernels")
             << "\n";
+  for (const kvtier::TierCounters& t : stats.tiers.tiers) {
+    std::cerr << "KV tier " << t.name << ": "
+              << (t.name == std::string("disk")
+                      ? o.kvOffloadDir + " (" + o.kvOffloadSize + ", " +
+                            std::to_string(t.bytesStored / (1024 * 1024)) + " MiB held)"
+                      : o.kvRedisUrl + (t.up ? " (connected)" : " (not reachable now; retrying)"))
+              << "\n";
+  }
   if (kvEvents) {
     std::cerr << "publishing KV events on " << kvEvents->endpoint()
               << (kvEvents->replayEndpoint().empty() ? ""
@@ -293,6 +316,23 @@ void registerServeCommand(CLI::App& app) {
                   "folder where POST /kv_sessions/save writes and /kv_sessions/restore reads "
                   "saved KV sessions (clients name only a file inside it); off when not given")
       ->check(CLI::ExistingDirectory);
+  cmd->add_option("--kv-offload-dir", o->kvOffloadDir,
+                  "keep cached KV blocks in this folder too (a disk tier under the pool, created "
+                  "if missing), written as they are computed and read back for prompts the pool "
+                  "no longer holds; default: off");
+  cmd->add_option("--kv-offload-size", o->kvOffloadSize,
+                  "the disk tier's capacity (least recently used blocks go first)")
+      ->capture_default_str();
+  cmd->add_option("--kv-redis", o->kvRedisUrl,
+                  "keep cached KV blocks in Redis too, shared by every server that uses it with "
+                  "the same model: redis://[[user]:password@]host[:port][/db]; default: off");
+  cmd->add_option("--kv-redis-prefix", o->kvRedisPrefix, "prefix of the Redis keys")
+      ->capture_default_str();
+  cmd->add_option("--kv-redis-ttl", o->kvRedisTtl,
+                  "seconds a block stays in Redis after it was last written or read (0: no "
+                  "expiry)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40))
+      ->capture_default_str();
   cmd->add_flag("--no-prefix-caching", o->noPrefixCaching,
                 "compute every prompt in full instead of reusing cached KV blocks of earlier ones");
   cmd->add_option("--schedule-policy", o->schedulePolicy,

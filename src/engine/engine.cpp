@@ -10,6 +10,8 @@
 
 #include "engine/stop_matcher.h"
 #include "kernels/ops.h"
+#include "kvtier/disk_store.h"
+#include "kvtier/redis_store.h"
 
 namespace cortex::engine {
 
@@ -223,6 +225,7 @@ struct Engine::Request {
   std::vector<TokenLogprob> promptLogprobs;
   std::vector<float> promptLogits;
   bool promptRowsDone = false;
+  std::vector<kvtier::TierHit> tierHits;  // prompt tokens loaded from tiers below the pool
   Clock::time_point submitted = Clock::now();
   Clock::time_point lastToken;
 };
@@ -260,6 +263,7 @@ Engine::Engine(model::TransformerModel& model, const model::Tokenizer& tokenizer
   } catch (const model::ModelError& e) {
     throw EngineError(Kind::InvalidRequest, e.what());
   }
+  if (config_.kvTiers.enabled()) startTiers();
   stats_.blockSizeTokens = config_.blockSizeTokens;
   stats_.timeToFirstToken = {latencyBounds(), std::vector<uint64_t>(latencyBounds().size() + 1)};
   stats_.timePerOutputToken = stats_.timeToFirstToken;
@@ -274,8 +278,55 @@ Engine::~Engine() {
   }
   wake_.notify_all();
   thread_.join();
+  tiers_.reset();  // its worker signals through mu_ and wake_
   for (auto& r : incoming_) finish(*r, FinishReason::Cancelled);
+  for (auto& l : loading_) finish(*l.request, FinishReason::Cancelled);
   for (auto& [id, r] : requests_) finish(*r, FinishReason::Cancelled);
+}
+
+void Engine::startTiers() {
+  using Kind = EngineError::Kind;
+  const KVTierConfig& t = config_.kvTiers;
+  if (config_.backend != Backend::Cpu) {
+    throw EngineError(Kind::InvalidRequest,
+                      std::string("KV tiers (disk, Redis) need the cpu backend (this engine runs ") +
+                          toString(config_.backend) + ")");
+  }
+  if (!config_.prefixCaching) {
+    throw EngineError(Kind::InvalidRequest,
+                      "KV tiers (disk, Redis) keep cached prefix blocks: prefix caching must be on");
+  }
+  char ns[17];
+  std::snprintf(ns, sizeof ns, "%016llx", static_cast<unsigned long long>(cache_->hashRoot()));
+  std::vector<std::unique_ptr<kvtier::BlockStore>> stores;
+  try {
+    if (!t.diskDir.empty()) {
+      stores.push_back(std::make_unique<kvtier::DiskStore>(t.diskDir, t.diskBytes, ns));
+    }
+    if (!t.redisUrl.empty()) {
+      kvtier::RedisOptions ro;
+      ro.url = t.redisUrl;
+      ro.keyPrefix = t.redisKeyPrefix;
+      ro.ttlSeconds = t.redisTtlSeconds;
+      stores.push_back(std::make_unique<kvtier::RedisStore>(ro, ns));
+    }
+  } catch (const std::exception& e) {
+    throw EngineError(Kind::InvalidRequest, std::string("KV tier: ") + e.what());
+  }
+  kvtier::KVTiers::Options options;
+  options.onLoadDone = [this] {
+    {
+      std::lock_guard lock(mu_);
+      loadsDone_ = true;
+    }
+    wake_.notify_all();
+  };
+  tiers_ = std::make_unique<kvtier::KVTiers>(*cache_, std::move(stores), std::move(options));
+  stats_.tierHitTokens.assign(tiers_->stats().tiers.size(), 0);
+}
+
+void Engine::flushKVTiers() {
+  if (tiers_) tiers_->flush();
 }
 
 int32_t Engine::resetPrefixCache() { return cache_->resetPrefixCache(); }
@@ -419,6 +470,7 @@ EngineStats Engine::stats() const {
     s = stats_;
   }
   s.kv = cache_->stats();
+  if (tiers_) s.tiers = tiers_->stats();
   return s;
 }
 
@@ -428,20 +480,63 @@ void Engine::admitNewRequests() {
     std::lock_guard lock(mu_);
     arrived.swap(incoming_);
   }
+  pollLoads();
+  const int32_t B = config_.blockSizeTokens;
   for (auto& r : arrived) {
-    const kv::SeqId id = r->id;
-    try {
-      // Requests that want every prompt row compute their whole prompt.
-      const bool lookUp = cache_->prefixCaching() && !r->wantsPromptRows();
-      scheduler_->add(id, r->promptSize(), r->promptSize() + r->params.maxTokens,
-                      lookUp ? &r->context : nullptr);
-    } catch (const std::exception& e) {
-      // submit() checked the size against the same limits; this is a safety net, not a path.
-      finish(*r, FinishReason::Error, e.what());
+    // A prompt whose blocks beyond the pool's hit a tier might hold waits while they load (the
+    // last prompt token is always computed, for its logits).
+    if (tiers_ && !r->wantsPromptRows()) {
+      const int32_t firstBlock = cache_->cachedPrefixTokens(r->context) / B;
+      const int32_t endBlock = (r->promptSize() - 1) / B;
+      if (endBlock > firstBlock) {
+        try {
+          const kvtier::KVTiers::Ticket ticket = tiers_->startLoad(r->context, firstBlock, endBlock);
+          loading_.push_back({std::move(r), ticket});
+          continue;
+        } catch (const std::exception&) {
+          // note: only allocation can fail here; the request computes its prompt instead.
+        }
+      }
+    }
+    enqueue(std::move(r));
+  }
+  std::lock_guard lock(mu_);
+  stats_.loading = static_cast<int32_t>(loading_.size());
+}
+
+void Engine::pollLoads() {
+  {
+    std::lock_guard lock(mu_);
+    loadsDone_ = false;
+  }
+  for (size_t i = 0; i < loading_.size();) {
+    Loading& l = loading_[i];
+    if (l.request->cancelRequested()) {
+      tiers_->cancelLoad(l.ticket);
+      finish(*l.request, FinishReason::Cancelled);
+    } else if (tiers_->finishLoad(l.ticket, l.request->tierHits)) {
+      enqueue(std::move(l.request));
+    } else {
+      ++i;
       continue;
     }
-    requests_.emplace(id, std::move(r));
+    loading_.erase(loading_.begin() + static_cast<long>(i));
   }
+}
+
+void Engine::enqueue(std::unique_ptr<Request> r) {
+  const kv::SeqId id = r->id;
+  try {
+    // Requests that want every prompt row compute their whole prompt.
+    const bool lookUp = cache_->prefixCaching() && !r->wantsPromptRows();
+    scheduler_->add(id, r->promptSize(), r->promptSize() + r->params.maxTokens,
+                    lookUp ? &r->context : nullptr);
+  } catch (const std::exception& e) {
+    // submit() checked the size against the same limits; this is a safety net, not a path.
+    finish(*r, FinishReason::Error, e.what());
+    return;
+  }
+  requests_.emplace(id, std::move(r));
 }
 
 void Engine::publishKVEvents() {
@@ -475,7 +570,7 @@ void Engine::loop() {
     if (!worked) {
       std::unique_lock lock(mu_);
       wake_.wait_for(lock, std::chrono::milliseconds(20),
-                     [&] { return stopping_ || !incoming_.empty(); });
+                     [&] { return stopping_ || !incoming_.empty() || loadsDone_; });
     }
   }
 }
@@ -746,6 +841,10 @@ bool Engine::step() {
         if (r.cachedTokens < 0) {
           r.cachedTokens = c.firstPos;
           if (r.index == 0) r.group->cachedTokens = c.firstPos;
+          for (const kvtier::TierHit& h : r.tierHits) {
+            const int32_t served = std::min(h.firstToken + h.tokens, c.firstPos) - h.firstToken;
+            if (served > 0) stats_.tierHitTokens[static_cast<size_t>(h.tier)] += static_cast<uint64_t>(served);
+          }
         }
       }
     }
@@ -770,6 +869,7 @@ bool Engine::step() {
       promptTokensThisStep += static_cast<uint64_t>(c.numTokens);
     }
   }
+  const Clock::time_point forwardStart = Clock::now();
   try {
     if (hooks_.beforeForward) hooks_.beforeForward(batch);
     runner_->run(logits_);
@@ -783,6 +883,13 @@ bool Engine::step() {
     ++stats_.steps;
     stats_.promptTokens += promptTokensThisStep;
   }
+  // The prefill rate the tiers weigh a load against: steps mostly of prompt tokens.
+  if (tiers_ && promptTokensThisStep >= 64) {
+    const double rate =
+        static_cast<double>(promptTokensThisStep) / seconds(Clock::now() - forwardStart);
+    prefillRate_ = prefillRate_ <= 0 ? rate : 0.8 * prefillRate_ + 0.2 * rate;
+    tiers_->setRecomputeRate(prefillRate_);
+  }
   // The step's K/V are written: their full blocks can be hit from now on (not before, or a request
   // admitted in the same step could read blocks still being computed).
   // Only chunks that fill a block have anything to register (1 decode step in 16).
@@ -794,6 +901,7 @@ bool Engine::step() {
     cache_->cacheComputedBlocks(
         c.seq, std::span<const int32_t>(r.context).first(static_cast<size_t>(end)));
   }
+  if (tiers_) tiers_->storeNewBlocks();
 
   // Consume the logits rows in batch order; a failure here concerns one request.
   const auto V = static_cast<size_t>(model_.hparams().nVocab);

@@ -37,10 +37,22 @@
 #include "engine/scheduler.h"
 #include "kv/kv_cache.h"
 #include "kv/kv_events.h"
+#include "kvtier/kv_tiers.h"
 #include "model/transformer.h"
 #include "model/tokenizer.h"
 
 namespace cortex::engine {
+
+// Tiers below the KV pool (kvtier/kv_tiers.h): cached blocks are written through to them and read
+// back for a prompt the pool no longer (or never) held. Either, both or none.
+struct KVTierConfig {
+  std::string diskDir;            // local disk tier's folder; empty: none
+  uint64_t diskBytes = 8ull << 30;  // its capacity
+  std::string redisUrl;           // redis://host:port[/db]; empty: none
+  std::string redisKeyPrefix = "cortexstream";
+  int64_t redisTtlSeconds = 3600;   // 0: records never expire
+  bool enabled() const { return !diskDir.empty() || !redisUrl.empty(); }
+};
 
 struct EngineConfig {
   int32_t maxBatchedTokens = 512;  // tokens per forward step (decodes + prefill chunks)
@@ -56,6 +68,7 @@ struct EngineConfig {
   // What runs the forward pass (model_runner.h): the CPU kernels, or MLX when built with it.
   Backend backend = Backend::Cpu;
   SchedulePolicy schedulePolicy = SchedulePolicy::Fcfs;
+  KVTierConfig kvTiers;
   // Called on the step loop after each step that changed the prefix cache, with what changed, in
   // order. It must not block (hand the events to another thread).
   std::function<void(std::vector<kv::KVEvent>&&)> kvEventListener;
@@ -203,6 +216,11 @@ struct EngineStats {
   // Prefix cache, in tokens (as vLLM counts them): looked up at admission, and found.
   uint64_t prefixCacheQueries = 0;
   uint64_t prefixCacheHits = 0;
+  // Of those hits, the tokens loaded from each tier below the pool (tiers.tiers' order); the
+  // rest were in the pool.
+  std::vector<uint64_t> tierHitTokens;
+  int32_t loading = 0;            // requests waiting for their prefix to load from a tier
+  kvtier::TiersStats tiers;       // empty without tiers
   uint64_t generationTokens = 0;  // tokens sampled
   uint64_t steps = 0;
   uint64_t finishedStop = 0, finishedLength = 0, finishedCancelled = 0, finishedError = 0;
@@ -246,16 +264,22 @@ class Engine {
                       const std::string& path);
   kv::KVCache::LoadedSession loadSession(const std::string& path);
   EngineStats stats() const;
+  // Waits until every block queued for the tiers below the pool is written (no-op without
+  // tiers). For tests and benchmarks.
+  void flushKVTiers();
   const EngineConfig& config() const { return config_; }
   int32_t maxContextTokens() const;  // longest prompt + completion a request may ask for
 
  private:
   void requireSessionsSupported() const;
+  void startTiers();  // builds the tiers of config_.kvTiers
   struct Request;
   struct Group;
   void loop();
   bool step();  // false when there was nothing to do
   void admitNewRequests();
+  void enqueue(std::unique_ptr<Request> r);  // into the scheduler
+  void pollLoads();                          // requests whose prefix was loading
   void dropCancelled();
   void finish(Request& r, FinishReason reason, const std::string& error = {});
   void fail(kv::SeqId seq, const std::string& error);
@@ -274,12 +298,14 @@ class Engine {
   std::unique_ptr<PagedBlockBudget> budget_;
   std::unique_ptr<Scheduler> scheduler_;  // loop thread only
   std::unique_ptr<ModelRunner> runner_;   // loop thread only
+  std::unique_ptr<kvtier::KVTiers> tiers_;
 
   mutable std::mutex mu_;  // guards incoming_, stats_, queued_, flags
   std::condition_variable wake_;
   std::deque<std::unique_ptr<Request>> incoming_;
   bool stopping_ = false;
   bool draining_ = false;
+  bool loadsDone_ = false;  // a tier load finished since the loop last looked
   int32_t queued_ = 0;  // submitted and not running: incoming_ + the scheduler's waiting queue
 
   EngineStats stats_;
@@ -287,6 +313,12 @@ class Engine {
 
   // Loop-thread state.
   std::unordered_map<kv::SeqId, std::unique_ptr<Request>> requests_;  // in the scheduler
+  struct Loading {
+    std::unique_ptr<Request> request;
+    kvtier::KVTiers::Ticket ticket = 0;
+  };
+  std::vector<Loading> loading_;  // waiting for their prefix to load from a tier
+  double prefillRate_ = 0;        // prompt tokens per second of forward pass (moving average)
   std::vector<kv::KVEvent> kvEvents_;
   std::vector<float> logits_;
   std::vector<float> sampleRow_;

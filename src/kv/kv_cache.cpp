@@ -723,6 +723,9 @@ void KVCache::cacheComputedBlocks(SeqId seq, std::span<const int32_t> tokens) {
       }
       std::copy(blockTokens, blockTokens + B, blockTokens_.begin() + static_cast<long>(b * B));
       blockParent_[b] = parent;
+      if (recordNewBlocks_) {
+        newBlocks_.push_back({b, groupHash(h, g), static_cast<int32_t>(i), g});
+      }
       if (g != 0 || !recordEvents_) continue;
       if (stored == nullptr) {
         stored = &events_.emplace_back();

@@ -237,6 +237,47 @@ class KVCache {
   // way the cache is unchanged.
   LoadedSession loadSession(std::istream& in);
 
+  // --- tiers below the pool (kvtier): blocks out as they are hashed, back in on a hit -----------
+  // The key a lower tier keeps block `index` of `group` under, for a prefix whose chained block
+  // hashes are `chain` (blockHashes): the same hash the pool registers the block under, which
+  // covers the model, the KV format, the group and every token up to the block's end.
+  uint64_t tierKey(uint64_t chain, int32_t group) const { return groupHash(chain, group); }
+  // Parent hash of every sequence's first block: the model fingerprint mixed with the KV format,
+  // block size, shape and layer groups. Two caches can share blocks only when theirs are equal.
+  uint64_t hashRoot() const { return hashRoot_; }
+  // Bytes of one block's K and V payload (every slot and head of its group's layers).
+  size_t blockPayloadBytes() const;
+  // A full, hashed block as a lower tier stores it.
+  struct ExportedBlock {
+    uint64_t key = 0;           // tierKey(chain, group)
+    uint64_t parent = 0;        // chained hash of the blocks before it (hashRoot() for the first)
+    int32_t index = 0;          // logical block in its sequence
+    int32_t group = 0;
+    std::vector<int32_t> tokens;     // its blockSizeTokens token ids
+    std::vector<std::byte> payload;  // blockPayloadBytes() bytes
+  };
+  // While on (off at construction), cacheComputedBlocks notes every block it hashes, for
+  // takeNewBlocks.
+  void recordNewBlocks(bool on);
+  // Copies out the blocks hashed since the last call that still hold their hash (a block evicted
+  // meanwhile is left out), oldest first. Each is held while its bytes are copied, outside the
+  // lock. Appends to `out`.
+  void takeNewBlocks(std::vector<ExportedBlock>& out);
+  // A block read back from a lower tier, already verified against the prefix: its logical index,
+  // group and payload (blockPayloadBytes()).
+  struct TierBlock {
+    int32_t index = 0;
+    int32_t group = 0;
+    const std::byte* payload = nullptr;
+  };
+  // Makes `blocks` cached blocks of the prefix `tokens` (whose whole blocks they belong to), as
+  // loadSession does, so a request starting with `tokens` hits them; blocks the pool already
+  // holds are kept. Installs the longest run of whole logical blocks, in index order, that the
+  // free blocks allow. Returns the number of logical blocks [first index, first index + n) whose
+  // every given group is now cached. Throws KVError{InvalidArgument} for indices or groups outside
+  // `tokens`' blocks, prefix caching off.
+  int32_t installTierBlocks(std::span<const int32_t> tokens, std::span<const TierBlock> blocks);
+
   // --- reading ---------------------------------------------------------------------------------
   // Paged views of all usedTokens(seq) positions of one layer (through its group's table; a
   // windowed layer's view reads only its window). Throws UnknownSequence, LayerOutOfRange. Valid
@@ -325,10 +366,23 @@ class KVCache {
                                head * arena_.headStride) *
            dtypeBytes(config_.dtype);
   }
-  // Bytes of one block's K and V (every slot and head), and their copy to or from `buf`.
-  size_t blockPayloadBytes() const;
+  // One block's K and V (every slot and head) copied to or from `buf` (blockPayloadBytes()).
   void copyBlockOut(BlockId b, std::byte* buf) const;
   void copyBlockIn(BlockId b, const std::byte* buf);
+  // A block to install into the pool as cached (sessions, tiers): its place and bytes.
+  struct InstallRecord {
+    int32_t index = 0;
+    int32_t group = 0;
+    const std::byte* bytes = nullptr;
+    BlockId block = kNoBlock;
+    bool fresh = false;
+  };
+  // Makes `records` cached blocks of the prefix `tokens` (whole blocks): held if the pool has
+  // them, else taken, copied in and registered. All or nothing (OutOfBlocks), or with `partial`
+  // the longest run of whole logical blocks that fits (records is cut to it). Sorts records by
+  // index. Returns the blocks newly registered.
+  int32_t installBlocks(std::span<const int32_t> tokens, std::vector<InstallRecord>& records,
+                        bool partial);
   // Takes (ref + 1, held) or gives back a held reference on a block a session reads or writes.
   void holdLocked(BlockId b);
   void releaseHeldLocked(BlockId b);
@@ -355,6 +409,14 @@ class KVCache {
   // or loading.
   std::vector<int32_t> heldRefs_;
   bool recordEvents_ = false;
+  bool recordNewBlocks_ = false;
+  struct NewBlock {
+    BlockId block = kNoBlock;
+    uint64_t key = 0;
+    int32_t index = 0;
+    int32_t group = 0;
+  };
+  std::vector<NewBlock> newBlocks_;  // hashed since the last takeNewBlocks
   std::function<void(BlockId, BlockId)> externalCopier_;
   std::vector<KVEvent> events_;
   std::vector<EvictedBlock> evictedScratch_;

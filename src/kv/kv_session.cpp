@@ -253,8 +253,6 @@ KVCache::LoadedSession KVCache::loadSession(std::istream& in) {
   struct Record {
     uint32_t index, group;
     const std::byte* bytes;
-    BlockId block = kNoBlock;
-    bool fresh = false;
   };
   std::vector<Record> records(nRecords);
   const uint32_t nBlocks = nTokens / static_cast<uint32_t>(B);
@@ -267,32 +265,53 @@ KVCache::LoadedSession KVCache::loadSession(std::istream& in) {
     }
     rec.bytes = r.take(static_cast<size_t>(payload));
   }
-  const std::vector<uint64_t> chain = blockHashes(out.tokens);
+  std::vector<InstallRecord> installs;
+  installs.reserve(records.size());
+  for (const Record& rec : records) {
+    installs.push_back({static_cast<int32_t>(rec.index), static_cast<int32_t>(rec.group), rec.bytes});
+  }
+  out.blocksLoaded = installBlocks(out.tokens, installs, /*partial=*/false);
+  return out;
+}
 
-  // Hold what the cache has already, take blocks for the rest, all or nothing.
+int32_t KVCache::installBlocks(std::span<const int32_t> tokens, std::vector<InstallRecord>& records,
+                               bool partial) {
+  const int32_t B = config_.blockSizeTokens;
+  const std::vector<uint64_t> chain = blockHashes(tokens);
+  std::stable_sort(records.begin(), records.end(), [](const InstallRecord& a,
+                                                      const InstallRecord& b) {
+    return a.index < b.index;
+  });
+  // Hold what the cache has already, take blocks for the rest: all or nothing, or (partial) the
+  // longest run of whole logical blocks the free blocks allow.
   {
     std::lock_guard lock(mu_);
-    int32_t fresh = 0;
-    for (Record& rec : records) {
-      rec.block = pool_.findCached(groupHash(chain[rec.index], static_cast<int32_t>(rec.group)));
-      fresh += rec.block == kNoBlock ? 1 : 0;
+    int32_t needed = 0;
+    size_t fits = records.size();
+    for (size_t i = 0; i < records.size(); ++i) {
+      InstallRecord& rec = records[i];
+      rec.block = pool_.findCached(groupHash(chain[static_cast<size_t>(rec.index)], rec.group));
+      // A fresh block and a cached one held alike leave the free queue.
+      if (rec.block == kNoBlock || pool_.refCount(rec.block) == 0) ++needed;
+      if (needed > pool_.freeBlocks() && fits == records.size()) {
+        fits = i;
+        while (fits > 0 && records[fits - 1].index == rec.index) --fits;
+      }
     }
-    int32_t cachedHeld = 0;
-    for (const Record& rec : records) {
-      cachedHeld += rec.block != kNoBlock && pool_.refCount(rec.block) == 0 ? 1 : 0;
+    if (fits < records.size()) {
+      if (!partial) {
+        throw KVError(KVErrc::OutOfBlocks, "KV session: " + std::to_string(needed) +
+                                               " blocks to load, " +
+                                               std::to_string(pool_.freeBlocks()) + " free");
+      }
+      records.resize(fits);
     }
-    if (fresh + cachedHeld > pool_.freeBlocks()) {
-      throw KVError(KVErrc::OutOfBlocks, "KV session: " + std::to_string(fresh) +
-                                             " blocks to load, " +
-                                             std::to_string(pool_.freeBlocks() - cachedHeld) +
-                                             " free");
-    }
-    for (Record& rec : records) {
+    for (InstallRecord& rec : records) {
       if (rec.block != kNoBlock) holdLocked(rec.block);
     }
-    for (Record& rec : records) {
+    for (InstallRecord& rec : records) {
       if (rec.block != kNoBlock) continue;
-      takeBlocks(std::span<BlockId>(&rec.block, 1), static_cast<int32_t>(rec.group));
+      takeBlocks(std::span<BlockId>(&rec.block, 1), rec.group);
       rec.fresh = true;
       blockFill_[rec.block] = B;
       liveTokens_ += B;
@@ -300,35 +319,105 @@ KVCache::LoadedSession KVCache::loadSession(std::istream& in) {
     }
   }
   // Only this call touches the fresh blocks until they are registered.
-  for (const Record& rec : records) {
+  for (const InstallRecord& rec : records) {
     if (rec.fresh) copyBlockIn(rec.block, rec.bytes);
   }
+  int32_t loaded = 0;
   std::lock_guard lock(mu_);
-  for (const Record& rec : records) {
+  for (const InstallRecord& rec : records) {
     if (!rec.fresh) continue;
-    const uint64_t parent = rec.index == 0 ? hashRoot_ : chain[rec.index - 1];
-    if (!pool_.setHash(rec.block, groupHash(chain[rec.index], static_cast<int32_t>(rec.group)))) {
+    const auto index = static_cast<size_t>(rec.index);
+    const uint64_t parent = index == 0 ? hashRoot_ : chain[index - 1];
+    if (!pool_.setHash(rec.block, groupHash(chain[index], rec.group))) {
       continue;  // the same content was registered meanwhile: this copy is freed as empty
     }
-    const int32_t* blockTokens = out.tokens.data() + static_cast<size_t>(rec.index) * B;
+    const int32_t* blockTokens = tokens.data() + index * static_cast<size_t>(B);
     std::copy(blockTokens, blockTokens + B,
               blockTokens_.begin() + static_cast<long>(rec.block) * B);
     blockParent_[rec.block] = parent;
-    ++out.blocksLoaded;
+    ++loaded;
     if (recordEvents_ && rec.group == 0) {
       KVEvent& e = events_.emplace_back();
       e.kind = KVEvent::Kind::BlockStored;
       e.blockSizeTokens = B;
-      if (rec.index > 0) e.parentHash = parent;
-      e.blockHashes.push_back(chain[rec.index]);
+      if (index > 0) e.parentHash = parent;
+      e.blockHashes.push_back(chain[index]);
       e.tokenIds.assign(blockTokens, blockTokens + B);
     }
   }
   // Last position first, as a freed sequence: a prefix's root is evicted last.
-  std::stable_sort(records.begin(), records.end(),
-                   [](const Record& a, const Record& b) { return a.index > b.index; });
-  for (const Record& rec : records) releaseHeldLocked(rec.block);
-  return out;
+  for (auto it = records.rbegin(); it != records.rend(); ++it) releaseHeldLocked(it->block);
+  return loaded;
+}
+
+void KVCache::recordNewBlocks(bool on) {
+  std::lock_guard lock(mu_);
+  recordNewBlocks_ = on;
+  if (!on) newBlocks_.clear();
+}
+
+void KVCache::takeNewBlocks(std::vector<ExportedBlock>& out) {
+  const auto B = static_cast<size_t>(config_.blockSizeTokens);
+  const size_t first = out.size();
+  std::vector<BlockId> held;
+  {
+    std::lock_guard lock(mu_);
+    for (const NewBlock& n : newBlocks_) {
+      // note: a block evicted (and maybe reused) since it was hashed holds other content now.
+      if (!pool_.isHashed(n.block) || pool_.blockHash(n.block) != n.key) continue;
+      ExportedBlock& e = out.emplace_back();
+      e.key = n.key;
+      e.parent = blockParent_[n.block];
+      e.index = n.index;
+      e.group = n.group;
+      const int32_t* t = blockTokens_.data() + static_cast<size_t>(n.block) * B;
+      e.tokens.assign(t, t + B);
+      holdLocked(n.block);
+      held.push_back(n.block);
+    }
+    newBlocks_.clear();
+  }
+  try {
+    for (size_t i = 0; i < held.size(); ++i) {
+      ExportedBlock& e = out[first + i];
+      e.payload.resize(blockPayloadBytes());
+      copyBlockOut(held[i], e.payload.data());
+    }
+  } catch (...) {
+    std::lock_guard lock(mu_);
+    for (BlockId b : held) releaseHeldLocked(b);
+    out.resize(first);
+    throw;
+  }
+  std::lock_guard lock(mu_);
+  for (BlockId b : held) releaseHeldLocked(b);
+}
+
+int32_t KVCache::installTierBlocks(std::span<const int32_t> tokens,
+                                   std::span<const TierBlock> blocks) {
+  if (!config_.prefixCaching) {
+    throw KVError(KVErrc::InvalidArgument, "installTierBlocks: prefix caching is off");
+  }
+  const int32_t nBlocks = static_cast<int32_t>(tokens.size()) / config_.blockSizeTokens;
+  std::vector<InstallRecord> records;
+  records.reserve(blocks.size());
+  for (const TierBlock& b : blocks) {
+    if (b.index < 0 || b.index >= nBlocks || b.group < 0 || b.group >= numGroups()) {
+      throw KVError(KVErrc::InvalidArgument,
+                    "installTierBlocks: block " + std::to_string(b.index) + " of group " +
+                        std::to_string(b.group) + " is outside the prefix's " +
+                        std::to_string(nBlocks) + " blocks");
+    }
+    records.push_back({b.index, b.group, b.payload});
+  }
+  if (records.empty()) return 0;
+  installBlocks(tokens.first(static_cast<size_t>(nBlocks) * config_.blockSizeTokens), records,
+                /*partial=*/true);
+  if (records.empty()) return 0;
+  const int32_t first = records.front().index;
+  int32_t n = 0;
+  for (const InstallRecord& rec : records) n = std::max(n, rec.index - first + 1);
+  return n;
 }
 
 }  // namespace cortex::kv

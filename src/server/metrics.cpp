@@ -1,5 +1,6 @@
 #include "server/metrics.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -70,6 +71,67 @@ class Writer {
   std::ostringstream out_;
 };
 
+// The tiers below the KV pool, one sample per tier (label tier="disk" / "redis").
+void renderTiers(Writer& w, const engine::EngineStats& s) {
+  const auto& tiers = s.tiers.tiers;
+  auto perTier = [&](const std::string& name, const char* type, const char* help, auto value) {
+    w.header(name, type, help);
+    for (size_t t = 0; t < tiers.size(); ++t) {
+      w.sample(name, static_cast<double>(value(t)), "tier=\"" + tiers[t].name + "\"");
+    }
+  };
+  // Hits by where they came from: the pool itself, or a tier that loaded them back.
+  uint64_t fromTiers = 0;
+  for (uint64_t v : s.tierHitTokens) fromTiers += v;
+  w.header("cortexstream:kv_hit_tokens_total", "counter",
+           "Prompt tokens found cached at admission, by where their KV came from (pool, or a "
+           "tier below it that loaded them back).");
+  w.sample("cortexstream:kv_hit_tokens_total",
+           static_cast<double>(s.prefixCacheHits - std::min(fromTiers, s.prefixCacheHits)),
+           "tier=\"pool\"");
+  for (size_t t = 0; t < tiers.size() && t < s.tierHitTokens.size(); ++t) {
+    w.sample("cortexstream:kv_hit_tokens_total", static_cast<double>(s.tierHitTokens[t]),
+             "tier=\"" + tiers[t].name + "\"");
+  }
+  perTier("cortexstream:kv_tier_up", "gauge", "1 when the tier's medium answers.",
+          [&](size_t t) { return tiers[t].up ? 1 : 0; });
+  perTier("cortexstream:kv_tier_bytes", "gauge", "Bytes of KV blocks the tier holds (disk).",
+          [&](size_t t) { return tiers[t].bytesStored; });
+  perTier("cortexstream:kv_tier_stored_blocks_total", "counter",
+          "Blocks written to the tier (or found there already).",
+          [&](size_t t) { return tiers[t].storedBlocks; });
+  perTier("cortexstream:kv_tier_store_errors_total", "counter", "Blocks the tier failed to store.",
+          [&](size_t t) { return tiers[t].storeErrors; });
+  perTier("cortexstream:kv_tier_loaded_blocks_total", "counter",
+          "Blocks read back from the tier and verified.",
+          [&](size_t t) { return tiers[t].loadedBlocks; });
+  perTier("cortexstream:kv_tier_loaded_bytes_total", "counter", "Bytes read back from the tier.",
+          [&](size_t t) { return tiers[t].loadedBytes; });
+  perTier("cortexstream:kv_tier_read_errors_total", "counter",
+          "Reads that failed (I/O error, connection lost); the blocks were computed instead.",
+          [&](size_t t) { return tiers[t].readErrors; });
+  perTier("cortexstream:kv_tier_lost_blocks_total", "counter",
+          "Blocks the tier listed but no longer had when read (deleted, expired).",
+          [&](size_t t) { return tiers[t].lostRecords; });
+  perTier("cortexstream:kv_tier_bad_blocks_total", "counter",
+          "Blocks refused when read back (damaged, truncated, foreign) and deleted.",
+          [&](size_t t) { return tiers[t].badRecords; });
+  perTier("cortexstream:kv_tier_skipped_loads_total", "counter",
+          "Hits left to compute because reading them would take longer.",
+          [&](size_t t) { return tiers[t].skippedLoads; });
+  perTier("cortexstream:kv_tier_read_bytes_per_second", "gauge",
+          "Measured read rate of the tier (0 until measured).",
+          [&](size_t t) { return tiers[t].readBytesPerSecond; });
+  w.metric("cortexstream:kv_tier_dropped_stores_total", "counter",
+           "Blocks not written to the tiers because the write queue was full.",
+           static_cast<double>(s.tiers.droppedStores));
+  w.metric("cortexstream:kv_tier_pending_store_bytes", "gauge",
+           "Bytes of blocks copied out and waiting to be written to the tiers.",
+           static_cast<double>(s.tiers.pendingStoreBytes));
+  w.metric("cortexstream:num_requests_loading", "gauge",
+           "Requests waiting for their prefix to load from a tier.", s.loading);
+}
+
 }  // namespace
 
 std::string renderPrometheus(const engine::EngineStats& s, const ServerCounters& c,
@@ -102,6 +164,7 @@ std::string renderPrometheus(const engine::EngineStats& s, const ServerCounters&
   w.metric("cortexstream:prefix_cache_hits_total", "counter",
            "Prompt tokens found in the prefix cache at admission (not computed again).",
            static_cast<double>(s.prefixCacheHits));
+  if (!s.tiers.tiers.empty()) renderTiers(w, s);
   w.metric("cortexstream:kv_cache_live_tokens", "gauge", "Token slots holding a token.",
            static_cast<double>(s.kv.liveTokens));
   w.metric("cortexstream:kv_cache_block_size_tokens", "gauge", "Tokens per KV cache block.",
