@@ -32,7 +32,7 @@ scripts/build.sh asan
 ctest --test-dir build-asan --output-on-failure -j "$jobs" -LE model
 
 echo "== TSan (concurrency tests)"
-scripts/build.sh tsan test_kv_concurrency test_thread_pool test_engine_batching test_http_server
+scripts/build.sh tsan test_kv_concurrency test_kv_tiers test_thread_pool test_engine_batching test_http_server
 ctest --test-dir build-tsan --output-on-failure -L concurrency --no-tests=error
 
 echo "== portable build (kernel levels chosen at run time)"
