@@ -61,6 +61,7 @@ struct ServeOptions {
   std::string kvRedisUrl;
   std::string kvRedisPrefix = "cortexstream";
   int64_t kvRedisTtl = 3600;
+  std::string preemptionMode = "recompute";
   std::string kvEventsEndpoint;        // empty: no KV events
   std::string kvEventsReplayEndpoint;  // empty: no replay
 };
@@ -135,6 +136,7 @@ void runServe(const ServeOptions& o) {
   ec.kvTiers.redisUrl = o.kvRedisUrl;
   ec.kvTiers.redisKeyPrefix = o.kvRedisPrefix;
   ec.kvTiers.redisTtlSeconds = o.kvRedisTtl;
+  ec.preemptionMode = engine::parsePreemptionMode(o.preemptionMode);
 
   // Bound before the model loads, so a bad endpoint fails at once; declared before the engine, so
   // it outlives the step loop that calls it (the engine is destroyed first).
@@ -332,6 +334,11 @@ void registerServeCommand(CLI::App& app) {
                   "seconds a block stays in Redis after it was last written or read (0: no "
                   "expiry)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 40))
+      ->capture_default_str();
+  cmd->add_option("--preemption-mode", o->preemptionMode,
+                  "a request preempted for lack of KV blocks is computed again when it resumes "
+                  "(recompute) or read back from the disk tier (swap; needs --kv-offload-dir)")
+      ->check(CLI::IsMember({"recompute", "swap"}))
       ->capture_default_str();
   cmd->add_flag("--no-prefix-caching", o->noPrefixCaching,
                 "compute every prompt in full instead of reusing cached KV blocks of earlier ones");

@@ -67,6 +67,16 @@ const char* toString(FinishReason reason) {
   return "?";
 }
 
+const char* toString(PreemptionMode mode) {
+  return mode == PreemptionMode::Recompute ? "recompute" : "swap";
+}
+
+PreemptionMode parsePreemptionMode(const std::string& name) {
+  if (name == "recompute") return PreemptionMode::Recompute;
+  if (name == "swap") return PreemptionMode::Swap;
+  throw std::invalid_argument("unknown preemption mode '" + name + "' (choose recompute or swap)");
+}
+
 void Histogram::observe(double value) {
   for (size_t i = 0; i < bounds.size(); ++i) {
     if (value <= bounds[i]) ++counts[i];
@@ -263,6 +273,11 @@ Engine::Engine(model::TransformerModel& model, const model::Tokenizer& tokenizer
   } catch (const model::ModelError& e) {
     throw EngineError(Kind::InvalidRequest, e.what());
   }
+  if (config_.preemptionMode == PreemptionMode::Swap && config_.kvTiers.diskDir.empty()) {
+    throw EngineError(Kind::InvalidRequest,
+                      "swap preemption writes preempted requests' blocks to the disk tier: it "
+                      "needs one (a KV offload folder)");
+  }
   if (config_.kvTiers.enabled()) startTiers();
   stats_.blockSizeTokens = config_.blockSizeTokens;
   stats_.timeToFirstToken = {latencyBounds(), std::vector<uint64_t>(latencyBounds().size() + 1)};
@@ -281,6 +296,8 @@ Engine::~Engine() {
   tiers_.reset();  // its worker signals through mu_ and wake_
   for (auto& r : incoming_) finish(*r, FinishReason::Cancelled);
   for (auto& l : loading_) finish(*l.request, FinishReason::Cancelled);
+  for (auto& r : swapped_) finish(*r, FinishReason::Cancelled);
+  for (auto& r : deferred_) finish(*r, FinishReason::Cancelled);
   for (auto& [id, r] : requests_) finish(*r, FinishReason::Cancelled);
 }
 
@@ -480,7 +497,19 @@ void Engine::admitNewRequests() {
     std::lock_guard lock(mu_);
     arrived.swap(incoming_);
   }
+  dropCancelledWaiting();
   pollLoads();
+  resumeSwapped();
+  for (auto& r : arrived) deferred_.push_back(std::move(r));
+  // Swapped-out requests resume before later arrivals take their room.
+  const bool resuming = std::any_of(loading_.begin(), loading_.end(),
+                                    [](const Loading& l) { return l.resume; });
+  if (!swapped_.empty() || resuming) {
+    updateTierCounts();
+    return;
+  }
+  arrived.clear();
+  arrived.swap(deferred_);
   const int32_t B = config_.blockSizeTokens;
   for (auto& r : arrived) {
     // A prompt whose blocks beyond the pool's hit a tier might hold waits while they load (the
@@ -500,8 +529,61 @@ void Engine::admitNewRequests() {
     }
     enqueue(std::move(r));
   }
+  updateTierCounts();
+}
+
+void Engine::updateTierCounts() {
   std::lock_guard lock(mu_);
-  stats_.loading = static_cast<int32_t>(loading_.size());
+  stats_.loading = 0;
+  stats_.swapped = static_cast<int32_t>(swapped_.size());
+  for (const Loading& l : loading_) ++(l.resume ? stats_.swapped : stats_.loading);
+}
+
+void Engine::dropCancelledWaiting() {
+  for (auto* q : {&swapped_, &deferred_}) {
+    for (auto it = q->begin(); it != q->end();) {
+      if ((*it)->cancelRequested()) {
+        finish(**it, FinishReason::Cancelled);
+        it = q->erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+}
+
+void Engine::swapOut(kv::SeqId seq) {
+  auto it = requests_.find(seq);
+  if (it == requests_.end() || scheduler_->isRunning(seq) || it->second->wantsPromptRows()) {
+    return;  // readmitted in the same plan, or recomputed anyway (it wants every prompt row)
+  }
+  scheduler_->remove(seq);
+  swapped_.push_back(std::move(it->second));
+  requests_.erase(it);
+}
+
+void Engine::resumeSwapped() {
+  if (swapped_.empty() || std::any_of(loading_.begin(), loading_.end(),
+                                      [](const Loading& l) { return l.resume; })) {
+    return;
+  }
+  Request& r = *swapped_.front();
+  // Room for its whole context and the next token, or nothing else running: read it back now,
+  // so that what is loaded is admitted before anything evicts it.
+  const int64_t need = cache_->blocksForSequence(r.contextTokens() + 1, config_.maxBatchedTokens);
+  if (scheduler_->numRunning() > 0 && cache_->freeBlocks() < need + 1) return;
+  std::unique_ptr<Request> req = std::move(swapped_.front());
+  swapped_.pop_front();
+  const int32_t B = config_.blockSizeTokens;
+  const int32_t firstBlock = cache_->cachedPrefixTokens(req->context) / B;
+  const int32_t endBlock = (req->contextTokens() - 1) / B;
+  if (endBlock > firstBlock) {
+    const kvtier::KVTiers::Ticket ticket =
+        tiers_->startLoad(req->context, firstBlock, endBlock, /*afterStores=*/true);
+    loading_.push_back({std::move(req), ticket, true});
+    return;
+  }
+  enqueue(std::move(req), /*front=*/true);
 }
 
 void Engine::pollLoads() {
@@ -515,7 +597,7 @@ void Engine::pollLoads() {
       tiers_->cancelLoad(l.ticket);
       finish(*l.request, FinishReason::Cancelled);
     } else if (tiers_->finishLoad(l.ticket, l.request->tierHits)) {
-      enqueue(std::move(l.request));
+      enqueue(std::move(l.request), l.resume);
     } else {
       ++i;
       continue;
@@ -524,13 +606,13 @@ void Engine::pollLoads() {
   }
 }
 
-void Engine::enqueue(std::unique_ptr<Request> r) {
+void Engine::enqueue(std::unique_ptr<Request> r, bool front) {
   const kv::SeqId id = r->id;
   try {
     // Requests that want every prompt row compute their whole prompt.
     const bool lookUp = cache_->prefixCaching() && !r->wantsPromptRows();
-    scheduler_->add(id, r->promptSize(), r->promptSize() + r->params.maxTokens,
-                    lookUp ? &r->context : nullptr);
+    scheduler_->add(id, r->contextTokens(), r->promptSize() + r->params.maxTokens,
+                    lookUp ? &r->context : nullptr, front);
   } catch (const std::exception& e) {
     // submit() checked the size against the same limits; this is a safety net, not a path.
     finish(*r, FinishReason::Error, e.what());
@@ -841,17 +923,24 @@ bool Engine::step() {
         if (r.cachedTokens < 0) {
           r.cachedTokens = c.firstPos;
           if (r.index == 0) r.group->cachedTokens = c.firstPos;
-          for (const kvtier::TierHit& h : r.tierHits) {
-            const int32_t served = std::min(h.firstToken + h.tokens, c.firstPos) - h.firstToken;
-            if (served > 0) stats_.tierHitTokens[static_cast<size_t>(h.tier)] += static_cast<uint64_t>(served);
+        }
+        for (const kvtier::TierHit& h : r.tierHits) {
+          const int32_t served = std::min(h.firstToken + h.tokens, c.firstPos) - h.firstToken;
+          if (served > 0) {
+            stats_.tierHitTokens[static_cast<size_t>(h.tier)] += static_cast<uint64_t>(served);
           }
         }
+        r.tierHits.clear();
       }
     }
     stats_.running = scheduler_->numRunning();
     stats_.waiting = queued_;
     stats_.peakStepSequences =
         std::max(stats_.peakStepSequences, static_cast<int32_t>(plan.chunks.size()));
+  }
+  if (config_.preemptionMode == PreemptionMode::Swap && !plan.preempted.empty()) {
+    for (kv::SeqId id : plan.preempted) swapOut(id);
+    updateTierCounts();
   }
   if (plan.empty()) return false;
 

@@ -54,6 +54,16 @@ struct KVTierConfig {
   bool enabled() const { return !diskDir.empty() || !redisUrl.empty(); }
 };
 
+// What happens to a request preempted for lack of KV blocks: its blocks are freed and it is
+// computed again from prompt + tokens generated so far when it resumes (Recompute), or it leaves
+// the scheduler until there is room for it and its blocks are read back from the tiers below the
+// pool, where write-through put them, before it resumes (Swap; needs a disk tier). The same
+// tokens come out either way.
+enum class PreemptionMode { Recompute, Swap };
+const char* toString(PreemptionMode mode);  // "recompute", "swap"
+// Throws std::invalid_argument naming the choices.
+PreemptionMode parsePreemptionMode(const std::string& name);
+
 struct EngineConfig {
   int32_t maxBatchedTokens = 512;  // tokens per forward step (decodes + prefill chunks)
   int32_t maxNumSeqs = 64;         // sequences running at once
@@ -69,6 +79,7 @@ struct EngineConfig {
   Backend backend = Backend::Cpu;
   SchedulePolicy schedulePolicy = SchedulePolicy::Fcfs;
   KVTierConfig kvTiers;
+  PreemptionMode preemptionMode = PreemptionMode::Recompute;
   // Called on the step loop after each step that changed the prefix cache, with what changed, in
   // order. It must not block (hand the events to another thread).
   std::function<void(std::vector<kv::KVEvent>&&)> kvEventListener;
@@ -220,6 +231,7 @@ struct EngineStats {
   // rest were in the pool.
   std::vector<uint64_t> tierHitTokens;
   int32_t loading = 0;            // requests waiting for their prefix to load from a tier
+  int32_t swapped = 0;            // preempted requests swapped out (waiting to be read back)
   kvtier::TiersStats tiers;       // empty without tiers
   uint64_t generationTokens = 0;  // tokens sampled
   uint64_t steps = 0;
@@ -278,8 +290,13 @@ class Engine {
   void loop();
   bool step();  // false when there was nothing to do
   void admitNewRequests();
-  void enqueue(std::unique_ptr<Request> r);  // into the scheduler
+  // Into the scheduler (first with `front`: a swapped-out request coming back).
+  void enqueue(std::unique_ptr<Request> r, bool front = false);
   void pollLoads();                          // requests whose prefix was loading
+  void swapOut(kv::SeqId seq);               // a preempted request leaves the scheduler
+  void resumeSwapped();                      // the first swapped request, when it fits again
+  void dropCancelledWaiting();               // cancelled requests outside the scheduler
+  void updateTierCounts();
   void dropCancelled();
   void finish(Request& r, FinishReason reason, const std::string& error = {});
   void fail(kv::SeqId seq, const std::string& error);
@@ -316,8 +333,13 @@ class Engine {
   struct Loading {
     std::unique_ptr<Request> request;
     kvtier::KVTiers::Ticket ticket = 0;
+    bool resume = false;  // a swapped-out request coming back: it goes first
   };
   std::vector<Loading> loading_;  // waiting for their prefix to load from a tier
+  // Swap preemption: requests swapped out, oldest first, and the new arrivals held back while
+  // there are any (so that a swapped request resumes before later ones take its room).
+  std::deque<std::unique_ptr<Request>> swapped_;
+  std::deque<std::unique_ptr<Request>> deferred_;
   double prefillRate_ = 0;        // prompt tokens per second of forward pass (moving average)
   std::vector<kv::KVEvent> kvEvents_;
   std::vector<float> logits_;

@@ -72,7 +72,7 @@ const Scheduler::Entry& Scheduler::entry(kv::SeqId seq) const {
 }
 
 void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
-                    const std::vector<int32_t>* tokens) {
+                    const std::vector<int32_t>* tokens, bool front) {
   if (contextTokens < 1 || maxContextTokens < contextTokens) {
     throw std::invalid_argument(seqName(seq) + ": needs 1 <= context <= max context tokens");
   }
@@ -87,7 +87,11 @@ void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextToke
   auto [it, inserted] = entries_.emplace(seq, fresh);
   (void)inserted;
   try {
-    waiting_.push_back(&it->second);
+    if (front) {
+      waiting_.push_front(&it->second);
+    } else {
+      waiting_.push_back(&it->second);
+    }
   } catch (...) {
     entries_.erase(it);
     throw;

@@ -166,10 +166,11 @@ class Scheduler {
   // contextTokens is prompt + max new tokens. `tokens`, when given, is the request's context
   // (prompt, then each generated token before appendToken is called), owned by the caller and
   // valid until the request is removed: admission looks its prefix up in the cache. Without it
-  // the request computes its whole context. Throws std::invalid_argument for an id already
-  // known, bad counts, or a request that could never fit (maxContextTokens > maxContextTokens()).
+  // the request computes its whole context. `front` queues it first instead (a preempted request
+  // that comes back). Throws std::invalid_argument for an id already known, bad counts, or a
+  // request that could never fit (maxContextTokens > maxContextTokens()).
   void add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
-           const std::vector<int32_t>* tokens = nullptr);
+           const std::vector<int32_t>* tokens = nullptr, bool front = false);
   // Adds `child`, a copy of the running `parent` whose context is complete: it shares all of
   // parent's computed positions (forked memory, no bytes copied) and waits, at the front of the
   // queue, for its context to grow by appendToken. `tokens` as in add. Throws

@@ -56,6 +56,7 @@ void KVTiers::storeNewBlocks() {
       }
       pendingBytes_ += b.payload.size();
       storeQueue_.push_back(std::move(b));
+      ++storesQueued_;
     }
   }
   scratch_.clear();
@@ -63,7 +64,7 @@ void KVTiers::storeNewBlocks() {
 }
 
 KVTiers::Ticket KVTiers::startLoad(std::span<const int32_t> tokens, int32_t firstBlock,
-                                   int32_t endBlock) {
+                                   int32_t endBlock, bool afterStores) {
   const auto B = static_cast<size_t>(cache_.blockSizeTokens());
   if (firstBlock < 0 || endBlock <= firstBlock || tokens.size() < endBlock * B) {
     throw std::invalid_argument("KV tiers: blocks [" + std::to_string(firstBlock) + ", " +
@@ -77,6 +78,7 @@ KVTiers::Ticket KVTiers::startLoad(std::span<const int32_t> tokens, int32_t firs
   {
     std::lock_guard lock(mu_);
     job->ticket = nextTicket_++;
+    job->afterStore = afterStores ? storesQueued_ : 0;
     loads_.emplace(job->ticket, job);
     loadQueue_.push_back(job);
   }
@@ -161,8 +163,9 @@ void KVTiers::run() {
       std::unique_lock lock(mu_);
       cv_.wait(lock, [&] { return stopping_ || !loadQueue_.empty() || !storeQueue_.empty(); });
       if (stopping_) break;
-      // A waiting request comes before write-through.
-      if (!loadQueue_.empty()) {
+      // A waiting request comes before write-through, unless it waits for those writes.
+      if (!loadQueue_.empty() &&
+          (loadQueue_.front()->afterStore <= storesDone_ || storeQueue_.empty())) {
         job = std::move(loadQueue_.front());
         loadQueue_.pop_front();
         if (loads_.count(job->ticket) == 0) continue;  // cancelled
@@ -184,6 +187,7 @@ void KVTiers::run() {
     store(block);
     std::lock_guard lock(mu_);
     pendingBytes_ -= block.payload.size();
+    ++storesDone_;
     storing_ = false;
     if (storeQueue_.empty()) idle_.notify_all();
   }

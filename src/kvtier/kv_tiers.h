@@ -90,8 +90,11 @@ class KVTiers {
   // Queues the blocks hashed since the last call for every tier.
   void storeNewBlocks();
   // Starts reading blocks [firstBlock, endBlock) of the prefix `tokens` (at least endBlock
-  // blocks long) from the tiers.
-  Ticket startLoad(std::span<const int32_t> tokens, int32_t firstBlock, int32_t endBlock);
+  // blocks long) from the tiers. With afterStores, the read waits until every block queued for
+  // writing before it is written (a swapped-out request reads back what it just wrote);
+  // otherwise it goes before them.
+  Ticket startLoad(std::span<const int32_t> tokens, int32_t firstBlock, int32_t endBlock,
+                   bool afterStores = false);
   // False while the load runs. When it is done: installs the blocks it read as cached blocks
   // (as many whole blocks as the pool's free blocks allow), appends what each tier served to
   // `hits`, forgets the ticket and returns true.
@@ -118,6 +121,7 @@ class KVTiers {
     int32_t firstBlock = 0;
     int32_t endBlock = 0;
     bool done = false;
+    uint64_t afterStore = 0;  // stores to finish first (storesQueued_ when it was started)
     std::vector<LoadedBlock> blocks;  // index order
   };
   void run();
@@ -146,6 +150,8 @@ class KVTiers {
   std::vector<TierCounters> counters_;  // name/up/bytesStored filled in by stats()
   std::vector<bool> failing_;           // per tier: the last operation failed (warn once)
   uint64_t droppedStores_ = 0;
+  uint64_t storesQueued_ = 0;  // blocks ever queued for writing
+  uint64_t storesDone_ = 0;    // of those, written (or failed)
   uint64_t pendingBytes_ = 0;
   double recomputeRate_ = 0;
   std::vector<kv::KVCache::ExportedBlock> scratch_;  // engine thread

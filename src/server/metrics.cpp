@@ -130,6 +130,8 @@ void renderTiers(Writer& w, const engine::EngineStats& s) {
            static_cast<double>(s.tiers.pendingStoreBytes));
   w.metric("cortexstream:num_requests_loading", "gauge",
            "Requests waiting for their prefix to load from a tier.", s.loading);
+  w.metric("cortexstream:num_requests_swapped", "gauge",
+           "Preempted requests swapped out to the tiers, waiting to be read back.", s.swapped);
 }
 
 }  // namespace

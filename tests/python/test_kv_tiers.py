@@ -7,6 +7,9 @@ real server processes and a real redis-server on a loopback port.
   the prompt's whole blocks as cached (loaded from Redis), answers A's tokens, and its time to
   first token is a fraction of A's cold one (cold prefill of 2,000 tokens takes seconds; a load
   takes a tenth of a second, so the bound below leaves a wide margin on a noisy machine).
+- Swap preemption: on a pool too small for the requests running together, preempted requests
+  are swapped out and read back from the disk tier when they resume, with the tokens each gives
+  alone (and recompute's).
 - Faults: the disk tier's files damaged, swapped and deleted under a running server, and Redis
   killed mid-run: every request completes with the unloaded answer (what the tier cannot give is
   computed), nothing crashes, and the metrics count what happened.
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from test_server import Server, curl, free_port
+from test_server import PROMPTS, Server, curl, free_port, run_streams
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 # ~2,000 tokens of varied text (numbers keep the tokens from repeating in a pattern).
@@ -272,3 +275,37 @@ def test_redis_killed_mid_run_then_back():
         if s is not None:
             assert s.stop() == 0
         redis.stop()
+
+
+def test_swap_preemption_reads_blocks_back_and_keeps_outputs(tmp_path):
+    # 16 blocks of 16 tokens (360 KiB each for this model's f16 K/V); six requests of ~40 prompt
+    # tokens + 72 generated (7-8 blocks each) run together: at most two fit, so requests are
+    # preempted with several full blocks each, and swapped out.
+    requests = [{"prompt": (p + " ") * 6, "max_tokens": 72, "temperature": 0,
+                 "extra_body": {"ignore_eos": True}} for p in PROMPTS[:6]]
+    recompute = Server("--kv-cache-memory", "5760KiB", "--max-num-seqs", "6")
+    try:
+        expected = run_streams(recompute.client, requests, workers=len(requests))
+        assert recompute.metrics()["cortexstream:num_preemptions_total"] > 0
+    finally:
+        assert recompute.stop() == 0
+    s = Server("--kv-cache-memory", "5760KiB", "--max-num-seqs", "6", "--preemption-mode", "swap",
+               "--kv-offload-dir", str(tmp_path))
+    try:
+        assert s.metrics()["cortexstream:kv_cache_blocks_total"] == 16
+        together = run_streams(s.client, requests, workers=len(requests))
+        m = s.metrics()
+        assert m["cortexstream:num_preemptions_total"] > 0
+        assert m['cortexstream:kv_hit_tokens_total{tier="disk"}'] > 0
+        assert m["cortexstream:num_requests_swapped"] == 0
+        assert m['cortexstream:request_success_total{finished_reason="length"}'] == len(requests)
+        assert together == expected
+        alone = [s.client.completions.create(model="m", **kw).choices[0].text for kw in requests]
+        assert together == alone
+    finally:
+        assert s.stop() == 0
+
+
+def test_swap_needs_a_disk_tier():
+    with pytest.raises(RuntimeError, match="disk tier"):
+        Server("--preemption-mode", "swap")
