@@ -20,12 +20,18 @@ const char* toString(KVErrc code) {
   return "unknown KV error";
 }
 
-BlockPool::BlockPool(int32_t numBlocks) : total_(numBlocks), numFree_(0) {
+BlockPool::BlockPool(int32_t numBlocks, int32_t capacity)
+    : total_(numBlocks), capacity_(capacity == 0 ? numBlocks : capacity), numFree_(0) {
   if (numBlocks < 1) {
     throw KVError(KVErrc::InvalidArgument,
                   "a block pool needs at least 1 block, got " + std::to_string(numBlocks));
   }
-  const auto n = static_cast<size_t>(numBlocks);
+  if (capacity_ < numBlocks) {
+    throw KVError(KVErrc::InvalidArgument, "a block pool's capacity (" +
+                                               std::to_string(capacity_) + ") is below its size (" +
+                                               std::to_string(numBlocks) + ")");
+  }
+  const auto n = static_cast<size_t>(capacity_);
   refs_.assign(n, 0);
   next_.assign(n, kNoBlock);
   prev_.assign(n, kNoBlock);
@@ -258,6 +264,70 @@ int32_t BlockPool::evictAllCached(std::vector<EvictedBlock>* removed) {
     id = next;
   }
   return evicted;
+}
+
+void BlockPool::grow(int32_t n) {
+  if (n < total_ || n > capacity_) {
+    throw KVError(KVErrc::InvalidArgument, "grow: " + std::to_string(n) + " blocks is not in [" +
+                                               std::to_string(total_) + ", " +
+                                               std::to_string(capacity_) + "]");
+  }
+  // Highest first onto the head, so the new blocks are handed out in id order.
+  for (BlockId id = n - 1; id >= total_; --id) {
+    refs_[id] = 0;
+    hashed_[id] = 0;
+    pushFreeHead(id);
+  }
+  total_ = n;
+}
+
+void BlockPool::shrink(int32_t n, std::vector<EvictedBlock>* evicted) {
+  if (n < 1 || n > total_) {
+    throw KVError(KVErrc::InvalidArgument, "shrink: " + std::to_string(n) + " blocks is not in [1, " +
+                                               std::to_string(total_) + "]");
+  }
+  for (BlockId id = n; id < total_; ++id) {
+    if (refs_[id] != 0) {
+      throw KVError(KVErrc::InvalidArgument, "shrink: block " + std::to_string(id) +
+                                                 " is in use");
+    }
+  }
+  for (BlockId id = n; id < total_; ++id) {
+    if (hashed_[id]) {
+      if (evicted != nullptr) evicted->push_back({id, hash_[id]});
+      eraseHash(id);
+      --numCached_;
+    }
+    unlinkFree(id);
+  }
+  total_ = n;
+}
+
+void BlockPool::relocate(BlockId from, BlockId to, std::vector<EvictedBlock>* evicted) {
+  checkId(from, "relocate");
+  checkId(to, "relocate");
+  if (refs_[from] == 0 || refs_[to] != 0) {
+    throw KVError(KVErrc::InvalidArgument, "relocate: block " + std::to_string(from) +
+                                               " must be in use and block " + std::to_string(to) +
+                                               " free");
+  }
+  unlinkFree(to);
+  if (hashed_[to]) {
+    if (evicted != nullptr) evicted->push_back({to, hash_[to]});
+    eraseHash(to);
+    --numCached_;
+  }
+  refs_[to] = refs_[from];
+  refs_[from] = 0;
+  if (hashed_[from]) {
+    const uint64_t h = hash_[from];
+    eraseHash(from);
+    table_[findSlot(h)] = to;
+    hash_[to] = h;
+    hashed_[to] = 1;
+    ++numHashed_;
+  }
+  pushFreeHead(from);
 }
 
 double BlockPool::fragmentation() const {

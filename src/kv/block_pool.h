@@ -16,6 +16,12 @@
 // any cached content is given up. The hash table is open addressing with linear probing, sized at
 // construction (twice the block count, a power of two), so it never allocates either.
 //
+// Resizing: the pool is built with a capacity (at least its size); grow adds empty blocks up to
+// it, shrink gives back the blocks with the highest ids once none of them is in use, and relocate
+// moves a block in use (its references and hash) to a free id, so shrink can be made possible.
+// Every per-block array and the hash table are sized for the capacity, so resizing allocates
+// nothing either.
+//
 // Not thread-safe by itself: KVCache serialises every call under its own lock.
 // Errors: every precondition violation throws KVError (see kv_error.h) and changes nothing.
 #pragma once
@@ -39,8 +45,9 @@ struct EvictedBlock {
 
 class BlockPool {
  public:
-  // numBlocks >= 1. All blocks start free, in id order (0 is handed out first).
-  explicit BlockPool(int32_t numBlocks);
+  // numBlocks >= 1, capacity >= numBlocks (0: numBlocks). All blocks start free, in id order (0
+  // is handed out first).
+  explicit BlockPool(int32_t numBlocks, int32_t capacity = 0);
 
   // Takes out.size() blocks, all or nothing: on success writes their ids to `out` (in queue
   // order) with ref count 1; throws KVError{OutOfBlocks} without touching anything when fewer
@@ -90,6 +97,19 @@ class BlockPool {
   // Blocks with ref count > 1.
   int32_t sharedBlocks() const { return numShared_; }
 
+  // --- resizing ---------------------------------------------------------------------------
+  int32_t capacity() const { return capacity_; }
+  // Adds empty blocks [totalBlocks(), n) (reused first). Throws InvalidArgument unless
+  // totalBlocks() <= n <= capacity().
+  void grow(int32_t n);
+  // Removes blocks [n, totalBlocks()); the cached ones among them are evicted (appended to
+  // `evicted`). Throws InvalidArgument unless 1 <= n <= totalBlocks() and none of them is in use.
+  void shrink(int32_t n, std::vector<EvictedBlock>* evicted = nullptr);
+  // Moves block `from` (in use) to `to` (free; evicted first when cached, appended to
+  // `evicted`): `to` takes its references and hash, `from` becomes an empty free block. The
+  // caller moves the content and every table entry. Throws InvalidArgument otherwise.
+  void relocate(BlockId from, BlockId to, std::vector<EvictedBlock>* evicted = nullptr);
+
   // External fragmentation as a contiguous allocator sees it: 1 - (longest run of consecutive
   // free ids / free blocks), 0 when nothing is free. Reported for comparison only: a paged cache
   // never needs consecutive ids, so this number never limits allocation. O(totalBlocks).
@@ -118,6 +138,7 @@ class BlockPool {
   void eraseHash(BlockId id);            // drops id's hash from the table (backward-shift delete)
 
   int32_t total_;
+  int32_t capacity_;
   int32_t numFree_;
   int32_t numShared_ = 0;
   int32_t numCached_ = 0;

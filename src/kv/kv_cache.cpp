@@ -1,6 +1,9 @@
 #include "kv/kv_cache.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <iomanip>
@@ -127,6 +130,14 @@ static int32_t blocksFromConfig(const KVCacheConfig& c) {
   return static_cast<int32_t>(n);
 }
 
+static int32_t capacityFromConfig(const KVCacheConfig& c, int32_t numBlocks) {
+  const uint64_t n = c.maxMemoryBytes / kv::bytesPerBlock(c);
+  if (n > static_cast<uint64_t>(INT32_MAX)) {
+    throw KVError(KVErrc::InvalidArgument, "the maximum KV memory gives more than 2^31 blocks");
+  }
+  return std::max(numBlocks, static_cast<int32_t>(n));
+}
+
 namespace {
 
 uint64_t splitmix64(uint64_t x) {
@@ -142,11 +153,13 @@ KVCache::KVCache(const KVCacheConfig& config)
     : config_(validated(config)),
       groups_(kvGroups(config_)),
       numBlocks_(blocksFromConfig(config_)),
-      pool_(numBlocks_) {
+      capacity_(capacityFromConfig(config_, numBlocks_.load())),
+      pool_(numBlocks_.load(), capacity_) {
   const int64_t B = config_.blockSizeTokens;
   const int64_t H = config_.numKVHeads;
   const int64_t D = rowStrideElements(config_.dtype, config_.headDim);  // a row, its scale included
-  const int64_t N = numBlocks_;
+  // Strides over the capacity, so a block's address never depends on how many blocks are in use.
+  const int64_t N = capacity_;
   bytesPerBlock_ = kv::bytesPerBlock(config_);
   KVArena& a = arena_;
   a.numLayers = config_.numLayers;
@@ -167,20 +180,31 @@ KVCache::KVCache(const KVCacheConfig& config)
     a.headStride = N * B * D;
   }
   halfBytes_ = static_cast<uint64_t>(a.layersPerBlock * a.slotStride) * dtypeBytes(a.dtype);
-  const uint64_t total = (2 * halfBytes_ + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
-  memory_ = static_cast<std::byte*>(std::aligned_alloc(kArenaAlignment, total));
-  if (memory_ == nullptr) {
-    throw KVError(KVErrc::InvalidArgument,
-                  "cannot allocate a KV arena of " + std::to_string(total) + " bytes");
+  // Address space for the capacity, no access; the blocks in use get memory (commitBlocks). The
+  // mapping is page-aligned, which covers kArenaAlignment.
+  reservedBytes_ = std::max<uint64_t>(2 * halfBytes_, 1);
+  void* p = mmap(nullptr, reservedBytes_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
+  if (p == MAP_FAILED) {
+    throw KVError(KVErrc::InvalidArgument, "cannot reserve a KV arena of " +
+                                               std::to_string(reservedBytes_) + " bytes: " +
+                                               std::strerror(errno));
   }
+  memory_ = static_cast<std::byte*>(p);
   a.kBase = memory_;
   a.vBase = memory_ + halfBytes_;
-  blockFill_.assign(static_cast<size_t>(numBlocks_), 0);
-  blockGroup_.assign(static_cast<size_t>(numBlocks_), 0);
-  heldRefs_.assign(static_cast<size_t>(numBlocks_), 0);
+  try {
+    commitBlocks(0, numBlocks());
+  } catch (...) {
+    munmap(memory_, reservedBytes_);
+    throw;
+  }
+  blockFill_.assign(static_cast<size_t>(capacity_), 0);
+  blockGroup_.assign(static_cast<size_t>(capacity_), 0);
+  heldRefs_.assign(static_cast<size_t>(capacity_), 0);
   if (config_.prefixCaching) {
-    blockTokens_.assign(static_cast<size_t>(numBlocks_) * static_cast<size_t>(B), 0);
-    blockParent_.assign(static_cast<size_t>(numBlocks_), 0);
+    blockTokens_.assign(static_cast<size_t>(capacity_) * static_cast<size_t>(B), 0);
+    blockParent_.assign(static_cast<size_t>(capacity_), 0);
   }
   // Everything that decides what a block holds, besides its tokens and the tokens before them
   // (and its group: groupHash).
@@ -196,7 +220,9 @@ KVCache::KVCache(const KVCacheConfig& config)
   }
 }
 
-KVCache::~KVCache() { std::free(memory_); }
+KVCache::~KVCache() {
+  if (memory_ != nullptr) munmap(memory_, reservedBytes_);
+}
 
 int32_t KVCache::blocksForTokens(int64_t tokens) const {
   if (tokens < 0) throw KVError(KVErrc::InvalidArgument, "negative token count");
@@ -209,7 +235,7 @@ int64_t KVCache::blocksForSequence(int64_t tokens, int32_t stepTokens) const {
 
 int64_t KVCache::maxSequenceTokens(int32_t stepTokens) const {
   const int64_t B = config_.blockSizeTokens;
-  const int64_t N = numBlocks_;
+  const int64_t N = numBlocks();
   if (kv::blocksForSequence(config_, static_cast<int64_t>(INT32_MAX / B) * B, stepTokens) <= N) {
     return INT32_MAX;  // only windows, and they fit
   }
@@ -226,9 +252,10 @@ int64_t KVCache::maxSequenceTokens(int32_t stepTokens) const {
 }
 
 void KVCache::warmup() {
-  const uint64_t total = 2 * halfBytes_;
-  for (uint64_t off = 0; off < total; off += kPageBytes) memory_[off] = std::byte{0};
-  if (total > 0) memory_[total - 1] = std::byte{0};
+  forEachBlockRange(0, numBlocks(), [&](size_t off, size_t len) {
+    for (size_t at = off; at < off + len; at += kPageBytes) memory_[at] = std::byte{0};
+    memory_[off + len - 1] = std::byte{0};
+  });
 }
 
 KVCache::Sequence& KVCache::find(SeqId seq) {
@@ -1004,7 +1031,8 @@ void KVCache::checkInvariants() const {
   std::lock_guard lock(mu_);
   pool_.checkInvariants();
   const int32_t B = config_.blockSizeTokens;
-  std::vector<int32_t> owners(static_cast<size_t>(numBlocks_), 0);
+  const int32_t numBlocks = this->numBlocks();
+  std::vector<int32_t> owners(static_cast<size_t>(numBlocks), 0);
   for (const auto& [id, s] : seqs_) {
     if (s.tokens <= 0) fail(seqName(id) + " has " + std::to_string(s.tokens) + " tokens");
     if (s.tables.size() != static_cast<size_t>(numGroups())) {
@@ -1028,7 +1056,7 @@ void KVCache::checkInvariants() const {
           if (b != kNoBlock) fail(where + " keeps block " + std::to_string(b) + " it gave back");
           continue;
         }
-        if (b < 0 || b >= numBlocks_) fail(where + " holds invalid block " + std::to_string(b));
+        if (b < 0 || b >= numBlocks) fail(where + " holds invalid block " + std::to_string(b));
         if (blockGroup_[b] != g) {
           fail(where + " holds block " + std::to_string(b) + " of group " +
                std::to_string(blockGroup_[b]));
@@ -1058,7 +1086,7 @@ void KVCache::checkInvariants() const {
     }
   }
   int64_t live = 0;
-  for (BlockId b = 0; b < numBlocks_; ++b) {
+  for (BlockId b = 0; b < numBlocks; ++b) {
     if (pool_.refCount(b) != owners[b] + heldRefs_[b]) {
       fail("block " + std::to_string(b) + " has ref count " + std::to_string(pool_.refCount(b)) +
            " but " + std::to_string(owners[b]) + " block tables and " +
@@ -1075,7 +1103,7 @@ void KVCache::checkInvariants() const {
   }
   const KVCacheStats st = statsLocked();
   if (st.allocatedBytes + st.freeBytes != st.totalBytes ||
-      st.totalBytes != static_cast<uint64_t>(numBlocks_) * bytesPerBlock_ ||
+      st.totalBytes != static_cast<uint64_t>(numBlocks) * bytesPerBlock_ ||
       st.totalBytes > 2 * halfBytes_) {
     fail("byte accounting: allocated + free != total");
   }

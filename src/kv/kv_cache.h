@@ -42,6 +42,7 @@
 // Errors: every failure throws KVError (kv_error.h) and leaves the cache unchanged.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -100,7 +101,9 @@ class KVCache {
   const KVCacheConfig& config() const { return config_; }
   const KVGroups& groups() const { return groups_; }
   int32_t numGroups() const { return static_cast<int32_t>(groups_.groups.size()); }
-  int32_t numBlocks() const { return numBlocks_; }
+  int32_t numBlocks() const { return numBlocks_.load(std::memory_order_relaxed); }
+  // The most blocks resize() can make it (config maxMemoryBytes; at least numBlocks()).
+  int32_t capacityBlocks() const { return capacity_; }
   int32_t blockSizeTokens() const { return config_.blockSizeTokens; }
   // Bytes one block holds across all layers, K and V.
   uint64_t bytesPerBlock() const { return bytesPerBlock_; }
@@ -113,8 +116,22 @@ class KVCache {
   // step; INT32_MAX when every group is windowed and the windows fit.
   int64_t maxSequenceTokens(int32_t stepTokens) const;
 
-  // Writes to every page of the arena so the first requests do not pay for page faults.
+  // Writes to every page of the arena's blocks so the first requests do not pay for page faults.
   void warmup();
+
+  // --- resizing while in use (kv_resize.cpp) ---------------------------------------------------
+  // Makes the pool `blocks` blocks, 1 <= blocks <= capacityBlocks(). The arena's address range
+  // is reserved for the capacity at construction, so no block address ever moves: growing
+  // commits memory for the new blocks (empty, handed out first); shrinking gives back blocks
+  // [blocks, numBlocks()): their cached blocks are evicted, the blocks in use among them are
+  // moved (K/V copied, every table updated) to free blocks below `blocks`, and their memory goes
+  // back to the system. Throws KVError{OutOfBlocks} when more blocks are in use than `blocks`
+  // (free some first), {InvalidArgument} for a size out of range, a block being copied or saved
+  // at the moment (retry), or a cache whose K/V live elsewhere (setExternalBlockCopier); the
+  // cache is unchanged then. Returns the blocks moved. Call it from the thread that appends to
+  // the sequences (the engine's, between steps): a copy on write in flight writes outside the
+  // lock.
+  int32_t resize(int32_t blocks);
 
   // --- sequences (tokens in, blocks out) ------------------------------------------------------
   // Creates `seq` with room for `initialTokens` (>= 1) positions [0, initialTokens), all or
@@ -387,10 +404,19 @@ class KVCache {
   void holdLocked(BlockId b);
   void releaseHeldLocked(BlockId b);
   KVCacheStats statsLocked() const;
+  // Calls fn(byte offset, bytes) for each contiguous run of the arena holding blocks [from, to):
+  // per half and slot (layer-major), or per half, slot and head (head-major).
+  void forEachBlockRange(int32_t from, int32_t to,
+                         const std::function<void(size_t, size_t)>& fn) const;
+  // Makes the arena memory of blocks [from, to) usable (commit) or gives it back (decommit).
+  void commitBlocks(int32_t from, int32_t to);
+  void decommitBlocks(int32_t from, int32_t to);
 
   KVCacheConfig config_;
   KVGroups groups_;
-  int32_t numBlocks_ = 0;
+  std::atomic<int32_t> numBlocks_{0};
+  int32_t capacity_ = 0;       // blocks the arena's address range holds
+  uint64_t reservedBytes_ = 0;  // the mapping's length
   uint64_t bytesPerBlock_ = 0;
   uint64_t halfBytes_ = 0;  // bytes of the K half (= V half)
   std::byte* memory_ = nullptr;

@@ -22,6 +22,9 @@ struct KVCacheConfig {
   // (numBlocks = floor(budget / bytesPerBlock)).
   int32_t numBlocks = 0;
   uint64_t memoryBudgetBytes = 0;
+  // The most the pool may grow to while in use (KVCache::resize), in bytes: address space for it
+  // is reserved up front, memory is committed only for the blocks in use. 0: the pool's size.
+  uint64_t maxMemoryBytes = 0;
   KVDType dtype = KVDType::F16;
   KVLayout layout = KVLayout::LayerMajor;
   // Prefix caching: full blocks of computed tokens are kept, under a hash chained from the
