@@ -37,6 +37,7 @@ struct ServeOptions {
   int32_t maxBatchedTokens = 512;
   int32_t maxNumSeqs = 64;
   std::string kvCacheMemory;  // empty: the engine's default share of free memory
+  std::string kvCacheMaxMemory;  // empty: the starting size
   kv::KVDType kvDtype = kv::KVDType::F16;
   model::Precision precision = model::Precision::Int8;
   int32_t maxQueue = 1024;
@@ -120,6 +121,13 @@ void runServe(const ServeOptions& o) {
       throw std::runtime_error(std::string("--kv-cache-memory: ") + e.what());
     }
     if (ec.kvCacheBytes == 0) throw std::runtime_error("--kv-cache-memory must be > 0");
+  }
+  if (!o.kvCacheMaxMemory.empty()) {
+    try {
+      ec.kvCacheMaxBytes = server::parseByteSize(o.kvCacheMaxMemory);
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(std::string("--kv-cache-max-memory: ") + e.what());
+    }
   }
   ec.numThreads = o.threads;
   ec.prefixCaching = !o.noPrefixCaching;
@@ -207,7 +215,12 @@ void runServe(const ServeOptions& o) {
   const engine::EngineStats stats = engine.stats();
   std::cerr << "model " << sc.servedModelName << ": KV cache " << stats.kv.totalBlocks
             << " blocks x " << stats.blockSizeTokens << " tokens ("
-            << stats.kv.totalBytes / (1024 * 1024) << " MiB), max context "
+            << stats.kv.totalBytes / (1024 * 1024) << " MiB"
+            << (ec.kvCacheMaxBytes > stats.kv.totalBytes
+                    ? ", resizable up to " + std::to_string(ec.kvCacheMaxBytes / (1024 * 1024)) +
+                          " MiB"
+                    : std::string())
+            << "), max context "
             << engine.maxContextTokens() << " tokens; "
             << (o.backend == engine::Backend::Mlx
                     ? std::string("MLX backend (float32 arithmetic)")
@@ -268,6 +281,10 @@ void registerServeCommand(CLI::App& app) {
   cmd->add_option("--kv-cache-memory", o->kvCacheMemory,
                   "KV cache size, e.g. 512MiB, 1GiB, 300MB, 1000000 (bytes); default: a quarter "
                   "of free memory, at most 4 GiB");
+  cmd->add_option("--kv-cache-max-memory", o->kvCacheMaxMemory,
+                  "the most POST /admin/kv-cache may grow the KV cache to while serving "
+                  "(address space is reserved for it; memory is used only as the cache grows); "
+                  "default: its starting size");
   addKvDtypeOption(cmd, o->kvDtype);
   addPrecisionOption(cmd, o->precision);
   cmd->add_option("--max-queue", o->maxQueue, "waiting requests beyond which new ones get 503")

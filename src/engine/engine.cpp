@@ -91,6 +91,7 @@ kv::KVCacheConfig kvCacheConfigFor(const model::TransformerModel& model, const E
   kv::KVCacheConfig c = model.kvCacheConfig(config.blockSizeTokens, bytes, config.kvDtype);
   c.prefixCaching = config.prefixCaching;
   c.hybrid = config.hybridKv;
+  c.maxMemoryBytes = config.kvCacheMaxBytes;
   return c;
 }
 
@@ -292,6 +293,7 @@ Engine::~Engine() {
     stopping_ = true;
   }
   wake_.notify_all();
+  resized_.notify_all();
   thread_.join();
   tiers_.reset();  // its worker signals through mu_ and wake_
   for (auto& r : incoming_) finish(*r, FinishReason::Cancelled);
@@ -442,7 +444,8 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
                       "best_of");
   }
   const int64_t prompt = static_cast<int64_t>(params.promptTokens.size());
-  if (prompt + params.maxTokens > maxContextTokens()) {
+  std::unique_lock lock(mu_);
+  if (prompt + params.maxTokens > std::min<int64_t>(maxContextTokens(), acceptCap_)) {
     throw EngineError(Kind::TooLong,
                       "This model's maximum context length is " +
                           std::to_string(maxContextTokens()) + " tokens. However, you requested " +
@@ -453,7 +456,6 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
                           "completion.",
                       "prompt");
   }
-  std::lock_guard lock(mu_);
   if (stopping_ || draining_) throw EngineError(Kind::ShuttingDown, "the server is shutting down");
   if (queued_ >= config_.maxQueuedRequests) {
     throw EngineError(Kind::QueueFull, "too many requests are waiting (" +
@@ -530,6 +532,122 @@ void Engine::admitNewRequests() {
     enqueue(std::move(r));
   }
   updateTierCounts();
+}
+
+void Engine::notePreempted(const std::vector<kv::SeqId>& preempted) {
+  if (preempted.empty()) return;
+  {
+    std::lock_guard lock(mu_);
+    stats_.preemptions += preempted.size();
+    for (kv::SeqId id : preempted) {
+      Request& r = *requests_.at(id);
+      r.running = false;
+      ++queued_;
+      if (!r.promptRowsDone) {  // recomputed from the start
+        r.promptLogprobs.clear();
+        r.promptLogits.clear();
+      }
+    }
+  }
+  if (config_.preemptionMode == PreemptionMode::Swap) {
+    for (kv::SeqId id : preempted) swapOut(id);
+    updateTierCounts();
+  }
+}
+
+KvResize Engine::resizeKvCache(uint64_t bytes) {
+  auto job = std::make_shared<ResizeJob>();
+  job->bytes = bytes;
+  std::unique_lock lock(mu_);
+  if (stopping_) throw EngineError(EngineError::Kind::ShuttingDown, "the server is shutting down");
+  resizes_.push_back(job);
+  wake_.notify_all();
+  resized_.wait(lock, [&] { return job->done || stopping_; });
+  if (!job->done) throw EngineError(EngineError::Kind::ShuttingDown, "the server is shutting down");
+  if (!job->error.empty()) throw EngineError(EngineError::Kind::InvalidRequest, job->error);
+  return job->result;
+}
+
+void Engine::runResizes() {
+  for (;;) {
+    std::shared_ptr<ResizeJob> job;
+    {
+      std::lock_guard lock(mu_);
+      if (resizes_.empty()) return;
+      job = resizes_.front();
+      resizes_.pop_front();
+    }
+    KvResize result;
+    std::string error;
+    try {
+      result = resizeOnLoop(job->bytes);
+    } catch (const EngineError& e) {
+      error = e.what();
+    } catch (const kv::KVError& e) {
+      error = std::string("cannot resize the KV cache: ") + e.what();
+    }
+    {
+      std::lock_guard lock(mu_);
+      acceptCap_ = INT64_MAX;
+      job->result = result;
+      job->error = error;
+      job->done = true;
+      stats_.running = scheduler_->numRunning();
+      stats_.waiting = queued_;
+    }
+    resized_.notify_all();
+  }
+}
+
+int64_t Engine::longestAccepted() const {
+  int64_t longest = 0;
+  auto note = [&](const Request& r) {
+    longest = std::max<int64_t>(longest, r.promptSize() + r.params.maxTokens);
+  };
+  for (const auto& [id, r] : requests_) note(*r);
+  for (const auto& l : loading_) note(*l.request);
+  for (const auto& r : swapped_) note(*r);
+  for (const auto& r : deferred_) note(*r);
+  for (const auto& r : incoming_) note(*r);  // the caller holds mu_
+  return longest;
+}
+
+KvResize Engine::resizeOnLoop(uint64_t bytes) {
+  using Kind = EngineError::Kind;
+  const uint64_t perBlock = cache_->bytesPerBlock();
+  const uint64_t maxBytes = static_cast<uint64_t>(cache_->capacityBlocks()) * perBlock;
+  if (bytes < perBlock || bytes / perBlock > static_cast<uint64_t>(cache_->capacityBlocks())) {
+    throw EngineError(Kind::InvalidRequest,
+                      "the KV cache can be " + std::to_string(perBlock) + " to " +
+                          std::to_string(maxBytes) + " bytes (one block to the maximum it was "
+                          "started with), not " + std::to_string(bytes));
+  }
+  const auto blocks = static_cast<int32_t>(bytes / perBlock);
+  const int64_t newMax = std::min<int64_t>(
+      model_.hparams().nCtxTrain, cache_->maxSequenceTokensFor(blocks, config_.maxBatchedTokens));
+  {
+    std::lock_guard lock(mu_);
+    const int64_t longest = longestAccepted();
+    if (longest > newMax) {
+      throw EngineError(Kind::InvalidRequest,
+                        "a KV cache of " + std::to_string(blocks) + " blocks holds " +
+                            std::to_string(newMax) + " tokens per request, and a request "
+                            "already accepted may need " + std::to_string(longest));
+    }
+    acceptCap_ = newMax;  // until the scheduler knows the new size
+  }
+  KvResize r;
+  std::vector<kv::SeqId> preempted;
+  while (cache_->stats().usedBlocks > blocks && scheduler_->freeSomeMemory(preempted)) {
+  }
+  r.preempted = static_cast<int32_t>(preempted.size());
+  notePreempted(preempted);
+  r.movedBlocks = cache_->resize(blocks);
+  scheduler_->memoryResized();
+  r.blocks = blocks;
+  r.bytes = static_cast<uint64_t>(blocks) * perBlock;
+  r.maxBytes = maxBytes;
+  return r;
 }
 
 void Engine::updateTierCounts() {
@@ -638,6 +756,7 @@ void Engine::loop() {
     }
     bool worked = false;
     try {
+      runResizes();
       admitNewRequests();
       worked = step();
       publishKVEvents();
@@ -651,8 +770,9 @@ void Engine::loop() {
     }
     if (!worked) {
       std::unique_lock lock(mu_);
-      wake_.wait_for(lock, std::chrono::milliseconds(20),
-                     [&] { return stopping_ || !incoming_.empty() || loadsDone_; });
+      wake_.wait_for(lock, std::chrono::milliseconds(20), [&] {
+        return stopping_ || !incoming_.empty() || loadsDone_ || !resizes_.empty();
+      });
     }
   }
 }
@@ -899,18 +1019,9 @@ bool Engine::step() {
     return false;
   }
   const StepPlan plan = scheduler_->schedule();
+  notePreempted(plan.preempted);
   {
     std::lock_guard lock(mu_);
-    stats_.preemptions += plan.preempted.size();
-    for (kv::SeqId id : plan.preempted) {
-      Request& r = *requests_.at(id);
-      r.running = false;
-      ++queued_;
-      if (!r.promptRowsDone) {  // recomputed from the start
-        r.promptLogprobs.clear();
-        r.promptLogits.clear();
-      }
-    }
     for (const ScheduledChunk& c : plan.chunks) {
       Request& r = *requests_.at(c.seq);
       if (!r.running) {
@@ -937,10 +1048,6 @@ bool Engine::step() {
     stats_.waiting = queued_;
     stats_.peakStepSequences =
         std::max(stats_.peakStepSequences, static_cast<int32_t>(plan.chunks.size()));
-  }
-  if (config_.preemptionMode == PreemptionMode::Swap && !plan.preempted.empty()) {
-    for (kv::SeqId id : plan.preempted) swapOut(id);
-    updateTierCounts();
   }
   if (plan.empty()) return false;
 

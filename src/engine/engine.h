@@ -69,6 +69,9 @@ struct EngineConfig {
   int32_t maxNumSeqs = 64;         // sequences running at once
   int32_t maxQueuedRequests = 1024;  // waiting requests beyond which submit() refuses (QueueFull)
   uint64_t kvCacheBytes = 0;       // 0: a share of free memory (see defaultKvCacheBytes)
+  // The most resizeKvCache may grow the pool to (address space is reserved for it, memory is
+  // committed as the pool grows). 0: the starting size.
+  uint64_t kvCacheMaxBytes = 0;
   int32_t blockSizeTokens = 16;
   kv::KVDType kvDtype = kv::KVDType::F16;
   int32_t numThreads = 0;          // kernel threads, the step loop's included; 0: one per core
@@ -83,6 +86,15 @@ struct EngineConfig {
   // Called on the step loop after each step that changed the prefix cache, with what changed, in
   // order. It must not block (hand the events to another thread).
   std::function<void(std::vector<kv::KVEvent>&&)> kvEventListener;
+};
+
+// What Engine::resizeKvCache did.
+struct KvResize {
+  uint64_t bytes = 0;       // the pool's size now (whole blocks)
+  int32_t blocks = 0;
+  uint64_t maxBytes = 0;    // the most it can grow to
+  int32_t movedBlocks = 0;  // blocks in use moved below the new size
+  int32_t preempted = 0;    // requests preempted for the smaller pool (they resume later)
 };
 
 // Failure injection for tests: called on the step loop before the forward pass of each step
@@ -276,6 +288,14 @@ class Engine {
                       const std::string& path);
   kv::KVCache::LoadedSession loadSession(const std::string& path);
   EngineStats stats() const;
+  // Grows or shrinks the KV pool to `bytes` (rounded down to whole blocks) while serving, between
+  // two steps; returns when done. Shrinking evicts cached blocks first, then preempts the most
+  // recently admitted requests (recomputed or swapped, as for any preemption) until what is in
+  // use fits, and moves blocks in use to the bottom of the pool; no accepted request is lost.
+  // Throws EngineError{InvalidRequest} for a size below one block or above the maximum
+  // (EngineConfig::kvCacheMaxBytes), one too small for a request already accepted, or a backend
+  // whose K/V live outside the arena (MLX); {ShuttingDown} while stopping.
+  KvResize resizeKvCache(uint64_t bytes);
   // Waits until every block queued for the tiers below the pool is written (no-op without
   // tiers). For tests and benchmarks.
   void flushKVTiers();
@@ -297,6 +317,10 @@ class Engine {
   void resumeSwapped();                      // the first swapped request, when it fits again
   void dropCancelledWaiting();               // cancelled requests outside the scheduler
   void updateTierCounts();
+  void runResizes();                         // pending resizeKvCache calls, on the loop
+  KvResize resizeOnLoop(uint64_t bytes);
+  void notePreempted(const std::vector<kv::SeqId>& preempted);  // bookkeeping of preemptions
+  int64_t longestAccepted() const;           // prompt + max tokens of every accepted request
   void dropCancelled();
   void finish(Request& r, FinishReason reason, const std::string& error = {});
   void fail(kv::SeqId seq, const std::string& error);
@@ -323,6 +347,16 @@ class Engine {
   bool stopping_ = false;
   bool draining_ = false;
   bool loadsDone_ = false;  // a tier load finished since the loop last looked
+  struct ResizeJob {
+    uint64_t bytes = 0;
+    bool done = false;
+    KvResize result;
+    std::string error;  // EngineError{InvalidRequest} message when not empty
+  };
+  std::deque<std::shared_ptr<ResizeJob>> resizes_;
+  std::condition_variable resized_;
+  // While a shrink is under way: the longest request submit() may accept (the new pool's).
+  int64_t acceptCap_ = INT64_MAX;
   int32_t queued_ = 0;  // submitted and not running: incoming_ + the scheduler's waiting queue
 
   EngineStats stats_;

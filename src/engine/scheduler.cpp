@@ -51,10 +51,22 @@ Scheduler::Scheduler(const SchedulerConfig& config, BlockBudget& memory)
     throw std::invalid_argument("the watermark fraction must be in [0, 1)");
   }
   if (config_.maxOvertakes < 0) throw std::invalid_argument("max overtakes must be >= 0");
-  // The pool never changes size: what one sequence can reach is computed once.
+  memoryResized();
+}
+
+void Scheduler::memoryResized() {
   maxContextTokens_ = memory_.maxSequenceTokens(config_.maxBatchedTokens);
   watermarkBlocks_ = std::max(
       1, static_cast<int32_t>(std::floor(config_.watermarkFraction * memory_.totalBlocks())));
+}
+
+bool Scheduler::freeSomeMemory(std::vector<kv::SeqId>& preempted) {
+  if (releaseIdleMemory(nullptr)) return true;
+  if (running_.empty()) return false;
+  StepPlan plan;
+  preemptNewest(plan);
+  preempted.push_back(plan.preempted.front());
+  return true;
 }
 
 int64_t Scheduler::maxContextTokens() const { return maxContextTokens_; }

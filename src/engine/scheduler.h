@@ -29,6 +29,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <atomic>
 #include <memory>
 #include <span>
 #include <string>
@@ -186,6 +187,15 @@ class Scheduler {
   // Plans the next step (see the file comment). Empty when there is nothing to run.
   StepPlan schedule();
 
+  // --- the pool changed size (live resize) ---------------------------------------------------
+  // Frees memory for a smaller pool: a waiting request's held positions first, else the most
+  // recently admitted running request is preempted (queued again at the front; its id is
+  // appended to `preempted`). False when nothing holds memory.
+  bool freeSomeMemory(std::vector<kv::SeqId>& preempted);
+  // Recomputes what depends on the pool's size (the longest context, the watermark). Requests
+  // already queued keep their place; the caller checks they still fit.
+  void memoryResized();
+
   int32_t numWaiting() const { return static_cast<int32_t>(waiting_.size()); }
   int32_t numRunning() const { return static_cast<int32_t>(running_.size()); }
   bool isRunning(kv::SeqId seq) const;  // false for unknown ids
@@ -222,7 +232,7 @@ class Scheduler {
   SchedulerConfig config_;
   BlockBudget& memory_;
   int32_t watermarkBlocks_ = 1;
-  int64_t maxContextTokens_ = 0;
+  std::atomic<int64_t> maxContextTokens_{0};  // read by submitting threads
   std::unordered_map<kv::SeqId, Entry> entries_;
   std::deque<Entry*> waiting_;   // arrival order; preempted requests go back to the front
   std::vector<Entry*> running_;  // admission order

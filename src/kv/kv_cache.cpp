@@ -233,9 +233,9 @@ int64_t KVCache::blocksForSequence(int64_t tokens, int32_t stepTokens) const {
   return kv::blocksForSequence(config_, tokens, stepTokens);
 }
 
-int64_t KVCache::maxSequenceTokens(int32_t stepTokens) const {
+int64_t KVCache::maxSequenceTokensFor(int32_t blocks, int32_t stepTokens) const {
   const int64_t B = config_.blockSizeTokens;
-  const int64_t N = numBlocks();
+  const int64_t N = blocks;
   if (kv::blocksForSequence(config_, static_cast<int64_t>(INT32_MAX / B) * B, stepTokens) <= N) {
     return INT32_MAX;  // only windows, and they fit
   }

@@ -114,7 +114,11 @@ class KVCache {
   int64_t blocksForSequence(int64_t tokens, int32_t stepTokens) const;
   // The longest sequence the whole pool can hold (whole blocks), computing at most stepTokens per
   // step; INT32_MAX when every group is windowed and the windows fit.
-  int64_t maxSequenceTokens(int32_t stepTokens) const;
+  int64_t maxSequenceTokens(int32_t stepTokens) const {
+    return maxSequenceTokensFor(numBlocks(), stepTokens);
+  }
+  // The same for a pool of `blocks` blocks.
+  int64_t maxSequenceTokensFor(int32_t blocks, int32_t stepTokens) const;
 
   // Writes to every page of the arena's blocks so the first requests do not pay for page faults.
   void warmup();

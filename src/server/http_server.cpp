@@ -1,4 +1,5 @@
 #include "server/http_server.h"
+#include "server/byte_size.h"
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -172,6 +173,7 @@ struct HttpServer::Impl {
   Routed load(const Request& req);
   Routed kvEventSources(const Request& req);
   Routed flushCache(const Request& req);
+  Routed resizeKvCache(const Request& req);
   Routed saveSession(const Request& req);
   Routed restoreSession(const Request& req);
   // The path of the session file a request names ({"filename": ...}), inside kvSessionDir.
@@ -256,6 +258,7 @@ HttpServer::Impl::Impl(engine::Engine& e, const model::Tokenizer& t, ServerConfi
       {"/reset_prefix_cache", {V::post, &Impl::flushCache}},
       {"/kv_sessions/save", {V::post, &Impl::saveSession}},
       {"/kv_sessions/restore", {V::post, &Impl::restoreSession}},
+      {"/admin/kv-cache", {V::post, &Impl::resizeKvCache}},
       // operations
       {"/health", {V::get, &Impl::health}},
       {"/metrics", {V::get, &Impl::metrics}},
@@ -585,6 +588,42 @@ HttpServer::Impl::Routed HttpServer::Impl::kvEventSources(const Request&) {
 }
 
 // Drops every cached prefix block; blocks of running requests are never touched.
+// Grows or shrinks the KV pool while serving: {"bytes": N} (a number of bytes, or a size such as
+// "512MiB").
+HttpServer::Impl::Routed HttpServer::Impl::resizeKvCache(const Request& req) {
+  const json body = parseJsonBody(req);
+  if (!body.is_object() || !body.contains("bytes")) {
+    throwInvalid("bytes", "the body must be a JSON object with 'bytes': the new KV cache size");
+  }
+  const json& b = body["bytes"];
+  uint64_t bytes = 0;
+  if (b.is_number_unsigned()) {
+    bytes = b.get<uint64_t>();
+  } else if (b.is_string()) {
+    try {
+      bytes = parseByteSize(b.get<std::string>());
+    } catch (const std::invalid_argument& e) {
+      throwInvalid("bytes", e.what());
+    }
+  } else {
+    throwInvalid("bytes", "'bytes' must be a non-negative integer or a size such as \"512MiB\"");
+  }
+  try {
+    const engine::KvResize r = engine.resizeKvCache(bytes);
+    return {jsonResponse(200, {{"bytes", r.bytes},
+                               {"blocks", r.blocks},
+                               {"max_bytes", r.maxBytes},
+                               {"moved_blocks", r.movedBlocks},
+                               {"preempted_requests", r.preempted}}),
+            nullptr};
+  } catch (const engine::EngineError& e) {
+    if (e.kind() == engine::EngineError::Kind::ShuttingDown) {
+      return {errorResponse(503, e.what(), "server_error", "", "shutting_down"), nullptr};
+    }
+    throwInvalid("bytes", e.what());
+  }
+}
+
 HttpServer::Impl::Routed HttpServer::Impl::flushCache(const Request&) {
   const int32_t dropped = engine.resetPrefixCache();
   return {jsonResponse(200, {{"status", "ok"}, {"blocks_dropped", dropped}}), nullptr};
