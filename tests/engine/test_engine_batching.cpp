@@ -354,23 +354,95 @@ TEST_F(Fixture, ScoringWithoutGeneratingGivesPromptLogprobsOnly) {
   EXPECT_THROW(engine.submit(bad), EngineError);  // max tokens 0 needs prompt logprobs
 }
 
+constexpr uint64_t kBlockBytes = 16ull * 30 * 2 * 3 * 64 * 2;  // f16: 16 tokens of K and V
+
+// A fresh, empty folder for a disk tier, removed with the object.
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& name)
+      : path(std::filesystem::temp_directory_path() /
+             (name + "-" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) +
+              "-" + std::to_string(reinterpret_cast<uintptr_t>(this)))) {
+    std::filesystem::remove_all(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
 TEST_F(Fixture, SmallPoolPreemptsAndStillMatches) {
+  // Recompute, then swap (blocks read back from a disk tier): the same tokens.
+  for (PreemptionMode mode : {PreemptionMode::Recompute, PreemptionMode::Swap}) {
+    EngineConfig c;
+    // 6 blocks of 16 tokens; four requests of ~5 + 24 tokens need 8 blocks together: the pool
+    // runs dry mid-decode.
+    c.kvCacheBytes = 6 * kBlockBytes;
+    c.maxBatchedTokens = 32;
+    c.preemptionMode = mode;
+    TempDir dir("cs-swap");
+    if (mode == PreemptionMode::Swap) c.kvTiers.diskDir = dir.path.string();
+    Engine engine(*model, *tokenizer, c);
+    std::vector<std::shared_ptr<RequestStream>> streams;
+    for (int i = 0; i < 4; ++i) streams.push_back(engine.submit(greedy(kPrompts[static_cast<size_t>(i)], 24)));
+    std::vector<std::vector<int32_t>> outputs;
+    for (int i = 0; i < 4; ++i) outputs.push_back(collect(*streams[static_cast<size_t>(i)]).first);
+    EXPECT_GT(engine.stats().preemptions, 0u) << toString(mode);
+    EXPECT_GT(engine.stats().peakStepSequences, 1);
+    EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
+    EXPECT_EQ(engine.stats().swapped, 0);
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_EQ(outputs[static_cast<size_t>(i)], alone(greedy(kPrompts[static_cast<size_t>(i)], 24)))
+          << kPrompts[static_cast<size_t>(i)] << " " << toString(mode);
+    }
+  }
+}
+
+TEST_F(Fixture, ADiskTierServesAPromptThePoolForgot) {
+  TempDir dir("cs-tier");
   EngineConfig c;
-  // 6 blocks of 16 tokens (f16: 30 layers x 2 x 3 heads x 64 dims x 2 bytes a token); four
-  // requests of ~5 + 24 tokens need 8 blocks together: the pool runs dry mid-decode.
-  c.kvCacheBytes = 6ull * 16 * 30 * 2 * 3 * 64 * 2;
-  c.maxBatchedTokens = 32;
+  c.kvCacheBytes = 64ull << 20;
+  c.kvTiers.diskDir = dir.path.string();
+  Engine engine(*model, *tokenizer, c);
+  std::string text;
+  for (int i = 0; i < 12; ++i) text += "Sentence number " + std::to_string(i) + " is here. ";
+  const RequestParams p = greedy(text, 4);
+  const auto n = static_cast<int32_t>(p.promptTokens.size());
+  const std::vector<int32_t> first = generate(engine, p).tokens;
+  engine.flushKVTiers();
+  EXPECT_GT(engine.resetPrefixCache(), 0);
+  auto stream = engine.submit(p);
+  auto [tokens, last] = collect(*stream);
+  EXPECT_EQ(tokens, first);
+  EXPECT_EQ(last.cachedTokens, (n - 1) / 16 * 16);
+  const EngineStats s = engine.stats();
+  ASSERT_EQ(s.tierHitTokens.size(), 1u);
+  EXPECT_EQ(s.tierHitTokens[0], static_cast<uint64_t>(last.cachedTokens));
+  EXPECT_EQ(s.tiers.tiers[0].name, "disk");
+  EXPECT_EQ(s.tiers.tiers[0].badRecords, 0u);
+}
+
+TEST_F(Fixture, ResizingUnderLoadKeepsEveryRequest) {
+  EngineConfig c;
+  c.kvCacheBytes = 16 * kBlockBytes;
+  c.kvCacheMaxBytes = 64 * kBlockBytes;
+  c.maxBatchedTokens = 64;
   Engine engine(*model, *tokenizer, c);
   std::vector<std::shared_ptr<RequestStream>> streams;
-  for (int i = 0; i < 4; ++i) streams.push_back(engine.submit(greedy(kPrompts[static_cast<size_t>(i)], 24)));
+  for (const auto& p : kPrompts) streams.push_back(engine.submit(greedy(p, 40)));
+  // Too small for the requests accepted (up to ~50 tokens: 4 blocks each); out of range.
+  EXPECT_THROW(engine.resizeKvCache(2 * kBlockBytes), EngineError);
+  EXPECT_THROW(engine.resizeKvCache(65 * kBlockBytes), EngineError);
+  EXPECT_EQ(engine.resizeKvCache(64 * kBlockBytes).blocks, 64);
+  const KvResize shrunk = engine.resizeKvCache(5 * kBlockBytes);
+  EXPECT_EQ(shrunk.blocks, 5);
+  EXPECT_EQ(engine.stats().kv.totalBlocks, 5);
+  EXPECT_LE(engine.stats().kv.usedBlocks, 5);
+  EXPECT_EQ(engine.resizeKvCache(40 * kBlockBytes + 100).bytes, 40 * kBlockBytes);
   std::vector<std::vector<int32_t>> outputs;
-  for (int i = 0; i < 4; ++i) outputs.push_back(collect(*streams[static_cast<size_t>(i)]).first);
-  EXPECT_GT(engine.stats().preemptions, 0u);
-  EXPECT_GT(engine.stats().peakStepSequences, 1);
+  for (auto& s : streams) outputs.push_back(collect(*s).first);
   EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
-  for (int i = 0; i < 4; ++i) {
-    EXPECT_EQ(outputs[static_cast<size_t>(i)], alone(greedy(kPrompts[static_cast<size_t>(i)], 24)))
-        << kPrompts[static_cast<size_t>(i)];
+  EXPECT_EQ(engine.stats().kv.totalBlocks, 40);
+  // note: after every request is done; two engines must not run one model at the same time.
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    EXPECT_EQ(outputs[i], alone(greedy(kPrompts[i], 40))) << kPrompts[i];
   }
 }
 
