@@ -231,6 +231,15 @@ struct TierRig {
     o.warn = [this](const std::string& w) { warnings.push_back(w); };
     tiers = std::make_unique<KVTiers>(cache, std::move(stores), std::move(o));
   }
+  // Computes t as sequence 1, writes its blocks through to the tiers, then frees it and empties
+  // the pool's prefix cache: only the tiers hold t's blocks.
+  void computeStoreAndForget(const Tokens& t) {
+    compute(cache, 1, t);
+    tiers->storeNewBlocks();
+    tiers->flush();
+    cache.freeFor(1);
+    cache.resetPrefixCache();
+  }
   // Loads blocks [first, end) of t and installs them; returns the hits.
   std::vector<TierHit> load(const Tokens& t, int32_t first, int32_t end) {
     const KVTiers::Ticket ticket = tiers->startLoad(t, first, end);
@@ -271,11 +280,7 @@ TEST(KVTiers, WriteThroughThenLoadBackAfterTheCacheForgot) {
 TEST(KVTiers, TheNextTierServesWhatTheFirstLacksAndFailuresStopTheLoad) {
   TierRig s;
   const Tokens t = iota(24);
-  compute(s.cache, 1, t);
-  s.tiers->storeNewBlocks();
-  s.tiers->flush();
-  s.cache.freeFor(1);
-  s.cache.resetPrefixCache();
+  s.computeStoreAndForget(t);
   const std::vector<uint64_t> chain = s.cache.blockHashes(t);
 
   // Disk lost blocks 2.. (deleted behind its back: listed, then missing); Redis has them.
@@ -319,11 +324,7 @@ TEST(KVTiers, TheNextTierServesWhatTheFirstLacksAndFailuresStopTheLoad) {
 TEST(KVTiers, ASlowTierIsLeftUnreadAndAFullQueueDropsBlocks) {
   TierRig s;
   const Tokens t = iota(24);
-  compute(s.cache, 1, t);
-  s.tiers->storeNewBlocks();
-  s.tiers->flush();
-  s.cache.freeFor(1);
-  s.cache.resetPrefixCache();
+  s.computeStoreAndForget(t);
   s.load(t, 0, 5);  // measures the read rate
   s.cache.resetPrefixCache();
   s.tiers->setRecomputeRate(1e15);  // computing is "faster" than any read
