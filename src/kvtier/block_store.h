@@ -39,6 +39,8 @@ class BlockStore {
   virtual void remove(uint64_t key) = 0;
   // Whether the medium answers now (the Redis connection is up; the folder is usable). Any thread.
   virtual bool up() const = 0;
+  // When down, tries to reach the medium again (as the next operation would); returns up().
+  virtual bool probe() = 0;
   // Bytes of records this store holds, as far as it knows (the disk tier's files; 0 where the
   // store cannot tell). Any thread.
   virtual uint64_t bytesStored() const = 0;

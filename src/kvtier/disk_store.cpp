@@ -305,6 +305,14 @@ bool DiskStore::put(uint64_t key, std::span<const std::byte> record, std::string
   return true;
 }
 
+bool DiskStore::probe() {
+  if (up_.load()) return true;
+  std::error_code ec;
+  fs::create_directories(dir_, ec);
+  if (!ec && fs::is_directory(dir_, ec)) up_.store(true);
+  return up_.load();
+}
+
 void DiskStore::remove(uint64_t key) {
   if (index_.count(key) != 0) erase(key);
 }

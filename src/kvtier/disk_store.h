@@ -34,6 +34,8 @@ class DiskStore final : public BlockStore {
   bool put(uint64_t key, std::span<const std::byte> record, std::string& error) override;
   void remove(uint64_t key) override;
   bool up() const override { return up_.load(); }
+  // Down after a failed write: up again once the folder exists (or can be made) and is a folder.
+  bool probe() override;
   uint64_t bytesStored() const override { return bytes_.load(); }
 
   // The file that holds (or would hold) `key`'s record. For tests and tools.

@@ -161,7 +161,14 @@ void KVTiers::run() {
     kv::KVCache::ExportedBlock block;
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stopping_ || !loadQueue_.empty() || !storeQueue_.empty(); });
+      const auto work = [&] { return stopping_ || !loadQueue_.empty() || !storeQueue_.empty(); };
+      if (!cv_.wait_for(lock, std::chrono::seconds(1), work)) {
+        lock.unlock();
+        for (auto& s : stores_) {
+          if (!s->up()) s->probe();
+        }
+        continue;
+      }
       if (stopping_) break;
       // A waiting request comes before write-through, unless it waits for those writes.
       if (!loadQueue_.empty() &&

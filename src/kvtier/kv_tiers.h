@@ -18,6 +18,9 @@
 // damaged: a damaged record is deleted from its tier), and the rest is computed, so no tier
 // failure ever fails a request.
 //
+// A tier that is down (a failed write or read, a lost connection) is probed by the worker once a
+// second while it is idle, so it comes back (and `up` says so) without waiting for traffic.
+//
 // Threads: storeNewBlocks, startLoad, finishLoad, cancelLoad and setRecomputeRate come from the
 // engine's thread; stats and flush from any.
 #pragma once

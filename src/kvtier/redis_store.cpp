@@ -240,6 +240,11 @@ std::string RedisStore::fail(const std::string& what) {
   return "Redis at " + where_ + ": " + what;
 }
 
+bool RedisStore::probe() {
+  std::string error;
+  return connect(error);
+}
+
 bool RedisStore::connect(std::string& error) {
   if (ctx_ != nullptr) return true;
   const auto now = std::chrono::steady_clock::now();

@@ -56,6 +56,8 @@ class RedisStore final : public BlockStore {
   bool put(uint64_t key, std::span<const std::byte> record, std::string& error) override;
   void remove(uint64_t key) override;
   bool up() const override { return up_.load(); }
+  // Reconnects when down and the retry delay has passed.
+  bool probe() override;
   uint64_t bytesStored() const override { return 0; }
 
   // The Redis key of a block key. For tests and tools.

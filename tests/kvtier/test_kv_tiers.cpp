@@ -4,6 +4,7 @@
 // a slow tier left unread, a full write queue).
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <set>
@@ -104,13 +105,18 @@ class MemoryStore final : public BlockStore {
   }
   void remove(uint64_t key) override { records.erase(key); }
   bool up() const override { return !down; }
+  bool probe() override {
+    ++probes;
+    return !down;
+  }
   uint64_t bytesStored() const override { return 0; }
 
   std::string name_;
   std::map<uint64_t, std::vector<std::byte>> records;
   std::set<uint64_t> hidden;  // listed by contains, missing on get (deleted behind its back)
-  bool down = false;
+  std::atomic<bool> down{false};  // read by the worker's idle probes
   int gets = 0;
+  std::atomic<int> probes{0};
 };
 
 TEST(BlockRecord, RoundTripAndEveryRefusal) {
@@ -347,6 +353,17 @@ TEST(KVTiers, ASlowTierIsLeftUnreadAndAFullQueueDropsBlocks) {
   tight.tiers->flush();
   EXPECT_EQ(tight.tiers->stats().droppedStores, 6u);
   EXPECT_TRUE(tight.disk->records.empty());
+}
+
+TEST(KVTiers, ATierThatIsDownIsProbedWhileIdle) {
+  TierRig s;
+  s.redis->down = true;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (s.redis->probes.load() == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_GT(s.redis->probes.load(), 0);
+  EXPECT_EQ(s.disk->probes.load(), 0) << "a tier that is up is left alone";
 }
 
 TEST(KVTiers, ACancelledLoadIsForgotten) {

@@ -31,9 +31,16 @@ import pytest
 from test_server import PROMPTS, Server, curl, free_port, run_streams
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
-# ~2,000 tokens of varied text (numbers keep the tokens from repeating in a pattern).
-LONG_PROMPT = " ".join(f"Item {i}: the {['red', 'blue', 'green'][i % 3]} box holds {i * 7} stones."
-                       for i in range(150))
+
+
+def items(n: int) -> str:
+    """Varied text, ~13 tokens an item (numbers keep the tokens from repeating in a pattern)."""
+    return " ".join(f"Item {i}: the {['red', 'blue', 'green'][i % 3]} box holds {i * 7} stones."
+                    for i in range(n))
+
+
+LONG_PROMPT = items(150)  # ~2,000 tokens: the two-server test
+PROMPT = items(40)        # ~530 tokens: the others (shorter, so the file runs quicker)
 
 
 class Redis:
@@ -68,7 +75,7 @@ class Redis:
         self.proc.wait()
 
 
-def complete(server: Server, prompt: str = LONG_PROMPT, max_tokens: int = 8) -> tuple[str, int, float]:
+def complete(server: Server, prompt: str = PROMPT, max_tokens: int = 8) -> tuple[str, int, float]:
     """(text, cached prompt tokens, seconds to the first streamed token), greedy."""
     start = time.time()
     ttft = None
@@ -87,11 +94,6 @@ def complete(server: Server, prompt: str = LONG_PROMPT, max_tokens: int = 8) -> 
     return text, cached, ttft if ttft is not None else time.time() - start
 
 
-def prompt_tokens(server: Server, prompt: str = LONG_PROMPT) -> int:
-    r = server.client.completions.create(model="m", prompt=prompt, max_tokens=1)
-    return r.usage.prompt_tokens
-
-
 def wait_written(server: Server, tier: str, blocks: int) -> None:
     """Until the server has written `blocks` blocks to the tier and has nothing queued."""
     deadline = time.time() + 60
@@ -102,6 +104,11 @@ def wait_written(server: Server, tier: str, blocks: int) -> None:
             return
         assert time.time() < deadline, m
         time.sleep(0.1)
+
+
+def computed_blocks(prompt: int, max_tokens: int = 8) -> int:
+    """Full blocks a request writes: its prompt and every generated token but the last."""
+    return (prompt + max_tokens - 1) // 16
 
 
 def whole_blocks(tokens: int) -> int:
@@ -115,9 +122,9 @@ def test_a_restarted_server_loads_the_prompt_from_the_disk_tier(tmp_path):
         text_a, cached, _ = complete(a)
         assert cached == 0
         n = a.metrics()["cortexstream:prompt_tokens_total"]
-        wait_written(a, "disk", int(n) // 16)
+        wait_written(a, "disk", computed_blocks(int(n)))
         files = list((tmp_path / "kv").glob("*.kvblock"))
-        assert len(files) == int(n) // 16
+        assert len(files) == computed_blocks(int(n))
     finally:
         assert a.stop() == 0
     b = Server("--kv-offload-dir", str(tmp_path / "kv"), "--kv-offload-size", "256MiB")
@@ -144,14 +151,14 @@ def test_two_servers_share_a_prompt_through_redis():
     try:
         a = Server("--kv-redis", redis.url)
         b = Server("--kv-redis", redis.url, "--kv-redis-prefix", "cortexstream")
-        text_a, cached_a, ttft_a = complete(a)
+        text_a, cached_a, ttft_a = complete(a, LONG_PROMPT)
         assert cached_a == 0
         n = int(a.metrics()["cortexstream:prompt_tokens_total"])
         assert n > 1900, n
-        wait_written(a, "redis", n // 16)
+        wait_written(a, "redis", computed_blocks(n))
         keys = redis.keys()
-        assert len(keys) == n // 16 and all(k.startswith("cortexstream:") for k in keys)
-        text_b, cached_b, ttft_b = complete(b)
+        assert len(keys) == computed_blocks(n) and all(k.startswith("cortexstream:") for k in keys)
+        text_b, cached_b, ttft_b = complete(b, LONG_PROMPT)
         assert cached_b == whole_blocks(n)
         assert text_b == text_a
         m = b.metrics()
@@ -174,7 +181,7 @@ def test_another_model_never_reads_the_blocks(tmp_path):
     try:
         a = Server("--kv-redis", redis.url, "--kv-offload-dir", str(tmp_path))
         complete(a)
-        wait_written(a, "redis", 100)
+        wait_written(a, "redis", 30)
         b = Server("--kv-redis", redis.url, "--kv-offload-dir", str(tmp_path), "--kv-dtype", "f32")
         assert complete(b)[1] == 0
         m = b.metrics()
@@ -194,7 +201,7 @@ def test_damaged_swapped_and_deleted_files_under_a_running_server(tmp_path):
     try:
         text, _, _ = complete(s)
         n = int(s.metrics()["cortexstream:prompt_tokens_total"])
-        wait_written(s, "disk", n // 16)
+        wait_written(s, "disk", computed_blocks(n))
         files = sorted(folder.glob("*.kvblock"), key=lambda p: p.name)
         # Damage: flip bytes in a third, truncate a few, swap two, delete some.
         for f in files[0::6]:
@@ -224,7 +231,7 @@ def test_damaged_swapped_and_deleted_files_under_a_running_server(tmp_path):
         # The folder itself deleted: writes fail (counted), requests go on.
         shutil.rmtree(folder)
         assert curl(s.url + "/reset_prefix_cache", "-X", "POST")[0] == 200
-        other = LONG_PROMPT.replace("stones", "pebbles")
+        other = PROMPT.replace("stones", "pebbles")
         assert complete(s, other)[1] == 0
         assert complete(s)[0] == text
         assert s.proc.poll() is None
@@ -242,14 +249,14 @@ def test_redis_killed_mid_run_then_back():
 
         def client(i: int) -> None:
             try:
-                results.append(complete(s, LONG_PROMPT.replace("box", f"crate {i}"), 24))
+                results.append(complete(s, PROMPT.replace("box", f"crate {i}"), 24))
             except Exception as e:  # noqa: BLE001 - reported below
                 results.append(e)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        time.sleep(0.5)
         redis.stop()  # mid-run: prefills and write-through in flight
         for t in threads:
             t.join(120)
@@ -262,14 +269,17 @@ def test_redis_killed_mid_run_then_back():
         assert (m['cortexstream:kv_tier_store_errors_total{tier="redis"}'] +
                 m['cortexstream:kv_tier_read_errors_total{tier="redis"}']) > 0
         assert "cannot" in s.stderr()
-        # Redis back (empty: no persistence) on the same port: the server reconnects and writes.
+        # Redis back (empty: no persistence) on the same port: the server's idle probe
+        # reconnects without traffic, and the next prompt is written there.
         redis.start()
         deadline = time.time() + 30
-        other = LONG_PROMPT.replace("stones", "marbles")
         while s.metrics()['cortexstream:kv_tier_up{tier="redis"}'] == 0:
             assert time.time() < deadline
-            complete(s, other, 1)
-            time.sleep(0.5)
+            time.sleep(0.2)
+        stored = s.metrics()['cortexstream:kv_tier_stored_blocks_total{tier="redis"}']
+        complete(s, PROMPT.replace("stones", "marbles"), 1)
+        wait_written(s, "redis", int(stored) + 1)
+        assert len(redis.keys()) > 0
         assert s.proc.poll() is None
     finally:
         if s is not None:
