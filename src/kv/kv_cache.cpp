@@ -19,7 +19,6 @@ namespace cortex::kv {
 
 namespace {
 
-constexpr size_t kArenaAlignment = 64;
 constexpr size_t kPageBytes = 4096;
 
 std::string seqName(SeqId seq) { return "sequence " + std::to_string(seq); }
@@ -181,7 +180,7 @@ KVCache::KVCache(const KVCacheConfig& config)
   }
   halfBytes_ = static_cast<uint64_t>(a.layersPerBlock * a.slotStride) * dtypeBytes(a.dtype);
   // Address space for the capacity, no access; the blocks in use get memory (commitBlocks). The
-  // mapping is page-aligned, which covers kArenaAlignment.
+  // mapping is page-aligned, which covers the 64 bytes the kernels' loads want.
   reservedBytes_ = std::max<uint64_t>(2 * halfBytes_, 1);
   void* p = mmap(nullptr, reservedBytes_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                  -1, 0);
