@@ -504,9 +504,7 @@ void Engine::admitNewRequests() {
   resumeSwapped();
   for (auto& r : arrived) deferred_.push_back(std::move(r));
   // Swapped-out requests resume before later arrivals take their room.
-  const bool resuming = std::any_of(loading_.begin(), loading_.end(),
-                                    [](const Loading& l) { return l.resume; });
-  if (!swapped_.empty() || resuming) {
+  if (!swapped_.empty() || resuming()) {
     updateTierCounts();
     return;
   }
@@ -680,11 +678,12 @@ void Engine::swapOut(kv::SeqId seq) {
   requests_.erase(it);
 }
 
+bool Engine::resuming() const {
+  return std::any_of(loading_.begin(), loading_.end(), [](const Loading& l) { return l.resume; });
+}
+
 void Engine::resumeSwapped() {
-  if (swapped_.empty() || std::any_of(loading_.begin(), loading_.end(),
-                                      [](const Loading& l) { return l.resume; })) {
-    return;
-  }
+  if (swapped_.empty() || resuming()) return;
   Request& r = *swapped_.front();
   // Room for its whole context and the next token, or nothing else running: read it back now,
   // so that what is loaded is admitted before anything evicts it.

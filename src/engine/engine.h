@@ -315,6 +315,7 @@ class Engine {
   void pollLoads();                          // requests whose prefix was loading
   void swapOut(kv::SeqId seq);               // a preempted request leaves the scheduler
   void resumeSwapped();                      // the first swapped request, when it fits again
+  bool resuming() const;                     // a swapped request is being read back
   void dropCancelledWaiting();               // cancelled requests outside the scheduler
   void updateTierCounts();
   void runResizes();                         // pending resizeKvCache calls, on the loop
