@@ -110,6 +110,16 @@ int64_t blocksForSequence(const KVCacheConfig& c, int64_t tokens, int32_t stepTo
   return total;
 }
 
+int64_t blocksForWindowedSequence(const KVCacheConfig& c, SeqWindow win, int32_t stepTokens) {
+  const int64_t B = c.blockSizeTokens;
+  int64_t total = 0;
+  for (const KVGroup& g : kvGroups(c).groups) {
+    total += g.window == 0 ? (win.sinks + B - 1) / B + windowBlocks(win.window, stepTokens, B)
+                           : windowBlocks(g.window, stepTokens, B);
+  }
+  return total;
+}
+
 uint64_t bytesForSequence(const KVCacheConfig& c, int64_t tokens, int32_t stepTokens) {
   return static_cast<uint64_t>(blocksForSequence(c, tokens, stepTokens)) * bytesPerBlock(c);
 }
@@ -289,6 +299,38 @@ int32_t KVCache::firstNeededBlock(int32_t group, int64_t tokens) const {
   return static_cast<int32_t>(std::max<int64_t>(0, tokens - w + 1) / config_.blockSizeTokens);
 }
 
+int32_t KVCache::firstNeededBlock(const Sequence& s, int32_t group, int64_t tokens) const {
+  const int64_t own = groups_.groups[static_cast<size_t>(group)].window;
+  const int64_t w = own > 0 ? own : s.win.window;
+  if (w == 0) return 0;
+  const int32_t kept = s.tables[static_cast<size_t>(group)].kept;
+  return std::max(kept, static_cast<int32_t>(std::max<int64_t>(0, tokens - w + 1) /
+                                             config_.blockSizeTokens));
+}
+
+void KVCache::applyWindow(Sequence& s, SeqWindow win) const {
+  if (win.window < 0 || win.sinks < 0 || (win.sinks > 0 && win.window == 0)) {
+    throw KVError(KVErrc::InvalidArgument,
+                  "a sequence window needs window >= 0 and sinks >= 0, sinks only with a window "
+                  "(got window " + std::to_string(win.window) + ", sinks " +
+                      std::to_string(win.sinks) + ")");
+  }
+  s.win = win;
+  if (!win.on()) return;
+  const int32_t sinkBlocks = blocksForTokens(win.sinks);
+  for (int32_t g = 0; g < numGroups(); ++g) {
+    Table& t = s.tables[static_cast<size_t>(g)];
+    t.kept = groups_.groups[static_cast<size_t>(g)].window == 0 ? sinkBlocks : 0;
+    t.dropped = std::max(t.dropped, t.kept);
+  }
+}
+
+int32_t KVCache::hashableBlocks(const Sequence& s) const {
+  if (!s.win.on()) return INT32_MAX;
+  if (s.shifted > 0) return static_cast<int32_t>(s.hashes.size());
+  return static_cast<int32_t>((int64_t{s.win.sinks} + s.win.window) / config_.blockSizeTokens);
+}
+
 void KVCache::takeBlocks(std::span<BlockId> out, int32_t group) {
   if (out.empty()) return;
   pool_.allocate(out, &evictedScratch_);
@@ -303,17 +345,18 @@ void KVCache::fillBlocks(std::span<const BlockId> blocks, int32_t tokens) {
   }
 }
 
-void KVCache::allocateFor(SeqId seq, int32_t initialTokens) {
+void KVCache::allocateFor(SeqId seq, int32_t initialTokens, SeqWindow win) {
   std::lock_guard lock(mu_);
-  allocateLocked(seq, initialTokens, true);
+  allocateLocked(seq, initialTokens, true, win);
 }
 
-bool KVCache::tryAllocateFor(SeqId seq, int32_t initialTokens) {
+bool KVCache::tryAllocateFor(SeqId seq, int32_t initialTokens, SeqWindow win) {
   std::lock_guard lock(mu_);
-  return allocateLocked(seq, initialTokens, false) >= 0;
+  return allocateLocked(seq, initialTokens, false, win) >= 0;
 }
 
-int32_t KVCache::allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfShort) {
+int32_t KVCache::allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfShort,
+                                SeqWindow win) {
   if (initialTokens <= 0) {
     throw KVError(KVErrc::InvalidArgument,
                   "allocateFor: initialTokens must be > 0, got " + std::to_string(initialTokens));
@@ -334,6 +377,7 @@ int32_t KVCache::allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfSh
   Sequence s;
   s.tables.resize(static_cast<size_t>(numGroups()));
   for (Table& t : s.tables) t.blocks.resize(static_cast<size_t>(nBlocks));
+  applyWindow(s, win);
   auto [it, inserted] = seqs_.emplace(seq, std::move(s));
   (void)inserted;
   for (int32_t g = 0; g < numGroups(); ++g) {
@@ -357,7 +401,7 @@ void KVCache::appendNeedsLocked(const Sequence& s, int32_t n, int32_t& gross,
     const int64_t capacity = static_cast<int64_t>(t.blocks.size()) * B;
     gross += wanted > capacity ? blocksForTokens(wanted - capacity) : 0;
     if (s.tokens % B != 0 && pool_.refCount(t.blocks.back()) > 1) ++gross;  // copy on write
-    const int32_t drop = firstNeededBlock(static_cast<int32_t>(g), s.tokens);
+    const int32_t drop = firstNeededBlock(s, static_cast<int32_t>(g), s.tokens);
     for (int32_t i = t.dropped; i < drop; ++i) {
       freed += pool_.refCount(t.blocks[static_cast<size_t>(i)]) == 1 ? 1 : 0;
     }
@@ -431,7 +475,7 @@ int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort,
     const Table& t = s.tables[g];
     const BlockId last = t.blocks.back();
     fast = last != kNoBlock && blockFill_[last] + n <= B && pool_.refCount(last) == 1 &&
-           firstNeededBlock(static_cast<int32_t>(g), s.tokens) <= t.dropped;
+           firstNeededBlock(s, static_cast<int32_t>(g), s.tokens) <= t.dropped;
   }
   if (fast) {
     for (Table& t : s.tables) blockFill_[t.blocks.back()] += n;
@@ -465,7 +509,7 @@ int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort,
   // a later hit needs the blocks just before its end, not the oldest).
   for (size_t g = 0; g < s.tables.size(); ++g) {
     Table& t = s.tables[g];
-    const int32_t drop = firstNeededBlock(static_cast<int32_t>(g), s.tokens);
+    const int32_t drop = firstNeededBlock(s, static_cast<int32_t>(g), s.tokens);
     for (; t.dropped < drop; ++t.dropped) {
       BlockId& b = t.blocks[static_cast<size_t>(t.dropped)];
       if (pool_.refCount(b) == 1) {
@@ -655,16 +699,20 @@ int32_t KVCache::cachedPrefixTokens(std::span<const int32_t> tokens) const {
   return lookupLocked(tokens, INT32_MAX, nullptr, nullptr) * config_.blockSizeTokens;
 }
 
-int32_t KVCache::blocksNeededToAllocate(std::span<const int32_t> prefix,
-                                        int32_t totalTokens) const {
+int32_t KVCache::blocksNeededToAllocate(std::span<const int32_t> prefix, int32_t totalTokens,
+                                        SeqWindow win) const {
   if (totalTokens <= 0) {
     throw KVError(KVErrc::InvalidArgument,
                   "blocksNeededToAllocate: totalTokens must be > 0, got " +
                       std::to_string(totalTokens));
   }
   std::vector<Table> hits;
+  Sequence windowed;
+  windowed.win = win;
   std::lock_guard lock(mu_);
-  const int32_t h = lookupLocked(prefix, (totalTokens - 1) / config_.blockSizeTokens, &hits, nullptr);
+  const int32_t h = lookupLocked(
+      prefix, std::min((totalTokens - 1) / config_.blockSizeTokens, hashableBlocks(windowed)),
+      &hits, nullptr);
   int32_t cached = 0;
   for (const Table& t : hits) {
     for (BlockId b : t.blocks) cached += b != kNoBlock && pool_.refCount(b) == 0 ? 1 : 0;
@@ -673,7 +721,7 @@ int32_t KVCache::blocksNeededToAllocate(std::span<const int32_t> prefix,
 }
 
 int32_t KVCache::tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefix,
-                                       int32_t totalTokens) {
+                                       int32_t totalTokens, SeqWindow win) {
   if (totalTokens <= 0) {
     throw KVError(KVErrc::InvalidArgument, "tryAllocateWithPrefix: totalTokens must be > 0, got " +
                                                std::to_string(totalTokens));
@@ -684,8 +732,11 @@ int32_t KVCache::tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefi
   if (seqs_.count(seq) != 0) {
     throw KVError(KVErrc::SequenceExists, seqName(seq) + " is already allocated");
   }
-  const int32_t hits = lookupLocked(prefix, (totalTokens - 1) / B, &s.tables, &s.hashes);
+  s.win = win;
+  const int32_t hits = lookupLocked(prefix, std::min((totalTokens - 1) / B, hashableBlocks(s)),
+                                    &s.tables, &s.hashes);
   if (s.tables.empty()) s.tables.resize(static_cast<size_t>(numGroups()));  // caching off
+  applyWindow(s, win);
   const int32_t nBlocks = blocksForTokens(totalTokens);
   int32_t cached = 0;
   for (const Table& t : s.tables) {
@@ -698,8 +749,9 @@ int32_t KVCache::tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefi
   (void)inserted;
   // Hits first, so the allocations below cannot evict them.
   for (Table& t : it->second.tables) {
-    for (int32_t i = t.dropped; i < hits; ++i) {
+    for (int32_t i = 0; i < hits; ++i) {
       const BlockId b = t.blocks[static_cast<size_t>(i)];
+      if (b == kNoBlock) continue;
       if (pool_.refCount(b) == 0) {
         blockFill_[b] = B;
         liveTokens_ += B;
@@ -729,7 +781,8 @@ void KVCache::cacheComputedBlocks(SeqId seq, std::span<const int32_t> tokens) {
                   "cacheComputedBlocks: " + std::to_string(tokens.size()) + " tokens given, " +
                       seqName(seq) + " holds " + std::to_string(s.tokens));
   }
-  const size_t full = tokens.size() / B;
+  const size_t full =
+      std::min(tokens.size() / B, static_cast<size_t>(hashableBlocks(s)));
   if (s.hashes.size() >= full) return;
   s.hashes.reserve(full);
   KVEvent* stored = nullptr;  // the event of the current run of newly registered blocks
@@ -807,6 +860,63 @@ void KVCache::takeEvents(std::vector<KVEvent>& out) {
   events_.clear();
 }
 
+KVCache::WindowShift KVCache::shiftWindow(SeqId seq) {
+  const int32_t B = config_.blockSizeTokens;
+  std::lock_guard lock(mu_);
+  Sequence& s = find(seq);
+  if (!s.win.on()) {
+    throw KVError(KVErrc::InvalidArgument, "shiftWindow: " + seqName(seq) + " has no window");
+  }
+  // Blocks every group can lose: given back (or about to be: the next query does not read them)
+  // after its kept entries.
+  int32_t d = INT32_MAX;
+  for (int32_t g = 0; g < numGroups(); ++g) {
+    d = std::min(d, firstNeededBlock(s, g, s.tokens) - s.tables[static_cast<size_t>(g)].kept);
+  }
+  WindowShift out;
+  if (d <= 0) return out;
+  // The blocks that move must be this sequence's alone and unhashed: their keys are rewritten.
+  for (int32_t g = 0; g < numGroups(); ++g) {
+    const Table& t = s.tables[static_cast<size_t>(g)];
+    const int32_t drop = firstNeededBlock(s, g, s.tokens);
+    for (size_t i = static_cast<size_t>(drop); i < t.blocks.size(); ++i) {
+      const BlockId b = t.blocks[i];
+      if (b == kNoBlock) continue;
+      if (pool_.refCount(b) != 1 || pool_.isHashed(b)) {
+        throw KVError(KVErrc::InvalidArgument,
+                      "shiftWindow: " + seqName(seq) + "'s block " + std::to_string(b) +
+                          " would move but is shared or cached (its window starts too early)");
+      }
+    }
+  }
+  out.moved.reserve(s.tables.size() * s.tables.front().blocks.size());
+  for (int32_t g = 0; g < numGroups(); ++g) {
+    Table& t = s.tables[static_cast<size_t>(g)];
+    const int32_t drop = firstNeededBlock(s, g, s.tokens);
+    for (; t.dropped < drop; ++t.dropped) {
+      BlockId& b = t.blocks[static_cast<size_t>(t.dropped)];
+      if (b == kNoBlock) continue;
+      if (pool_.refCount(b) == 1) {
+        liveTokens_ -= blockFill_[b];
+        blockFill_[b] = 0;
+      }
+      pool_.free(b);
+      b = kNoBlock;
+    }
+    t.blocks.erase(t.blocks.begin() + t.kept, t.blocks.begin() + t.kept + d);
+    t.dropped -= d;
+    for (size_t i = static_cast<size_t>(t.dropped); i < t.blocks.size(); ++i) {
+      if (t.blocks[i] != kNoBlock) out.moved.push_back({g, t.blocks[i], blockFill_[t.blocks[i]]});
+    }
+  }
+  // The chain now ends at the sinks: later blocks sit at positions that no longer match it.
+  s.hashes.resize(std::min(s.hashes.size(), static_cast<size_t>(s.tables.front().kept)));
+  out.tokens = d * B;
+  s.tokens -= out.tokens;
+  s.shifted += out.tokens;
+  return out;
+}
+
 int32_t KVCache::usedTokens(SeqId seq) const {
   std::lock_guard lock(mu_);
   return find(seq).tokens;
@@ -852,7 +962,7 @@ void KVCache::slotsLocked(SeqId seq, const Sequence& s, int32_t firstPos, size_t
                       " tokens");
   }
   const Table& t = s.tables[static_cast<size_t>(group)];
-  if (count > 0 && firstPos / B < t.dropped) {
+  if (count > 0 && firstPos / B >= t.kept && firstPos / B < t.dropped) {
     throw KVError(KVErrc::InvalidArgument,
                   "position " + std::to_string(firstPos) + " of " + seqName(seq) +
                       " is behind group " + std::to_string(group) + "'s window");
@@ -1044,14 +1154,16 @@ void KVCache::checkInvariants() const {
         fail(where + " holds " + std::to_string(t.blocks.size()) + " blocks for " +
              std::to_string(s.tokens) + " tokens");
       }
-      // Given back: never a block the last computed position's query reads, never in a global
-      // group (firstNeededBlock is 0 there).
-      if (t.dropped < 0 || t.dropped > firstNeededBlock(g, s.tokens - 1)) {
-        fail(where + " gave back " + std::to_string(t.dropped) + " blocks");
+      // Given back: never a block the next position's query reads, never in a global
+      // group of a sequence without a window (firstNeededBlock is 0 there), never a sink.
+      if (t.kept < 0 || t.dropped < t.kept ||
+          t.dropped > std::max(t.kept, firstNeededBlock(s, g, s.tokens))) {
+        fail(where + " gave back blocks [" + std::to_string(t.kept) + ", " +
+             std::to_string(t.dropped) + ")");
       }
       for (size_t i = 0; i < t.blocks.size(); ++i) {
         const BlockId b = t.blocks[i];
-        if (static_cast<int32_t>(i) < t.dropped) {
+        if (static_cast<int32_t>(i) >= t.kept && static_cast<int32_t>(i) < t.dropped) {
           if (b != kNoBlock) fail(where + " keeps block " + std::to_string(b) + " it gave back");
           continue;
         }

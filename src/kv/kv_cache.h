@@ -139,8 +139,9 @@ class KVCache {
 
   // --- sequences (tokens in, blocks out) ------------------------------------------------------
   // Creates `seq` with room for `initialTokens` (>= 1) positions [0, initialTokens), all or
-  // nothing. Throws SequenceExists, InvalidArgument, OutOfBlocks.
-  void allocateFor(SeqId seq, int32_t initialTokens);
+  // nothing; with `win` on, it keeps only its sinks and window (see "Windowed sequences" below).
+  // Throws SequenceExists, InvalidArgument, OutOfBlocks.
+  void allocateFor(SeqId seq, int32_t initialTokens, SeqWindow win = {});
   // Adds one position to `seq` and returns it (its index, = the old usedTokens). Takes a new block
   // (per group) only when the last one is full; copies a partly filled last block first if it is
   // shared (copy on write); windowed groups first give back the blocks their window left behind.
@@ -151,7 +152,7 @@ class KVCache {
   // The same two, for callers that expect the pool to run dry (the scheduler): false, with nothing
   // changed, when the pool has too few free blocks; misuse (unknown or existing sequence, bad
   // counts) still throws.
-  bool tryAllocateFor(SeqId seq, int32_t initialTokens);
+  bool tryAllocateFor(SeqId seq, int32_t initialTokens, SeqWindow win = {});
   bool tryAppendTokens(SeqId seq, int32_t n);
   // Free blocks the pool must have for appendTokens(seq, n) to succeed: the new and copy-on-write
   // blocks it takes, less the blocks windowed groups give back first (never below 0). Throws
@@ -173,13 +174,16 @@ class KVCache {
   int32_t cachedPrefixTokens(std::span<const int32_t> tokens) const;
   // Blocks that tryAllocateWithPrefix(seq, prefix, totalTokens) would take from the free queue:
   // fresh blocks beyond the hit ones, plus hit blocks that are cached (they leave the queue).
-  int32_t blocksNeededToAllocate(std::span<const int32_t> prefix, int32_t totalTokens) const;
+  int32_t blocksNeededToAllocate(std::span<const int32_t> prefix, int32_t totalTokens,
+                                 SeqWindow win = {}) const;
   // Creates `seq` with positions [0, totalTokens) (>= 1), its first blocks being the cached
   // prefix of `prefix` (as cachedPrefixTokens finds it, at most totalTokens - 1 tokens so one is
   // left to compute) and the rest fresh, all or nothing. Returns the cached tokens (a multiple of
-  // the block size, possibly 0), or -1 with nothing changed when the pool is short. Throws
+  // the block size, possibly 0), or -1 with nothing changed when the pool is short. With `win`
+  // on, the hit stops where the window would first skip a position (below). Throws
   // SequenceExists, InvalidArgument.
-  int32_t tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefix, int32_t totalTokens);
+  int32_t tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefix, int32_t totalTokens,
+                                SeqWindow win = {});
   // Records that positions [0, tokens.size()) of `seq` are computed (their K/V written), with
   // their token ids: every full block among them not hashed yet gets its hash and can be hit. Only
   // the tokens of newly full blocks are read. No-op when caching is off. Throws UnknownSequence,
@@ -200,6 +204,33 @@ class KVCache {
   // The chained hash of `tokens`' full blocks, as this cache computes it (block i covers tokens
   // [0, (i + 1) * B)). For tests and tools.
   std::vector<uint64_t> blockHashes(std::span<const int32_t> tokens) const;
+
+  // --- windowed sequences (StreamingLLM: attention sinks + a sliding window) --------------------
+  // A sequence created with a SeqWindow keeps, in its global groups, the blocks of its first
+  // `sinks` positions for good and gives back the blocks that fall wholly between them and its
+  // window (the query at position p reads keys [0, sinks) and [p - window + 1, p]); its
+  // sliding-window groups keep their own windows. Its positions are cache positions, not token
+  // indices: when they reach the model's limit, shiftWindow moves the window back next to the
+  // sinks. Its blocks are hashed for the prefix cache only while nothing has been skipped (the
+  // blocks wholly before position sinks + window, whose K/V are those of full attention) and
+  // never after a shift; a prefix hit is capped the same way.
+  struct WindowShift {
+    int32_t tokens = 0;  // positions moved back by (a multiple of the block size; 0: none)
+    struct Rows {
+      int32_t group = 0;
+      BlockId block = kNoBlock;
+      int32_t rows = 0;  // filled rows of the block, from its first
+    };
+    std::vector<Rows> moved;  // blocks whose positions moved: their keys need re-rotating
+  };
+  // Moves windowed `seq` back: first gives back every block the query at position
+  // usedTokens(seq) would not read, then removes, in every group, as many given-back table
+  // entries after its sink blocks as all groups have (d blocks), so position p >= the sinks'
+  // blocks becomes p - d * B. Changes only bookkeeping: the caller must re-rotate the keys of
+  // `moved` (RoPE by -tokens) before the sequence is read again. Throws UnknownSequence,
+  // InvalidArgument for a sequence without a window, or one whose moved blocks are shared or
+  // hashed (the window must lie wholly past sinks + window when it shifts).
+  WindowShift shiftWindow(SeqId seq);
 
   int32_t usedTokens(SeqId seq) const;
   // Offset inside the last block where the next appended token goes (usedTokens % blockSize).
@@ -334,11 +365,14 @@ class KVCache {
  private:
   struct Table {
     std::vector<BlockId> blocks;  // blocksForTokens(tokens) entries
-    int32_t dropped = 0;          // leading entries a window gave back (kNoBlock)
+    int32_t kept = 0;             // leading entries kept for good (a windowed sequence's sinks)
+    int32_t dropped = 0;          // entries [kept, dropped) a window gave back (kNoBlock)
   };
   struct Sequence {
     std::vector<Table> tables;  // one per group
     int32_t tokens = 0;
+    SeqWindow win;              // windowed sequence (StreamingLLM), when on
+    int32_t shifted = 0;        // positions shiftWindow moved it back by, in all
     // Chained hashes of the first hashes.size() blocks (full and computed). A block may hold its
     // hash (BlockPool::isHashed) or not (another block registered the same content first).
     std::vector<uint64_t> hashes;
@@ -356,15 +390,22 @@ class KVCache {
   void checkLayer(int32_t layer) const;
   void checkGroup(int32_t group) const;
   // First logical block a windowed group still needs once positions from `tokens` on are
-  // computed (0 for a global group).
+  // computed (0 for a global group), for a new sequence (prefix lookups).
   int32_t firstNeededBlock(int32_t group, int64_t tokens) const;
+  // The same for the table of `group` of `s`: the end of the entries it may give back (at least
+  // its kept entries; 0 when it keeps everything).
+  int32_t firstNeededBlock(const Sequence& s, int32_t group, int64_t tokens) const;
+  // Checks a SeqWindow (InvalidArgument) and sets the kept entries of `s`'s tables.
+  void applyWindow(Sequence& s, SeqWindow win) const;
+  // Blocks of a windowed sequence that may be hashed: those wholly before sinks + window.
+  int32_t hashableBlocks(const Sequence& s) const;
   // Gross: blocks taken (new + copy on write); freed: blocks the windows give back first.
   void appendNeedsLocked(const Sequence& s, int32_t n, int32_t& gross, int32_t& freed) const;
   void copyBlock(BlockId from, BlockId to, int32_t tokens);
   // Takes out.size() blocks for `group` (recording evictions first).
   void takeBlocks(std::span<BlockId> out, int32_t group);
   void fillBlocks(std::span<const BlockId> blocks, int32_t tokens);  // tokens from the first on
-  int32_t allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfShort);
+  int32_t allocateLocked(SeqId seq, int32_t initialTokens, bool throwIfShort, SeqWindow win);
   // -1: too few free blocks. Needed copies on write are left in `copies` for the caller to finish.
   int32_t appendLocked(SeqId seq, int32_t n, bool throwIfShort, std::vector<PendingCopy>& copies);
   int32_t appendAndCopy(SeqId seq, int32_t n, bool throwIfShort);

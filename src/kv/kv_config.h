@@ -41,6 +41,17 @@ struct KVCacheConfig {
   bool hybrid = true;
 };
 
+// A sequence that keeps only part of its positions (StreamingLLM): its first `sinks` positions
+// for good (attention sinks) and the last `window`; blocks that fall wholly between the two go
+// back to the pool as it grows, so its memory is bounded by sinks + window + one step. Applies to
+// the layers that read every position (global groups); sliding-window layers keep their own
+// window. window 0: the sequence keeps every position (sinks must be 0 then).
+struct SeqWindow {
+  int32_t window = 0;
+  int32_t sinks = 0;
+  bool on() const { return window > 0; }
+};
+
 // How the cache groups layers (the hybrid KV cache). All groups hold the same number of layers,
 // layersPerGroup, so one physical block (a page: B tokens of K and V for layersPerGroup layers) can
 // serve any group, and all groups draw from one pool. Layers with equal windows share groups, in
@@ -71,5 +82,8 @@ uint64_t bytesPerBlock(const KVCacheConfig& config);
 // window plus the step's positions in windowed ones.
 int64_t blocksForSequence(const KVCacheConfig& config, int64_t tokens, int32_t stepTokens);
 uint64_t bytesForSequence(const KVCacheConfig& config, int64_t tokens, int32_t stepTokens);
+// Blocks that a sequence with `win` (on) holds at most, however long it runs: its sink blocks and
+// its window's blocks in global groups, each sliding-window group's own window.
+int64_t blocksForWindowedSequence(const KVCacheConfig& config, SeqWindow win, int32_t stepTokens);
 
 }  // namespace cortex::kv
