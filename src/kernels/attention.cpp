@@ -427,16 +427,53 @@ void mergeChunks(int32_t nChunks, int count, int32_t D, const float* m, const do
   }
 }
 
-// Chunk partials for keys [max(lo, c * kChunk), min(n, (c + 1) * kChunk)), c in [c0, c1), into
-// the partial buffers (indexed by c - c0).
+// The chunks of keys one query at position p reads, in merge order (attention.h). Without a gap
+// between the sinks and the window: chunks of [lo, p] from lo's chunk on (lo = 0 with no window,
+// and whenever the window starts at or before the end of the sinks, so such a query's chunks are
+// those of full attention). With a gap (lo > sinkTokens): the sink chunks [k * kChunk,
+// min(sinkTokens, (k + 1) * kChunk)), then the window's chunks as without sinks.
+struct KeyChunks {
+  int32_t sinkEnd = 0;  // keys [0, sinkEnd) read as sink chunks (0 without a gap)
+  int32_t nSink = 0;    // sink chunks
+  int32_t lo = 0;       // first key of the rest
+  int32_t n = 0;        // p + 1
+  int32_t c0 = 0;       // chunk of lo
+  int32_t count = 0;    // chunks in all
+
+  KeyChunks(int32_t p, int32_t window, int32_t sink) : n(p + 1) {
+    lo = window > 0 ? std::max(0, p - window + 1) : 0;
+    if (lo <= sink) {
+      lo = 0;
+    } else {
+      sinkEnd = sink;
+      nSink = (sink + kAttentionChunkKeys - 1) / kAttentionChunkKeys;
+    }
+    c0 = lo / kAttentionChunkKeys;
+    count = nSink + (n + kAttentionChunkKeys - 1) / kAttentionChunkKeys - c0;
+  }
+  // Keys [a, b) of chunk k (never empty).
+  void range(int32_t k, int32_t& a, int32_t& b) const {
+    if (k < nSink) {
+      a = k * kAttentionChunkKeys;
+      b = std::min(sinkEnd, a + kAttentionChunkKeys);
+      return;
+    }
+    const int32_t c = c0 + k - nSink;
+    a = std::max(lo, c * kAttentionChunkKeys);
+    b = std::min(n, c * kAttentionChunkKeys + kAttentionChunkKeys);
+  }
+};
+
+// Partials of chunks [k0, k1) of `kc` into the partial buffers (indexed by k - k0). Scores must be
+// in s for those chunks' keys.
 template <KVDType VT, bool kSimd>
-void chunkPartials(int count, float* s, size_t sStride, int32_t lo, int32_t n, int32_t c0,
-                   int32_t c1, int32_t kvh, const PagedKVView& V, float* m, double* l, float* o) {
+void chunkPartials(int count, float* s, size_t sStride, const KeyChunks& kc, int32_t k0,
+                   int32_t k1, int32_t kvh, const PagedKVView& V, float* m, double* l, float* o) {
   const int32_t D = V.headDim;
-  for (int32_t c = c0; c < c1; ++c) {
-    const int32_t a = std::max(lo, c * kAttentionChunkKeys);
-    const int32_t b = std::min(n, c * kAttentionChunkKeys + kAttentionChunkKeys);
-    const size_t i = static_cast<size_t>(c - c0) * count;
+  for (int32_t k = k0; k < k1; ++k) {
+    int32_t a, b;
+    kc.range(k, a, b);
+    const size_t i = static_cast<size_t>(k - k0) * count;
     float* mc = m + i;
     double* lc = l + i;
     float* oc = o + i * D;
@@ -468,10 +505,8 @@ constexpr int kTileTokens = kAttentionTileTokens;
 template <KVDType KT, KVDType VT, bool kSimd>
 void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads,
                 const PagedKVView& K, const PagedKVView& V, float scale, float* out,
-                float* scratch, int32_t window) {
+                float* scratch, int32_t window, int32_t sink) {
   const int32_t D = K.headDim;
-  // The first key position a query at position p sees.
-  const auto firstKey = [window](int32_t p) { return window > 0 ? std::max(0, p - window + 1) : 0; };
   const int32_t nKV = K.numKVHeads;
   const int32_t group = nHeads / nKV;
   const size_t stride = scoreStride(firstPos + nQ);
@@ -504,10 +539,8 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
   // One decode token over several chunks of keys: the (head group, chunk) pieces are spread over
   // the threads, then each head's chunks are merged in chunk order, the same arithmetic as the
   // sequential path below, so the result does not depend on the thread count.
-  const int32_t decodeLo = firstKey(firstPos);
-  const int32_t decodeC0 = decodeLo / kAttentionChunkKeys;
-  const int32_t nChunksDecode =
-      (firstPos + nQ + kAttentionChunkKeys - 1) / kAttentionChunkKeys - decodeC0;
+  const KeyChunks decode(firstPos, window, sink);
+  const int32_t nChunksDecode = decode.count;
   if (nQ == 1 && parallel && nChunksDecode > 1) {
     const int width = std::min(group, kMaxGroup);
     const int32_t subs = (group + width - 1) / width;
@@ -516,23 +549,20 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
     thread_local Partials callerPartials;
     Partials& shared = callerPartials;
     shared.reserve(static_cast<size_t>(nHeads) * nChunksDecode, D);
-    const int32_t n = firstPos + 1;
     pool.parallelFor(static_cast<int64_t>(nKV) * subs * nChunksDecode, [&](int64_t it, int tid) {
       int32_t kvh, h0;
       int count;
       subGroup(static_cast<int32_t>(it / nChunksDecode), subs, width, kvh, h0, count);
-      const auto ci = static_cast<int32_t>(it % nChunksDecode);  // chunk decodeC0 + ci
-      const int32_t c = decodeC0 + ci;
-      const int32_t a = std::max(decodeLo, c * kAttentionChunkKeys);
-      const int32_t b = std::min(n, c * kAttentionChunkKeys + kAttentionChunkKeys);
+      const auto k = static_cast<int32_t>(it % nChunksDecode);
+      int32_t a, b;
+      decode.range(k, a, b);
       float* s = scratch + static_cast<size_t>(tid) * kMaxGroup * kTileTokens * stride;
       const float* qs[kMaxGroup];
       for (int g = 0; g < count; ++g) qs[g] = Q + static_cast<int64_t>(h0 + g) * D;
       scoreRows<KT, kSimd>(qs, count, a, b, kvh, K, scale, s, stride, ensureKt());
-      const size_t at = static_cast<size_t>(h0) * nChunksDecode + static_cast<size_t>(ci) * count;
-      chunkPartials<VT, kSimd>(count, s, stride, decodeLo, n, c, c + 1, kvh, V,
-                               shared.m.data() + at, shared.l.data() + at,
-                               shared.o.data() + at * D);
+      const size_t at = static_cast<size_t>(h0) * nChunksDecode + static_cast<size_t>(k) * count;
+      chunkPartials<VT, kSimd>(count, s, stride, decode, k, k + 1, kvh, V, shared.m.data() + at,
+                               shared.l.data() + at, shared.o.data() + at * D);
     });
     for (int32_t r = 0; r < nKV * subs; ++r) {
       int32_t kvh, h0;
@@ -559,19 +589,22 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
         qs[t * count + g] = Q + ((static_cast<int64_t>(i0 + t) * nHeads) + h0 + g) * D;
       }
     }
-    scoreRows<KT, kSimd>(qs, nt * count, firstKey(firstPos + i0), firstPos + i0 + nt, kvh, K,
-                         scale, s, stride, ensureKt());
+    // The keys any query of the tile reads: [0, end) when the first query has no gap (it reads
+    // [0, its position]), else [0, sinks) and [its lo, end), since later windows start no earlier.
+    const KeyChunks first(firstPos + i0, window, sink);
+    const int32_t end = firstPos + i0 + nt;
+    if (first.sinkEnd > 0) {
+      scoreRows<KT, kSimd>(qs, nt * count, 0, first.sinkEnd, kvh, K, scale, s, stride, ensureKt());
+    }
+    scoreRows<KT, kSimd>(qs, nt * count, first.lo, end, kvh, K, scale, s, stride, ensureKt());
     thread_local Partials partials;
     for (int t = 0; t < nt; ++t) {
       float* st = s + static_cast<size_t>(t) * count * stride;
-      const int32_t n = firstPos + i0 + t + 1;
-      const int32_t lo = firstKey(n - 1);
-      const int32_t c0 = lo / kAttentionChunkKeys;
-      const int32_t nChunks = (n + kAttentionChunkKeys - 1) / kAttentionChunkKeys - c0;
-      partials.reserve(static_cast<size_t>(nChunks) * count, D);
-      chunkPartials<VT, kSimd>(count, st, stride, lo, n, c0, c0 + nChunks, kvh, V,
-                               partials.m.data(), partials.l.data(), partials.o.data());
-      mergeChunks(nChunks, count, D, partials.m.data(), partials.l.data(), partials.o.data(),
+      const KeyChunks kc(firstPos + i0 + t, window, sink);
+      partials.reserve(static_cast<size_t>(kc.count) * count, D);
+      chunkPartials<VT, kSimd>(count, st, stride, kc, 0, kc.count, kvh, V, partials.m.data(),
+                               partials.l.data(), partials.o.data());
+      mergeChunks(kc.count, count, D, partials.m.data(), partials.l.data(), partials.o.data(),
                   out + (static_cast<int64_t>(i0 + t) * nHeads + h0) * D);
     }
   };
@@ -585,7 +618,7 @@ void attentionT(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, 
 template <bool kSimd>
 void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, int32_t nHeads,
               const PagedKVView& K, const PagedKVView& V, float scale, float* out, float* scratch,
-              int32_t window) {
+              int32_t window, int32_t sink) {
   const auto fail = [](const std::string& what) {
     throw std::invalid_argument("pagedAttention: " + what);
   };
@@ -596,6 +629,8 @@ void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, in
   if (K.headDim <= 0 || K.headDim % 8 != 0) fail("headDim must be a positive multiple of 8");
   if (nHeads <= 0 || nHeads % K.numKVHeads != 0) fail("nHeads must be a multiple of numKVHeads");
   if (window < 0) fail("negative windowTokens");
+  if (sink < 0) fail("negative sinkTokens");
+  if (window == 0) sink = 0;  // full attention reads the sinks anyway
   if (K.numTokens < firstPos + nQ || V.numTokens < firstPos + nQ)
     fail("views hold " + std::to_string(std::min(K.numTokens, V.numTokens)) +
          " tokens, queries need " + std::to_string(firstPos + nQ));
@@ -603,20 +638,20 @@ void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, in
   if ((K.dtype == KVDType::Q8) != (V.dtype == KVDType::Q8)) fail("q8 K needs q8 V and vice versa");
   if (K.dtype == KVDType::Q8) {
     return attentionT<KVDType::Q8, KVDType::Q8, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V,
-                                                        scale, out, scratch, window);
+                                                        scale, out, scratch, window, sink);
   }
   const auto go = [&]<KVDType KT>() {
     switch (V.dtype) {
       case KVDType::Q8: break;  // handled above
       case KVDType::F32:
         return attentionT<KT, KVDType::F32, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
-                                                    out, scratch, window);
+                                                    out, scratch, window, sink);
       case KVDType::F16:
         return attentionT<KT, KVDType::F16, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
-                                                    out, scratch, window);
+                                                    out, scratch, window, sink);
       case KVDType::BF16:
         return attentionT<KT, KVDType::BF16, kSimd>(pool, Q, nQ, firstPos, nHeads, K, V, scale,
-                                                     out, scratch, window);
+                                                     out, scratch, window, sink);
     }
   };
   switch (K.dtype) {
@@ -631,13 +666,14 @@ void dispatch(ThreadPool& pool, const float* Q, int32_t nQ, int32_t firstPos, in
 
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
                     int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
-                    float scale, float* out, float* scratch, int32_t windowTokens) {
+                    float scale, float* out, float* scratch, int32_t windowTokens,
+                    int32_t sinkTokens) {
 #if CS_KERNELS_AVX2
   dispatch<true>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch,
-                 windowTokens);
+                 windowTokens, sinkTokens);
 #else
   dispatch<false>(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V, scale, out, scratch,
-                  windowTokens);
+                  windowTokens, sinkTokens);
 #endif
 }
 

@@ -16,11 +16,15 @@ namespace cortex::kernels {
 // even on the same pool.
 size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens);
 
-// out[i][h][:] = sum_{lo_i <= j <= p_i} softmax_j(scale * Q[i][h] . K[j][kvh]) * V[j][kvh], where
+// out[i][h][:] = sum_{j in R_i} softmax_j(scale * Q[i][h] . K[j][kvh]) * V[j][kvh], where
 // p_i = firstQueryPos + i is the absolute position of query token i, kvh = h / (nHeads /
-// K.numKVHeads) (grouped-query attention), and lo_i = 0, or with a sliding window of
-// windowTokens > 0 positions, lo_i = max(0, p_i - windowTokens + 1): a query sees itself and the
-// windowTokens - 1 keys before it. Keys before lo_i are never read, so their blocks may be gone.
+// K.numKVHeads) (grouped-query attention), and R_i = [lo_i, p_i] with lo_i = 0, or with a sliding
+// window of windowTokens > 0 positions, lo_i = max(0, p_i - windowTokens + 1): a query sees itself
+// and the windowTokens - 1 keys before it. With a window, sinkTokens > 0 attention sinks
+// (StreamingLLM) are seen as well: R_i = [0, sinkTokens) u [lo_i, p_i], which is [0, p_i] when
+// lo_i <= sinkTokens (no gap). Keys outside R_i are never read, so their blocks may be gone
+// (kv::kNoBlock), except those another query of the same call reads. sinkTokens without a window
+// changes nothing.
 //   Q:   nQueryTokens x (nHeads * headDim) floats, head-major within a token.
 //   K,V: views of one layer of one sequence with numTokens >= firstQueryPos + nQueryTokens, same
 //        numKVHeads and headDim (a multiple of 8); dtype F32, F16 or BF16 (mixed freely), or Q8
@@ -28,13 +32,15 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 //        strides.
 //   out: nQueryTokens x (nHeads * headDim) floats (must not alias Q).
 //   scratch: at least pagedAttentionScratchFloats(pool, firstQueryPos + nQueryTokens) floats.
-// Throws std::invalid_argument on inconsistent shapes (nothing written). Runs on all of `pool`'s
-// threads when there is enough work (see below), otherwise on the calling thread alone; the pool
-// is only borrowed for the call.
+// Throws std::invalid_argument on inconsistent shapes or a negative windowTokens or sinkTokens
+// (nothing written). Runs on all of `pool`'s threads when there is enough work (see below),
+// otherwise on the calling thread alone; the pool is only borrowed for the call.
 //
 // Numerics (batch-invariant): for each (token, head), with keys taken in chunks of 256 positions
 // aligned from position 0 (the last one partial, and with a window the first one starts at lo_i;
-// chunks wholly before lo_i are skipped):
+// chunks wholly before lo_i are skipped). A query with sinks and no gap takes the chunks of full
+// attention, so its output has the bits it has without a window; with a gap (lo_i > sinkTokens)
+// the sink chunks [256c, min(sinkTokens, 256(c + 1))) come first, then the window's chunks:
 //   score_j = (fma chain over d = 0, 1, ... of q[d] * k_j[d], from 0) * (c_j * scale), with c_j
 //   the key row's scale (Q8; k_j its int8 values) or 1 (exact: the float formats' bits are those
 //   of a plain * scale);
@@ -58,6 +64,7 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 // when there are at least ~16k multiply-adds.
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
                     int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
-                    float scale, float* out, float* scratch, int32_t windowTokens = 0);
+                    float scale, float* out, float* scratch, int32_t windowTokens = 0,
+                    int32_t sinkTokens = 0);
 
 }  // namespace cortex::kernels

@@ -53,9 +53,10 @@ size_t pagedAttentionScratchFloats(const ThreadPool& pool, int32_t maxKeyTokens)
 
 void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens, int32_t firstQueryPos,
                     int32_t nHeads, const kv::PagedKVView& K, const kv::PagedKVView& V,
-                    float scale, float* out, float* scratch, int32_t windowTokens) {
+                    float scale, float* out, float* scratch, int32_t windowTokens,
+                    int32_t sinkTokens) {
   detail::activeKernelSet().pagedAttention(pool, Q, nQueryTokens, firstQueryPos, nHeads, K, V,
-                                           scale, out, scratch, windowTokens);
+                                           scale, out, scratch, windowTokens, sinkTokens);
 }
 
 }  // namespace cortex::kernels

@@ -21,7 +21,7 @@ using MatmulFloatFn = void (*)(ThreadPool& pool, const WeightMatrix& W, const fl
 using AttentionFn = void (*)(ThreadPool& pool, const float* Q, int32_t nQueryTokens,
                              int32_t firstQueryPos, int32_t nHeads, const kv::PagedKVView& K,
                              const kv::PagedKVView& V, float scale, float* out, float* scratch,
-                             int32_t windowTokens);
+                             int32_t windowTokens, int32_t sinkTokens);
 // Quantizes rows [r0, r1) of X into out (already resized to X's shape).
 using QuantizeRowsFn = void (*)(const float* X, int64_t r0, int64_t r1, QuantizedActivations& out);
 // Row groups [g0, g1) of the integer matmul, for every token of X (shapes already checked).
@@ -33,8 +33,9 @@ using PackedGroupsFn = void (*)(const PackedWeights& W, const QuantizedActivatio
 inline constexpr int kAttentionMaxGroup = 4;
 inline constexpr int kAttentionTileTokens = 4;
 // Keys are attended in chunks of this many positions (aligned on multiples of it from position 0;
-// a sliding window clips the first one): each chunk's softmax and weighted values are computed on their own and merged in chunk order (attention.h), so one decode
-// token's chunks can run on different threads.
+// a sliding window clips the first one, and the attention sinks before a window's gap form chunks
+// of their own): each chunk's softmax and weighted values are computed on their own and merged in
+// chunk order (attention.h), so one decode token's chunks can run on different threads.
 inline constexpr int32_t kAttentionChunkKeys = 256;
 inline size_t scoreStride(int32_t maxKeyTokens) {
   return (static_cast<size_t>(maxKeyTokens < 1 ? 1 : maxKeyTokens) + 15) / 16 * 16;
@@ -61,7 +62,7 @@ const KernelSet& activeKernelSet();
   void pagedAttention(ThreadPool& pool, const float* Q, int32_t nQueryTokens,                  \
                       int32_t firstQueryPos, int32_t nHeads, const kv::PagedKVView& K,         \
                       const kv::PagedKVView& V, float scale, float* out, float* scratch,       \
-                      int32_t windowTokens);                                                   \
+                      int32_t windowTokens, int32_t sinkTokens);                               \
   void quantizeRows(const float* X, int64_t r0, int64_t r1, QuantizedActivations& out);         \
   void packedGroups(const PackedWeights& W, const QuantizedActivations& X, float* Y, int64_t g0, \
                     int64_t g1);                                                               \

@@ -56,6 +56,15 @@ void Rope::angles(const int32_t* positions, int64_t nTokens, float* cs) const {
   }
 }
 
+void Rope::rotation(int32_t delta, float* cs) const {
+  const int32_t half = rotDim_ / 2;
+  for (int32_t i = 0; i < half; ++i) {
+    const double a = delta * freq_[static_cast<size_t>(i)];
+    cs[i] = static_cast<float>(std::cos(a));
+    cs[half + i] = static_cast<float>(std::sin(a));
+  }
+}
+
 void ropeInPlace(float* x, int64_t nTokens, int32_t nHeads, int32_t headDim, const float* cs,
                  int32_t rotDim, RopeStyle style) {
   const int32_t half = rotDim / 2;

@@ -33,6 +33,9 @@ class Rope {
   Rope(RopeStyle style, int32_t rotDim, double theta, double freqScale = 1.0,
        std::vector<float> freqFactors = {}, double attnFactor = 1.0);
   RopeStyle style() const { return style_; }
+  // A pure rotation by `delta` positions (any sign) in the angles' layout, without the attention
+  // factor: applied to keys already rotated at p, it gives keys rotated at p + delta.
+  void rotation(int32_t delta, float* cs) const;
   int32_t rotDim() const { return rotDim_; }
   // For each of nTokens positions, rotDim/2 cos values then rotDim/2 sin values of the angles
   // pos * freq_i (computed in double, rounded to float once) into cs (nTokens * rotDim floats).
