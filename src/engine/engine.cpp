@@ -245,9 +245,11 @@ Engine::Engine(model::TransformerModel& model, const model::Tokenizer& tokenizer
                const EngineConfig& config, EngineHooks hooks)
     : model_(model), tokenizer_(tokenizer), config_(config), hooks_(std::move(hooks)) {
   using Kind = EngineError::Kind;
-  if (config_.maxBatchedTokens < 1 || config_.maxNumSeqs < 1 || config_.maxQueuedRequests < 1) {
+  if (config_.maxBatchedTokens < 1 || config_.maxNumSeqs < 1 || config_.maxQueuedRequests < 1 ||
+      config_.maxModelLen < 0) {
     throw EngineError(Kind::InvalidRequest,
-                      "max batched tokens, max sequences and max queue must be >= 1");
+                      "max batched tokens, max sequences and max queue must be >= 1, max model "
+                      "length >= 0");
   }
   if (tokenizer_.vocabSize() > model_.hparams().nVocab) {
     throw EngineError(Kind::InvalidRequest,
@@ -398,9 +400,13 @@ kv::KVCache::LoadedSession Engine::loadSession(const std::string& path) {
   }
 }
 
+int32_t Engine::positionLimit() const {
+  const int32_t ctx = model_.hparams().nCtxTrain;
+  return config_.maxModelLen > 0 ? std::min(config_.maxModelLen, ctx) : ctx;
+}
+
 int32_t Engine::maxContextTokens() const {
-  return static_cast<int32_t>(
-      std::min<int64_t>(model_.hparams().nCtxTrain, scheduler_->maxContextTokens()));
+  return static_cast<int32_t>(std::min<int64_t>(positionLimit(), scheduler_->maxContextTokens()));
 }
 
 std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
@@ -444,8 +450,18 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
                       "best_of");
   }
   const int64_t prompt = static_cast<int64_t>(params.promptTokens.size());
+  const bool windowed = params.kvWindow != 0 || params.kvSinks != 0;
+  if (windowed) checkWindow(params);
   std::unique_lock lock(mu_);
-  if (prompt + params.maxTokens > std::min<int64_t>(maxContextTokens(), acceptCap_)) {
+  if (windowed) {
+    if (prompt + params.maxTokens > kMaxWindowedTokens) {
+      throw EngineError(Kind::TooLong,
+                        "a windowed request may run " + std::to_string(kMaxWindowedTokens) +
+                            " tokens at most (prompt + max_tokens), not " +
+                            std::to_string(prompt + params.maxTokens),
+                        "max_tokens");
+    }
+  } else if (prompt + params.maxTokens > std::min<int64_t>(maxContextTokens(), acceptCap_)) {
     throw EngineError(Kind::TooLong,
                       "This model's maximum context length is " +
                           std::to_string(maxContextTokens()) + " tokens. However, you requested " +
@@ -475,6 +491,55 @@ std::shared_ptr<RequestStream> Engine::submit(RequestParams params) {
   stats_.waiting = queued_;
   wake_.notify_all();
   return stream;
+}
+
+void Engine::checkWindow(const RequestParams& p) const {
+  using Kind = EngineError::Kind;
+  const kv::SeqWindow win{p.kvWindow, p.kvSinks};
+  if (p.kvWindow <= 0) {
+    throw EngineError(Kind::InvalidRequest,
+                      "kv_window must be >= 1 (tokens kept), got " + std::to_string(p.kvWindow) +
+                          (p.kvSinks != 0 ? " (kv_sinks needs kv_window)" : ""),
+                      "kv_window");
+  }
+  if (p.kvSinks < 0) {
+    throw EngineError(Kind::InvalidRequest,
+                      "kv_sinks must be >= 0, got " + std::to_string(p.kvSinks), "kv_sinks");
+  }
+  if (config_.backend != Backend::Cpu) {
+    throw EngineError(Kind::InvalidRequest,
+                      std::string("kv_window needs the cpu backend (this engine runs ") +
+                          toString(config_.backend) + ")",
+                      "kv_window");
+  }
+  if (p.n != 1 || p.bestOf > 1) {
+    throw EngineError(Kind::InvalidRequest, "kv_window does not combine with n > 1 or best_of",
+                      "kv_window");
+  }
+  // The window must move back wholly past the blocks a full-attention request could share
+  // (those before sinks + window) and past every sliding layer's window: sinks + window + the
+  // widest window + two blocks of room.
+  int32_t widest = p.kvWindow;
+  for (const kv::KVGroup& g : cache_->groups().groups) widest = std::max(widest, g.window);
+  const int64_t need =
+      int64_t{p.kvSinks} + p.kvWindow + widest + 2 * int64_t{config_.blockSizeTokens};
+  if (need > positionLimit()) {
+    throw EngineError(Kind::InvalidRequest,
+                      "kv_sinks + 2 x kv_window (" + std::to_string(p.kvSinks) + " + 2 x " +
+                          std::to_string(p.kvWindow) + ") must leave two blocks of the " +
+                          std::to_string(positionLimit()) + "-token context (" +
+                          std::to_string(need) + " needed)",
+                      "kv_window");
+  }
+  const int64_t blocks =
+      kv::blocksForWindowedSequence(cache_->config(), win, config_.maxBatchedTokens);
+  if (blocks > cache_->numBlocks()) {
+    throw EngineError(Kind::TooLong,
+                      "a window of " + std::to_string(p.kvWindow) + " tokens and " +
+                          std::to_string(p.kvSinks) + " sinks needs " + std::to_string(blocks) +
+                          " KV blocks; the pool has " + std::to_string(cache_->numBlocks()),
+                      "kv_window");
+  }
 }
 
 void Engine::drain() {
@@ -514,7 +579,7 @@ void Engine::admitNewRequests() {
   for (auto& r : arrived) {
     // A prompt whose blocks beyond the pool's hit a tier might hold waits while they load (the
     // last prompt token is always computed, for its logits).
-    if (tiers_ && !r->wantsPromptRows()) {
+    if (tiers_ && !r->wantsPromptRows() && r->params.kvWindow == 0) {
       const int32_t firstBlock = cache_->cachedPrefixTokens(r->context) / B;
       const int32_t endBlock = (r->promptSize() - 1) / B;
       if (endBlock > firstBlock) {
@@ -600,7 +665,12 @@ void Engine::runResizes() {
 int64_t Engine::longestAccepted() const {
   int64_t longest = 0;
   auto note = [&](const Request& r) {
-    longest = std::max<int64_t>(longest, r.promptSize() + r.params.maxTokens);
+    // A windowed request holds about what a full-attention one of sinks + window + a step does.
+    const int64_t bound = r.params.kvWindow > 0
+                              ? int64_t{r.params.kvSinks} + r.params.kvWindow +
+                                    config_.maxBatchedTokens + 2 * int64_t{config_.blockSizeTokens}
+                              : INT64_MAX;
+    longest = std::max<int64_t>(longest, std::min(bound, r.promptSize() + int64_t{r.params.maxTokens}));
   };
   for (const auto& [id, r] : requests_) note(*r);
   for (const auto& l : loading_) note(*l.request);
@@ -670,8 +740,11 @@ void Engine::dropCancelledWaiting() {
 
 void Engine::swapOut(kv::SeqId seq) {
   auto it = requests_.find(seq);
-  if (it == requests_.end() || scheduler_->isRunning(seq) || it->second->wantsPromptRows()) {
-    return;  // readmitted in the same plan, or recomputed anyway (it wants every prompt row)
+  if (it == requests_.end() || scheduler_->isRunning(seq) || it->second->wantsPromptRows() ||
+      it->second->params.kvWindow > 0) {
+    // Readmitted in the same plan, or recomputed anyway (it wants every prompt row, or its
+    // window's blocks are not kept by any tier).
+    return;
   }
   scheduler_->remove(seq);
   swapped_.push_back(std::move(it->second));
@@ -728,8 +801,10 @@ void Engine::enqueue(std::unique_ptr<Request> r, bool front) {
   try {
     // Requests that want every prompt row compute their whole prompt.
     const bool lookUp = cache_->prefixCaching() && !r->wantsPromptRows();
-    scheduler_->add(id, r->contextTokens(), r->promptSize() + r->params.maxTokens,
-                    lookUp ? &r->context : nullptr, front);
+    const kv::SeqWindow win{r->params.kvWindow, r->params.kvSinks};
+    scheduler_->add(id, r->contextTokens(),
+                    win.on() ? positionLimit() : r->promptSize() + r->params.maxTokens,
+                    lookUp ? &r->context : nullptr, front, win);
   } catch (const std::exception& e) {
     // submit() checked the size against the same limits; this is a safety net, not a path.
     finish(*r, FinishReason::Error, e.what());
@@ -924,7 +999,7 @@ void Engine::emitToken(Request& r, int32_t token, const float* logits) {
 void Engine::process(Request& r, const ScheduledChunk& chunk, float* rows) {
   const int32_t V = model_.hparams().nVocab;
   const int32_t P = r.promptSize();
-  const int32_t first = chunk.firstPos;
+  const int32_t first = chunk.firstPos + scheduler_->shiftedTokens(r.id);  // its context's index
   const int32_t n = chunk.numTokens;
   const bool allRows = r.wantsPromptRows();
   if (allRows) {
@@ -1011,12 +1086,29 @@ void Engine::dropCancelled() {
   }
 }
 
+void Engine::shiftWindows() {
+  std::vector<kv::SeqId> failed;
+  for (const auto& [id, r] : requests_) {
+    if (r->params.kvWindow == 0 || !scheduler_->atPositionLimit(id)) continue;
+    try {
+      const int32_t moved = runner_->shiftWindow(id);
+      if (moved == 0) throw std::logic_error("its window cannot move back");
+      scheduler_->shift(id, moved);
+    } catch (const std::exception& e) {
+      failed.push_back(id);
+      fail(id, std::string("moving the KV window failed: ") + e.what());
+    }
+  }
+  (void)failed;
+}
+
 bool Engine::step() {
   dropCancelled();
   if (requests_.empty()) {
     updateCounts();
     return false;
   }
+  shiftWindows();
   const StepPlan plan = scheduler_->schedule();
   notePreempted(plan.preempted);
   {
@@ -1057,8 +1149,9 @@ bool Engine::step() {
   std::vector<int32_t> tokens;
   for (const ScheduledChunk& c : plan.chunks) {
     const Request& r = *requests_.at(c.seq);
-    r.tokens(c.firstPos, c.numTokens, tokens);
-    runner_->add(c.seq, c.firstPos, tokens, r.wantsPromptRows());
+    r.tokens(c.firstPos + scheduler_->shiftedTokens(c.seq), c.numTokens, tokens);
+    runner_->add(c.seq, c.firstPos, tokens, r.wantsPromptRows(),
+                 kv::SeqWindow{r.params.kvWindow, r.params.kvSinks});
     batch.push_back(c.seq);
     if (c.numTokens > 1 || r.generatedTokens() == 0) {
       promptTokensThisStep += static_cast<uint64_t>(c.numTokens);
@@ -1091,7 +1184,10 @@ bool Engine::step() {
   const int32_t B = config_.blockSizeTokens;
   for (const ScheduledChunk& c : plan.chunks) {
     const int32_t end = c.firstPos + c.numTokens;
-    if (!cache_->prefixCaching() || end / B == c.firstPos / B) continue;
+    if (!cache_->prefixCaching() || end / B == c.firstPos / B ||
+        scheduler_->shiftedTokens(c.seq) > 0) {
+      continue;  // (a shifted window's positions are no longer its tokens' indices)
+    }
     const Request& r = *requests_.at(c.seq);
     cache_->cacheComputedBlocks(
         c.seq, std::span<const int32_t>(r.context).first(static_cast<size_t>(end)));

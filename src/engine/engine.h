@@ -73,6 +73,10 @@ struct EngineConfig {
   // committed as the pool grows). 0: the starting size.
   uint64_t kvCacheMaxBytes = 0;
   int32_t blockSizeTokens = 16;
+  // The longest context a request may have, in tokens (vLLM's max_model_len); 0: the model's
+  // trained context. Windowed requests (RequestParams::kvWindow) run past it: it is where their
+  // positions stop before their window moves back.
+  int32_t maxModelLen = 0;
   kv::KVDType kvDtype = kv::KVDType::F16;
   int32_t numThreads = 0;          // kernel threads, the step loop's included; 0: one per core
   bool prefixCaching = true;       // keep and reuse the KV blocks of prompts already computed
@@ -141,10 +145,21 @@ struct RequestParams {
   // event when it is complete (no streaming). bestOf 0 means n.
   int32_t n = 1;
   int32_t bestOf = 0;
+  // Attention sinks + a sliding window (StreamingLLM), for a request that may run far past the
+  // context length in bounded KV memory: the layers that read every position read only the first
+  // kvSinks tokens and the last kvWindow ones; the blocks in between go back to the pool as it
+  // runs. Its positions are those of its cache: when they reach the model's limit
+  // (EngineConfig::maxModelLen), the window moves back next to the sinks (keys re-rotated), and
+  // prompt + maxTokens may exceed the limit. kvWindow 0: full attention. Not with n > 1 or
+  // best_of, and only on the cpu backend.
+  int32_t kvWindow = 0;
+  int32_t kvSinks = 0;
 };
 
 // The most choices (n, and best_of candidates) one request may ask for.
 inline constexpr int32_t kMaxChoices = 128;
+// The most tokens (prompt + max tokens) a windowed request may run.
+inline constexpr int64_t kMaxWindowedTokens = int64_t{1} << 30;
 
 struct TokenLogprob {
   int32_t token = 0;
@@ -301,9 +316,13 @@ class Engine {
   void flushKVTiers();
   const EngineConfig& config() const { return config_; }
   int32_t maxContextTokens() const;  // longest prompt + completion a request may ask for
+  // Positions a windowed request reaches before its window moves back (maxModelLen or the
+  // model's context).
+  int32_t positionLimit() const;
 
  private:
   void requireSessionsSupported() const;
+  void checkWindow(const RequestParams& p) const;  // a windowed request's fields (EngineError)
   void startTiers();  // builds the tiers of config_.kvTiers
   struct Request;
   struct Group;
@@ -327,6 +346,7 @@ class Engine {
   void fail(kv::SeqId seq, const std::string& error);
   void emitToken(Request& r, int32_t token, const float* logits);
   void process(Request& r, const ScheduledChunk& chunk, float* rows);
+  void shiftWindows();  // windowed requests at their position limit move their window back
   void updateCounts();
   void forkChoices(Request& r, const float* row);  // an n > 1 request's prompt is computed
   void finishBestOf(Group& g);                     // every candidate done: send the best n

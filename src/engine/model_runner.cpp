@@ -18,6 +18,10 @@ class CpuBackend final : public ForwardBackend {
   void forward(const model::ForwardBatch& batch, std::vector<float>& logits) override {
     model_.forward(batch, pool_, logits);
   }
+  void shiftKeys(const kv::KVArena& arena, std::span<const kv::BlockRows> rows,
+                 int32_t tokens) override {
+    model_.shiftKeys(arena, rows, tokens);
+  }
 
  private:
   model::TransformerModel& model_;
@@ -35,6 +39,9 @@ class MlxBackend final : public ForwardBackend {
   ~MlxBackend() override { cache_.setExternalBlockCopier(nullptr); }
   void forward(const model::ForwardBatch& batch, std::vector<float>& logits) override {
     mlx_.forward(batch, logits);
+  }
+  void shiftKeys(const kv::KVArena&, std::span<const kv::BlockRows>, int32_t) override {
+    throw model::ModelError("the mlx backend keeps every position (no attention sinks or window)");
   }
 
  private:
@@ -86,12 +93,18 @@ void ModelRunner::clear() {
 }
 
 void ModelRunner::add(kv::SeqId seq, int32_t firstPos, std::span<const int32_t> tokens,
-                      bool allLogits) {
+                      bool allLogits, kv::SeqWindow win) {
   const auto n = static_cast<int32_t>(tokens.size());
   step_.push_back({seq, firstPos, n});
-  batch_.seqs.push_back({firstPos, n, 0, 0, allLogits});
+  batch_.seqs.push_back({firstPos, n, 0, 0, allLogits, win.window, win.sinks});
   batch_.tokens.insert(batch_.tokens.end(), tokens.begin(), tokens.end());
   for (int32_t i = 0; i < n; ++i) batch_.positions.push_back(firstPos + i);
+}
+
+int32_t ModelRunner::shiftWindow(kv::SeqId seq) {
+  const kv::KVCache::WindowShift shift = cache_.shiftWindow(seq);
+  if (shift.tokens > 0) backend_->shiftKeys(cache_.arena(), shift.moved, shift.tokens);
+  return shift.tokens;
 }
 
 void ModelRunner::run(std::vector<float>& logits) {

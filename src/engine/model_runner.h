@@ -33,6 +33,9 @@ class ForwardBackend {
  public:
   virtual ~ForwardBackend() = default;
   virtual void forward(const model::ForwardBatch& batch, std::vector<float>& logits) = 0;
+  // model::TransformerModel::shiftKeys's contract.
+  virtual void shiftKeys(const kv::KVArena& arena, std::span<const kv::BlockRows> rows,
+                         int32_t tokens) = 0;
 };
 
 class ModelRunner {
@@ -49,8 +52,13 @@ class ModelRunner {
   void clear();
   // Adds one sequence's chunk: `tokens` at positions [firstPos, firstPos + tokens.size()), which
   // the scheduler has reserved in the cache. allLogits: one logits row per token, else one for the
-  // last token.
-  void add(kv::SeqId seq, int32_t firstPos, std::span<const int32_t> tokens, bool allLogits);
+  // last token. A windowed sequence passes its window (kv::SeqWindow).
+  void add(kv::SeqId seq, int32_t firstPos, std::span<const int32_t> tokens, bool allLogits,
+           kv::SeqWindow win = {});
+  // Moves windowed `seq`'s window back next to its sinks (kv::KVCache::shiftWindow) and
+  // re-rotates the keys that moved; returns the positions it moved back by (0: none yet). Call
+  // between steps. Throws KVError, or ModelError from a backend that cannot move keys (MLX).
+  int32_t shiftWindow(kv::SeqId seq);
   // Runs the step and writes the logits rows in the order the chunks were added. Throws KVError
   // (a chunk's positions are not reserved) or ModelError; nothing is written to the cache then.
   void run(std::vector<float>& logits);

@@ -27,14 +27,18 @@ int64_t BlockBudget::maxSequenceTokens(int32_t) const {
   return int64_t{totalBlocks()} * blockSizeTokens();
 }
 
-int32_t BlockBudget::cachedPrefixTokens(std::span<const int32_t>) const { return 0; }
+int32_t BlockBudget::cachedPrefixTokens(std::span<const int32_t>, kv::SeqWindow) const {
+  return 0;
+}
 
-int32_t BlockBudget::blocksNeededToAllocate(std::span<const int32_t>, int32_t totalTokens) const {
+int32_t BlockBudget::blocksNeededToAllocate(std::span<const int32_t>, int32_t totalTokens,
+                                            kv::SeqWindow) const {
   return blocksForTokens(totalTokens);
 }
 
 int32_t BlockBudget::tryAllocateWithPrefix(kv::SeqId seq, std::span<const int32_t>,
-                                           int32_t totalTokens, int32_t maxContextTokens) {
+                                           int32_t totalTokens, int32_t maxContextTokens,
+                                           kv::SeqWindow) {
   return tryAllocate(seq, totalTokens, maxContextTokens) ? 0 : -1;
 }
 
@@ -84,11 +88,12 @@ const Scheduler::Entry& Scheduler::entry(kv::SeqId seq) const {
 }
 
 void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
-                    const std::vector<int32_t>* tokens, bool front) {
-  if (contextTokens < 1 || maxContextTokens < contextTokens) {
+                    const std::vector<int32_t>* tokens, bool front, kv::SeqWindow window) {
+  if (contextTokens < 1 || (!window.on() && maxContextTokens < contextTokens) ||
+      maxContextTokens < 1) {
     throw std::invalid_argument(seqName(seq) + ": needs 1 <= context <= max context tokens");
   }
-  if (maxContextTokens > this->maxContextTokens()) {
+  if (!window.on() && maxContextTokens > this->maxContextTokens()) {
     throw std::invalid_argument(seqName(seq) + " needs " + std::to_string(maxContextTokens) +
                                 " tokens of KV memory; the pool holds " +
                                 std::to_string(this->maxContextTokens()));
@@ -96,6 +101,7 @@ void Scheduler::add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextToke
   if (entries_.count(seq) != 0) throw std::invalid_argument(seqName(seq) + " is already scheduled");
   Entry fresh{seq, contextTokens, 0, maxContextTokens};
   fresh.tokens = tokens;
+  fresh.window = window;
   auto [it, inserted] = entries_.emplace(seq, fresh);
   (void)inserted;
   try {
@@ -141,14 +147,33 @@ bool Scheduler::releaseIdleMemory(const Entry* keep) {
     memory_.release(e.seq);
     e.holdsMemory = false;
     e.computedTokens = 0;
+    e.contextTokens += e.shifted;
+    e.shifted = 0;
     return true;
   }
   return false;
 }
 
+void Scheduler::shift(kv::SeqId seq, int32_t tokens) {
+  Entry& e = entry(seq);
+  if (tokens < 0 || tokens > e.computedTokens || !e.window.on()) {
+    throw std::invalid_argument(seqName(seq) + " cannot move back by " + std::to_string(tokens));
+  }
+  e.contextTokens -= tokens;
+  e.computedTokens -= tokens;
+  e.shifted += tokens;
+}
+
+int32_t Scheduler::shiftedTokens(kv::SeqId seq) const { return entry(seq).shifted; }
+
+bool Scheduler::atPositionLimit(kv::SeqId seq) const {
+  const Entry& e = entry(seq);
+  return e.holdsMemory && e.room() <= 0;
+}
+
 void Scheduler::appendToken(kv::SeqId seq) {
   Entry& e = entry(seq);
-  if (e.contextTokens >= e.maxContextTokens) {
+  if (!e.window.on() && e.contextTokens >= e.maxContextTokens) {
     throw std::invalid_argument(seqName(seq) + " is already at its maximum context");
   }
   ++e.contextTokens;
@@ -197,7 +222,7 @@ std::deque<Scheduler::Entry*>::iterator Scheduler::nextToAdmit() {
   for (auto it = waiting_.begin(); it != waiting_.end() && seen < kWindow; ++it, ++seen) {
     const Entry& e = **it;
     const int32_t cached =
-        e.holdsMemory ? e.computedTokens : memory_.cachedPrefixTokens(prefixOf(e));
+        e.holdsMemory ? e.computedTokens : memory_.cachedPrefixTokens(prefixOf(e), e.window);
     if (cached > bestTokens) {
       best = it;
       bestTokens = cached;
@@ -211,6 +236,8 @@ void Scheduler::preemptNewest(StepPlan& plan) {
   running_.pop_back();
   memory_.release(victim->seq);
   victim->computedTokens = 0;
+  victim->contextTokens += victim->shifted;  // computed again from position 0
+  victim->shifted = 0;
   victim->holdsMemory = false;
   victim->where = Entry::Where::Waiting;
   waiting_.push_front(victim);
@@ -235,7 +262,7 @@ StepPlan Scheduler::schedule() {
     // 1. Decodes, oldest first; the newest running request yields its blocks when the pool is dry.
     for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
       Entry& e = *running_[i];
-      if (e.contextTokens - e.computedTokens != 1) continue;
+      if (e.contextTokens - e.computedTokens != 1 || e.room() < 1) continue;
       bool preemptedSelf = false;
       while (!memory_.tryAppend(e.seq, 1)) {
         if (releaseIdleMemory(nullptr)) continue;
@@ -256,8 +283,8 @@ StepPlan Scheduler::schedule() {
     for (Entry* ep : running_) {
       Entry& e = *ep;
       const int32_t pending = e.contextTokens - e.computedTokens;
-      if (pending <= 1 || budget == 0) continue;
-      int32_t n = std::min(pending, budget);
+      if (pending <= 1 || budget == 0 || e.room() < 1) continue;
+      int32_t n = std::min({pending, budget, e.room()});
       while (memory_.blocksNeededToAppend(e.seq, n) > memory_.freeBlocks() &&
              releaseIdleMemory(nullptr)) {
       }
@@ -290,14 +317,16 @@ StepPlan Scheduler::schedule() {
       int32_t total = 0;  // positions the request will hold after this step
       int32_t need = 0;
       if (e.holdsMemory) {
-        total = e.computedTokens + std::min(e.contextTokens - e.computedTokens, budget);
+        total = e.computedTokens + std::min({e.contextTokens - e.computedTokens, budget, e.room()});
+        if (total == e.computedTokens) break;  // a windowed request waiting for its shift
         need = memory_.blocksNeededToAppend(e.seq, total - e.computedTokens);
       } else {
         const int32_t bs = memory_.blockSizeTokens();
-        const int32_t cached =
-            std::min(memory_.cachedPrefixTokens(prefix), (e.contextTokens - 1) / bs * bs);
+        const int32_t cached = std::min(memory_.cachedPrefixTokens(prefix, e.window),
+                                        (e.contextTokens - 1) / bs * bs);
         total = cached + std::min(e.contextTokens - cached, budget);
-        need = memory_.blocksNeededToAllocate(prefix, total);
+        if (e.window.on()) total = std::min(total, e.maxContextTokens);
+        need = memory_.blocksNeededToAllocate(prefix, total, e.window);
       }
       const int32_t reserve = running_.empty() ? 0 : watermarkBlocks_;
       while (need + reserve > memory_.freeBlocks() && releaseIdleMemory(&e)) {
@@ -307,7 +336,7 @@ StepPlan Scheduler::schedule() {
         if (!memory_.tryAppend(e.seq, total - e.computedTokens)) break;
       } else {
         const int32_t cached =
-            memory_.tryAllocateWithPrefix(e.seq, prefix, total, e.maxContextTokens);
+            memory_.tryAllocateWithPrefix(e.seq, prefix, total, e.maxContextTokens, e.window);
         if (cached < 0) break;
         e.computedTokens = cached;
         e.holdsMemory = true;
@@ -356,7 +385,11 @@ void Scheduler::checkInvariants() const {
   check(running_, Entry::Where::Running, "running");
   check(waiting_, Entry::Where::Waiting, "waiting");
   for (const auto& [seq, e] : entries_) {
-    if (e.contextTokens > e.maxContextTokens) fail(seqName(seq) + " exceeds its max context");
+    if (e.window.on() ? e.computedTokens > e.maxContextTokens
+                      : e.contextTokens > e.maxContextTokens) {
+      fail(seqName(seq) + " exceeds its max context");
+    }
+    if (e.shifted != 0 && !e.holdsMemory) fail(seqName(seq) + " is shifted without memory");
   }
 }
 

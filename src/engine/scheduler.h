@@ -64,17 +64,19 @@ class BlockBudget {
   // Releases everything `seq` holds (no-op for an unknown id).
   virtual void release(kv::SeqId seq) = 0;
 
-  // Prefix caching; designs without it find nothing and allocate plainly.
+  // Prefix caching; designs without it find nothing and allocate plainly. `win`: the sequence
+  // keeps only attention sinks and a window (kv::SeqWindow; designs without windows ignore it).
   // Tokens of the longest cached prefix of `tokens` (whole blocks).
-  virtual int32_t cachedPrefixTokens(std::span<const int32_t> tokens) const;
+  virtual int32_t cachedPrefixTokens(std::span<const int32_t> tokens, kv::SeqWindow win) const;
   // Blocks tryAllocateWithPrefix(seq, prefix, totalTokens, ...) would take.
-  virtual int32_t blocksNeededToAllocate(std::span<const int32_t> prefix,
-                                         int32_t totalTokens) const;
+  virtual int32_t blocksNeededToAllocate(std::span<const int32_t> prefix, int32_t totalTokens,
+                                         kv::SeqWindow win) const;
   // Creates `seq` with positions [0, totalTokens), starting on the cached prefix of `prefix` (at
   // most totalTokens - 1 tokens). The cached tokens, or -1 with nothing changed when memory is
   // short.
   virtual int32_t tryAllocateWithPrefix(kv::SeqId seq, std::span<const int32_t> prefix,
-                                        int32_t totalTokens, int32_t maxContextTokens);
+                                        int32_t totalTokens, int32_t maxContextTokens,
+                                        kv::SeqWindow win);
   // Makes `child` share all of `parent`'s positions (no memory taken). Designs that cannot share
   // throw std::logic_error.
   virtual void fork(kv::SeqId parent, kv::SeqId child);
@@ -98,16 +100,16 @@ class PagedBlockBudget final : public BlockBudget {
     return cache_.maxSequenceTokens(stepTokens);
   }
   void release(kv::SeqId seq) override { cache_.freeFor(seq); }
-  int32_t cachedPrefixTokens(std::span<const int32_t> tokens) const override {
-    return cache_.cachedPrefixTokens(tokens);
+  int32_t cachedPrefixTokens(std::span<const int32_t> tokens, kv::SeqWindow win) const override {
+    return cache_.cachedPrefixTokens(tokens, win);
   }
-  int32_t blocksNeededToAllocate(std::span<const int32_t> prefix,
-                                 int32_t totalTokens) const override {
-    return cache_.blocksNeededToAllocate(prefix, totalTokens);
+  int32_t blocksNeededToAllocate(std::span<const int32_t> prefix, int32_t totalTokens,
+                                 kv::SeqWindow win) const override {
+    return cache_.blocksNeededToAllocate(prefix, totalTokens, win);
   }
   int32_t tryAllocateWithPrefix(kv::SeqId seq, std::span<const int32_t> prefix,
-                                int32_t totalTokens, int32_t) override {
-    return cache_.tryAllocateWithPrefix(seq, prefix, totalTokens);
+                                int32_t totalTokens, int32_t, kv::SeqWindow win) override {
+    return cache_.tryAllocateWithPrefix(seq, prefix, totalTokens, win);
   }
   void fork(kv::SeqId parent, kv::SeqId child) override { cache_.fork(parent, child); }
 
@@ -170,8 +172,21 @@ class Scheduler {
   // the request computes its whole context. `front` queues it first instead (a preempted request
   // that comes back). Throws std::invalid_argument for an id already known, bad counts, or a
   // request that could never fit (maxContextTokens > maxContextTokens()).
+  // A windowed request (`window` on: attention sinks + a sliding window, kv::SeqWindow) holds
+  // bounded memory however long it runs (the caller checks that it fits): maxContextTokens is
+  // then the most positions it may reach, its context may grow past that, its chunks stop there,
+  // and once its computed positions reach it the caller moves it back with shift().
   void add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
-           const std::vector<int32_t>* tokens = nullptr, bool front = false);
+           const std::vector<int32_t>* tokens = nullptr, bool front = false,
+           kv::SeqWindow window = {});
+  // A windowed request's positions moved back by `tokens` (kv::KVCache::shiftWindow): its
+  // context and computed positions go down by as much; token i of its context is at position
+  // i - shiftedTokens(seq) from its sinks' blocks on. Preemption resets it (recomputed from
+  // position 0). Throws std::invalid_argument for an unknown id or a bad count.
+  void shift(kv::SeqId seq, int32_t tokens);
+  int32_t shiftedTokens(kv::SeqId seq) const;
+  // Whether a windowed request's computed positions have reached its limit (it needs a shift).
+  bool atPositionLimit(kv::SeqId seq) const;
   // Adds `child`, a copy of the running `parent` whose context is complete: it shares all of
   // parent's computed positions (forked memory, no bytes copied) and waits, at the front of the
   // queue, for its context to grow by appendToken. `tokens` as in add. Throws
@@ -217,6 +232,10 @@ class Scheduler {
     bool holdsMemory = false;      // positions [0, computedTokens) are in memory
     const std::vector<int32_t>* tokens = nullptr;  // the context's token ids, when known
     int32_t overtaken = 0;         // later requests admitted before this one (Lpm)
+    kv::SeqWindow window{};        // windowed request: maxContextTokens limits its positions
+    int32_t shifted = 0;           // positions its window moved back by (shift)
+    // Positions it may still plan before it reaches its limit.
+    int32_t room() const { return window.on() ? maxContextTokens - computedTokens : INT32_MAX; }
   };
   Entry& entry(kv::SeqId seq);
   const Entry& entry(kv::SeqId seq) const;

@@ -694,9 +694,12 @@ int32_t KVCache::lookupLocked(std::span<const int32_t> prefix, int32_t maxBlocks
   return hits;
 }
 
-int32_t KVCache::cachedPrefixTokens(std::span<const int32_t> tokens) const {
+int32_t KVCache::cachedPrefixTokens(std::span<const int32_t> tokens, SeqWindow win) const {
+  Sequence windowed;
+  windowed.win = win;
   std::lock_guard lock(mu_);
-  return lookupLocked(tokens, INT32_MAX, nullptr, nullptr) * config_.blockSizeTokens;
+  return lookupLocked(tokens, hashableBlocks(windowed), nullptr, nullptr) *
+         config_.blockSizeTokens;
 }
 
 int32_t KVCache::blocksNeededToAllocate(std::span<const int32_t> prefix, int32_t totalTokens,

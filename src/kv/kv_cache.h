@@ -171,7 +171,8 @@ class KVCache {
   bool prefixCaching() const { return config_.prefixCaching; }
   // Tokens of the longest cached prefix of `tokens`: whole blocks only, so at most
   // tokens.size() rounded down to a block. Looks, changes nothing. 0 when caching is off.
-  int32_t cachedPrefixTokens(std::span<const int32_t> tokens) const;
+  // With `win` on, capped as tryAllocateWithPrefix caps a windowed sequence's hit.
+  int32_t cachedPrefixTokens(std::span<const int32_t> tokens, SeqWindow win = {}) const;
   // Blocks that tryAllocateWithPrefix(seq, prefix, totalTokens) would take from the free queue:
   // fresh blocks beyond the hit ones, plus hit blocks that are cached (they leave the queue).
   int32_t blocksNeededToAllocate(std::span<const int32_t> prefix, int32_t totalTokens,
@@ -216,12 +217,7 @@ class KVCache {
   // never after a shift; a prefix hit is capped the same way.
   struct WindowShift {
     int32_t tokens = 0;  // positions moved back by (a multiple of the block size; 0: none)
-    struct Rows {
-      int32_t group = 0;
-      BlockId block = kNoBlock;
-      int32_t rows = 0;  // filled rows of the block, from its first
-    };
-    std::vector<Rows> moved;  // blocks whose positions moved: their keys need re-rotating
+    std::vector<BlockRows> moved;  // blocks whose positions moved: their keys need re-rotating
   };
   // Moves windowed `seq` back: first gives back every block the query at position
   // usedTokens(seq) would not read, then removes, in every group, as many given-back table

@@ -12,6 +12,11 @@ namespace cortex::kv {
 
 namespace {
 
+// Element d of the row starting at `row` (headDim elements).
+float loadElement(const std::byte* row, int32_t d, int32_t headDim, KVDType dtype);
+
+}  // namespace
+
 void storeRow(const float* src, std::byte* dst, int32_t n, KVDType dtype) {
   switch (dtype) {
     case KVDType::Q8: {
@@ -41,7 +46,12 @@ void storeRow(const float* src, std::byte* dst, int32_t n, KVDType dtype) {
   }
 }
 
-// Element d of the row starting at `row` (headDim elements).
+void loadRow(const std::byte* row, float* out, int32_t n, KVDType dtype) {
+  for (int32_t d = 0; d < n; ++d) out[d] = loadElement(row, d, n, dtype);
+}
+
+namespace {
+
 float loadElement(const std::byte* row, int32_t d, int32_t headDim, KVDType dtype) {
   const std::byte* p = row + static_cast<size_t>(d) * dtypeBytes(dtype);
   if (dtype == KVDType::Q8) {

@@ -149,6 +149,18 @@ struct KVArena {
   }
 };
 
+// The filled rows [0, rows) of one block of one group (a windowed sequence's block whose positions
+// moved: kv_cache.h, shiftWindow).
+struct BlockRows {
+  int32_t group = 0;
+  BlockId block = kNoBlock;
+  int32_t rows = 0;
+};
+
+// One stored row of n elements (its scale included for Q8) from or to floats.
+void loadRow(const std::byte* row, float* out, int32_t n, KVDType dtype);
+void storeRow(const float* src, std::byte* row, int32_t n, KVDType dtype);
+
 // Stores one token's K and V for a layer: k and v hold numKVHeads * headDim floats (head-major),
 // converted to the storage format. The slot must be one its caller reserved in the layer's group
 // and does not share (new positions from appendTokens are never shared). No lock, no checks (hot

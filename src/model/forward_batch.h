@@ -20,6 +20,10 @@ struct ForwardSequence {
   int32_t tableStart = 0;
   int32_t numBlocks = 0;   // covers positions [0, firstPos + numTokens)
   bool allLogits = false;  // logits for every new token (scoring), else for the last one only
+  // A windowed sequence (kv::SeqWindow): the layers that read every position read only keys
+  // [0, sinks) and the last `window` ones (0: every key).
+  int32_t window = 0;
+  int32_t sinks = 0;
 };
 
 struct ForwardBatch {

@@ -407,6 +407,30 @@ kv::KVCacheConfig TransformerModel::kvCacheConfig(int32_t blockSizeTokens, uint6
   return c;
 }
 
+void TransformerModel::shiftKeys(const kv::KVArena& arena, std::span<const kv::BlockRows> rows,
+                                 int32_t tokens) const {
+  const HParams& hp = hp_;
+  const Weights& w = *w_;
+  std::vector<float> csGlobal(static_cast<size_t>(hp.nRot)), csSwa(csGlobal.size());
+  w.ropeGlobal->rotation(-tokens, csGlobal.data());
+  if (w.ropeSwa) w.ropeSwa->rotation(-tokens, csSwa.data());
+  std::vector<float> row(static_cast<size_t>(hp.headDim));
+  for (const kv::BlockRows& br : rows) {
+    for (int32_t l = 0; l < hp.nLayers; ++l) {
+      if (arena.groupOf(l) != br.group) continue;
+      const float* cs = hp.isSlidingWindowLayer(l) ? csSwa.data() : csGlobal.data();
+      for (int32_t h = 0; h < hp.nHeadKV; ++h) {
+        for (int32_t r = 0; r < br.rows; ++r) {
+          std::byte* at = arena.kBase + arena.rowByteOffset({br.block, r}, l, h);
+          kv::loadRow(at, row.data(), hp.headDim, arena.dtype);
+          kernels::ropeInPlace(row.data(), 1, 1, hp.headDim, cs, hp.nRot, w.ropeGlobal->style());
+          kv::storeRow(row.data(), at, hp.headDim, arena.dtype);
+        }
+      }
+    }
+  }
+}
+
 void TransformerModel::resize(int64_t nTokens, int32_t maxContext, const kernels::ThreadPool& pool) {
   auto grow = [](std::vector<float>& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
@@ -551,7 +575,7 @@ void TransformerModel::forward(const ForwardBatch& batch, kernels::ThreadPool& p
                               arena.kView(l, table, s.numBlocks, n),
                               arena.vView(l, table, s.numBlocks, n), hp.attnScale,
                               attn_.data() + t0 * qDim, scratch_.data(),
-                              swa ? hp.slidingWindow : 0);
+                              swa ? hp.slidingWindow : s.window, swa ? 0 : s.sinks);
       t0 += s.numTokens;
     }
     MatmulInput(attn_.data(), nTokens, qDim, actQ).multiply(pool, L.wo, tmp_.data());

@@ -111,6 +111,11 @@ class TransformerModel {
   // shape. The kernels run on `pool`'s threads. Not reentrant: one forward at a time per model (it
   // reuses internal buffers).
   void forward(const ForwardBatch& batch, kernels::ThreadPool& pool, std::vector<float>& logits);
+  // Re-rotates the keys stored in `rows` (blocks of a windowed sequence whose positions moved
+  // back by `tokens`: kv::KVCache::shiftWindow) in every layer of their group, with each layer's
+  // RoPE, so that they read as keys at their new positions. Values carry no position.
+  void shiftKeys(const kv::KVArena& arena, std::span<const kv::BlockRows> rows,
+                 int32_t tokens) const;
   // The checks forward() makes before touching the arena (ModelError), for another runner of the
   // same model: nOutRows is the number of logits rows, maxContext the longest sequence.
   void validate(const ForwardBatch& batch, int64_t& nOutRows, int32_t& maxContext) const;

@@ -395,6 +395,64 @@ TEST_F(Fixture, SmallPoolPreemptsAndStillMatches) {
   }
 }
 
+TEST_F(Fixture, WindowedRequestsRunPastTheContextInBoundedMemoryAndMatchThemselves) {
+  // Positions stop at 160 and the window moves back (by 96 positions at 160: 305 tokens shift
+  // twice); the pool holds 20 blocks (320 tokens), less than one such request without a window.
+  auto windowed = [](size_t i, int32_t maxTokens) {
+    RequestParams p = greedy(kPrompts[i], maxTokens);
+    p.ignoreEos = true;
+    p.kvWindow = 48;
+    p.kvSinks = 4;
+    return p;
+  };
+  auto config = [](uint64_t blocks) {
+    EngineConfig c;
+    c.kvCacheBytes = blocks * kBlockBytes;
+    c.maxBatchedTokens = 32;
+    c.maxModelLen = 160;
+    return c;
+  };
+  std::vector<int32_t> reference;
+  {
+    Engine engine(*model, *tokenizer, config(20));
+    EXPECT_THROW(engine.submit(greedy(kPrompts[0], 300)), EngineError) << "too long without";
+    RequestParams wide = windowed(0, 300);
+    wide.kvWindow = 80;  // 4 + 2 x 80 + 2 blocks > 160
+    EXPECT_THROW(engine.submit(wide), EngineError);
+    RequestParams two = windowed(0, 300);
+    two.n = 2;
+    EXPECT_THROW(engine.submit(two), EngineError);
+    auto [tokens, last] = collect(*engine.submit(windowed(0, 300)));
+    EXPECT_EQ(last.finishReason, FinishReason::Length);
+    ASSERT_EQ(tokens.size(), 300u);
+    EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
+    EXPECT_EQ(engine.stats().peakStepSequences, 1);
+    reference = tokens;
+  }
+  // Until a query first skips a position (position sinks + window), it is full attention.
+  RequestParams plain = greedy(kPrompts[0], 40);
+  plain.ignoreEos = true;
+  const std::vector<int32_t> full = alone(plain);
+  ASSERT_EQ(full.size(), 40u);
+  EXPECT_TRUE(std::equal(full.begin(), full.end(), reference.begin()));
+  // Beside other requests (windowed and not), and in a pool small enough to preempt them: the
+  // same tokens.
+  for (const uint64_t blocks : {64u, 8u}) {
+    Engine engine(*model, *tokenizer, config(blocks));
+    auto s0 = engine.submit(windowed(0, 300));
+    auto s1 = engine.submit(windowed(1, 300));
+    auto s2 = engine.submit(greedy(kPrompts[2], 40));
+    EXPECT_EQ(collect(*s0).first, reference) << blocks << " blocks";
+    collect(*s1);
+    collect(*s2);
+    EXPECT_GT(engine.stats().peakStepSequences, 1);
+    if (blocks == 8u) {
+      EXPECT_GT(engine.stats().preemptions, 0u);
+    }
+    EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
+  }
+}
+
 TEST_F(Fixture, ADiskTierServesAPromptThePoolForgot) {
   TempDir dir("cs-tier");
   EngineConfig c;
