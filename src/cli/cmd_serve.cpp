@@ -36,6 +36,7 @@ struct ServeOptions {
   int port = 8080;
   int32_t maxBatchedTokens = 512;
   int32_t maxNumSeqs = 64;
+  int32_t maxModelLen = 0;
   std::string kvCacheMemory;  // empty: the engine's default share of free memory
   std::string kvCacheMaxMemory;  // empty: the starting size
   kv::KVDType kvDtype = kv::KVDType::F16;
@@ -112,6 +113,7 @@ void runServe(const ServeOptions& o) {
   engine::EngineConfig ec;
   ec.maxBatchedTokens = o.maxBatchedTokens;
   ec.maxNumSeqs = o.maxNumSeqs;
+  ec.maxModelLen = o.maxModelLen;
   ec.maxQueuedRequests = o.maxQueue;
   ec.kvDtype = o.kvDtype;
   if (!o.kvCacheMemory.empty()) {
@@ -278,6 +280,11 @@ void registerServeCommand(CLI::App& app) {
   cmd->add_option("--max-num-seqs", o->maxNumSeqs, "requests running at once")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
+  cmd->add_option("--max-model-len", o->maxModelLen,
+                  "longest context (prompt + completion) a request may have; windowed requests "
+                  "(kv_window) run past it, their window moving back there (default: the "
+                  "model's context)")
+      ->check(CLI::Range(1, 1 << 30));
   cmd->add_option("--kv-cache-memory", o->kvCacheMemory,
                   "KV cache size, e.g. 512MiB, 1GiB, 300MB, 1000000 (bytes); default: a quarter "
                   "of free memory, at most 4 GiB");

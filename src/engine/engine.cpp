@@ -531,8 +531,8 @@ void Engine::checkWindow(const RequestParams& p) const {
                           std::to_string(need) + " needed)",
                       "kv_window");
   }
-  const int64_t blocks =
-      kv::blocksForWindowedSequence(cache_->config(), win, config_.maxBatchedTokens);
+  const int64_t blocks = kv::blocksForWindowedSequence(
+      cache_->config(), win, std::min(config_.maxBatchedTokens, p.kvWindow));
   if (blocks > cache_->numBlocks()) {
     throw EngineError(Kind::TooLong,
                       "a window of " + std::to_string(p.kvWindow) + " tokens and " +

@@ -262,7 +262,7 @@ StepPlan Scheduler::schedule() {
     // 1. Decodes, oldest first; the newest running request yields its blocks when the pool is dry.
     for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
       Entry& e = *running_[i];
-      if (e.contextTokens - e.computedTokens != 1 || e.room() < 1) continue;
+      if (e.contextTokens - e.computedTokens != 1 || e.chunkCap() < 1) continue;
       bool preemptedSelf = false;
       while (!memory_.tryAppend(e.seq, 1)) {
         if (releaseIdleMemory(nullptr)) continue;
@@ -283,8 +283,8 @@ StepPlan Scheduler::schedule() {
     for (Entry* ep : running_) {
       Entry& e = *ep;
       const int32_t pending = e.contextTokens - e.computedTokens;
-      if (pending <= 1 || budget == 0 || e.room() < 1) continue;
-      int32_t n = std::min({pending, budget, e.room()});
+      if (pending <= 1 || budget == 0 || e.chunkCap() < 1) continue;
+      int32_t n = std::min({pending, budget, e.chunkCap()});
       while (memory_.blocksNeededToAppend(e.seq, n) > memory_.freeBlocks() &&
              releaseIdleMemory(nullptr)) {
       }
@@ -317,7 +317,8 @@ StepPlan Scheduler::schedule() {
       int32_t total = 0;  // positions the request will hold after this step
       int32_t need = 0;
       if (e.holdsMemory) {
-        total = e.computedTokens + std::min({e.contextTokens - e.computedTokens, budget, e.room()});
+        total = e.computedTokens +
+                std::min({e.contextTokens - e.computedTokens, budget, e.chunkCap()});
         if (total == e.computedTokens) break;  // a windowed request waiting for its shift
         need = memory_.blocksNeededToAppend(e.seq, total - e.computedTokens);
       } else {
@@ -325,7 +326,7 @@ StepPlan Scheduler::schedule() {
         const int32_t cached = std::min(memory_.cachedPrefixTokens(prefix, e.window),
                                         (e.contextTokens - 1) / bs * bs);
         total = cached + std::min(e.contextTokens - cached, budget);
-        if (e.window.on()) total = std::min(total, e.maxContextTokens);
+        if (e.window.on()) total = std::min({total, e.maxContextTokens, cached + e.window.window});
         need = memory_.blocksNeededToAllocate(prefix, total, e.window);
       }
       const int32_t reserve = running_.empty() ? 0 : watermarkBlocks_;

@@ -27,6 +27,7 @@
 // chunk's positions exist in the cache, ready for the forward pass to write.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <atomic>
@@ -174,8 +175,9 @@ class Scheduler {
   // request that could never fit (maxContextTokens > maxContextTokens()).
   // A windowed request (`window` on: attention sinks + a sliding window, kv::SeqWindow) holds
   // bounded memory however long it runs (the caller checks that it fits): maxContextTokens is
-  // then the most positions it may reach, its context may grow past that, its chunks stop there,
-  // and once its computed positions reach it the caller moves it back with shift().
+  // then the most positions it may reach, its context may grow past that, its chunks stop there
+  // and hold at most its window, and once its computed positions reach it the caller moves it
+  // back with shift().
   void add(kv::SeqId seq, int32_t contextTokens, int32_t maxContextTokens,
            const std::vector<int32_t>* tokens = nullptr, bool front = false,
            kv::SeqWindow window = {});
@@ -236,6 +238,9 @@ class Scheduler {
     int32_t shifted = 0;           // positions its window moved back by (shift)
     // Positions it may still plan before it reaches its limit.
     int32_t room() const { return window.on() ? maxContextTokens - computedTokens : INT32_MAX; }
+    // The most positions one of its chunks may hold: a windowed request computes at most its
+    // window per step, so its memory stays within about twice its window.
+    int32_t chunkCap() const { return window.on() ? std::min(room(), window.window) : INT32_MAX; }
   };
   Entry& entry(kv::SeqId seq);
   const Entry& entry(kv::SeqId seq) const;

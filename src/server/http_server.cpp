@@ -706,10 +706,13 @@ HttpServer::Impl::Routed HttpServer::Impl::generate(const Request& req, bool cha
     params.n = p.n;
     params.bestOf = p.bestOf;
     std::vector<int32_t> prompt = this->prompt(p, chat, &info.echoText);
-    // Defaults: 16 for completions (OpenAI's legacy default), the rest of the context for chat.
-    // The engine judges whether the request fits (its TooLong error says by how much).
-    const int64_t room = std::max<int64_t>(
-        1, engine.maxContextTokens() - static_cast<int64_t>(prompt.size()));
+    // Defaults: 16 for completions (OpenAI's legacy default), the rest of the context for chat
+    // (a windowed request: one context's worth). The engine judges whether the request fits
+    // (its TooLong error says by how much).
+    const int64_t room =
+        p.kvWindow > 0 ? engine.maxContextTokens()
+                       : std::max<int64_t>(1, engine.maxContextTokens() -
+                                                  static_cast<int64_t>(prompt.size()));
     const int64_t maxTokens =
         p.maxTokens ? *p.maxTokens : chat ? room : std::min<int64_t>(16, room);
     params.sampling = p.sampling;
@@ -717,6 +720,8 @@ HttpServer::Impl::Routed HttpServer::Impl::generate(const Request& req, bool cha
     params.maxTokens = static_cast<int32_t>(maxTokens);
     params.stop = p.stop;
     params.ignoreEos = p.ignoreEos;
+    params.kvWindow = p.kvWindow;
+    params.kvSinks = p.kvSinks;
     params.skipSpecialTokens = p.skipSpecialTokens;
     params.topLogprobs = p.topLogprobs;
     params.promptLogprobs = !chat && p.echo && p.topLogprobs >= 0;

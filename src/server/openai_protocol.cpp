@@ -194,6 +194,13 @@ void parseCommon(const json& body, ParsedRequest& r) {
   }
   if (auto v = getBool(body, "ignore_eos")) r.ignoreEos = *v;
   if (auto v = getBool(body, "skip_special_tokens")) r.skipSpecialTokens = *v;
+  if (auto v = getInt(body, "kv_window", 1, std::numeric_limits<int32_t>::max())) {
+    r.kvWindow = static_cast<int32_t>(*v);
+  }
+  if (auto v = getInt(body, "kv_sinks", 0, std::numeric_limits<int32_t>::max())) {
+    r.kvSinks = static_cast<int32_t>(*v);
+    if (r.kvWindow == 0) throwInvalid("kv_sinks", "'kv_sinks' needs 'kv_window'");
+  }
   const std::string bad = r.sampling.validate();
   if (!bad.empty()) throwInvalid("", bad);
 }

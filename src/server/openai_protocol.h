@@ -74,6 +74,9 @@ struct ParsedRequest {
   bool skipSpecialTokens = true;     // extension (as vLLM): control tokens left out of the text
   int32_t n = 1;                     // choices, [1, 128]
   int32_t bestOf = 0;                // candidates (>= n; 0: n); no streaming when > n
+  // Extension: attention sinks + a sliding window (engine::RequestParams::kvWindow); 0: none.
+  int32_t kvWindow = 0;
+  int32_t kvSinks = 0;
 };
 
 // Check a request body (already parsed as JSON). Throws ApiException (400) naming the first field
