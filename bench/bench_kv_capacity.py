@@ -3,7 +3,8 @@
 with sliding-window layers, with and without the hybrid cache).
 
 For each configuration (--configs, default "f16,q8"; a name is a --kv-dtype, with "+nohybrid"
-appended for --no-hybrid-kv) one `cortexstream serve --kv-cache-memory --pool` starts, and
+appended for --no-hybrid-kv, or "+window=W:S" for requests with kv_window W and kv_sinks S:
+attention sinks + a sliding window) one `cortexstream serve --kv-cache-memory --pool` starts, and
 --requests requests of --prompt-words words of seeded random text with max_tokens --max-tokens
 (ignore_eos, temperature 0) are sent all at once. While they run, /metrics is polled every 20 ms:
 the peak of cortexstream:num_requests_running is what the pool held at once (the scheduler admits
@@ -66,6 +67,10 @@ def metric(text: str, name: str) -> float:
 def run_config(args: argparse.Namespace, config: str, prompts: list[str]) -> dict:
     dtype, _, rest = config.partition("+")
     flags = ["--kv-dtype", dtype] + (["--no-hybrid-kv"] if rest == "nohybrid" else [])
+    window = {}
+    if rest.startswith("window="):
+        w, _, sinks = rest[len("window="):].partition(":")
+        window = {"kv_window": int(w), "kv_sinks": int(sinks or 0)}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([args.bin, "serve", "--model", args.model, "--port", str(port),
@@ -98,7 +103,7 @@ def run_config(args: argparse.Namespace, config: str, prompts: list[str]) -> dic
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as ex:
             results = list(ex.map(lambda p: post(url + "/v1/completions", {
                 "model": "m", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0,
-                "ignore_eos": True}), prompts))
+                "ignore_eos": True, **window}), prompts))
         wall = time.time() - t0
         stop.set()
         poller.join()

@@ -9,6 +9,12 @@
 //              replaced by BOS when the vocabulary adds BOS, and only the tokens after the
 //              chunk's first half scored (each of them sees at least --ctx/2 tokens of context).
 // Both report exp(mean negative log-likelihood) over the scored tokens (natural log).
+//
+// With --kv-window W (and --kv-sinks S), each window is scored as one windowed request
+// (attention sinks + a sliding window): every token sees the first S tokens of its window and the
+// W before it, and a window may be longer than the model's context (its positions move back at
+// --max-model-len). Comparing it with full attention (--ctx up to the context) and with a plain
+// window (--kv-sinks 0) on the same text shows what the sinks keep.
 
 #include <algorithm>
 #include <chrono>
@@ -52,6 +58,9 @@ struct PerplexityOptions {
   std::string file;
   int32_t ctx = 512;
   std::string method = "native";
+  int32_t kvWindow = 0;
+  int32_t kvSinks = 0;
+  int32_t maxModelLen = 0;
 };
 
 // One window of the tokenized text: tokens [start, start + length), the first replaced by BOS
@@ -97,9 +106,12 @@ std::vector<Window> llamaCppWindows(size_t numTokens, int32_t ctx, bool addBos) 
 // entry per token: entry i is log p(tokens[i] | tokens[0..i)), entry 0 is NaN (nothing predicts
 // it). get() throws std::runtime_error when the engine fails the request or returns log-probs
 // that do not match the tokens. Throws engine::EngineError at once when the engine refuses it.
-std::future<std::vector<float>> scoreWindow(engine::Engine& engine, std::vector<int32_t> tokens) {
+std::future<std::vector<float>> scoreWindow(engine::Engine& engine, std::vector<int32_t> tokens,
+                                            kv::SeqWindow win) {
   engine::RequestParams p;
   p.promptTokens = std::move(tokens);
+  p.kvWindow = win.window;
+  p.kvSinks = win.sinks;
   p.sampling.temperature = 0;
   p.maxTokens = kScoreMaxTokens;
   p.promptLogprobs = true;
@@ -146,7 +158,9 @@ void runPerplexity(const PerplexityOptions& o) {
   const model::HParams& hp = l.model->hparams();
   // A llama.cpp chunk of 2 tokens would score none (its second half starts at its last token).
   const int32_t minCtx = method == Method::LlamaCpp ? 3 : 2;
-  const int32_t maxCtx = hp.nCtxTrain - kScoreMaxTokens;
+  const kv::SeqWindow win{o.kvWindow, o.kvSinks};
+  if (o.kvSinks > 0 && !win.on()) throw std::runtime_error("--kv-sinks needs --kv-window");
+  const int32_t maxCtx = win.on() ? (1 << 30) : hp.nCtxTrain - kScoreMaxTokens;
   if (o.ctx < minCtx || o.ctx > maxCtx) {
     throw std::runtime_error("--ctx must be in [" + std::to_string(minCtx) + ", " +
                              std::to_string(maxCtx) + "]");
@@ -172,16 +186,24 @@ void runPerplexity(const PerplexityOptions& o) {
   ec.numThreads = o.model.threads;
   ec.maxBatchedTokens = kStepTokens;
   ec.maxNumSeqs = inFlight;
-  // One block per window to spare (per group).
-  ec.kvCacheBytes = engine::kvBytesForSequences(
-      *l.model, ec, static_cast<int64_t>(o.ctx) + kScoreMaxTokens + kBlockSizeTokens, inFlight);
+  ec.maxModelLen = o.maxModelLen;
+  // One block per window to spare (per group); a windowed request holds its sinks and window.
+  ec.kvCacheBytes =
+      win.on() ? static_cast<uint64_t>(
+                     kv::blocksForWindowedSequence(engine::kvCacheConfigFor(*l.model, ec, 1), win,
+                                                   std::min(kStepTokens, win.window)) +
+                     1) * kv::bytesPerBlock(engine::kvCacheConfigFor(*l.model, ec, 1)) *
+                     static_cast<uint64_t>(inFlight)
+               : engine::kvBytesForSequences(
+                     *l.model, ec, static_cast<int64_t>(o.ctx) + kScoreMaxTokens + kBlockSizeTokens,
+                     inFlight);
   engine::Engine engine(*l.model, *l.tokenizer, ec);
 
   auto submit = [&](const Window& w) {
     std::vector<int32_t> window(tokens.begin() + static_cast<std::ptrdiff_t>(w.start),
                                 tokens.begin() + static_cast<std::ptrdiff_t>(w.start + w.length));
     if (w.bosFirst) window[0] = l.tokenizer->bos();
-    return scoreWindow(engine, std::move(window));
+    return scoreWindow(engine, std::move(window), win);
   };
   double nll = 0;
   int64_t scored = 0;
@@ -208,6 +230,8 @@ void runPerplexity(const PerplexityOptions& o) {
                             {"windows", windows.size()},
                             {"ctx", o.ctx},
                             {"method", o.method},
+                            {"kv_window", o.kvWindow},
+                            {"kv_sinks", o.kvSinks},
                             {"seconds", seconds}};
   std::cout << j.dump() << "\n";
 }
@@ -226,6 +250,17 @@ void registerPerplexityCommand(CLI::App& app) {
                   "scored; llama.cpp: as llama-perplexity (whole chunks, second half scored)")
       ->check(CLI::IsMember({"native", "llama.cpp"}))
       ->capture_default_str();
+  cmd->add_option("--kv-window", o->kvWindow,
+                  "score each window with attention sinks + a sliding window of this many tokens "
+                  "(the window may then be longer than the model's context)")
+      ->check(CLI::Range(1, 1 << 30));
+  cmd->add_option("--kv-sinks", o->kvSinks, "first tokens of each window kept for good (with "
+                                            "--kv-window)")
+      ->check(CLI::Range(0, 1 << 30));
+  cmd->add_option("--max-model-len", o->maxModelLen,
+                  "positions a windowed request reaches before its window moves back "
+                  "(default: the model's context)")
+      ->check(CLI::Range(1, 1 << 30));
   cmd->callback([o] { runPerplexity(*o); });
 }
 

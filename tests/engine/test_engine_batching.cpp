@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <iostream>
 #include <filesystem>
 
@@ -450,6 +451,54 @@ TEST_F(Fixture, WindowedRequestsRunPastTheContextInBoundedMemoryAndMatchThemselv
       EXPECT_GT(engine.stats().preemptions, 0u);
     }
     EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
+  }
+}
+
+TEST_F(Fixture, ShiftedKeysEqualKeysComputedAtTheirNewPositions) {
+  // Layer 0's keys depend only on the token and its position: the keys of tokens computed at
+  // positions 32.. and moved back by 32 (RoPE by -32) must be those of the same tokens computed
+  // at 0.. (to rounding: f32 exact up to the rotation's float error, f16 up to two roundings).
+  const std::vector<int32_t> text = tokenizer->encode("The quick brown fox jumps over the lazy "
+                                                      "dog while the cat sleeps in the sun", true,
+                                                      false);
+  ASSERT_GE(text.size(), 16u);
+  const auto n = static_cast<int32_t>(text.size());
+  for (const kv::KVDType dtype : {kv::KVDType::F32, kv::KVDType::F16, kv::KVDType::Q8}) {
+    EngineConfig c;
+    c.kvDtype = dtype;
+    kv::KVCache cache(kvCacheConfigFor(*model, c, 32 * kBlockBytes));
+    ModelRunner runner(*model, cache, 2);
+    std::vector<float> logits;
+    cache.allocateFor(1, n);
+    runner.clear();
+    runner.add(1, 0, text, false);
+    runner.run(logits);
+    // Sequence 2: 32 other tokens, then the same text, with a window of 16 and no sinks.
+    std::vector<int32_t> shifted(32, text[3]);
+    shifted.insert(shifted.end(), text.begin(), text.end());
+    const kv::SeqWindow win{16, 0};
+    cache.allocateFor(2, 32 + n, win);
+    runner.clear();
+    runner.add(2, 0, shifted, false, win);
+    runner.run(logits);
+    ASSERT_EQ(runner.shiftWindow(2), 32) << kv::toString(dtype);
+    ASSERT_EQ(cache.usedTokens(2), n);
+    const kv::PagedKVView a = cache.getKView(1, 0), b = cache.getKView(2, 0);
+    const auto rows = static_cast<size_t>(a.numKVHeads) * static_cast<size_t>(n) *
+                      static_cast<size_t>(a.headDim);
+    std::vector<float> ka(rows), kb(rows);
+    kv::gather(a, ka.data());
+    kv::gather(b, kb.data());
+    float amax = 0, worst = 0;
+    for (size_t i = 0; i < rows; ++i) {
+      amax = std::max(amax, std::fabs(ka[i]));
+      worst = std::max(worst, std::fabs(ka[i] - kb[i]));
+    }
+    // q8 stores the moved row again with a new scale: within a step of the 8-bit grid.
+    const float tolerance = dtype == kv::KVDType::F32 ? 1e-5f : dtype == kv::KVDType::F16 ? 2e-3f
+                                                                                          : 2e-2f;
+    EXPECT_LE(worst, tolerance * amax) << kv::toString(dtype) << " max |k| " << amax;
+    EXPECT_GT(amax, 0.0f);
   }
 }
 
