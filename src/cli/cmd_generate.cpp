@@ -65,6 +65,8 @@ struct GenerateOptions {
   bool ignoreEos = false;
   std::string dumpLogits;
   int32_t maxBatchedTokens = 512;
+  int32_t kvWindow = 0;
+  int32_t kvSinks = 0;
 };
 
 void runGenerate(const GenerateOptions& o) {
@@ -82,6 +84,8 @@ void runGenerate(const GenerateOptions& o) {
   req.stop = o.stop;
   req.ignoreEos = o.ignoreEos;
   req.returnLogits = !o.dumpLogits.empty();
+  req.kvWindow = o.kvWindow;
+  req.kvSinks = o.kvSinks;
   auto engine = engineFor(l, o.model, static_cast<int64_t>(req.promptTokens.size()) + o.maxTokens,
                           o.maxBatchedTokens);
   auto onText = [&](std::string_view piece) {
@@ -235,6 +239,12 @@ void registerGenerateCommands(CLI::App& app) {
                     "tokens per forward step: a longer prompt is prefilled in chunks")
         ->check(CLI::Range(1, 1 << 20))
         ->capture_default_str();
+    cmd->add_option("--kv-window", o->kvWindow,
+                    "attention sinks + a sliding window: keep the last N tokens of KV (the "
+                    "generation may then run past the model's context)")
+        ->check(CLI::Range(1, 1 << 30));
+    cmd->add_option("--kv-sinks", o->kvSinks, "with --kv-window: first tokens kept for good")
+        ->check(CLI::Range(0, 1 << 30));
     cmd->callback([o] { runGenerate(*o); });
   }
   {
