@@ -734,15 +734,15 @@ HttpServer::Impl::Routed HttpServer::Impl::generate(const Request& req, bool cha
     return {{}, std::make_unique<Generation>(std::move(info), std::move(rs), tokenizer)};
   } catch (const engine::EngineError& e) {
     using Kind = engine::EngineError::Kind;
+    // The engine names the request field; a chat request's prompt is its messages.
+    const std::string param = e.param() == "prompt" && chat ? "messages" : e.param();
     switch (e.kind()) {
-      case Kind::InvalidRequest: {
-        // The engine names the request field; a chat request's prompt is its messages.
-        const std::string param = e.param() == "prompt" && chat ? "messages" : e.param();
+      case Kind::InvalidRequest:
         return {errorResponse(400, e.what(), "invalid_request_error", param), nullptr};
-      }
       case Kind::TooLong:
         return {errorResponse(400, e.what(), "invalid_request_error",
-                              chat ? "messages" : "prompt", "context_length_exceeded"),
+                              param.empty() ? (chat ? "messages" : "prompt") : param,
+                              "context_length_exceeded"),
                 nullptr};
       case Kind::QueueFull: {
         ++rejectedQueueFull;

@@ -110,7 +110,7 @@ def test_past_the_context_in_bounded_memory(server):
     def sample():
         while not done.is_set():
             samples.append(server.metrics()["cortexstream:kv_cache_blocks_used"])
-            time.sleep(0.01)
+            time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -203,7 +203,6 @@ def test_first_tokens_equal_full_attention(server):
     pl, wl = plain["choices"][0]["logprobs"], win["choices"][0]["logprobs"]
     assert wl["tokens"][:exact] == pl["tokens"][:exact]
     assert wl["token_logprobs"][:exact] == pl["token_logprobs"][:exact]
-    assert win["choices"][0]["text"].startswith("".join(pl["tokens"][:exact]))
     # The next token is the first to attend without a key (position 4): its logits differ.
     assert wl["token_logprobs"][exact] != pl["token_logprobs"][exact]
 
@@ -272,10 +271,12 @@ def test_window_wider_than_the_pool_is_refused():
                                    "kv_window": WINDOW, "kv_sinks": SINKS})
         assert status == 400, out
         assert out["error"]["code"] == "context_length_exceeded", out
+        assert out["error"]["param"] == "kv_window", out
         assert f"needs {BOUND} KV blocks; the pool has 8" in out["error"]["message"], out
         status, out = post(small, {"messages": MSG, "max_tokens": 8, "kv_window": WINDOW,
                                    "kv_sinks": SINKS}, CHAT)
         assert status == 400 and out["error"]["code"] == "context_length_exceeded", out
+        assert out["error"]["param"] == "kv_window", out
         # Without a window, 250 tokens do not fit the 8-block pool (128 tokens) either...
         status, out = post(small, {"prompt": "Once upon a time", "max_tokens": 250})
         assert status == 400 and out["error"]["code"] == "context_length_exceeded", out
