@@ -225,14 +225,16 @@ void runPerplexity(const PerplexityOptions& o) {
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const nlohmann::json j = {{"perplexity", std::exp(nll / static_cast<double>(scored))},
-                            {"tokens", scored},
-                            {"windows", windows.size()},
-                            {"ctx", o.ctx},
-                            {"method", o.method},
-                            {"kv_window", o.kvWindow},
-                            {"kv_sinks", o.kvSinks},
-                            {"seconds", seconds}};
+  nlohmann::json j = {{"perplexity", std::exp(nll / static_cast<double>(scored))},
+                      {"tokens", scored},
+                      {"windows", windows.size()},
+                      {"ctx", o.ctx},
+                      {"method", o.method},
+                      {"seconds", seconds}};
+  if (win.on()) {
+    j["kv_window"] = win.window;
+    j["kv_sinks"] = win.sinks;
+  }
   std::cout << j.dump() << "\n";
 }
 

@@ -1,4 +1,4 @@
-"""`cortexstream perplexity`, both methods.
+"""`cortexstream perplexity`, both methods, and windowed scoring (--kv-window, --kv-sinks).
 
 On the default model, the independent check is a text made of one sentence S repeated, whose tokens are exactly S's
 tokens repeated (checked), with --ctx = the tokens of S. Then every window of either method is S
@@ -128,6 +128,25 @@ def test_llama_cpp_fields_and_figure(repeated, sentence_logprobs):
     # Scored: tokens first + 1 .. ctx - 1 of each chunk (entries first .. ctx - 2 here).
     expected = float(np.exp(-sentence_logprobs[first:].mean()))
     assert abs(out["perplexity"] - expected) / expected < REL_TOL, (out, expected)
+
+
+def test_windowed_scoring(repeated):
+    # A window that skips nothing is full attention, bit for bit (a query that skips no key is
+    # computed exactly as without a window).
+    path, ctx = repeated
+    plain = perplexity(path, ctx, "native")
+    wide = perplexity(path, ctx, "native", "--kv-window", str(ctx), "--kv-sinks", "4")
+    assert wide["perplexity"] == plain["perplexity"], (wide, plain)
+    assert wide["kv_window"] == ctx and wide["kv_sinks"] == 4
+    # The whole text as one window: with full attention every repeat is copied from the one
+    # before; an 8-token window (with or without sinks) cannot see it, so it predicts worse.
+    whole = REPEATS * ctx
+    full = perplexity(path, whole, "native")
+    narrow = perplexity(path, whole, "native", "--kv-window", "8", "--kv-sinks", "4")
+    assert narrow["tokens"] == full["tokens"] == whole - 1
+    assert narrow["perplexity"] > 2 * full["perplexity"], (narrow, full)
+    proc = run("perplexity", "--model", str(DEFAULT_MODEL), "--file", str(path), "--kv-sinks", "4")
+    assert proc.returncode != 0 and "--kv-sinks needs --kv-window" in proc.stderr
 
 
 def test_counts_when_the_text_does_not_divide(tmp_path):
