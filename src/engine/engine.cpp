@@ -525,10 +525,10 @@ void Engine::checkWindow(const RequestParams& p) const {
       int64_t{p.kvSinks} + p.kvWindow + widest + 2 * int64_t{config_.blockSizeTokens};
   if (need > positionLimit()) {
     throw EngineError(Kind::InvalidRequest,
-                      "kv_sinks + 2 x kv_window (" + std::to_string(p.kvSinks) + " + 2 x " +
-                          std::to_string(p.kvWindow) + ") must leave two blocks of the " +
-                          std::to_string(positionLimit()) + "-token context (" +
-                          std::to_string(need) + " needed)",
+                      "kv_sinks + kv_window + the widest window (" + std::to_string(p.kvSinks) +
+                          " + " + std::to_string(p.kvWindow) + " + " + std::to_string(widest) +
+                          ") must leave two blocks of the " + std::to_string(positionLimit()) +
+                          "-token context (" + std::to_string(need) + " needed)",
                       "kv_window");
   }
   const int64_t blocks = kv::blocksForWindowedSequence(
@@ -670,7 +670,8 @@ int64_t Engine::longestAccepted() const {
                               ? int64_t{r.params.kvSinks} + r.params.kvWindow +
                                     config_.maxBatchedTokens + 2 * int64_t{config_.blockSizeTokens}
                               : INT64_MAX;
-    longest = std::max<int64_t>(longest, std::min(bound, r.promptSize() + int64_t{r.params.maxTokens}));
+    longest = std::max<int64_t>(longest,
+                                std::min(bound, r.promptSize() + int64_t{r.params.maxTokens}));
   };
   for (const auto& [id, r] : requests_) note(*r);
   for (const auto& l : loading_) note(*l.request);
@@ -1087,7 +1088,7 @@ void Engine::dropCancelled() {
 }
 
 void Engine::shiftWindows() {
-  std::vector<kv::SeqId> failed;
+  std::vector<std::pair<kv::SeqId, std::string>> failed;
   for (const auto& [id, r] : requests_) {
     if (r->params.kvWindow == 0 || !scheduler_->atPositionLimit(id)) continue;
     try {
@@ -1095,11 +1096,10 @@ void Engine::shiftWindows() {
       if (moved == 0) throw std::logic_error("its window cannot move back");
       scheduler_->shift(id, moved);
     } catch (const std::exception& e) {
-      failed.push_back(id);
-      fail(id, std::string("moving the KV window failed: ") + e.what());
+      failed.emplace_back(id, std::string("moving the KV window failed: ") + e.what());
     }
   }
-  (void)failed;
+  for (const auto& [id, error] : failed) fail(id, error);  // (fail erases from requests_)
 }
 
 bool Engine::step() {

@@ -397,12 +397,13 @@ TEST_F(Fixture, SmallPoolPreemptsAndStillMatches) {
 }
 
 TEST_F(Fixture, WindowedRequestsRunPastTheContextInBoundedMemoryAndMatchThemselves) {
-  // Positions stop at 160 and the window moves back (by 96 positions at 160: 305 tokens shift
-  // twice); the pool holds 20 blocks (320 tokens), less than one such request without a window.
+  // Positions stop at 128 and the window (32 tokens, 4 sinks) moves back by 80 positions there:
+  // 225 tokens move it twice. The first pool holds 20 blocks (320 tokens); a windowed request
+  // holds at most 6.
   auto windowed = [](size_t i, int32_t maxTokens) {
     RequestParams p = greedy(kPrompts[i], maxTokens);
     p.ignoreEos = true;
-    p.kvWindow = 48;
+    p.kvWindow = 32;
     p.kvSinks = 4;
     return p;
   };
@@ -410,44 +411,44 @@ TEST_F(Fixture, WindowedRequestsRunPastTheContextInBoundedMemoryAndMatchThemselv
     EngineConfig c;
     c.kvCacheBytes = blocks * kBlockBytes;
     c.maxBatchedTokens = 32;
-    c.maxModelLen = 160;
+    c.maxModelLen = 128;
     return c;
   };
   std::vector<int32_t> reference;
   {
     Engine engine(*model, *tokenizer, config(20));
-    EXPECT_THROW(engine.submit(greedy(kPrompts[0], 300)), EngineError) << "too long without";
-    RequestParams wide = windowed(0, 300);
-    wide.kvWindow = 80;  // 4 + 2 x 80 + 2 blocks > 160
+    EXPECT_THROW(engine.submit(greedy(kPrompts[0], 220)), EngineError) << "too long without";
+    RequestParams wide = windowed(0, 220);
+    wide.kvWindow = 48;  // 4 + 2 x 48 + 2 blocks > 128
     EXPECT_THROW(engine.submit(wide), EngineError);
-    RequestParams two = windowed(0, 300);
+    RequestParams two = windowed(0, 220);
     two.n = 2;
     EXPECT_THROW(engine.submit(two), EngineError);
-    auto [tokens, last] = collect(*engine.submit(windowed(0, 300)));
+    auto [tokens, last] = collect(*engine.submit(windowed(0, 220)));
     EXPECT_EQ(last.finishReason, FinishReason::Length);
-    ASSERT_EQ(tokens.size(), 300u);
+    ASSERT_EQ(tokens.size(), 220u);
     EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
     EXPECT_EQ(engine.stats().peakStepSequences, 1);
     reference = tokens;
   }
-  // Until a query first skips a position (position sinks + window), it is full attention.
-  RequestParams plain = greedy(kPrompts[0], 40);
+  // Until a query first skips a position (position sinks + window = 36), it is full attention.
+  RequestParams plain = greedy(kPrompts[0], 30);
   plain.ignoreEos = true;
   const std::vector<int32_t> full = alone(plain);
-  ASSERT_EQ(full.size(), 40u);
+  ASSERT_EQ(full.size(), 30u);
   EXPECT_TRUE(std::equal(full.begin(), full.end(), reference.begin()));
   // Beside other requests (windowed and not), and in a pool small enough to preempt them: the
   // same tokens.
-  for (const uint64_t blocks : {64u, 8u}) {
+  for (const uint64_t blocks : {64u, 7u}) {
     Engine engine(*model, *tokenizer, config(blocks));
-    auto s0 = engine.submit(windowed(0, 300));
-    auto s1 = engine.submit(windowed(1, 300));
-    auto s2 = engine.submit(greedy(kPrompts[2], 40));
+    auto s0 = engine.submit(windowed(0, 220));
+    auto s1 = engine.submit(windowed(1, 120));
+    auto s2 = engine.submit(greedy(kPrompts[2], 20));
     EXPECT_EQ(collect(*s0).first, reference) << blocks << " blocks";
     collect(*s1);
     collect(*s2);
     EXPECT_GT(engine.stats().peakStepSequences, 1);
-    if (blocks == 8u) {
+    if (blocks == 7u) {
       EXPECT_GT(engine.stats().preemptions, 0u);
     }
     EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
