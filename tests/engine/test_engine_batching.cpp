@@ -189,7 +189,7 @@ TEST_F(Fixture, AConversationsNextTurnFindsItsHistoryCachedAndAnswersTheSame) {
   EXPECT_EQ(tokens, alone(turn2));
 }
 
-TEST_F(Fixture, CachingOnAndOffGiveTheSameTokensUnder32RequestsAndPreemption) {
+TEST_F(Fixture, CachingOnAndOffGiveTheSameTokensUnder20RequestsAndPreemption) {
   const std::string system =
       "<|im_start|>system\nYou are a helpful assistant who answers in one short sentence, "
       "names sources when asked, and never makes up facts.<|im_end|>\n<|im_start|>user\n";
@@ -202,13 +202,13 @@ TEST_F(Fixture, CachingOnAndOffGiveTheSameTokensUnder32RequestsAndPreemption) {
     c.kvCacheBytes = 0;
     c.prefixCaching = caching;
     c.maxBatchedTokens = 64;
-    // A pool of 24 blocks of 16 tokens: 32 requests of ~60 tokens cannot all hold their blocks.
-    c.kvCacheBytes = 24 * kv::bytesPerBlock(model->kvCacheConfig(16, 1, c.kvDtype));
+    // A pool of 16 blocks of 16 tokens: 20 requests of ~60 tokens cannot all hold their blocks.
+    c.kvCacheBytes = 16 * kv::bytesPerBlock(model->kvCacheConfig(16, 1, c.kvDtype));
     Engine engine(*model, *tokenizer, c);
-    // 32 requests at once (as 32 clients would send them): each question, then most of them
+    // 20 requests at once (as 20 clients would send them): each question, then some of them
     // again with a number, so the second ones can hit the first ones' blocks.
     std::vector<std::shared_ptr<RequestStream>> streams;
-    for (size_t i = 0; i < 32; ++i) {
+    for (size_t i = 0; i < 20; ++i) {
       std::string q = questions[i % questions.size()];
       if (i >= questions.size()) q += " (" + std::to_string(i) + ")";
       streams.push_back(
@@ -397,9 +397,9 @@ TEST_F(Fixture, SmallPoolPreemptsAndStillMatches) {
 }
 
 TEST_F(Fixture, WindowedRequestsRunPastTheContextInBoundedMemoryAndMatchThemselves) {
-  // Positions stop at 128 and the window (32 tokens, 4 sinks) moves back by 80 positions there:
-  // 225 tokens move it twice. The first pool holds 20 blocks (320 tokens); a windowed request
-  // holds at most 6.
+  // Positions stop at 128 and the window (32 tokens, 4 sinks) moves back by 80 positions there,
+  // so 165 tokens move it once (the cache tests move windows many times). The first pool holds
+  // 20 blocks (320 tokens); a windowed request holds at most 6.
   auto windowed = [](size_t i, int32_t maxTokens) {
     RequestParams p = greedy(kPrompts[i], maxTokens);
     p.ignoreEos = true;
@@ -417,16 +417,16 @@ TEST_F(Fixture, WindowedRequestsRunPastTheContextInBoundedMemoryAndMatchThemselv
   std::vector<int32_t> reference;
   {
     Engine engine(*model, *tokenizer, config(20));
-    EXPECT_THROW(engine.submit(greedy(kPrompts[0], 220)), EngineError) << "too long without";
-    RequestParams wide = windowed(0, 220);
+    EXPECT_THROW(engine.submit(greedy(kPrompts[0], 160)), EngineError) << "too long without";
+    RequestParams wide = windowed(0, 160);
     wide.kvWindow = 48;  // 4 + 2 x 48 + 2 blocks > 128
     EXPECT_THROW(engine.submit(wide), EngineError);
-    RequestParams two = windowed(0, 220);
+    RequestParams two = windowed(0, 160);
     two.n = 2;
     EXPECT_THROW(engine.submit(two), EngineError);
-    auto [tokens, last] = collect(*engine.submit(windowed(0, 220)));
+    auto [tokens, last] = collect(*engine.submit(windowed(0, 160)));
     EXPECT_EQ(last.finishReason, FinishReason::Length);
-    ASSERT_EQ(tokens.size(), 220u);
+    ASSERT_EQ(tokens.size(), 160u);
     EXPECT_EQ(engine.stats().kv.usedBlocks, 0);
     EXPECT_EQ(engine.stats().peakStepSequences, 1);
     reference = tokens;
@@ -441,8 +441,8 @@ TEST_F(Fixture, WindowedRequestsRunPastTheContextInBoundedMemoryAndMatchThemselv
   // same tokens.
   for (const uint64_t blocks : {64u, 7u}) {
     Engine engine(*model, *tokenizer, config(blocks));
-    auto s0 = engine.submit(windowed(0, 220));
-    auto s1 = engine.submit(windowed(1, 120));
+    auto s0 = engine.submit(windowed(0, 160));
+    auto s1 = engine.submit(windowed(1, 80));
     auto s2 = engine.submit(greedy(kPrompts[2], 20));
     EXPECT_EQ(collect(*s0).first, reference) << blocks << " blocks";
     collect(*s1);

@@ -4,10 +4,10 @@ request fields, with a real server (`--max-model-len 256`) and real clients (cur
 
 What is proven:
 - Past the context in bounded memory: on a pool of 20 blocks (320 tokens) a request of a ~26-token
-  prompt and 700 greedy tokens with kv_window 96 and kv_sinks 4 completes (finish_reason
-  "length", 700 completion tokens): 726 positions, far past the 256-token context (so its window
-  moves back next to the sinks, keys re-rotated, twice or more) and more than the pool could ever
-  hold. Sampled from /metrics all the while, the pool's used blocks never exceed what its sinks and
+  prompt and 420 greedy tokens with kv_window 96 and kv_sinks 4 completes (finish_reason
+  "length", 420 completion tokens): 446 positions, far past the 256-token context (so its window
+  moves back next to the sinks, keys re-rotated: at 256 and again at 400) and more than the pool
+  could ever hold. Sampled from /metrics all the while, the pool's used blocks never exceed what its sinks and
   window may touch at once: 1 sink block + ceil((96 - 2 + 96) / 16) + 1 = 14 blocks (the step may
   be a whole window wide). The same request without kv_window is refused (400,
   context_length_exceeded).
@@ -52,7 +52,7 @@ assert BOUND == 14
 
 LONG_PROMPT = ("The history of Rome is long and full of emperors, wars, senators, and roads that "
                "stretched across the whole of Europe and beyond")
-MAX_TOKENS = 700
+MAX_TOKENS = 420
 WINDOWED = {"prompt": LONG_PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
             "ignore_eos": True, "kv_window": WINDOW, "kv_sinks": SINKS}
 
