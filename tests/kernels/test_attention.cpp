@@ -467,7 +467,8 @@ TEST(Attention, SinksBatchAndThreadInvariant) {
       {{3, 1, 64, 300, 16}, 100, 20}, {{4, 4, 16, 700, 8}, 64, 300}, {{9, 3, 64, 70, 16}, 20, 6}};
   for (const SinkCase& c : cases) {
     const Shape& s = c.shape;
-    for (KVDType dt : {KVDType::F32, KVDType::F16, KVDType::BF16, KVDType::Q8}) {
+    // The sink ranges do not depend on the format (BatchAndThreadInvariant covers all four).
+    for (KVDType dt : {KVDType::F16, KVDType::Q8}) {
       SCOPED_TRACE(testing::Message() << "tokens " << s.tokens << " window " << c.window
                                       << " sinks " << c.sink << " " << kv::toString(dt));
       const PagedTensor K(false, dt, s.tokens, s.nKVHeads, s.headDim, s.blockSize, 51);
