@@ -203,6 +203,45 @@ TEST_F(SchedulerTest, FullPoolPreemptsTheNewestAndRecomputesItFirst) {
   EXPECT_EQ(chunks(runner->step()), (std::vector<Chunk>{{2, 0, 9, true}, {3, 0, 1, true}}));
 }
 
+TEST_F(SchedulerTest, AWindowedRequestStopsAtItsLimitMovesBackAndRestartsFromZero) {
+  // Window 6, 2 sinks (1 block), positions stop at 20: a 30-token prompt is computed at most 6
+  // positions a step, never past 20; each move back takes 2 blocks (8 positions).
+  make(64, 64, 8);
+  sched->add(1, 30, 20, nullptr, false, kv::SeqWindow{6, 2});
+  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{1, 0, 6, false}}));
+  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{1, 6, 6, false}}));
+  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{1, 12, 6, false}}));
+  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{1, 18, 2, false}}));
+  EXPECT_TRUE(sched->atPositionLimit(1));
+  EXPECT_LE(cache->usedBlocks(), 4);  // the sink block and the window's
+  auto moveBack = [&] {  // what the engine does before planning a step
+    const int32_t moved = cache->shiftWindow(1).tokens;
+    ASSERT_EQ(moved, 8);
+    sched->shift(1, moved);
+    EXPECT_FALSE(sched->atPositionLimit(1));
+    EXPECT_EQ(sched->computedTokens(1), 12);
+    sched->checkInvariants();
+    cache->checkInvariants();
+  };
+  moveBack();
+  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{1, 12, 6, false}}));
+  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{1, 18, 2, false}}));
+  moveBack();
+  // Context 30 - 16 = 14 positions: the last 2 complete it.
+  EXPECT_EQ(sched->shiftedTokens(1), 16);
+  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{1, 12, 2, true}}));
+  sched->appendToken(1);  // the context may grow past the limit's worth of tokens
+  // Preempted, it starts again from position 0 with its whole context (31 tokens).
+  std::vector<kv::SeqId> preempted;
+  ASSERT_TRUE(sched->freeSomeMemory(preempted));
+  EXPECT_EQ(preempted, (std::vector<kv::SeqId>{1}));
+  EXPECT_EQ(sched->shiftedTokens(1), 0);
+  EXPECT_EQ(cache->usedBlocks(), 0);
+  EXPECT_EQ(chunks(sched->schedule()), (std::vector<Chunk>{{1, 0, 6, false}}));
+  sched->checkInvariants();
+  EXPECT_THROW(sched->shift(1, 7), std::invalid_argument) << "more than it computed";
+}
+
 TEST_F(SchedulerTest, PreemptionChainAcrossSteps) {
   // 4 blocks. A (4 prompt tokens), B and C (2 each) run; A's first decode takes the last free block
   // (decodes may use the watermark). When B crosses into a second block, the newest (C) yields its
