@@ -325,10 +325,26 @@ void KVCache::applyWindow(Sequence& s, SeqWindow win) const {
   }
 }
 
+int32_t KVCache::fullAttentionBlocks(SeqWindow win) const {
+  if (!win.on()) return INT32_MAX;
+  return static_cast<int32_t>((int64_t{win.sinks} + win.window) / config_.blockSizeTokens);
+}
+
 int32_t KVCache::hashableBlocks(const Sequence& s) const {
-  if (!s.win.on()) return INT32_MAX;
-  if (s.shifted > 0) return static_cast<int32_t>(s.hashes.size());
-  return static_cast<int32_t>((int64_t{s.win.sinks} + s.win.window) / config_.blockSizeTokens);
+  return s.shifted > 0 ? static_cast<int32_t>(s.hashes.size()) : fullAttentionBlocks(s.win);
+}
+
+void KVCache::giveBackLocked(Table& t, int32_t drop) {
+  for (; t.dropped < drop; ++t.dropped) {
+    BlockId& b = t.blocks[static_cast<size_t>(t.dropped)];
+    if (b == kNoBlock) continue;
+    if (pool_.refCount(b) == 1) {
+      liveTokens_ -= blockFill_[b];
+      blockFill_[b] = 0;
+    }
+    pool_.free(b);
+    b = kNoBlock;
+  }
 }
 
 void KVCache::takeBlocks(std::span<BlockId> out, int32_t group) {
@@ -508,17 +524,7 @@ int32_t KVCache::appendLocked(SeqId seq, int32_t n, bool throwIfShort,
   // 1. Windows give back the blocks they no longer see, oldest first (evicted first when cached:
   // a later hit needs the blocks just before its end, not the oldest).
   for (size_t g = 0; g < s.tables.size(); ++g) {
-    Table& t = s.tables[g];
-    const int32_t drop = firstNeededBlock(s, static_cast<int32_t>(g), s.tokens);
-    for (; t.dropped < drop; ++t.dropped) {
-      BlockId& b = t.blocks[static_cast<size_t>(t.dropped)];
-      if (pool_.refCount(b) == 1) {
-        liveTokens_ -= blockFill_[b];
-        blockFill_[b] = 0;
-      }
-      pool_.free(b);
-      b = kNoBlock;
-    }
+    giveBackLocked(s.tables[g], firstNeededBlock(s, static_cast<int32_t>(g), s.tokens));
   }
   // 2. Per group: copy on write of a shared, partly filled last block, then new blocks.
   for (size_t g = 0; g < s.tables.size(); ++g) {
@@ -695,10 +701,8 @@ int32_t KVCache::lookupLocked(std::span<const int32_t> prefix, int32_t maxBlocks
 }
 
 int32_t KVCache::cachedPrefixTokens(std::span<const int32_t> tokens, SeqWindow win) const {
-  Sequence windowed;
-  windowed.win = win;
   std::lock_guard lock(mu_);
-  return lookupLocked(tokens, hashableBlocks(windowed), nullptr, nullptr) *
+  return lookupLocked(tokens, fullAttentionBlocks(win), nullptr, nullptr) *
          config_.blockSizeTokens;
 }
 
@@ -710,11 +714,9 @@ int32_t KVCache::blocksNeededToAllocate(std::span<const int32_t> prefix, int32_t
                       std::to_string(totalTokens));
   }
   std::vector<Table> hits;
-  Sequence windowed;
-  windowed.win = win;
   std::lock_guard lock(mu_);
   const int32_t h = lookupLocked(
-      prefix, std::min((totalTokens - 1) / config_.blockSizeTokens, hashableBlocks(windowed)),
+      prefix, std::min((totalTokens - 1) / config_.blockSizeTokens, fullAttentionBlocks(win)),
       &hits, nullptr);
   int32_t cached = 0;
   for (const Table& t : hits) {
@@ -735,9 +737,8 @@ int32_t KVCache::tryAllocateWithPrefix(SeqId seq, std::span<const int32_t> prefi
   if (seqs_.count(seq) != 0) {
     throw KVError(KVErrc::SequenceExists, seqName(seq) + " is already allocated");
   }
-  s.win = win;
-  const int32_t hits = lookupLocked(prefix, std::min((totalTokens - 1) / B, hashableBlocks(s)),
-                                    &s.tables, &s.hashes);
+  const int32_t hits = lookupLocked(
+      prefix, std::min((totalTokens - 1) / B, fullAttentionBlocks(win)), &s.tables, &s.hashes);
   if (s.tables.empty()) s.tables.resize(static_cast<size_t>(numGroups()));  // caching off
   applyWindow(s, win);
   const int32_t nBlocks = blocksForTokens(totalTokens);
@@ -895,17 +896,7 @@ KVCache::WindowShift KVCache::shiftWindow(SeqId seq) {
   out.moved.reserve(s.tables.size() * s.tables.front().blocks.size());
   for (int32_t g = 0; g < numGroups(); ++g) {
     Table& t = s.tables[static_cast<size_t>(g)];
-    const int32_t drop = firstNeededBlock(s, g, s.tokens);
-    for (; t.dropped < drop; ++t.dropped) {
-      BlockId& b = t.blocks[static_cast<size_t>(t.dropped)];
-      if (b == kNoBlock) continue;
-      if (pool_.refCount(b) == 1) {
-        liveTokens_ -= blockFill_[b];
-        blockFill_[b] = 0;
-      }
-      pool_.free(b);
-      b = kNoBlock;
-    }
+    giveBackLocked(t, firstNeededBlock(s, g, s.tokens));
     t.blocks.erase(t.blocks.begin() + t.kept, t.blocks.begin() + t.kept + d);
     t.dropped -= d;
     for (size_t i = static_cast<size_t>(t.dropped); i < t.blocks.size(); ++i) {

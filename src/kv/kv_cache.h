@@ -393,8 +393,13 @@ class KVCache {
   int32_t firstNeededBlock(const Sequence& s, int32_t group, int64_t tokens) const;
   // Checks a SeqWindow (InvalidArgument) and sets the kept entries of `s`'s tables.
   void applyWindow(Sequence& s, SeqWindow win) const;
-  // Blocks of a windowed sequence that may be hashed: those wholly before sinks + window.
+  // Blocks of a sequence with `win` that a prefix hit may cover or hashing may register: those
+  // wholly before sinks + window (INT32_MAX without a window).
+  int32_t fullAttentionBlocks(SeqWindow win) const;
+  // The same for `s`, which registers nothing more once shifted.
   int32_t hashableBlocks(const Sequence& s) const;
+  // Gives back table entries [t.dropped, drop) (their blocks go to the pool, cached if hashed).
+  void giveBackLocked(Table& t, int32_t drop);
   // Gross: blocks taken (new + copy on write); freed: blocks the windows give back first.
   void appendNeedsLocked(const Sequence& s, int32_t n, int32_t& gross, int32_t& freed) const;
   void copyBlock(BlockId from, BlockId to, int32_t tokens);
